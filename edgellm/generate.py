@@ -1,0 +1,174 @@
+"""The generation loop only: prefill, sample, decode, stream text. Sampling and caches live elsewhere."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from edgellm.errors import InvalidRequestError
+from edgellm.kv.prompt_cache import PromptCache
+from edgellm.sampling import Sampler, SamplingParams
+from edgellm.tokenizer import Tokenizer
+
+PREFILL_CHUNK = 2048  # bounds attention scratch memory on long prompts
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed step: the new text piece and running statistics."""
+
+    text: str
+    token: int | None
+    prompt_tokens: int
+    cached_tokens: int
+    generation_tokens: int
+    ttft_s: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_s: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    finish_reason: str
+    stats: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in ("text", "tokens", "prompt_tokens", "cached_tokens", "ttft_s",
+                                              "prefill_tok_s", "decode_tok_s", "finish_reason")}
+
+
+class StopStringMatcher:
+    """Holds back streamed text that might be the start of a stop string; cuts at the first full match."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was hit."""
+        self.pending += piece
+        hits = [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]
+        if hits:
+            cut = min(i for i, _ in hits)
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def context_length(model: nn.Module) -> int:
+    return int(model.args.max_position_embeddings)
+
+
+def prepare_prompt(tokenizer: Tokenizer, prompt: str | list[int], model: nn.Module) -> list[int]:
+    """Token ids of `prompt`, checked against the model's context window."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids or (isinstance(prompt, str) and not prompt):
+        raise InvalidRequestError("prompt is empty; give at least one token of text")
+    limit = context_length(model)
+    if len(ids) >= limit:
+        raise InvalidRequestError(f"prompt has {len(ids)} tokens but the model's context window is {limit}; "
+                                  "shorten the prompt")
+    return ids
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, tokens: list[int], cache: PromptCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Run `tokens` through the model into `cache`; returns the last position's logits (vocab,)."""
+    logits = None
+    for start in range(0, len(tokens), chunk):
+        piece = torch.tensor([tokens[start:start + chunk]], dtype=torch.long)
+        logits = model(piece, cache.layers, last_only=True)
+        cache.tokens.extend(tokens[start:start + chunk])
+    return logits[0, -1]
+
+
+@torch.no_grad()
+def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int = 256,
+                    sampling: SamplingParams | None = None, stop: list[str] | None = None,
+                    prompt_cache: PromptCache | None = None) -> Iterator[GenerationResponse]:
+    """Yield text pieces as tokens are generated; with `prompt_cache`, reuse and extend its KV memory."""
+    t0 = time.perf_counter()
+    if max_tokens < 1:
+        raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+    ids = prepare_prompt(tokenizer, prompt, model)
+    sampler = Sampler(sampling)
+    limit = context_length(model)
+    max_tokens = min(max_tokens, limit - len(ids))
+    if prompt_cache is None:
+        prompt_cache = PromptCache(model, capacity=len(ids) + max_tokens)
+    cached = prompt_cache.reuse(ids)
+    logits = prefill(model, ids[cached:], prompt_cache)
+    history = torch.tensor(ids, dtype=torch.long)
+    detok = tokenizer.detokenizer()
+    stops = StopStringMatcher(stop or [])
+    generated: list[int] = []
+    t_first = t_last = time.perf_counter()
+    prefill_s = t_first - t0
+
+    def response(text: str, token: int | None, finish: str | None) -> GenerationResponse:
+        decode_s = t_last - t_first
+        return GenerationResponse(
+            text=text, token=token, prompt_tokens=len(ids), cached_tokens=cached,
+            generation_tokens=len(generated), ttft_s=prefill_s,
+            prefill_tok_s=(len(ids) - cached) / prefill_s if prefill_s > 0 else 0.0,
+            decode_tok_s=(len(generated) - 1) / decode_s if decode_s > 0 else 0.0, finish_reason=finish)
+
+    while True:
+        token = sampler(logits, history if sampler.params.repetition_penalty != 1.0 else None)
+        t_last = time.perf_counter()
+        if not generated:
+            prefill_s = t_last - t0
+            t_first = t_last
+        generated.append(token)
+        if token in tokenizer.eos_token_ids:
+            yield response(stops.flush() + detok.flush(), token, "stop")
+            return
+        text, hit = stops.feed(detok.add(token))
+        if hit:
+            yield response(text, token, "stop")
+            return
+        if len(generated) >= max_tokens:
+            yield response(text + stops.feed(detok.flush())[0] + stops.flush(), token, "length")
+            return
+        yield response(text, token, None)
+        history = torch.cat([history, torch.tensor([token])])
+        logits = model(torch.tensor([[token]]), prompt_cache.layers, last_only=True)[0, -1]
+        prompt_cache.tokens.append(token)
+
+
+def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int = 256,
+             sampling: SamplingParams | None = None, stop: list[str] | None = None,
+             prompt_cache: PromptCache | None = None) -> GenerationResult:
+    """Generate to completion and return the text with timing statistics."""
+    text, tokens, last = [], [], None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens, sampling, stop, prompt_cache):
+        text.append(last.text)
+        if last.token is not None:
+            tokens.append(last.token)
+    return GenerationResult(text="".join(text), tokens=tokens, prompt_tokens=last.prompt_tokens,
+                            cached_tokens=last.cached_tokens, ttft_s=last.ttft_s, prefill_tok_s=last.prefill_tok_s,
+                            decode_tok_s=last.decode_tok_s, finish_reason=last.finish_reason)

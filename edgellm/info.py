@@ -1,0 +1,56 @@
+"""What a checkpoint is and what it costs in memory, read from config.json and the safetensors headers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import safe_open
+
+from edgellm.loader import read_config, weight_files
+from edgellm.models import family_for
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def model_info(path: str | Path | None) -> dict:
+    """Architecture, parameter count, memory per dtype and KV bytes per token, without loading weights."""
+    if path is None:
+        from edgellm.assets import default_model_path
+        path = default_model_path()
+    path = Path(path)
+    config = read_config(path)
+    args = family_for(config).ModelArgs.from_config(config)
+    params = 0
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                params += _numel(f.get_slice(name).get_shape())
+    kv_per_token = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim
+    return {
+        "path": str(path),
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "model_type": args.model_type,
+        "parameters": params,
+        "layers": args.num_hidden_layers,
+        "hidden_size": args.hidden_size,
+        "heads": f"{args.num_attention_heads} q / {args.num_key_value_heads} kv, head_dim {args.head_dim}",
+        "vocab_size": args.vocab_size,
+        "context": args.max_position_embeddings,
+        "rope": (args.rope_scaling or {}).get("rope_type", (args.rope_scaling or {}).get("type", "default")),
+        "tied_embeddings": args.tie_word_embeddings,
+        "memory_fp32": _gib(params * 4),
+        "memory_bf16": _gib(params * 2),
+        "memory_fp16": _gib(params * 2),
+        "kv_bytes_per_token_fp16": kv_per_token * 2,
+        "kv_bytes_per_token_fp32": kv_per_token * 4,
+        "kv_at_full_context_fp16": _gib(kv_per_token * 2 * args.max_position_embeddings),
+    }
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,132 @@
+"""Load a Hugging Face checkpoint directory: config.json + (sharded) safetensors, memory-mapped."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from edgellm.errors import CheckpointError
+from edgellm.models import family_for
+from edgellm.tokenizer import Tokenizer
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+@cache
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX); otherwise bf16 GEMMs are emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device: str = "cpu") -> torch.dtype:
+    """bf16 where the hardware runs it natively, fp32 otherwise (emulated bf16 GEMM is ~4x slower than fp32)."""
+    if device.startswith("cuda") or cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu") -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16 or auto")
+    return DTYPES[dtype]
+
+
+def read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {path} does not exist; pass a Hugging Face model directory")
+    file = path / "config.json"
+    if not file.exists():
+        raise CheckpointError(f"no config.json in {path}; pass a Hugging Face model directory")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e})") from e
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards named by the index, or the single file."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {path}; convert .bin checkpoints to safetensors first")
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"weight shard(s) missing from {path}: {', '.join(missing)}")
+    return files
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint, memory-mapped from disk (no copy until a dtype change needs one)."""
+    weights: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    weights[name] = f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file} is damaged or truncated ({e}); re-download or re-save it") from e
+    return weights
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu") -> nn.Module:
+    """Build the model on the meta device and assign the checkpoint's tensors to it."""
+    path = Path(path)
+    config = read_config(path)
+    family = family_for(config)
+    args = family.ModelArgs.from_config(config)
+    dtype = resolve_dtype(dtype, device)
+    with torch.device("meta"):
+        model = family.Model(args)
+    weights = model.sanitize(read_weights(path))
+    expected = dict(model.state_dict())
+    if args.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the weights, e.g. {missing[0]}; "
+                              "the checkpoint does not match config.json")
+    if extra:
+        raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s), e.g. {extra[0]}; "
+                              "the checkpoint does not match config.json")
+    for name, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
+                                  f"{tuple(expected[name].shape)}")
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+    model.load_state_dict(weights, assign=True, strict=False)
+    model.tie_weights()
+    model.rope.inv_freq = model.rope.inv_freq.to(device)
+    model.name = path.name
+    model.path = path
+    return model.eval().requires_grad_(False)
+
+
+def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
+         device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
+    """Model and tokenizer from a HF directory; with no path, edgellm's built-in default model."""
+    if path is None:
+        from edgellm.assets import default_model_path
+        path = default_model_path()
+    return load_model(path, dtype, device), Tokenizer(path)

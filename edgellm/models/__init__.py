@@ -1,0 +1,26 @@
+"""Model families by HF architecture name: one short file per family."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from edgellm.errors import UnsupportedModelError
+from edgellm.models import llama
+
+ARCHITECTURES: dict[str, ModuleType] = {
+    "LlamaForCausalLM": llama,
+    "MistralForCausalLM": llama,
+    "Qwen2ForCausalLM": llama,
+    "Qwen3ForCausalLM": llama,
+}
+
+
+def family_for(config: dict) -> ModuleType:
+    """The module implementing the checkpoint's architecture, or a one-line error listing what is supported."""
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    raise UnsupportedModelError(
+        f"architecture {', '.join(archs) or '(none given)'} is not supported; "
+        f"supported: {', '.join(sorted(ARCHITECTURES))}")

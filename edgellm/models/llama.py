@@ -1,0 +1,199 @@
+"""The Llama family: Llama 2/3.x, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), SmolLM, TinyLlama.
+
+Module names equal the checkpoint's tensor names, so loading is a plain state-dict assignment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgellm.kernels import Linear
+from edgellm.kv import DenseKVCache, KVCache
+from edgellm.models.rope import RotaryEmbedding, apply_rope
+
+
+@dataclass
+class ModelArgs:
+    """Hyper-parameters read straight from config.json."""
+
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    use_sliding_window: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelArgs:
+        names = {f.name for f in fields(cls)} - {"extra"}
+        args = cls(**{k: v for k, v in config.items() if k in names},
+                   extra={k: v for k, v in config.items() if k not in names})
+        if args.num_key_value_heads is None:
+            args.num_key_value_heads = args.num_attention_heads
+        if args.head_dim is None:
+            args.head_dim = args.hidden_size // args.num_attention_heads
+        if args.model_type == "qwen2":
+            args.attention_bias = True  # Qwen2 always has q/k/v bias; its config does not say so
+        if args.model_type in ("qwen2", "qwen3") and not args.use_sliding_window:
+            args.sliding_window = None
+        if args.rope_scaling is None and isinstance(config.get("rope_parameters"), dict):
+            params = config["rope_parameters"]
+            args.rope_theta = params.get("rope_theta", args.rope_theta)
+            if params.get("rope_type", "default") != "default":
+                args.rope_scaling = params
+        return args
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "qwen3"
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in fp32 and cast back, as transformers does (needed for exact parity)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        bias = args.attention_bias
+        self.q_proj = Linear(args.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, args.hidden_size, bias=bias and args.model_type != "qwen2")
+        if args.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        causal = mask is None and t > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.up_proj = Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Model(nn.Module):
+    """Causal LM: `forward(tokens, cache)` → logits; `make_cache()` says which cache this model uses."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = LlamaModel(args)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.max_position_embeddings, args.rope_scaling)
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_cache(self, capacity: int, batch: int = 1) -> list[KVCache]:
+        """One preallocated dense cache per layer, reserved for `capacity` tokens."""
+        dtype, device = self.model.embed_tokens.weight.dtype, self.model.embed_tokens.weight.device
+        return [DenseKVCache(batch, self.args.num_key_value_heads, self.args.head_dim, capacity, dtype, device)
+                for _ in range(self.args.num_hidden_layers)]
+
+    def _mask(self, offset: int, t: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean attention mask (True = attend); None when plain causal or single-token decode suffices."""
+        window = self.args.sliding_window
+        total = offset + t
+        windowed = window is not None and total > window
+        if not windowed and (t == 1 or offset == 0):
+            return None
+        q_pos = torch.arange(offset, total, device=device).unsqueeze(1)
+        k_pos = torch.arange(total, device=device).unsqueeze(0)
+        mask = k_pos <= q_pos
+        if windowed:
+            mask &= (q_pos - k_pos) < window
+        return mask
+
+    def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for `tokens` (batch, seq); with `last_only`, only the last position's."""
+        offset = cache[0].offset if cache else 0
+        b, t = tokens.shape
+        h = self.model.embed_tokens(tokens)
+        positions = torch.arange(offset, offset + t, device=tokens.device).unsqueeze(0).expand(b, t)
+        cos, sin = self.rope.cos_sin(positions, h.dtype)
+        mask = self._mask(offset, t, tokens.device)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, mask, cache[i] if cache else None)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.model.norm(h))
+
+    def sanitize(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Drop tensors HF saves but the model recomputes (rotary tables) and a tied lm_head."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights

@@ -1,0 +1,77 @@
+"""Rotary position embeddings with the scalings HF checkpoints use (default, linear, dynamic NTK, llama3)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from edgellm.errors import UnsupportedModelError
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+def rope_kind(rope_scaling: dict | None) -> str:
+    """Normalise the checkpoint's `rope_scaling` to one of ROPE_TYPES, rejecting the rest by name."""
+    if not rope_scaling:
+        return "default"
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    return kind
+
+
+class RotaryEmbedding:
+    """Computes cos/sin tables for given positions; the inverse frequencies follow transformers exactly."""
+
+    def __init__(self, head_dim: int, base: float, max_position: int, rope_scaling: dict | None) -> None:
+        self.dim = head_dim
+        self.base = base
+        self.max_position = max_position
+        self.scaling = rope_scaling or {}
+        self.kind = rope_kind(rope_scaling)
+        self.inv_freq = self._inv_freq(base)
+        if self.kind == "linear":
+            self.inv_freq = self.inv_freq / float(self.scaling["factor"])
+        elif self.kind == "llama3":
+            self.inv_freq = self._llama3(self.inv_freq)
+
+    def _inv_freq(self, base: float) -> torch.Tensor:
+        return 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float() / self.dim))
+
+    def _llama3(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        s = self.scaling
+        factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old_ctx = float(s["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+
+    def _dynamic_inv_freq(self, seq_len: int) -> torch.Tensor:
+        # NTK-aware: stretch the base once the sequence outgrows the trained context.
+        if seq_len <= self.max_position:
+            return self.inv_freq
+        factor = float(self.scaling["factor"])
+        base = self.base * ((factor * seq_len / self.max_position) - (factor - 1)) ** (self.dim / (self.dim - 2))
+        return self._inv_freq(base)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape (batch, seq, head_dim) for integer `positions` (batch, seq)."""
+        inv_freq = self.inv_freq
+        if self.kind == "dynamic":
+            inv_freq = self._dynamic_inv_freq(int(positions.max()) + 1)
+        freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` (batch, heads, seq, head_dim) in the half-split layout HF Llama checkpoints use."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
