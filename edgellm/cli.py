@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from edgellm.errors import EdgeLLMError
+from edgellm.errors import EdgeLLMError, InvalidRequestError
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -32,18 +33,40 @@ def _sampling(args: argparse.Namespace):
                           repetition_penalty=args.repetition_penalty, seed=args.seed).validate()
 
 
+def _agent_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--agent", default=None, help="agent name: reuse and update its persistent KV memory")
+    p.add_argument("--store", default="edgellm-agents", help="directory of agent memories (with --agent)")
+    p.add_argument("--kv-format", default="fp16", help="agent KV format: fp16, bf16, fp32, q8, q4, q2 (+ -kivi)")
+
+
+def _open_agent(args: argparse.Namespace, model, tokenizer):
+    from edgellm.agents import AgentStore
+    agent = AgentStore(args.store, model, tokenizer, args.kv_format).agent(args.agent)
+    if agent.restore_note:
+        print(f"edgellm: saved memory not used ({agent.restore_note}); prefilling from scratch", file=sys.stderr)
+    return agent
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from edgellm import load, stream_generate
     sampling = _sampling(args)
     model, tokenizer = load(args.model, args.dtype)
+    agent = _open_agent(args, model, tokenizer) if args.agent else None
+    if agent:
+        steps = agent.stream(args.prompt, args.max_tokens, sampling, args.stop)
+    else:
+        steps = stream_generate(model, tokenizer, args.prompt, args.max_tokens, sampling, args.stop)
     pieces, tokens, last = [], [], None
-    for last in stream_generate(model, tokenizer, args.prompt, args.max_tokens, sampling, args.stop):
+    for last in steps:
         if last.token is not None:
             tokens.append(last.token)
         pieces.append(last.text)
         if not args.json:
             print(last.text, end="", flush=True)
-    stats = {"prompt_tokens": last.prompt_tokens, "generation_tokens": len(tokens), "ttft_s": round(last.ttft_s, 4),
+    if agent:
+        agent.save()
+    stats = {"prompt_tokens": last.prompt_tokens, "cached_tokens": last.cached_tokens,
+             "generation_tokens": len(tokens), "ttft_s": round(last.ttft_s, 4),
              "prefill_tok_s": round(last.prefill_tok_s, 1), "decode_tok_s": round(last.decode_tok_s, 1),
              "finish_reason": last.finish_reason}
     if args.json:
@@ -59,8 +82,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from edgellm import PromptCache, load, stream_generate
     sampling = _sampling(args)
     model, tokenizer = load(args.model, args.dtype)
-    cache = PromptCache(model, capacity=1024)
-    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    agent = _open_agent(args, model, tokenizer) if args.agent else None
+    cache = agent.cache if agent else PromptCache(model, capacity=1024)
+    messages: list[dict] = agent.messages if agent else []
+    if args.system and not messages:
+        messages.append({"role": "system", "content": args.system})
+    if agent and agent.messages:
+        print(f"resuming agent {agent.name!r}: {len(agent.messages)} messages, {len(cache.tokens)} tokens "
+              "of KV memory", file=sys.stderr)
     print("edgellm chat — empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
@@ -79,6 +108,36 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print(f"[reused {last.cached_tokens}/{last.prompt_tokens} prompt tokens from the KV cache, "
               f"TTFT {last.ttft_s * 1000:.0f} ms, {last.decode_tok_s:.1f} tok/s]", file=sys.stderr)
         messages.append({"role": "assistant", "content": "".join(reply)})
+        if agent:
+            agent.messages = messages
+            agent.save()
+
+
+def cmd_agents(args: argparse.Namespace) -> None:
+    from edgellm.agents import check_agent_name, list_agents
+    from edgellm.kv.persist import read_metadata
+    root = Path(args.store)
+    if args.action == "list":
+        infos = [i.to_json() for i in list_agents(root)]
+        if args.json:
+            print(json.dumps(infos))
+        for info in [] if args.json else infos:
+            print(f"{info['name']:<24} {info['tokens']:>7} tokens  {info['file_bytes'] / 2**20:8.2f} MiB  "
+                  f"{info['kv_format']}{'  (predicted)' if info['predicted'] else ''}")
+        return
+    if not args.name:
+        raise InvalidRequestError(f"`edgellm agents {args.action}` needs an agent name")
+    path = root / f"{check_agent_name(args.name)}.safetensors"
+    if not path.exists():
+        raise InvalidRequestError(f"no agent {args.name!r} in {root}")
+    if args.action == "show":
+        meta = read_metadata(path)
+        meta["tokens"] = f"{len(json.loads(meta.get('tokens', '[]')))} token ids"
+        meta.pop("checksums", None)
+        print(json.dumps(meta, indent=2, ensure_ascii=False))
+    else:
+        path.unlink()
+        print(f"removed agent {args.name!r}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -108,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a prompt")
     _model_args(p)
     _sampling_args(p)
+    _agent_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
     p.set_defaults(func=cmd_generate)
@@ -115,8 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat that keeps its KV cache between turns")
     _model_args(p)
     _sampling_args(p)
+    _agent_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("agents", help="list, show or remove saved agent memories")
+    p.add_argument("action", choices=["list", "show", "rm"])
+    p.add_argument("name", nargs="?", default=None)
+    p.add_argument("--store", default="edgellm-agents")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_agents)
 
     p = sub.add_parser("info", help="architecture, parameters, memory per dtype, KV bytes per token")
     p.add_argument("path", nargs="?", default=None, help="HF model directory (default: built-in model)")

@@ -172,3 +172,80 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], ma
     return GenerationResult(text="".join(text), tokens=tokens, prompt_tokens=last.prompt_tokens,
                             cached_tokens=last.cached_tokens, ttft_s=last.ttft_s, prefill_tok_s=last.prefill_tok_s,
                             decode_tok_s=last.decode_tok_s, finish_reason=last.finish_reason)
+
+
+@dataclass
+class _Sequence:
+    """Book-keeping for one sequence of a batch."""
+
+    ids: list[int]
+    cache: PromptCache
+    sampler: Sampler
+    stops: StopStringMatcher
+    detok: object
+    cached: int = 0
+    logits: torch.Tensor | None = None
+    generated: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    finish: str | None = None
+    ttft_s: float = 0.0
+
+
+@torch.no_grad()
+def batch_generate(model: nn.Module, tokenizer: Tokenizer, prompts: list[str | list[int]], max_tokens: int = 256,
+                   sampling: SamplingParams | list[SamplingParams] | None = None, stop: list[str] | None = None,
+                   prompt_caches: list[PromptCache] | None = None) -> list[GenerationResult]:
+    """Generate for several prompts (e.g. several agents' turns), decoding all of them in one forward pass a step.
+
+    Each sequence keeps its own cache (reused and extended like `generate`'s); sequences leave the batch as
+    they finish. Greedy results equal generating each prompt alone.
+    """
+    from edgellm.kv.batch import batch_layers
+
+    if max_tokens < 1:
+        raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+    t0 = time.perf_counter()
+    params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+    seqs = []
+    for i, prompt in enumerate(prompts):
+        ids = prepare_prompt(tokenizer, prompt, model)
+        cache = prompt_caches[i] if prompt_caches else PromptCache(model, capacity=len(ids) + max_tokens)
+        seq = _Sequence(ids, cache, Sampler(params[i]), StopStringMatcher(stop or []), tokenizer.detokenizer())
+        seq.cached = cache.reuse(ids)
+        seq.logits = prefill(model, ids[seq.cached:], cache)
+        seqs.append(seq)
+    limit = context_length(model)
+    decode_steps, t_decode = 0, time.perf_counter()
+    active = seqs
+    while active:
+        for seq in active:
+            token = seq.sampler(seq.logits)
+            if not seq.generated:
+                seq.ttft_s = time.perf_counter() - t0
+            seq.generated.append(token)
+            if token in tokenizer.eos_token_ids:
+                seq.text.append(seq.stops.flush() + seq.detok.flush())
+                seq.finish = "stop"
+                continue
+            piece, hit = seq.stops.feed(seq.detok.add(token))
+            seq.text.append(piece)
+            if hit:
+                seq.finish = "stop"
+            elif len(seq.generated) >= min(max_tokens, limit - len(seq.ids)):
+                seq.text.append(seq.stops.feed(seq.detok.flush())[0] + seq.stops.flush())
+                seq.finish = "length"
+        active = [s for s in active if s.finish is None]
+        if not active:
+            break
+        tokens = torch.tensor([[s.generated[-1]] for s in active])
+        layers = batch_layers([s.cache.layers for s in active], model.args.sliding_window)
+        logits = model(tokens, layers, last_only=True)[:, -1]
+        decode_steps += 1
+        for seq, row in zip(active, logits, strict=True):
+            seq.cache.tokens.append(seq.generated[-1])
+            seq.logits = row
+    decode_s = time.perf_counter() - t_decode
+    return [GenerationResult(
+        text="".join(s.text), tokens=s.generated, prompt_tokens=len(s.ids), cached_tokens=s.cached,
+        ttft_s=s.ttft_s, prefill_tok_s=0.0, decode_tok_s=decode_steps / decode_s if decode_s > 0 else 0.0,
+        finish_reason=s.finish or "length", stats={"batch_decode_steps": decode_steps}) for s in seqs]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-from functools import cache
+import struct
 from pathlib import Path
 
 import torch
@@ -11,21 +12,12 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from edgellm.errors import CheckpointError
+from edgellm.kernels.native import cpu_has_native_bf16
 from edgellm.models import family_for
 from edgellm.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-
-
-@cache
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX); otherwise bf16 GEMMs are emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def default_dtype(device: str = "cpu") -> torch.dtype:
@@ -76,6 +68,27 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def checkpoint_fingerprint(path: Path, samples: int = 32, sample_bytes: int = 4096) -> str:
+    """Hash of config.json, every safetensors header and evenly spaced samples of the weight bytes.
+
+    A saved KV cache is only valid for the exact model that produced it. Headers alone cannot tell a fine-tune
+    from its base (same names and shapes), so weight bytes are sampled too; reading ~128 KiB per file keeps
+    this cheap for multi-GB checkpoints.
+    """
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for file in weight_files(path):
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            h.update(head + f.read(min(n, 100_000_000)))
+            start = 8 + n
+            for i in range(samples):
+                f.seek(start + (size - start) * i // samples)
+                h.update(f.read(sample_bytes))
+    return h.hexdigest()[:32]
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint, memory-mapped from disk (no copy until a dtype change needs one)."""
     weights: dict[str, torch.Tensor] = {}
@@ -120,6 +133,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     model.rope.inv_freq = model.rope.inv_freq.to(device)
     model.name = path.name
     model.path = path
+    model.fingerprint = checkpoint_fingerprint(path)
     return model.eval().requires_grad_(False)
 
 

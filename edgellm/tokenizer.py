@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +45,9 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises plain Exception on parse errors
             raise CheckpointError(f"{file} could not be parsed ({e}); re-save the tokenizer") from e
         self.config = _read_json(path / "tokenizer_config.json")
+        config_file = path / "tokenizer_config.json"
+        self.fingerprint = hashlib.sha256(
+            file.read_bytes() + (config_file.read_bytes() if config_file.exists() else b"")).hexdigest()[:32]
         gen = _read_json(path / "generation_config.json")
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))

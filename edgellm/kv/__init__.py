@@ -1,5 +1,10 @@
-"""KV cache kinds (dense now; quantized, paged and persisted kinds plug into the same interface)."""
+"""KV cache kinds behind one interface: dense, quantized (token / KIVI schemes), and their formats by name."""
 
-from edgellm.kv.cache import DenseKVCache, KVCache
+from edgellm.kv.batch import SequenceBatch, batch_layers
+from edgellm.kv.cache import DenseKVCache, KVCache, causal_mask
+from edgellm.kv.formats import KVFormat, make_caches
+from edgellm.kv.quant import QuantizedTensor, dequantize, hadamard, quantize
+from edgellm.kv.quantized import QuantizedKVCache
 
-__all__ = ["DenseKVCache", "KVCache"]
+__all__ = ["DenseKVCache", "KVCache", "KVFormat", "QuantizedKVCache", "QuantizedTensor", "SequenceBatch",
+           "batch_layers", "causal_mask", "dequantize", "hadamard", "make_caches", "quantize"]

@@ -20,6 +20,14 @@ class KVCache(Protocol):
         """Forget the last `n` tokens (used when a new prompt diverges from the cached one)."""
         ...
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The tensors exactly as held (quantized stays quantized), cut to `offset` tokens, for saving."""
+        ...
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the contents with a `state()` taken from a cache of the same format."""
+        ...
+
 
 class DenseKVCache:
     """A preallocated K/V buffer written in place (gpt-fast style): no per-token concatenation.
@@ -59,6 +67,30 @@ class DenseKVCache:
     def trim(self, n: int) -> None:
         self.offset = max(0, self.offset - n)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys[:, :, : self.offset], "values": self.values[:, :, : self.offset]}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.offset = 0
+        self.update_and_fetch(state["keys"], state["values"])
+
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
+
+
+def causal_mask(offset: int, t: int, window: int | None, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Which cached positions `t` new tokens at `offset` may see (True = attend), for a sliding window too.
+
+    None when SDPA's own causal flag (offset 0) or no mask at all (one token, no window in reach) suffices.
+    """
+    total = offset + t
+    windowed = window is not None and total > window
+    if not windowed and (t == 1 or offset == 0):
+        return None
+    q_pos = torch.arange(offset, total, device=device).unsqueeze(1)
+    k_pos = torch.arange(total, device=device).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if windowed:
+        mask &= (q_pos - k_pos) < window
+    return mask

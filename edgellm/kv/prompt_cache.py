@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from edgellm.kv.cache import KVCache
+
+if TYPE_CHECKING:
+    from edgellm.kv.formats import KVFormat
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -18,8 +23,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class PromptCache:
     """Per-layer KV caches plus the exact token ids whose K/V they hold."""
 
-    def __init__(self, model: nn.Module, capacity: int = 256) -> None:
-        self.layers: list[KVCache] = model.make_cache(capacity)
+    def __init__(self, model: nn.Module, capacity: int = 256, kv_format: KVFormat | None = None) -> None:
+        self.kv_format = kv_format
+        self.layers: list[KVCache] = model.make_cache(capacity, kv_format=kv_format)
         self.tokens: list[int] = []
 
     def reuse(self, prompt: list[int]) -> int:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgellm.kernels import Linear
-from edgellm.kv import DenseKVCache, KVCache
+from edgellm.kv import DenseKVCache, KVCache, KVFormat, causal_mask, make_caches
 from edgellm.models.rope import RotaryEmbedding, apply_rope
 
 
@@ -101,11 +101,14 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        causal = mask is None and t > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        if hasattr(cache, "attend"):  # the cache computes attention itself, e.g. blockwise over quantized K/V
+            out = cache.attend(q, k, v, mask, self.head_dim**-0.5)
+        else:
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+            causal = mask is None and t > 1
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
+                                                 enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -156,35 +159,28 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def make_cache(self, capacity: int, batch: int = 1) -> list[KVCache]:
-        """One preallocated dense cache per layer, reserved for `capacity` tokens."""
+    def make_cache(self, capacity: int, batch: int = 1, kv_format: KVFormat | None = None) -> list[KVCache]:
+        """One preallocated cache per layer, reserved for `capacity` tokens: dense in the model's dtype by default."""
+        if kv_format is not None:
+            return make_caches(self, kv_format, capacity, batch)
         dtype, device = self.model.embed_tokens.weight.dtype, self.model.embed_tokens.weight.device
         return [DenseKVCache(batch, self.args.num_key_value_heads, self.args.head_dim, capacity, dtype, device)
                 for _ in range(self.args.num_hidden_layers)]
 
-    def _mask(self, offset: int, t: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean attention mask (True = attend); None when plain causal or single-token decode suffices."""
-        window = self.args.sliding_window
-        total = offset + t
-        windowed = window is not None and total > window
-        if not windowed and (t == 1 or offset == 0):
-            return None
-        q_pos = torch.arange(offset, total, device=device).unsqueeze(1)
-        k_pos = torch.arange(total, device=device).unsqueeze(0)
-        mask = k_pos <= q_pos
-        if windowed:
-            mask &= (q_pos - k_pos) < window
-        return mask
-
     def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits (batch, seq, vocab) for `tokens` (batch, seq); with `last_only`, only the last position's."""
-        offset = cache[0].offset if cache else 0
         b, t = tokens.shape
         h = self.model.embed_tokens(tokens)
-        positions = torch.arange(offset, offset + t, device=tokens.device).unsqueeze(0).expand(b, t)
+        offsets = getattr(cache[0], "offsets", None) if cache else None
+        if offsets is not None:  # independent sequences (SequenceBatch), each at its own position and mask
+            positions = torch.tensor(offsets, device=tokens.device).unsqueeze(1) + torch.arange(t, device=tokens.device)
+            mask = None
+        else:
+            offset = cache[0].offset if cache else 0
+            positions = torch.arange(offset, offset + t, device=tokens.device).unsqueeze(0).expand(b, t)
+            mask = causal_mask(offset, t, self.args.sliding_window, tokens.device)
         cos, sin = self.rope.cos_sin(positions, h.dtype)
-        mask = self._mask(offset, t, tokens.device)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, mask, cache[i] if cache else None)
         if last_only:

@@ -1,0 +1,28 @@
+"""`edgellm bench <what>`: benchmarks as code, each printing a table and writing `--json` anyone can rerun.
+
+A benchmark is a module with `add_arguments(parser)` and `run(args)`; adding one is one line in BENCHMARKS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "speed": ("edgellm.bench.speed", "prefill and decode speed vs transformers, against the machine's roofline"),
+}
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """One sub-subcommand per benchmark, each with its own arguments."""
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (module, help_text) in BENCHMARKS.items():
+        bench = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=bench.__doc__.splitlines()[0])
+        bench.add_arguments(p)
+        p.set_defaults(bench_run=bench.run)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    """Run the benchmark chosen on the command line."""
+    args.bench_run(args)

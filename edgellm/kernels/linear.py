@@ -1,0 +1,39 @@
+"""Linear layers: a native bf16 GEMV for decode, fp32 GEMM where bf16 GEMM is emulated, else F.linear."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgellm.kernels.native import cpu_has_native_bf16, gemv_bf16_op
+
+# Up to here the native kernel beats fp32 upcast + GEMM, and bf16 F.linear beats the upcast (measured at 2048x8192:
+# the upcast's cost is converting the weight on every call; the crossover is ~128 rows for both).
+FEW_ROWS = 64
+
+
+def torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The pure-PyTorch path for CPU bf16 weights: emulated bf16 GEMM is ~4x slower than upcasting to fp32."""
+    if x.dtype == weight.dtype and (cpu_has_native_bf16() or x.numel() <= FEW_ROWS * weight.shape[-1]):
+        return F.linear(x, weight, bias)
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias, dispatched by shape and dtype; runs ~100 times per token, so checks stay cheap."""
+    if weight.dtype is not torch.bfloat16 or not weight.is_cpu or (torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+        return F.linear(x, weight, bias)  # the native kernel has no backward
+    if x.numel() <= FEW_ROWS * weight.shape[-1]:
+        gemv = gemv_bf16_op()
+        if gemv is not None:
+            return gemv(x, weight, bias)
+    return torch_linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward goes through edgellm's kernel dispatch (same parameter names as HF)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,96 @@
+"""Native CPU kernels: a torch C++ extension compiled on first use and cached on disk.
+
+Any build failure (no compiler, no ninja, EDGELLM_NO_NATIVE=1) leaves the pure-PyTorch paths in charge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+# -march=native unlocks AVX-512; the plain build is for compilers or CPUs that refuse it.
+CFLAG_SETS = (["-O3", "-march=native"], ["-O3"])
+_BUILD_LOCK = threading.Lock()
+
+
+@cache
+def cpu_flags() -> str:
+    """The CPU's feature flags from /proc/cpuinfo ('' where unavailable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line for line in text.splitlines() if line.startswith("flags")), "")
+
+
+@cache
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX); otherwise bf16 GEMMs are emulated."""
+    flags = cpu_flags().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cache_dir(cflags: list[str]) -> Path:
+    """Build directory keyed by everything the binary depends on, so a stale build is never loaded."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(),
+                 " ".join(cflags).encode(), cpu_flags().encode()):
+        key.update(part)
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "edgellm" / "kernels" / key.hexdigest()[:16]
+
+
+def _ensure_ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; a venv's ninja sits next to its python but not always on PATH."""
+    bindir = str(Path(sys.executable).parent)
+    if shutil.which("ninja") is None and shutil.which("ninja", path=bindir):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
+@cache
+def _build() -> ModuleType | None:
+    if os.environ.get("EDGELLM_NO_NATIVE") == "1":
+        log.info("EDGELLM_NO_NATIVE=1: using PyTorch kernels")
+        return None
+    from torch.utils import cpp_extension
+
+    _ensure_ninja_on_path()
+    errors = []
+    for cflags in CFLAG_SETS:
+        build_dir = cache_dir(cflags)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return cpp_extension.load(name="edgellm_gemv", sources=[str(SOURCE)], extra_cflags=cflags,
+                                      build_directory=str(build_dir), verbose=False)
+        except Exception as e:  # the build fails through many exception types; all mean "no native kernel"
+            lines = str(e).strip().splitlines()
+            errors.append(f"{' '.join(cflags)}: {lines[0] if lines else type(e).__name__}")
+            log.debug("native kernel build with %s failed:\n%s", cflags, e)
+    log.warning("native kernels unavailable, using the PyTorch fallback (%s)", "; ".join(errors))
+    return None
+
+
+@cache
+def gemv_bf16_op() -> Callable[..., torch.Tensor] | None:
+    """The native `gemv_bf16(x, weight, bias=None)` op, built on first call; None when it cannot be built."""
+    with _BUILD_LOCK:  # concurrent first calls wait for one build; later calls hit the cache without the lock
+        ext = _build()
+    return None if ext is None else ext.gemv_bf16
+
+
+def native_available() -> bool:
+    """True when the native kernels built and loaded."""
+    return gemv_bf16_op() is not None

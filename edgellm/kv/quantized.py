@@ -1,0 +1,301 @@
+"""A KV cache held as packed low-bit codes, with attention computed block by block over it.
+
+Two schemes:
+- "token": keys and values quantized per token, groups along head_dim (the seed paper's / mlx-lm's scheme);
+- "kivi": keys quantized per channel (groups of `group` tokens along the sequence), values per token, with the
+  most recent `window`..`window + group - 1` tokens kept in full precision until a whole key group can be closed.
+With `hadamard`, keys are rotated before quantizing; attention rotates the queries instead of un-rotating keys.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from edgellm.errors import InvalidRequestError
+from edgellm.kv.quant import BITS, QuantizedTensor, dequantize, hadamard, quantize
+
+SCHEMES = ("token", "kivi")
+ATTENTION_BLOCK = 256  # tokens dequantized at a time: bounds attention's float scratch memory
+
+
+def head_group(group: int, head_dim: int) -> int:
+    """Group size used along head_dim: `group`, capped at head_dim so small heads still get one group each."""
+    return min(group, head_dim)
+
+
+def bytes_per_token(kv_heads: int, head_dim: int, bits: int, group: int, scheme: str = "token") -> float:
+    """Bytes one quantized token costs in one layer, K and V: codes plus fp16 scale/zero pairs.
+
+    Per-token groups hold head_dim/group pairs per token; per-channel ("kivi") keys hold head_dim pairs per
+    `group` tokens, so per token the same when group <= head_dim. The full-precision window is not counted.
+    """
+    per_token_pairs = head_dim / head_group(group, head_dim)
+    key_pairs = head_dim / group if scheme == "kivi" else per_token_pairs
+    return kv_heads * (2 * head_dim * bits / 8 + 4 * (key_pairs + per_token_pairs))
+
+
+class _PackedBuffer:
+    """Preallocated packed codes and fp16 scales/zeros for one of K or V; tokens on dim 2.
+
+    Per-token layout: data (B, H, T, D·bits/8), scales/zeros (B, H, T, D/group).
+    Per-channel layout: data (B, H, T·bits/8, D), scales/zeros (B, H, T/group, D).
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, bits: int, group: int, per_channel: bool,
+                 capacity: int, device: torch.device | str) -> None:
+        self.shape, self.bits, self.group, self.per_channel = (batch, heads, head_dim), bits, group, per_channel
+        self.device = device
+        self.data, self.scales, self.zeros = self._alloc(self._round(capacity))
+
+    def _round(self, tokens: int) -> int:
+        unit = self.group if self.per_channel else 1
+        return -(-max(tokens, 1) // unit) * unit
+
+    def _rows(self, tokens: int) -> tuple[int, int]:
+        """Rows of data and of scales that `tokens` tokens occupy."""
+        if self.per_channel:
+            return tokens * self.bits // 8, tokens // self.group
+        return tokens, tokens
+
+    def _alloc(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, h, d = self.shape
+        data_rows, scale_rows = self._rows(capacity)
+        data_w, scale_w = (d, d) if self.per_channel else (d * self.bits // 8, d // self.group)
+        return (torch.zeros((b, h, data_rows, data_w), dtype=torch.uint8, device=self.device),
+                torch.zeros((b, h, scale_rows, scale_w), dtype=torch.float16, device=self.device),
+                torch.zeros((b, h, scale_rows, scale_w), dtype=torch.float16, device=self.device))
+
+    @property
+    def capacity(self) -> int:
+        return self.scales.shape[2] * (self.group if self.per_channel else 1)
+
+    def _grow(self, needed: int, held: int) -> None:
+        new = self._alloc(self._round(max(needed, 2 * self.capacity)))
+        data_rows, scale_rows = self._rows(held)
+        new[0][:, :, :data_rows] = self.data[:, :, :data_rows]
+        new[1][:, :, :scale_rows] = self.scales[:, :, :scale_rows]
+        new[2][:, :, :scale_rows] = self.zeros[:, :, :scale_rows]
+        self.data, self.scales, self.zeros = new
+
+    def write(self, start: int, x: torch.Tensor) -> None:
+        """Quantize `x` (B, H, n, D) into tokens [start, start + n); per-channel needs whole groups."""
+        end = start + x.shape[2]
+        if end > self.capacity:
+            self._grow(end, start)
+        q = quantize(x, self.bits, self.group, dim=2 if self.per_channel else -1)
+        (d0, s0), (d1, s1) = self._rows(start), self._rows(end)
+        self.data[:, :, d0:d1] = q.data
+        self.scales[:, :, s0:s1] = q.scales
+        self.zeros[:, :, s0:s1] = q.zeros
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        """Tokens [start, end) dequantized to fp32 (B, H, end - start, D)."""
+        (d0, s0), (d1, s1) = self._rows(start), self._rows(end)
+        q = QuantizedTensor(self.data[:, :, d0:d1], self.scales[:, :, s0:s1], self.zeros[:, :, s0:s1], self.bits,
+                            self.group, (*self.shape[:2], end - start, self.shape[2]), 2 if self.per_channel else -1)
+        return dequantize(q)
+
+    def state(self, tokens: int, prefix: str) -> dict[str, torch.Tensor]:
+        data_rows, scale_rows = self._rows(tokens)
+        return {f"{prefix}.data": self.data[:, :, :data_rows], f"{prefix}.scales": self.scales[:, :, :scale_rows],
+                f"{prefix}.zeros": self.zeros[:, :, :scale_rows]}
+
+    def held_in(self, state: dict[str, torch.Tensor], prefix: str) -> int:
+        """Tokens a `state()` holds, after checking it has this buffer's layout (nothing is copied yet)."""
+        names = [f"{prefix}.{name}" for name in ("data", "scales", "zeros")]
+        if any(name not in state for name in names):
+            raise InvalidRequestError(f"saved state has no {', '.join(names)}: it is not from a quantized cache")
+        data, scales, zeros = (state[name] for name in names)
+        tokens = scales.shape[2] * (self.group if self.per_channel else 1) if scales.dim() == 4 else -1
+        data_rows, scale_rows = self._rows(tokens)
+        want_data = (*self.data.shape[:2], data_rows, self.data.shape[3])
+        want_scales = (*self.scales.shape[:2], scale_rows, self.scales.shape[3])
+        if (tuple(data.shape), tuple(scales.shape), tuple(zeros.shape)) != (want_data, want_scales, want_scales) or \
+                (data.dtype, scales.dtype, zeros.dtype) != (torch.uint8, torch.float16, torch.float16):
+            raise InvalidRequestError(f"saved {prefix} do not match this cache's format "
+                                      f"({self.bits}-bit, group {self.group}, batch/heads/head_dim {self.shape})")
+        return tokens
+
+    def load(self, state: dict[str, torch.Tensor], prefix: str, tokens: int) -> None:
+        """Copy in a `state()` already checked by `held_in`."""
+        if tokens > self.capacity:
+            self._grow(tokens, 0)
+        data_rows, scale_rows = self._rows(tokens)
+        self.data[:, :, :data_rows] = state[f"{prefix}.data"]
+        self.scales[:, :, :scale_rows] = state[f"{prefix}.scales"]
+        self.zeros[:, :, :scale_rows] = state[f"{prefix}.zeros"]
+
+
+class QuantizedKVCache:
+    """Packed low-bit K/V (8, 4 or 2 bits) behind the KVCache protocol, plus blockwise `attend`.
+
+    Tokens [0, quantized) are held as codes; [quantized, offset) sit in a small full-precision window (empty for
+    the "token" scheme unless `window` is set). `state()` returns both exactly as held.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, bits: int = 4, group: int = 64,
+                 scheme: str = "token", window: int = 0, hadamard: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 block: int = ATTENTION_BLOCK) -> None:
+        hg = head_group(group, head_dim)
+        if bits not in BITS or scheme not in SCHEMES or window < 0:
+            raise InvalidRequestError(f"unsupported KV cache: {bits}-bit, scheme {scheme!r}, window {window}")
+        if head_dim % hg or hg % (8 // bits) or group % (8 // bits):
+            raise InvalidRequestError(f"KV group {group} must divide head_dim {head_dim} and be a multiple of "
+                                      f"{8 // bits} for {bits}-bit codes")
+        if hadamard and head_dim & (head_dim - 1):
+            raise InvalidRequestError(f"a Hadamard rotation needs a power-of-2 head_dim, got {head_dim}")
+        per_channel = scheme == "kivi"
+        self.kv_heads, self.head_dim, self.bits, self.group, self.scheme = kv_heads, head_dim, bits, group, scheme
+        self.hadamard, self.dtype, self.window = hadamard, dtype, window
+        self.unit = group if per_channel else 1  # tokens quantized together
+        self.block = max(block // self.unit, 1) * self.unit
+        self.keys = _PackedBuffer(batch, kv_heads, head_dim, bits, group if per_channel else hg, per_channel,
+                                  capacity, device)
+        self.values = _PackedBuffer(batch, kv_heads, head_dim, bits, hg, False, capacity, device)
+        recent = (batch, kv_heads, window + self.unit - 1, head_dim)
+        self.recent_keys = torch.zeros(recent, dtype=dtype, device=device)
+        self.recent_values = torch.zeros(recent, dtype=dtype, device=device)
+        self.offset = 0
+        self.quantized = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes reserved (codes, scales, zeros and the full-precision window)."""
+        tensors = (self.keys.data, self.keys.scales, self.keys.zeros, self.values.data, self.values.scales,
+                   self.values.zeros, self.recent_keys, self.recent_values)
+        return sum(t.nbytes for t in tensors)
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append new K/V: quantize every whole unit older than the window, keep the rest in full precision."""
+        keys = (hadamard(keys.float()) if self.hadamard else keys).to(self.dtype)
+        values = values.to(self.dtype)
+        held = self.offset - self.quantized
+        n = keys.shape[2]
+        if held + n <= self.recent_keys.shape[2]:  # decode fast path: write in place, nothing to close yet
+            self.recent_keys[:, :, held:held + n] = keys
+            self.recent_values[:, :, held:held + n] = values
+        else:
+            if held:
+                keys = torch.cat([self.recent_keys[:, :, :held], keys], 2)
+                values = torch.cat([self.recent_values[:, :, :held], values], 2)
+            close = (keys.shape[2] - self.window) // self.unit * self.unit
+            self.keys.write(self.quantized, keys[:, :, :close])
+            self.values.write(self.quantized, values[:, :, :close])
+            self.quantized += close
+            self.recent_keys[:, :, : keys.shape[2] - close] = keys[:, :, close:]
+            self.recent_values[:, :, : keys.shape[2] - close] = values[:, :, close:]
+        self.offset += n
+
+    def _blocks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(first token, K, V) in fp32, `block` tokens at a time, then the full-precision window."""
+        for start in range(0, self.quantized, self.block):
+            end = min(start + self.block, self.quantized)
+            yield start, self.keys.read(start, end), self.values.read(start, end)
+        held = self.offset - self.quantized
+        if held:
+            yield (self.quantized, self.recent_keys[:, :, :held].float(), self.recent_values[:, :, :held].float())
+
+    def update_and_fetch(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store, then return every token's K/V dequantized (materialises the cache; `attend` does not)."""
+        self._store(keys, values)
+        held = self.offset - self.quantized
+        k = torch.cat([self.keys.read(0, self.quantized), self.recent_keys[:, :, :held].float()], 2)
+        v = torch.cat([self.values.read(0, self.quantized), self.recent_values[:, :, :held].float()], 2)
+        if self.hadamard:
+            k = hadamard(k)
+        return k.to(self.dtype), v.to(self.dtype)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+        """Store `keys`/`values`, then softmax(q·Kᵀ·scale)·V over the whole cache, one block at a time.
+
+        q is (B, n_rep·kv_heads, t, D), positions offset..offset+t-1. `mask` is None (causal) or a boolean
+        (t, all tokens) mask, True = attend. An online softmax (running max and sum) merges the blocks, so only
+        one block of K/V is ever in float.
+        """
+        start = self.offset
+        self._store(keys, values)
+        b, n_heads, t, d = q.shape
+        rep = n_heads // self.kv_heads
+        qf = q.float().reshape(b, self.kv_heads, rep * t, d)
+        if self.hadamard:
+            qf = hadamard(qf)
+        q_pos = torch.arange(start, start + t, device=q.device).unsqueeze(1)
+        run_max = torch.full((b, self.kv_heads, rep * t, 1), float("-inf"), device=q.device)
+        run_sum = torch.zeros_like(run_max)
+        acc = torch.zeros_like(qf)
+        for k0, k, v in self._blocks():
+            n = k.shape[2]
+            scores = (qf @ k.transpose(2, 3)).mul_(scale)
+            if mask is not None:
+                allowed = mask[:, k0:k0 + n]
+            elif k0 + n - 1 > start:  # only blocks reaching past the first query need the causal cut
+                allowed = torch.arange(k0, k0 + n, device=q.device) <= q_pos
+            else:
+                allowed = None
+            if allowed is not None:
+                scores = scores.view(b, self.kv_heads, rep, t, n).masked_fill_(~allowed, float("-inf"))
+                scores = scores.view(b, self.kv_heads, rep * t, n)
+            new_max = torch.maximum(run_max, scores.amax(-1, keepdim=True))
+            shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows that have seen no key yet
+            probs = scores.sub_(shift).exp_()
+            rescale = (run_max - shift).exp_()
+            run_sum = run_sum.mul_(rescale).add_(probs.sum(-1, keepdim=True))
+            acc = acc.mul_(rescale).add_(probs @ v)
+            run_max = new_max
+        return acc.div_(run_sum).view(b, n_heads, t, d).to(q.dtype)
+
+    def trim(self, n: int) -> None:
+        """Forget the last `n` tokens; cutting into a closed key group re-opens it into the window (dequantized)."""
+        keep = max(0, self.offset - n)
+        if keep < self.quantized:
+            closed = keep // self.unit * self.unit
+            reopened = keep - closed
+            if reopened:  # per-channel keys dequantize a whole group at a time
+                self.recent_keys[:, :, :reopened] = self.keys.read(closed, closed + self.unit)[:, :, :reopened]
+                self.recent_values[:, :, :reopened] = self.values.read(closed, keep)
+            self.quantized = closed
+        self.offset = keep
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Packed codes and fp16 scales/zeros of the quantized tokens, plus the full-precision window if any."""
+        state = self.keys.state(self.quantized, "keys") | self.values.state(self.quantized, "values")
+        if self.recent_keys.shape[2]:
+            held = self.offset - self.quantized
+            state |= {"keys.window": self.recent_keys[:, :, :held], "values.window": self.recent_values[:, :, :held]}
+        return state
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the contents with a `state()` of a cache of the same format: bit-exact, all or nothing."""
+        quantized = self.keys.held_in(state, "keys")
+        empty = self.recent_keys[:, :, :0]
+        windows = state.get("keys.window", empty), state.get("values.window", empty)
+        held = windows[0].shape[2]
+        expected = (*self.recent_keys.shape[:2], held, self.head_dim)
+        if self.values.held_in(state, "values") != quantized:
+            raise InvalidRequestError("saved keys and values hold different token counts")
+        if held > self.recent_keys.shape[2] or any(tuple(w.shape) != expected or w.dtype != self.dtype
+                                                   for w in windows):
+            raise InvalidRequestError(f"saved full-precision window {tuple(windows[0].shape)} "
+                                      f"{windows[0].dtype} does not fit this cache ({self.dtype})")
+        self.keys.load(state, "keys", quantized)
+        self.values.load(state, "values", quantized)
+        self.recent_keys[:, :, :held] = windows[0]
+        self.recent_values[:, :, :held] = windows[1]
+        self.quantized, self.offset = quantized, quantized + held
+
+
+def measure_peak_bytes(fn: Callable[[], object]) -> int:
+    """Largest amount of tensor memory `fn` holds allocated at once (CPU allocator events, via torch.profiler).
+
+    Used to show that `attend` over a quantized cache never allocates what materialising its K/V would.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    return max(itertools.accumulate((e.self_cpu_memory_usage for e in events), initial=0))

@@ -1,0 +1,94 @@
+"""Measure this machine's memory read bandwidth and GEMM peaks: the two roofs of LLM decode and prefill.
+
+Figures are measured rather than taken from spec sheets because what matters is what torch reaches on this
+machine, with these threads, today (a busy neighbour or a VM's memory limits both show up here).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from edgellm.kernels.native import cpu_has_native_bf16
+
+READ_BUFFER_MIB = 512  # far above any L3 (48 MB here), so every rep streams from DRAM
+GEMM_SIZE = 2048  # large enough that packing overheads vanish, small enough to take < 1 s per rep
+REPS = 5
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """What the CPU sustains: DRAM read GB/s (decode's roof) and GEMM GFLOP/s per dtype (prefill's roof)."""
+
+    cpu: str
+    threads: int
+    native_bf16: bool
+    mem_read_gbs: float
+    gemm_gflops: dict[str, float]
+
+    def peak_gflops(self, dtype: torch.dtype) -> float:
+        """Measured GEMM peak for `dtype`; KeyError if it was not measured."""
+        return self.gemm_gflops[dtype_name(dtype)]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def cpu_model_name() -> str:
+    """The CPU's marketing name from /proc/cpuinfo, else whatever `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _best_seconds(fn: Callable[[], object], reps: int) -> float:
+    """Fastest of `reps` timed calls after one untimed warm-up (first calls pay for page faults and JIT)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.inference_mode()
+def measure_read_bandwidth(mib: int = READ_BUFFER_MIB, reps: int = REPS) -> float:
+    """GB/s of a one-row fp32 GEMV over a buffer much larger than L3: the access pattern of decode."""
+    matrix = torch.ones(mib * 2**20 // (4 * 4096), 4096)
+    vector = torch.ones(4096)
+    return matrix.nbytes / _best_seconds(lambda: torch.mv(matrix, vector), reps) / 1e9
+
+
+@torch.inference_mode()
+def measure_gemm(dtype: torch.dtype, n: int = GEMM_SIZE, reps: int = REPS) -> float:
+    """GFLOP/s of an n×n×n matmul in `dtype` (2n³ FLOPs)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), reps) / 1e9
+
+
+@cache
+def measure_hardware() -> HardwareProfile:
+    """Measure once per process (a few seconds) and reuse: the machine does not change under one benchmark."""
+    return HardwareProfile(
+        cpu=cpu_model_name(),
+        threads=torch.get_num_threads(),
+        native_bf16=cpu_has_native_bf16(),
+        mem_read_gbs=measure_read_bandwidth(),
+        gemm_gflops={dtype_name(d): measure_gemm(d) for d in (torch.float32, torch.bfloat16)},
+    )

@@ -1,0 +1,56 @@
+"""`edgellm train`: build the built-in models (tokenizer + Llama) from the Python stdlib, offline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from edgellm.train.trainer import PRESETS, TrainingError, export_checkpoint, make_recipe, train
+
+__all__ = ["PRESETS", "TrainingError", "add_train_arguments", "export_checkpoint", "make_recipe", "run_train",
+           "train"]
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `edgellm train` options; overrides left unset keep the preset's values."""
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output directory: checkpoint.pt while training, then the HF-format model")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="default: the built-in model; small: a draft model (pair with --tokenizer); tiny: tests")
+    parser.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one) instead of "
+                                            "training a new one, so two models share a vocabulary")
+    parser.add_argument("--corpus", help="directory of .py files to train on (default: the Python stdlib)")
+    parser.add_argument("--steps", type=int, help="planned optimizer steps; the LR schedule is defined on these")
+    parser.add_argument("--seq-len", type=int, help="tokens per training sequence")
+    parser.add_argument("--batch", type=int, help="sequences per step")
+    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--seed", type=int, help="seed for init and data order (default 0)")
+    parser.add_argument("--minutes", type=float,
+                        help="stop after this much wall time even if the planned steps are not done")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads (default: all cores); 1 is often faster when other work shares the cores")
+    parser.add_argument("--export-only", action="store_true",
+                        help="skip training: export OUT/checkpoint.pt as an HF model in OUT")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """Train (or resume, or only export) as `args` asks and print the training.json summary."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise TrainingError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.export_only:
+        summary = export_checkpoint(args.out)
+    else:
+        if args.minutes is not None and args.minutes <= 0:
+            raise TrainingError(f"--minutes must be positive, got {args.minutes}")
+        tokenizer = str(Path(args.tokenizer).resolve()) if args.tokenizer else None
+        corpus = str(Path(args.corpus).resolve()) if args.corpus else None
+        recipe = make_recipe(args.preset, steps=args.steps, seq_len=args.seq_len, batch=args.batch, lr=args.lr,
+                             seed=args.seed, tokenizer=tokenizer, corpus=corpus)
+        summary = train(recipe, args.out, minutes=args.minutes, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("recipe", "evals")}, indent=2))

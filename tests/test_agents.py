@@ -1,0 +1,233 @@
+"""Persistent agent memory: bit-exact round trips, prefix reuse, refusal of bad files, eviction under a budget."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgellm import load
+from edgellm.agents import AgentStore
+from edgellm.errors import InvalidRequestError
+from edgellm.generate import generate, prefill
+from edgellm.kv.persist import RestoreError, restore_memory
+from edgellm.kv.prompt_cache import PromptCache
+
+FORMATS = ["fp32", "fp16", "q8", "q4", "q2", "q4-kivi"]
+PROMPT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)"
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir):
+    model, tok = load(llama_dir, "fp32")
+    tok.eos_token_ids = set()
+    return model, tok
+
+
+def states(cache: PromptCache) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.clone() for k, v in layer.state().items()} for layer in cache.layers]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_is_bit_identical_and_generation_continues_the_same(engine, tmp_path, fmt):
+    model, tok = engine
+    store = AgentStore(tmp_path, model, tok, fmt)
+    agent = store.agent("alice")
+    agent.generate(PROMPT, 12)
+    before = states(agent.cache)
+    tokens = list(agent.cache.tokens)
+    agent.save()
+    follow_up = tokens + tok.encode(" + fibonacci(n - 2)", add_special_tokens=False)
+    expected = agent.generate(follow_up, 10).tokens  # never saved/restored from here on
+
+    restored = AgentStore(tmp_path, model, tok, fmt).agent("alice")
+    assert restored.restore_note is None and restored.cache.tokens == tokens
+    for a, b in zip(before, states(restored.cache), strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])
+    result = restored.generate(follow_up, 10)
+    assert result.cached_tokens == len(tokens)
+    assert result.tokens == expected
+
+
+def logits_after(model, cache: PromptCache, ids: list[int]) -> torch.Tensor:
+    keep = cache.reuse(ids)
+    return prefill(model, ids[keep:], cache)
+
+
+@pytest.mark.parametrize("case", ["identical", "extension", "divergence", "generated"])
+def test_prefix_reuse_matches_full_prefill(engine, case):
+    model, tok = engine
+    base = tok.encode(PROMPT)
+    cache = PromptCache(model, 64)
+    logits_after(model, cache, base)
+    if case == "identical":
+        ids = base
+    elif case == "extension":
+        ids = base + tok.encode(" + 1", add_special_tokens=False)
+    elif case == "divergence":
+        ids = base[:7] + tok.encode(" while True:", add_special_tokens=False)
+    else:
+        result = generate(model, tok, base, 8, prompt_cache=cache)
+        ids = base + result.tokens + tok.encode("\n", add_special_tokens=False)
+    reused_before = len(cache.tokens)
+    warm = logits_after(model, cache, ids)
+    cold = prefill(model, ids, PromptCache(model, 64))
+    assert torch.allclose(warm, cold, atol=1e-4)
+    assert cache.tokens == ids
+    if case == "generated":
+        assert reused_before >= len(base) + 7  # the generated tokens' KV was kept, not re-prefilled
+
+
+def saved_agent(engine, root: Path, fmt: str = "q4", name: str = "bob") -> tuple[AgentStore, Path]:
+    model, tok = engine
+    store = AgentStore(root, model, tok, fmt)
+    store.agent(name).generate(PROMPT, 4)
+    return store, store.save(store.agent(name))
+
+
+def assert_refused(engine, root: Path, fmt: str, reason: str, name: str = "bob") -> None:
+    model, tok = engine
+    kv_format = AgentStore(root, model, tok, fmt).kv_format
+    with pytest.raises(RestoreError, match=reason):
+        restore_memory(root / f"{name}.safetensors", model, tok.fingerprint, kv_format)
+    agent = AgentStore(root, model, tok, fmt).agent(name)  # falls back: empty memory, reason kept
+    assert agent.cache.tokens == []
+    assert agent.restore_note
+
+
+def test_truncated_file_is_refused(engine, tmp_path):
+    _, path = saved_agent(engine, tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    assert_refused(engine, tmp_path, "q4", "damaged|truncated|inconsistent")
+
+
+def test_flipped_byte_is_refused(engine, tmp_path):
+    _, path = saved_agent(engine, tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01  # inside the last tensor's payload
+    path.write_bytes(bytes(data))
+    assert_refused(engine, tmp_path, "q4", "checksum mismatch")
+
+
+def rewrite_metadata(path: Path, **changes: str) -> None:
+    """Edit a safetensors file's metadata in place (re-encoding the header), keeping the tensor bytes."""
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"].update(changes)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def test_other_model_tokenizer_format_and_future_version_are_refused(engine, tmp_path):
+    _, path = saved_agent(engine, tmp_path)
+    original = path.read_bytes()
+    rewrite_metadata(path, model_fingerprint="0" * 32)
+    assert_refused(engine, tmp_path, "q4", "different model")
+    path.write_bytes(original)
+    rewrite_metadata(path, tokenizer_fingerprint="0" * 32)
+    assert_refused(engine, tmp_path, "q4", "different tokenizer")
+    path.write_bytes(original)
+    assert_refused(engine, tmp_path, "q8", "KV format")
+    rewrite_metadata(path, edgellm_format="99")
+    assert_refused(engine, tmp_path, "q4", "newer edgellm")
+
+
+def test_memory_from_another_checkpoint_is_refused(engine, checkpoint, tmp_path):
+    _, tok = engine
+    other, _ = load(checkpoint("llama", seed=7), "fp32")
+    saved_agent(engine, tmp_path)
+    with pytest.raises(RestoreError, match="different model"):
+        restore_memory(tmp_path / "bob.safetensors", other, tok.fingerprint,
+                       AgentStore(tmp_path, other, tok, "q4").kv_format)
+
+
+def test_failed_save_leaves_previous_file_intact(engine, tmp_path, monkeypatch):
+    store, path = saved_agent(engine, tmp_path)
+    before = path.read_bytes()
+    agent = store.agent("bob")
+    agent.generate(PROMPT + " * 2", 4)
+
+    def crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("edgellm.kv.persist.save_file", crash)
+    with pytest.raises(OSError):
+        agent.save()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bob.safetensors"]
+
+
+def _save_repeatedly(root: str, model_dir: str, n: int, seed: int) -> None:
+    model, tok = load(model_dir, "fp32")
+    store = AgentStore(root, model, tok, "q4")
+    agent = store.agent("shared")
+    for i in range(n):
+        agent.cache = PromptCache(model, 64, store.kv_format)
+        agent.generate(f"{PROMPT} # writer {seed} round {i}", 2)
+        agent.save()
+
+
+def test_concurrent_saves_never_tear_the_file(engine, llama_dir, tmp_path):
+    model, tok = engine
+    ctx = mp.get_context("spawn")
+    writers = [ctx.Process(target=_save_repeatedly, args=(str(tmp_path), str(llama_dir), 8, s)) for s in (1, 2)]
+    for w in writers:
+        w.start()
+    store = AgentStore(tmp_path, model, tok, "q4")
+    reads = 0
+    while any(w.is_alive() for w in writers):
+        if (tmp_path / "shared.safetensors").exists():
+            restore_memory(tmp_path / "shared.safetensors", model, tok.fingerprint, store.kv_format)
+            reads += 1
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    restore_memory(tmp_path / "shared.safetensors", model, tok.fingerprint, store.kv_format)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/b", "..", ".hidden", "", "x" * 200])
+def test_path_traversal_names_rejected(engine, tmp_path, name):
+    model, tok = engine
+    with pytest.raises(InvalidRequestError, match="invalid agent name"):
+        AgentStore(tmp_path, model, tok).agent(name)
+
+
+def test_eviction_under_budget_keeps_every_agent(engine, tmp_path):
+    model, tok = engine
+    probe = AgentStore(tmp_path / "probe", model, tok, "q4").agent("p")
+    one_agent = probe.nbytes
+    store = AgentStore(tmp_path, model, tok, "q4", budget_bytes=int(2.5 * one_agent))
+    expected = {}
+    for i in range(5):
+        agent = store.agent(f"agent{i}")
+        expected[f"agent{i}"] = agent.generate(f"{PROMPT} # {i}", 4)
+        assert store.live_bytes() <= store.budget_bytes
+    assert store.evictions >= 3 and len(store.live) <= 2
+    for i, (name, first) in enumerate(expected.items()):
+        agent = store.agent(name)
+        assert store.live_bytes() <= store.budget_bytes
+        assert agent.restore_note is None
+        # the memory holds the prompt and every generated token but the last (which never ran through the model)
+        assert agent.cache.tokens == tok.encode(f"{PROMPT} # {i}") + first.tokens[:-1]
+
+
+def test_chat_messages_survive_restart(engine, tmp_path):
+    model, tok = engine
+    first = AgentStore(tmp_path, model, tok, "q8").agent("carol")
+    first.chat("hello", 4)
+    first.save()
+    control = first.chat("and again", 6).tokens
+    resumed = AgentStore(tmp_path, model, tok, "q8").agent("carol")
+    assert [m["role"] for m in resumed.messages] == ["user", "assistant"]
+    assert resumed.chat("and again", 6).tokens == control
