@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from edgellm.errors import CheckpointError
-from edgellm.kernels.native import cpu_has_native_bf16
+from edgellm.kernels.native import cpu_has_native_bf16, native_available
 from edgellm.models import family_for
 from edgellm.tokenizer import Tokenizer
 
@@ -134,6 +134,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     model.name = path.name
     model.path = path
     model.fingerprint = checkpoint_fingerprint(path)
+    if dtype == torch.bfloat16 and device == "cpu":
+        native_available()  # build/load the bf16 GEMV now, not inside the first token's latency
     return model.eval().requires_grad_(False)
 
 

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from edgellm.kernels.native import cpu_has_native_bf16, gemv_bf16_op
 
-# Up to here the native kernel beats fp32 upcast + GEMM, and bf16 F.linear beats the upcast (measured at 2048x8192:
-# the upcast's cost is converting the weight on every call; the crossover is ~128 rows for both).
+# Without hardware bf16, up to here the native kernel beats fp32 upcast + GEMM and bf16 F.linear beats the upcast
+# (measured at 2048x8192: the upcast's cost is converting the weight on every call; both cross over at ~128 rows).
 FEW_ROWS = 64
+GROUP_ROWS = 8  # rows of x the native kernel holds in registers per pass over the weights (kGroupRows)
+
+
+@cache
+def native_max_rows() -> int:
+    """Rows up to which the native kernel is used; past one group, hardware bf16 (AMX) GEMM should overtake it."""
+    return GROUP_ROWS if cpu_has_native_bf16() else FEW_ROWS
 
 
 def torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The pure-PyTorch path for CPU bf16 weights: emulated bf16 GEMM is ~4x slower than upcasting to fp32."""
+    """The pure-PyTorch path for CPU bf16 weights: many rows upcast to fp32, as emulated bf16 GEMM is ~4x slower."""
     if x.dtype == weight.dtype and (cpu_has_native_bf16() or x.numel() <= FEW_ROWS * weight.shape[-1]):
         return F.linear(x, weight, bias)
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
@@ -25,7 +34,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if weight.dtype is not torch.bfloat16 or not weight.is_cpu or (torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
         return F.linear(x, weight, bias)  # the native kernel has no backward
-    if x.numel() <= FEW_ROWS * weight.shape[-1]:
+    if x.numel() <= native_max_rows() * weight.shape[-1]:
         gemv = gemv_bf16_op()
         if gemv is not None:
             return gemv(x, weight, bias)
