@@ -6,16 +6,24 @@ import json
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from torch import nn
 
 from edgellm.errors import EdgeLLMError, InvalidRequestError
-from edgellm.generate import GenerationResponse, GenerationResult, generate, stream_generate
+from edgellm.generate import (
+    GenerationResponse,
+    GenerationResult,
+    context_length,
+    generate,
+    prepare_prompt,
+    stream_generate,
+)
 from edgellm.kv.formats import KVFormat
 from edgellm.kv.persist import RestoreError, read_metadata, restore_memory, save_memory
+from edgellm.kv.pool import DEFAULT_BLOCK_TOKENS, BlockPool, PoolExhausted
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.sampling import SamplingParams
 from edgellm.tokenizer import Tokenizer
@@ -80,14 +88,20 @@ class Agent:
                stop: list[str] | None = None) -> Iterator[GenerationResponse]:
         """Generate reusing this agent's memory: only tokens past the cached prefix are prefilled."""
         self.last_used = time.monotonic()
-        yield from stream_generate(self.store.model, self.store.tokenizer, prompt, max_tokens, sampling, stop,
-                                   self.cache)
+        prompt = self.store.reserve(self, prompt, max_tokens)
+        try:
+            yield from stream_generate(self.store.model, self.store.tokenizer, prompt, max_tokens, sampling, stop,
+                                       self.cache)
+        finally:  # also when the client stops reading early
+            self.cache.trim_reservation()
         self.store.enforce_budget(keep=self.name)
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256, sampling: SamplingParams | None = None,
                  stop: list[str] | None = None) -> GenerationResult:
         self.last_used = time.monotonic()
+        prompt = self.store.reserve(self, prompt, max_tokens)
         result = generate(self.store.model, self.store.tokenizer, prompt, max_tokens, sampling, stop, self.cache)
+        self.cache.trim_reservation()
         self.store.enforce_budget(keep=self.name)
         return result
 
@@ -104,15 +118,23 @@ class Agent:
 
 
 class AgentStore:
-    """The agents of one model in one directory, kept in RAM under a byte budget, written back to disk (LRU)."""
+    """The agents of one model in one directory, kept in RAM under a byte budget, written back to disk (LRU).
+
+    With `pool_bytes`, every agent's cache draws blocks from one shared BlockPool of that size; when the pool is
+    full, least recently used unpinned idle agents are written back to disk and their blocks reused.
+    """
 
     def __init__(self, root: str | Path, model: nn.Module, tokenizer: Tokenizer,
-                 kv_format: str | KVFormat | None = None, budget_bytes: int | None = None) -> None:
+                 kv_format: str | KVFormat | None = None, budget_bytes: int | None = None,
+                 pool_bytes: int | None = None, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.model, self.tokenizer = model, tokenizer
         self.kv_format = kv_format if isinstance(kv_format, KVFormat) else KVFormat.parse(kv_format or "fp16")
         self.budget_bytes = budget_bytes
+        weight = model.model.embed_tokens.weight
+        self.pool = None if pool_bytes is None else BlockPool(model.args, self.kv_format, pool_bytes, block_tokens,
+                                                               weight.dtype, weight.device)
         self.live: OrderedDict[str, Agent] = OrderedDict()
         self.evictions = 0
 
@@ -131,10 +153,62 @@ class AgentStore:
                 messages = json.loads(meta.get("messages", "[]"))
             except RestoreError as e:
                 note = str(e)
-        agent = Agent(self, name, cache or PromptCache(self.model, 256, self.kv_format), messages, note)
+        if self.pool is not None and cache is not None:
+            cache = self._into_pool(name, cache)
+        agent = Agent(self, name, cache or PromptCache(self.model, 256, self.kv_format, self.pool), messages, note)
         self.live[name] = agent
         self.enforce_budget(keep=name)
         return agent
+
+    def fork(self, source: str, name: str) -> Agent:
+        """A new agent starting from `source`'s memory (e.g. a shared system prompt), its blocks shared in the pool."""
+        if name in self.live or self.path(name).exists():
+            raise InvalidRequestError(f"agent {name!r} already exists")
+        parent = self.agent(source)
+        agent = Agent(self, name, parent.cache.fork(), list(parent.messages))
+        self.live[name] = agent
+        return agent
+
+    def reserve(self, agent: Agent, prompt: str | list[int], max_tokens: int) -> str | list[int]:
+        """With a pool, cut the agent's cache to what `prompt` reuses and take every block this turn can need up
+        front (evicting idle agents while the pool is full), so generation never runs out midway.
+
+        Returns the prompt as token ids then (generation's own reuse finds nothing left to cut); unchanged otherwise.
+        """
+        if self.pool is None:
+            return prompt
+        ids = prepare_prompt(self.tokenizer, prompt, self.model)
+        agent.cache.reuse(ids)
+        total = min(len(ids) + max(max_tokens, 0), context_length(self.model))
+        self._make_room(agent.name, lambda: agent.cache.reserve(total))
+        return ids
+
+    def _make_room(self, keep: str, attempt: Callable[[], None]) -> None:
+        """Run `attempt`; while the pool is full, write back the least recently used idle agent and retry."""
+        while True:
+            try:
+                return attempt()
+            except PoolExhausted:
+                victim = next((n for n, a in self.live.items() if n != keep and not a.pinned), None)
+                if victim is None:
+                    raise
+                self.evict(victim)
+
+    def _into_pool(self, name: str, restored: PromptCache) -> PromptCache:
+        """Copy a restored (contiguous) cache into pool blocks: the saved tensors are the same either way."""
+        cache = PromptCache(self.model, pool=self.pool)
+
+        def load() -> None:
+            try:
+                for layer, src in zip(cache.layers, restored.layers, strict=True):
+                    layer.load_state(src.state())
+            except PoolExhausted:
+                cache.release()
+                raise
+
+        self._make_room(name, load)
+        cache.tokens = list(restored.tokens)
+        return cache
 
     def save(self, agent: Agent) -> Path:
         return save_memory(self.path(agent.name), agent.cache, self.model, self.tokenizer.fingerprint,
@@ -146,6 +220,9 @@ class AgentStore:
                 self.save(agent)
 
     def live_bytes(self) -> int:
+        """Bytes held by live agents: the pool's blocks in use (shared blocks once) when there is a pool."""
+        if self.pool is not None:
+            return self.pool.bytes_in_use
         return sum(a.nbytes for a in self.live.values())
 
     def enforce_budget(self, keep: str | None = None) -> None:
@@ -167,6 +244,7 @@ class AgentStore:
         agent = self.live.pop(name)
         if agent.cache.tokens:
             self.save(agent)
+        agent.cache.release()
         self.evictions += 1
 
     def list(self) -> list[AgentInfo]:
@@ -174,7 +252,10 @@ class AgentStore:
 
     def delete(self, name: str) -> bool:
         """Forget an agent in RAM and on disk; True if anything was removed."""
-        removed = self.live.pop(name, None) is not None
+        agent = self.live.pop(name, None)
+        if agent is not None:
+            agent.cache.release()
+        removed = agent is not None
         path = self.path(name)
         if path.exists():
             path.unlink()

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 from torch import nn
 
+from edgellm.errors import InvalidRequestError
 from edgellm.kv.cache import KVCache
+from edgellm.kv.formats import make_caches
+from edgellm.kv.pool import PoolExhausted
 
 if TYPE_CHECKING:
     from edgellm.kv.formats import KVFormat
+    from edgellm.kv.pool import BlockPool
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -21,11 +26,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class PromptCache:
-    """Per-layer KV caches plus the exact token ids whose K/V they hold."""
+    """Per-layer KV caches plus the exact token ids whose K/V they hold.
 
-    def __init__(self, model: nn.Module, capacity: int = 256, kv_format: KVFormat | None = None) -> None:
-        self.kv_format = kv_format
-        self.layers: list[KVCache] = model.make_cache(capacity, kv_format=kv_format)
+    With a `pool`, the layers are paged caches drawing blocks from it (format: the pool's), which can be forked.
+    """
+
+    def __init__(self, model: nn.Module, capacity: int = 256, kv_format: KVFormat | None = None,
+                 pool: BlockPool | None = None) -> None:
+        self.kv_format, self.pool = (kv_format or pool.fmt, pool) if pool is not None else (kv_format, None)
+        self.layers: list[KVCache] = (make_caches(model, self.kv_format, capacity, pool=pool) if pool is not None
+                                      else model.make_cache(capacity, kv_format=kv_format))
         self.tokens: list[int] = []
 
     def reuse(self, prompt: list[int]) -> int:
@@ -41,3 +51,41 @@ class PromptCache:
                 layer.trim(drop)
             del self.tokens[keep:]
         return keep
+
+    def fork(self, prompt: list[int] | None = None) -> PromptCache:
+        """A paged cache sharing this one's blocks for the common prefix with `prompt` (all tokens when None).
+
+        A second agent starting with the same system prompt forks instead of prefilling it again; shared blocks
+        are copied only when one side writes into them.
+        """
+        if self.pool is None:
+            raise InvalidRequestError("only a cache drawn from a block pool can be forked")
+        keep = len(self.tokens) if prompt is None else min(common_prefix(self.tokens, prompt), len(prompt) - 1)
+        child = copy.copy(self)
+        child.layers = [layer.fork(keep) for layer in self.layers]
+        child.tokens = self.tokens[:keep]
+        return child
+
+    def reserve(self, tokens: int) -> None:
+        """Take every pool block that holding `tokens` tokens needs in every layer, or none (PoolExhausted)."""
+        if self.pool is None:
+            return
+        needed = sum(layer.blocks_needed(tokens) for layer in self.layers)
+        if needed > self.pool.free_blocks:
+            raise PoolExhausted(f"KV pool exhausted: {needed} blocks wanted for {tokens} tokens, "
+                                f"{self.pool.free_blocks} of {self.pool.capacity_blocks} free")
+        for layer in self.layers:
+            layer.reserve(tokens)
+
+    def trim_reservation(self) -> None:
+        """Give back pool blocks reserved past the tokens actually held (generation may stop early)."""
+        if self.pool is not None:
+            for layer in self.layers:
+                layer.trim(0)
+
+    def release(self) -> None:
+        """Give a paged cache's blocks back to its pool (the cache is empty afterwards); no-op otherwise."""
+        if self.pool is not None:
+            for layer in self.layers:
+                layer.release()
+            self.tokens.clear()

@@ -10,7 +10,7 @@ With `hadamard`, keys are rotated before quantizing; attention rotates the queri
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -36,6 +36,45 @@ def bytes_per_token(kv_heads: int, head_dim: int, bits: int, group: int, scheme:
     per_token_pairs = head_dim / head_group(group, head_dim)
     key_pairs = head_dim / group if scheme == "kivi" else per_token_pairs
     return kv_heads * (2 * head_dim * bits / 8 + 4 * (key_pairs + per_token_pairs))
+
+
+def blockwise_attention(q: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor, torch.Tensor]], kv_heads: int,
+                        start: int, mask: torch.Tensor | None, scale: float, rotate: bool = False) -> torch.Tensor:
+    """softmax(q·Kᵀ·scale)·V merged over `blocks` of (first token, K, V) in fp32 with an online softmax.
+
+    q is (B, n_rep·kv_heads, t, D), positions start..start+t-1. `mask` is None (causal) or a boolean
+    (t, all tokens) mask, True = attend. A running max and sum merge the blocks, so only one block of K/V is ever
+    in float; `rotate` applies the Hadamard rotation the keys were stored with to the queries instead.
+    """
+    b, n_heads, t, d = q.shape
+    rep = n_heads // kv_heads
+    qf = q.float().reshape(b, kv_heads, rep * t, d)
+    if rotate:
+        qf = hadamard(qf)
+    q_pos = torch.arange(start, start + t, device=q.device).unsqueeze(1)
+    run_max = torch.full((b, kv_heads, rep * t, 1), float("-inf"), device=q.device)
+    run_sum = torch.zeros_like(run_max)
+    acc = torch.zeros_like(qf)
+    for k0, k, v in blocks:
+        n = k.shape[2]
+        scores = (qf @ k.transpose(2, 3)).mul_(scale)
+        if mask is not None:
+            allowed = mask[:, k0:k0 + n]
+        elif k0 + n - 1 > start:  # only blocks reaching past the first query need the causal cut
+            allowed = torch.arange(k0, k0 + n, device=q.device) <= q_pos
+        else:
+            allowed = None
+        if allowed is not None:
+            scores = scores.view(b, kv_heads, rep, t, n).masked_fill_(~allowed, float("-inf"))
+            scores = scores.view(b, kv_heads, rep * t, n)
+        new_max = torch.maximum(run_max, scores.amax(-1, keepdim=True))
+        shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows that have seen no key yet
+        probs = scores.sub_(shift).exp_()
+        rescale = (run_max - shift).exp_()
+        run_sum = run_sum.mul_(rescale).add_(probs.sum(-1, keepdim=True))
+        acc = acc.mul_(rescale).add_(probs @ v)
+        run_max = new_max
+    return acc.div_(run_sum).view(b, n_heads, t, d).to(q.dtype)
 
 
 class _PackedBuffer:
@@ -220,35 +259,7 @@ class QuantizedKVCache:
         """
         start = self.offset
         self._store(keys, values)
-        b, n_heads, t, d = q.shape
-        rep = n_heads // self.kv_heads
-        qf = q.float().reshape(b, self.kv_heads, rep * t, d)
-        if self.hadamard:
-            qf = hadamard(qf)
-        q_pos = torch.arange(start, start + t, device=q.device).unsqueeze(1)
-        run_max = torch.full((b, self.kv_heads, rep * t, 1), float("-inf"), device=q.device)
-        run_sum = torch.zeros_like(run_max)
-        acc = torch.zeros_like(qf)
-        for k0, k, v in self._blocks():
-            n = k.shape[2]
-            scores = (qf @ k.transpose(2, 3)).mul_(scale)
-            if mask is not None:
-                allowed = mask[:, k0:k0 + n]
-            elif k0 + n - 1 > start:  # only blocks reaching past the first query need the causal cut
-                allowed = torch.arange(k0, k0 + n, device=q.device) <= q_pos
-            else:
-                allowed = None
-            if allowed is not None:
-                scores = scores.view(b, self.kv_heads, rep, t, n).masked_fill_(~allowed, float("-inf"))
-                scores = scores.view(b, self.kv_heads, rep * t, n)
-            new_max = torch.maximum(run_max, scores.amax(-1, keepdim=True))
-            shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows that have seen no key yet
-            probs = scores.sub_(shift).exp_()
-            rescale = (run_max - shift).exp_()
-            run_sum = run_sum.mul_(rescale).add_(probs.sum(-1, keepdim=True))
-            acc = acc.mul_(rescale).add_(probs @ v)
-            run_max = new_max
-        return acc.div_(run_sum).view(b, n_heads, t, d).to(q.dtype)
+        return blockwise_attention(q, self._blocks(), self.kv_heads, start, mask, scale, self.hadamard)
 
     def trim(self, n: int) -> None:
         """Forget the last `n` tokens; cutting into a closed key group re-opens it into the window (dequantized)."""
