@@ -155,6 +155,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_train(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from edgellm.serve import serve
+    serve(args.model, args.host, args.port, args.store, args.kv_format, args.memory_budget, args.max_concurrency,
+          args.max_queue, args.api_key, args.dtype)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from edgellm.bench import run_bench
     run_bench(args)
@@ -195,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     from edgellm.train import add_train_arguments
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server with continuous batching and persistent agents")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address; non-loopback needs --api-key")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--store", default="edgellm-agents", help="directory of agent memories")
+    p.add_argument("--kv-format", default="fp16", help="KV format: fp16, bf16, fp32, q8, q4, q2 (+ -kivi)")
+    p.add_argument("--memory-budget", default=None, help="RAM for live agent KV memory, e.g. 2GiB (LRU to disk)")
+    p.add_argument("--max-concurrency", type=int, default=8, help="sequences decoded together per step")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmarks: speed")
     from edgellm.bench import add_bench_arguments

@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model dtype (auto: bf16 where the CPU has it natively, else fp32)")
     p.add_argument("--formats", type=_formats, default="fp16,q8,q4,q2,q4-kivi-h,q2-kivi-h",
                    help="KV formats compared, comma-separated (e.g. q4-kivi-h)")
-    p.add_argument("--contexts", type=_positive_ints, default="1024,4096,16384", help="TTFT prompt tokens")
+    p.add_argument("--contexts", type=_positive_ints, default="1024,4096", help="TTFT prompt tokens")
     p.add_argument("--reps", type=_positive_int, default=3,
                    help=f"timed repetitions, best kept (cold prefills past {LONG_PROMPT} tokens run once)")
     p.add_argument("--budget-gib", type=float, default=1.0, help="memory budget of the capacity section")
@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-context", type=_positive_int, default=1024,
                    help="the longest agent's context; agent i of N holds (i+1)/N of it")
     p.add_argument("--batch-tokens", type=_positive_int, default=32, help="greedy tokens generated per agent")
-    p.add_argument("--batch-format", type=_formats, default="q4", help="KV format of the batch section")
+    p.add_argument("--batch-format", type=_format, default="q4", help="KV format of the batch section")
     p.add_argument("--sections", type=_sections, default=",".join(SECTIONS), help="comma-separated subset")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where memory files are written (default: the system temp dir); put it on the disk "
@@ -81,11 +81,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", type=Path, default=None, help="write a PNG with one panel per section here")
 
 
-def _formats(text: str) -> list[KVFormat]:
+def _format(text: str) -> KVFormat:
     try:
-        return list(dict.fromkeys(KVFormat.parse(name) for name in text.split(",")))
+        return KVFormat.parse(text)
     except EdgeLLMError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _formats(text: str) -> list[KVFormat]:
+    return list(dict.fromkeys(_format(name) for name in text.split(",")))
 
 
 def _sections(text: str) -> list[str]:
@@ -137,7 +141,7 @@ def _load(args: argparse.Namespace, dtype: torch.dtype, workdir: Path) -> tuple[
     main = Subject(load_model(path, dtype), Tokenizer(path), path.name, False)
     if longest <= main.model.args.max_position_embeddings:
         return main, None
-    return main, Subject(random_twin(main.model, longest), main.tokenizer, f"{main.name} shape, random init", True)
+    return main, Subject(random_twin(main.model, longest), main.tokenizer, f"random {main.name}", True)
 
 
 def _random_ids(vocab: int, n: int, seed: int) -> list[int]:
@@ -422,7 +426,7 @@ def _checks(report: dict[str, Any]) -> dict[str, bool]:
 
 def _model_json(subject: Subject) -> dict:
     args = subject.model.args
-    return {"name": subject.name, "path": str(getattr(subject.model, "path", "")) or None,
+    return {"name": subject.name, "path": None if subject.random_weights else str(subject.model.path),
             "random_weights": subject.random_weights, "window": args.max_position_embeddings,
             "dtype": dtype_name(subject.model.model.embed_tokens.weight.dtype),
             "layers": args.num_hidden_layers, "kv_heads": args.num_key_value_heads, "head_dim": args.head_dim,
@@ -453,23 +457,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "agent_context": args.agent_context, "quality_tokens": args.quality_tokens,
                          "memory_context": args.memory_context, "batch": sorted(set(args.batch)),
                          "batch_context": args.batch_context, "batch_tokens": args.batch_tokens,
-                         "batch_format": str(args.batch_format[0]), "sections": args.sections, "seed": args.seed,
+                         "batch_format": str(args.batch_format), "sections": args.sections, "seed": args.seed,
                          "workdir": str(workdir.parent), "threads": torch.get_num_threads()},
             "models": {"main": _model_json(main), **({"twin": _model_json(twin)} if twin else {})},
             "hardware": hw.to_json()}
         for section in args.sections:
+            if section == "quality" and main.random_weights:
+                continue
             print(f"[bench kv] {section} …", file=sys.stderr)
             if section == "ttft":
                 report["ttft"] = _run_ttft(args, main, twin, workdir)
             elif section == "capacity":
                 report["capacity"] = _capacity(main, args.formats, args.agent_context,
                                                int(args.budget_gib * GIB), workdir, args.seed)
-            elif section == "quality" and not main.random_weights:
+            elif section == "quality":
                 report["quality"] = _quality(main, args.formats, args.quality_tokens)
             elif section == "memory":
                 report["memory"] = _memory(main, args.formats, args.memory_context, args.seed)
             elif section == "batch":
-                report["batch"] = _batch(main, args.batch_format[0], args.batch, args.batch_context,
+                report["batch"] = _batch(main, args.batch_format, args.batch, args.batch_context,
                                          args.batch_tokens, args.seed)
     report["targets"] = _targets(report)
     report["checks"] = _checks(report)
@@ -514,6 +520,9 @@ def _notes(args: argparse.Namespace, main: Subject, twin: Subject | None) -> lis
         "capacity: held = bytes of the tensors a cache holds at --agent-context tokens (a kivi cache's "
         "full-precision window included, in the model's dtype); agents = floor(budget / held); fp16 agents from "
         "the dense fp16 formula; caches filled with random K/V (sizes do not depend on values)",
+        "quality: held-out stdlib text fed in chunks through each cache; reference = a dense cache in the model's "
+        "dtype; mean KL = KL(reference ‖ format) of the next-token distribution, averaged over scored tokens; top-1 "
+        "= share of positions whose argmax matches the reference's",
         "memory: peak = most tensor memory allocated at once during one decode step of the whole model "
         "(torch.profiler allocator events), the cache itself excluded; caches filled with random K/V, so positions "
         "past the model's window cost the same bytes they would on a model trained for them",
@@ -533,7 +542,7 @@ def print_tables(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(shutil.get_terminal_size().columns, 150))
+    console = Console(width=max(shutil.get_terminal_size().columns, 180))  # the TTFT table is wide; never squash it
     hw, main = report["hardware"], report["models"]["main"]
     console.print(f"[bold]{main['name']}[/]: {main['parameters'] / 1e6:.1f}M parameters, {main['dtype']}, window "
                   f"{main['window']}; {hw['cpu']}, {hw['threads']} threads")
@@ -633,33 +642,33 @@ def _plot_ttft(ax, rows: list[dict]) -> None:
     ax.legend(fontsize=7)
 
 
+def _bars(ax, rows: list[dict], values: list[float], labels: list[str], title: str, ylabel: str) -> None:
+    """One bar per format, each labelled."""
+    ax.bar_label(ax.bar([r["format"] for r in rows], values), labels=labels, fontsize=6)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelsize=7, rotation=30)
+
+
 def _plot_capacity(ax, capacity: dict) -> None:
     rows = capacity["rows"]
-    bars = ax.bar([r["format"] for r in rows], [r["agents"] for r in rows])
-    ax.bar_label(bars, labels=["" if r["agents_vs_fp16"] is None else f"{r['agents_vs_fp16']:.2f}×" for r in rows],
-                 fontsize=7)
-    ax.set_title(f"agents of {capacity['agent_tokens']} tokens in {capacity['budget_bytes'] / GIB:g} GiB "
-                 "(label: vs fp16)", fontsize=9)
-    ax.tick_params(axis="x", labelsize=7, rotation=30)
+    _bars(ax, rows, [r["agents"] for r in rows],
+          ["" if r["agents_vs_fp16"] is None else f"{r['agents_vs_fp16']:.2f}×" for r in rows],
+          f"agents of {capacity['agent_tokens']} tokens in {capacity['budget_bytes'] / GIB:g} GiB (label: vs fp16)",
+          "agents")
 
 
 def _plot_quality(ax, quality: dict) -> None:
     rows = quality["rows"][1:]
-    bars = ax.bar([r["format"] for r in rows], [r["ppl_delta_pct"] for r in rows])
-    ax.bar_label(bars, labels=[f"KL {r['mean_kl']:.2g}" for r in rows], fontsize=6)
+    _bars(ax, rows, [r["ppl_delta_pct"] for r in rows], [f"KL {r['mean_kl']:.2g}" for r in rows],
+          f"quality vs {quality['reference']} cache (label: mean KL)", "perplexity Δ %")
     ax.axhline(0, color="black", linewidth=0.5)
-    ax.set_ylabel("perplexity Δ %")
-    ax.set_title(f"quality vs {quality['reference']} cache (label: mean KL)", fontsize=9)
-    ax.tick_params(axis="x", labelsize=7, rotation=30)
 
 
 def _plot_memory(ax, memory: dict) -> None:
     rows = memory["rows"]
-    bars = ax.bar([r["format"] for r in rows], [r["decode_peak_bytes"] / MIB for r in rows])
-    ax.bar_label(bars, labels=[f"{r['cache_bytes'] / MIB:.0f}" for r in rows], fontsize=7)
-    ax.set_ylabel("MiB")
-    ax.set_title(f"decode-step peak at {memory['context']} tokens (label: cache MiB)", fontsize=9)
-    ax.tick_params(axis="x", labelsize=7, rotation=30)
+    _bars(ax, rows, [r["decode_peak_bytes"] / MIB for r in rows], [f"{r['cache_bytes'] / MIB:.0f}" for r in rows],
+          f"decode-step peak at {memory['context']} tokens (label: cache MiB)", "MiB")
 
 
 def _plot_batch(ax, batch: dict) -> None:
@@ -667,6 +676,7 @@ def _plot_batch(ax, batch: dict) -> None:
     agents = [r["agents"] for r in rows]
     ax.plot(agents, [r["batched_tok_s"] for r in rows], marker="o", label="batched")
     ax.plot(agents, [r["sequential_tok_s"] for r in rows], marker="o", label="one at a time")
+    ax.set_xticks(agents)
     ax.set_xlabel("agents")
     ax.set_ylabel("aggregate tok/s")
     ax.set_title(f"greedy decode, {batch['format']} caches", fontsize=9)

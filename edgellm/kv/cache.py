@@ -38,8 +38,8 @@ class DenseKVCache:
     def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> None:
         shape = (batch, kv_heads, max(capacity, 1), head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)  # only [:offset] is ever read
+        self.values = torch.empty(shape, dtype=dtype, device=device)
         self.offset = 0
 
     @property
@@ -51,7 +51,7 @@ class DenseKVCache:
         b, h, _, d = self.keys.shape
         for name in ("keys", "values"):
             old = getattr(self, name)
-            new = torch.zeros((b, h, new_cap, d), dtype=old.dtype, device=old.device)
+            new = torch.empty((b, h, new_cap, d), dtype=old.dtype, device=old.device)
             new[:, :, : self.offset] = old[:, :, : self.offset]
             setattr(self, name, new)
 

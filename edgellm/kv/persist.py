@@ -12,6 +12,7 @@ import os
 import tempfile
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -138,18 +139,23 @@ def _restore(label: str, f, model: nn.Module, tokenizer_fingerprint: str,
     if set(f.keys()) != set(checksums):
         raise RestoreError(f"{label}: the file's tensors do not match its checksum list")
     states: list[dict[str, torch.Tensor]] = [{} for _ in range(layers)]
-    for key in f.keys():
-        t = f.get_tensor(key)
-        if tensor_crc32(t) != checksums[key]:
-            raise RestoreError(f"{label}: checksum mismatch in {key}; the file is damaged")
+    tensors = {key: f.get_tensor(key) for key in f.keys()}
+    for key, t in tensors.items():
         _, i, field = key.split(".", 2)
         states[int(i)][field] = t
     cache = PromptCache(model, capacity=num_tokens + 256, kv_format=kv_format)
-    try:
-        for layer, state in zip(cache.layers, states, strict=True):
-            layer.load_state(state)
-    except EdgeLLMError as e:
-        raise RestoreError(f"{label}: memory tensors do not fit this KV format ({e})") from e
+    # zlib releases the GIL: checksums run on a second core while the tensors are copied into the fresh cache,
+    # which stays private until every checksum has passed.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        crcs = {key: pool.submit(tensor_crc32, t) for key, t in tensors.items()}
+        try:
+            for layer, state in zip(cache.layers, states, strict=True):
+                layer.load_state(state)
+        except EdgeLLMError as e:
+            raise RestoreError(f"{label}: memory tensors do not fit this KV format ({e})") from e
+        for key, crc in crcs.items():
+            if crc.result() != checksums[key]:
+                raise RestoreError(f"{label}: checksum mismatch in {key}; the file is damaged")
     if any(layer.offset != num_tokens for layer in cache.layers):
         raise RestoreError(f"{label}: memory holds a different number of tokens than it claims")
     cache.tokens = list(tokens)

@@ -104,9 +104,9 @@ class _PackedBuffer:
         b, h, d = self.shape
         data_rows, scale_rows = self._rows(capacity)
         data_w, scale_w = (d, d) if self.per_channel else (d * self.bits // 8, d // self.group)
-        return (torch.zeros((b, h, data_rows, data_w), dtype=torch.uint8, device=self.device),
-                torch.zeros((b, h, scale_rows, scale_w), dtype=torch.float16, device=self.device),
-                torch.zeros((b, h, scale_rows, scale_w), dtype=torch.float16, device=self.device))
+        return (torch.empty((b, h, data_rows, data_w), dtype=torch.uint8, device=self.device),  # read to offset only
+                torch.empty((b, h, scale_rows, scale_w), dtype=torch.float16, device=self.device),
+                torch.empty((b, h, scale_rows, scale_w), dtype=torch.float16, device=self.device))
 
     @property
     def capacity(self) -> int:

@@ -1,0 +1,228 @@
+"""Load-test an OpenAI-compatible server: success rate, TTFT, inter-token latency and tokens/s per concurrency.
+
+A concurrency sweep in the style of published vLLM serving studies (find where throughput stops growing), and
+a multi-agent scenario: K agents taking turns over a long shared context, cold (first turn) vs warm TTFT.
+Works against any server speaking /v1/completions with streaming; agents are named with the `X-Agent-Id` header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from edgellm.errors import InvalidRequestError
+
+WORDS = ("model", "memory", "agent", "token", "cache", "server", "stream", "batch", "latency", "budget", "restore",
+         "prefix", "decode", "prefill", "kernel", "thread", "queue", "socket", "vector", "matrix", "layer", "window",
+         "context", "answer", "question")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_ints(text: str) -> list[int]:
+    return [_positive_int(x) for x in text.split(",") if x.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="model id (default: the server's first /v1/models entry)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--concurrency", type=_positive_ints, default=[1, 2, 4, 8, 16, 32, 64], help="comma-separated")
+    p.add_argument("--requests", type=_positive_int, default=None,
+                   help="requests per level (default: 2x the concurrency, at least 8)")
+    p.add_argument("--prompt-len", type=_positive_int, default=128, help="prompt length in words (~tokens)")
+    p.add_argument("--max-tokens", type=_positive_int, default=64)
+    p.add_argument("--agents", type=int, default=0, help="multi-agent scenario with K agents (0 skips it)")
+    p.add_argument("--turns", type=_positive_int, default=3, help="turns per agent in the multi-agent scenario")
+    p.add_argument("--context-len", type=_positive_int, default=1024, help="shared context in words (~tokens)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write every figure here")
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft_s: float = 0.0
+    gaps_s: list[float] = field(default_factory=list)
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    text: str = ""
+    error: str | None = None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile; 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+async def stream_completion(client: httpx.AsyncClient, body: dict, headers: dict[str, str]) -> RequestResult:
+    """One streamed request, timing the first and every following text chunk."""
+    t0 = time.perf_counter()
+    last, first, gaps, pieces, usage = t0, None, [], [], {}
+    try:
+        async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                return RequestResult(False, error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    break
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return RequestResult(False, error=str(chunk["error"].get("message")))
+                usage = chunk.get("usage") or usage
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                    else:
+                        gaps.append(now - last)
+                    last = now
+                    pieces.append(chunk["choices"][0]["text"])
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        return RequestResult(False, error=f"{type(e).__name__}: {e}")
+    return RequestResult(True, (first or last) - t0, gaps, usage.get("completion_tokens", len(pieces)),
+                         (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0), "".join(pieces))
+
+
+async def sweep_level(client: httpx.AsyncClient, model: str, concurrency: int, requests: int, args: argparse.Namespace,
+                      rng: random.Random) -> dict[str, Any]:
+    """`requests` requests with at most `concurrency` in flight; each prompt is unique so nothing is cached."""
+    prompts = [f"request {rng.random():.12f}: " + words(rng, args.prompt_len) for _ in range(requests)]
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(prompt: str) -> RequestResult:
+        async with gate:
+            body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            return await stream_completion(client, body, {})
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(p) for p in prompts))
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r.ok]
+    gaps = [g for r in ok for g in r.gaps_s]
+    ttft = [r.ttft_s for r in ok]
+    return {"concurrency": concurrency, "requests": requests, "success_rate": len(ok) / requests,
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+            "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99),
+            "tokens_per_s": sum(r.completion_tokens for r in ok) / wall, "wall_s": wall,
+            "errors": sorted({r.error for r in results if r.error})[:3]}
+
+
+async def agent_turns(client: httpx.AsyncClient, model: str, args: argparse.Namespace,
+                      rng: random.Random) -> list[dict[str, Any]]:
+    """K agents over one long shared context; each turn all agents speak at once. Turn 1 is cold, later warm."""
+    context = "Shared notes: " + words(rng, args.context_len)
+    names = [f"bench-agent-{i}" for i in range(args.agents)]
+    for name in names:  # start cold even if a previous run left memories behind
+        await client.delete(f"/v1/agents/{name}")
+    transcripts = {name: f"{context}\nAgent {name} joins." for name in names}
+    turns = []
+    for turn in range(1, args.turns + 1):
+        async def speak(name: str, turn: int = turn) -> RequestResult:
+            transcripts[name] += f"\nTurn {turn}: " + words(rng, 8) + "\nReply:"
+            body = {"model": model, "prompt": transcripts[name], "max_tokens": args.max_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            result = await stream_completion(client, body, {"X-Agent-Id": name})
+            transcripts[name] += result.text
+            return result
+
+        results = await asyncio.gather(*(speak(n) for n in names))
+        ok = [r for r in results if r.ok]
+        ttft = [r.ttft_s for r in ok]
+        turns.append({"turn": turn, "kind": "cold" if turn == 1 else "warm", "agents": len(names),
+                      "success_rate": len(ok) / len(names), "ttft_p50_s": percentile(ttft, 50),
+                      "ttft_mean_s": sum(ttft) / len(ttft) if ttft else 0.0,
+                      "cached_tokens_mean": sum(r.cached_tokens for r in ok) / len(ok) if ok else 0.0,
+                      "errors": sorted({r.error for r in results if r.error})[:3]})
+    return turns
+
+
+def saturation(levels: list[dict[str, Any]]) -> int | None:
+    """The lowest concurrency whose throughput is within 10% of the best seen with every request succeeding."""
+    good = [lv for lv in levels if lv["success_rate"] == 1.0]
+    if not good:
+        return None
+    best = max(lv["tokens_per_s"] for lv in good)
+    return min(lv["concurrency"] for lv in good if lv["tokens_per_s"] >= 0.9 * best)
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=max([*args.concurrency, args.agents, 1]) + 4)
+    async with httpx.AsyncClient(base_url=args.url.rstrip("/"), headers=headers, timeout=args.timeout,
+                                 limits=limits) as client:
+        try:
+            models = (await client.get("/v1/models")).raise_for_status().json()["data"]
+        except (httpx.HTTPError, KeyError, ValueError) as e:
+            raise InvalidRequestError(f"cannot list models at {args.url}/v1/models ({e})") from e
+        model = args.model or models[0]["id"]
+        rng = random.Random(args.seed)
+        levels = []
+        for c in args.concurrency:
+            levels.append(await sweep_level(client, model, c, args.requests or max(8, 2 * c), args, rng))
+        turns = await agent_turns(client, model, args, rng) if args.agents > 0 else []
+    return {"url": args.url, "model": model, "prompt_len_words": args.prompt_len, "max_tokens": args.max_tokens,
+            "levels": levels, "saturation_concurrency": saturation(levels), "agent_turns": turns,
+            "command": "edgellm bench serve " + " ".join(_command_args(args))}
+
+
+def _command_args(args: argparse.Namespace) -> list[str]:
+    out = ["--url", args.url, "--concurrency", ",".join(map(str, args.concurrency)), "--prompt-len",
+           str(args.prompt_len), "--max-tokens", str(args.max_tokens)]
+    if args.requests:
+        out += ["--requests", str(args.requests)]
+    if args.agents:
+        out += ["--agents", str(args.agents), "--turns", str(args.turns), "--context-len", str(args.context_len)]
+    return out
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"model {report['model']} at {report['url']}: prompt ~{report['prompt_len_words']} words, "
+          f"{report['max_tokens']} new tokens")
+    print(f"{'conc':>5} {'reqs':>5} {'ok%':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
+          f"{'tok/s':>8}")
+    for lv in report["levels"]:
+        print(f"{lv['concurrency']:>5} {lv['requests']:>5} {100 * lv['success_rate']:>5.1f}% "
+              f"{lv['ttft_p50_s'] * 1e3:>7.0f}ms {lv['ttft_p99_s'] * 1e3:>7.0f}ms {lv['itl_p50_s'] * 1e3:>6.1f}ms "
+              f"{lv['itl_p99_s'] * 1e3:>6.1f}ms {lv['tokens_per_s']:>8.1f}")
+    print(f"saturation: concurrency {report['saturation_concurrency']}")
+    if report["agent_turns"]:
+        print(f"{'turn':>5} {'kind':>5} {'agents':>6} {'ok%':>6} {'TTFT p50':>9} {'cached tok':>10}")
+        for t in report["agent_turns"]:
+            print(f"{t['turn']:>5} {t['kind']:>5} {t['agents']:>6} {100 * t['success_rate']:>5.1f}% "
+                  f"{t['ttft_p50_s'] * 1e3:>7.0f}ms {t['cached_tokens_mean']:>10.0f}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the sweep (and agent scenario), print the tables, write --json; returns the report."""
+    report = asyncio.run(bench(args))
+    print_report(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+

@@ -1,0 +1,57 @@
+"""OpenAI-compatible server: `create_app` for embedding, `serve` for the `edgellm serve` command."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+
+from edgellm.errors import InvalidRequestError
+from edgellm.serve.app import create_app
+
+__all__ = ["create_app", "is_loopback", "parse_bytes", "serve"]
+
+UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+         "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1.5g' or a plain byte count as an integer."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in UNITS:
+        raise InvalidRequestError(f"cannot read {text!r} as a size; write e.g. 2GiB, 512MB or 1073741824")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, store_dir: str = "edgellm-agents",
+          kv_format: str = "fp16", memory_budget: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
+          api_key: str | None = None, dtype: str = "auto") -> None:
+    """Load the model and run the server until interrupted; agent memories are flushed to disk on exit."""
+    import uvicorn
+
+    from edgellm.agents import AgentStore
+    from edgellm.loader import load
+
+    if not is_loopback(host) and not api_key:
+        raise InvalidRequestError(f"refusing to listen on non-loopback address {host!r} without --api-key")
+    if max_concurrency < 1 or max_queue < 0:
+        raise InvalidRequestError("--max-concurrency must be >= 1 and --max-queue >= 0")
+    budget = parse_bytes(memory_budget) if memory_budget else None
+    model, tokenizer = load(model_path, dtype)
+    store = AgentStore(store_dir, model, tokenizer, kv_format, budget)
+    app = create_app(model, tokenizer, store, max_concurrency=max_concurrency, max_queue=max_queue,
+                     api_key=api_key)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)

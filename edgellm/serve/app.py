@@ -1,0 +1,277 @@
+"""The OpenAI-compatible HTTP app: validation, agents, SSE streaming and OpenAI-format errors around the Engine.
+
+Agents: a request names its agent with the `X-Agent-Id` header or, failing that, OpenAI's `user` field (the
+header wins). The agent's KV memory is reused (only new tokens are prefilled), saved after every request and
+restored after a restart. A second request for an agent that is already generating waits in the queue.
+Requests without an agent reuse the longest matching prefix among a few anonymous caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from torch import nn
+
+from edgellm.agents import AgentStore, check_agent_name
+from edgellm.errors import EdgeLLMError
+from edgellm.sampling import SamplingParams
+from edgellm.serve import protocol as p
+from edgellm.serve.metrics import ServerMetrics
+from edgellm.serve.scheduler import Engine, Event, GenerationRequest
+from edgellm.tokenizer import Tokenizer
+
+AGENT_HEADER = "x-agent-id"
+OPEN_PATHS = {"/health"}  # reachable without the API key (liveness probes)
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable line and the offending field from pydantic's error list."""
+    err = exc.errors()[0]
+    if err.get("type") == "json_invalid":
+        return "request body is not valid JSON", None
+    # union members add their type name to the path (…, 'content', 'str'); the field path is what a client needs
+    loc = [str(x) for x in err.get("loc", ()) if x != "body" and not (isinstance(x, str) and x in _TYPE_TAGS)]
+    param = ".".join(x for x in loc if "[" not in x) or None
+    return f"invalid value for '{param or 'body'}': {err.get('msg')}", param
+
+
+def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max_concurrency: int = 8,
+               max_queue: int = 64, api_key: str | None = None, prefill_chunk: int = 512) -> FastAPI:
+    """A FastAPI app serving `model`; the engine thread starts and stops with the app's lifespan."""
+    metrics = ServerMetrics()
+    engine = Engine(model, tokenizer, store, metrics, max_concurrency, max_queue, prefill_chunk)
+    model_id = getattr(model, "name", "edgellm")
+    context = engine.context
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)  # fails what is left and flushes agent memories to disk
+
+    app = FastAPI(title="edgellm", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.metrics = metrics
+
+    def error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+              code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+        metrics.errors.labels(type).inc()
+        return JSONResponse(p.error_body(message, type, param, code), status_code=status, headers=headers)
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next: Callable) -> Response:
+        if api_key and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                response = error(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                                 "authentication_error", code="invalid_api_key")
+                metrics.requests.labels("unauthorized", "401").inc()
+                return response
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(p.ServeError)
+    async def on_serve_error(_: Request, e: p.ServeError) -> JSONResponse:
+        return error(e.status, str(e), e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(EdgeLLMError)
+    async def on_edgellm_error(_: Request, e: EdgeLLMError) -> JSONResponse:
+        return error(400, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(e)
+        return error(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else
+                     "invalid_request_error", headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_: Request, e: Exception) -> JSONResponse:
+        return error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+    def check_model(name: str) -> None:
+        if name != model_id:
+            raise p.ServeError(f"model {name!r} not found; this server serves {model_id!r}", 404,
+                               "not_found_error", "model", "model_not_found")
+
+    def agent_name(request: Request, body: p.SamplingFields) -> str | None:
+        name = request.headers.get(AGENT_HEADER) or body.user
+        return check_agent_name(name) if name else None
+
+    def check_ids(ids: list[int], param: str) -> None:
+        if not ids:
+            raise p.ServeError("prompt is empty; give at least one token", param=param)
+        if len(ids) >= context:
+            raise p.ServeError(f"prompt has {len(ids)} tokens but the model's context window is {context}; "
+                               "shorten it", param=param, code="context_length_exceeded")
+
+    def submit(request: Request, body: p.SamplingFields, ids: list[int], max_tokens: int | None,
+               messages: list[dict] | None = None) -> GenerationRequest:
+        sampling = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                                  min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                                  seed=body.seed).validate()
+        agent = agent_name(request, body)
+        generation = GenerationRequest(
+            ids=ids, max_tokens=min(max_tokens or context, context - len(ids)), sampling=sampling,
+            loop=asyncio.get_running_loop(), stop=body.stop_list(), presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, agent=agent, messages=messages if agent else None)
+        engine.submit(generation)
+        return generation
+
+    async def collect(request: Request, generation: GenerationRequest) -> tuple[str, Event]:
+        """Wait for the whole answer, cancelling it if the client hangs up first."""
+        pieces = []
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(generation.events.get(), timeout=1.0)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        generation.cancel()
+                        raise p.ServeError("client disconnected", 499) from None
+                    continue
+                if event.error:
+                    raise event.error
+                pieces.append(event.text)
+                if event.finish:
+                    return "".join(pieces), event
+        finally:
+            generation.cancel()  # a no-op once finished; frees the slot if this task was cancelled
+
+    def stream(generation: GenerationRequest, chunk: Callable[..., dict], include_usage: bool,
+               first: dict | None = None) -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            try:
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+                while True:
+                    event = await generation.events.get()
+                    if event.error:
+                        e = event.error
+                        body = p.error_body(str(e), getattr(e, "type", "server_error"), code=getattr(e, "code", None))
+                        yield f"data: {json.dumps(body)}\n\n"
+                        break
+                    if event.text:
+                        yield f"data: {json.dumps(chunk(event.text))}\n\n"
+                    if event.finish:
+                        yield f"data: {json.dumps(chunk(None, event.finish))}\n\n"
+                        if include_usage:
+                            yield f"data: {json.dumps(chunk(None, None, p.usage(*event.usage)))}\n\n"
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                generation.cancel()  # the client went away (or we are done): free the batch slot
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/health")
+    async def health() -> dict:
+        with engine.store_lock:
+            agents = store.stats()
+        return {"status": "ok", "model": model_id, "active": engine.active, "queued": len(engine.waiting),
+                "max_concurrency": max_concurrency, "max_queue": max_queue, "context": context, "agents": agents}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.queue_depth.set(len(engine.waiting))
+        metrics.active.set(engine.active)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
+                                            "owned_by": "edgellm", "context_window": context}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: p.ChatCompletionRequest) -> Response:
+        check_model(body.model)
+        messages = [m.as_template_message() for m in body.messages]
+        ids = tokenizer.encode_chat(messages)
+        check_ids(ids, "messages")
+        generation = submit(request, body, ids, body.max_completion_tokens or body.max_tokens, messages)
+        id_, created = p.new_id("chatcmpl"), int(time.time())
+        if body.stream:
+            def chunk(text: str | None, finish: str | None = None, usage: dict | None = None) -> dict:
+                delta = {} if text is None else {"content": text}
+                return p.chat_chunk(id_, model_id, created, delta, finish, usage)
+            first = p.chat_chunk(id_, model_id, created, {"role": "assistant", "content": ""})
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return stream(generation, chunk, include, first)
+        text, last = await collect(request, generation)
+        return JSONResponse(p.chat_response(id_, model_id, text, last.finish, p.usage(*last.usage)))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: p.CompletionRequest) -> Response:
+        check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise p.ServeError("only one prompt per request is supported (n=1)", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt) if prompt else []
+        else:
+            ids = list(prompt)
+            vocab = int(model.args.vocab_size)
+            if any(not 0 <= t < vocab for t in ids):
+                raise p.ServeError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        check_ids(ids, "prompt")
+        generation = submit(request, body, ids, body.max_tokens)
+        id_, created = p.new_id("cmpl"), int(time.time())
+        if body.stream:
+            def chunk(text: str | None, finish: str | None = None, usage: dict | None = None) -> dict:
+                return p.completion_chunk(id_, model_id, created, text or "", finish, usage)
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return stream(generation, chunk, include)
+        text, last = await collect(request, generation)
+        return JSONResponse(p.completion_response(id_, model_id, text, last.finish, p.usage(*last.usage)))
+
+    def agent_json(name: str) -> dict | None:
+        with engine.store_lock:
+            saved = next((i.to_json() for i in store.list() if i.name == name), None)
+            live = store.live.get(name)
+            if saved is None and live is None:
+                return None
+            info = saved or {"name": name, "tokens": 0, "file_bytes": 0, "kv_format": str(store.kv_format)}
+            if live is not None:
+                info.update(tokens=len(live.cache.tokens), live=True, live_bytes=live.nbytes,
+                            messages=len(live.messages))
+            return {"id": name, "object": "agent", "live": False, **info}
+
+    @app.get("/v1/agents")
+    async def list_agents() -> dict:
+        with engine.store_lock:
+            names = sorted({i.name for i in store.list()} | set(store.live))
+        return {"object": "list", "data": [a for n in names if (a := agent_json(n))]}
+
+    @app.get("/v1/agents/{name}")
+    async def get_agent(name: str) -> dict:
+        info = agent_json(check_agent_name(name))
+        if info is None:
+            raise p.ServeError(f"agent {name!r} not found", 404, "not_found_error", code="agent_not_found")
+        return info
+
+    @app.delete("/v1/agents/{name}")
+    async def delete_agent(name: str) -> dict:
+        if not engine.delete_agent(check_agent_name(name)):
+            raise p.ServeError(f"agent {name!r} not found", 404, "not_found_error", code="agent_not_found")
+        return {"id": name, "object": "agent", "deleted": True}
+
+    return app

@@ -1,0 +1,336 @@
+"""Continuous batching: one engine thread owns the model; sequences join and leave the decode batch every step.
+
+Each step (1) admits waiting requests into free slots, reusing an agent's KV memory or the anonymous cache
+with the longest common prefix, (2) prefills at most `prefill_chunk` prompt tokens, so a long prompt is spread
+over several steps while running streams keep flowing, and (3) runs ONE batched decode step for every sequence
+past its prefill. Tokens go back to the asyncio side through `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from edgellm.agents import Agent, AgentStore
+from edgellm.generate import StopStringMatcher
+from edgellm.kv.batch import batch_layers
+from edgellm.kv.prompt_cache import PromptCache, common_prefix
+from edgellm.sampling import Sampler, SamplingParams
+from edgellm.serve.metrics import ServerMetrics
+from edgellm.serve.protocol import ServeError
+from edgellm.tokenizer import Tokenizer
+
+log = logging.getLogger("edgellm.serve")
+
+
+@dataclass
+class Event:
+    """One message from the engine to a request's HTTP handler."""
+
+    text: str = ""
+    finish: str | None = None  # "stop" | "length" once the sequence is done
+    usage: tuple[int, int, int] | None = None  # prompt, completion, cached tokens (with `finish`)
+    error: Exception | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """What the engine needs to run one request; `events` is read by the HTTP handler on `loop`."""
+
+    ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    agent: str | None = None
+    messages: list[dict] | None = None  # chat turns to remember with the agent (assistant reply appended)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Called from the event loop when the client goes away; the engine drops it at its next step."""
+        self.cancelled = True
+
+    def emit(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    cache: PromptCache
+    sampler: Sampler
+    stops: StopStringMatcher
+    detok: object
+    agent: Agent | None
+    cached: int
+    pending: list[int]  # prompt tokens still to prefill
+    history: torch.Tensor
+    logits: torch.Tensor | None = None
+    generated: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    last_token_at: float = 0.0
+
+
+class Engine:
+    """The model's only user: an admission queue in front of a continuously batched decode loop."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, store: AgentStore, metrics: ServerMetrics,
+                 max_concurrency: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
+                 anonymous_caches: int = 8) -> None:
+        self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
+        self.max_concurrency, self.max_queue, self.prefill_chunk = max_concurrency, max_queue, prefill_chunk
+        self.anonymous_caches = anonymous_caches
+        self.context = int(model.args.max_position_embeddings)
+        self.waiting: deque[GenerationRequest] = deque()
+        self.running: list[_Sequence] = []
+        self.anonymous: list[PromptCache] = []  # idle caches of agent-less requests, least recently used first
+        self.busy_agents: set[str] = set()
+        self.cond = threading.Condition()
+        self.store_lock = threading.RLock()  # the HTTP side lists/deletes agents while the engine saves them
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="edgellm-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Finish the loop, fail whatever is still queued or running, then flush agent memories to disk."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join()
+        for req in [*self.waiting, *(s.request for s in self.running)]:
+            req.emit(Event(error=ServeError("server is shutting down", 503, "server_error")))
+        self.waiting.clear()
+        self.running.clear()
+        self.store.save_all()
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request, or refuse it with 429 when the admission queue is full."""
+        with self.cond:
+            if self.stopping:
+                raise ServeError("server is shutting down", 503, "server_error")
+            if len(self.waiting) >= self.max_queue:
+                raise ServeError(f"server busy: {len(self.waiting)} requests already queued; retry shortly", 429,
+                                 "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+            self.waiting.append(request)
+            self.metrics.queue_depth.set(len(self.waiting))
+            self.cond.notify()
+
+    @property
+    def active(self) -> int:
+        return len(self.running)
+
+    def kv_bytes(self) -> int:
+        anonymous = sum(layer.nbytes for cache in self.anonymous for layer in cache.layers)
+        running = sum(layer.nbytes for s in self.running if s.agent is None for layer in s.cache.layers)
+        return self.store.live_bytes() + anonymous + running
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self.running and not any(self._admissible()):
+                    self.cond.wait(timeout=0.5)
+                if self.stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # never leave a client hanging on an engine fault
+                log.exception("engine step failed")
+                for seq in self.running:
+                    self._discard(seq)
+                    seq.request.emit(Event(error=e))
+                self.running.clear()
+            self.metrics.active.set(len(self.running))
+            with self.store_lock:
+                self.metrics.kv_bytes.set(self.kv_bytes())
+
+    def _admissible(self):
+        busy = set(self.busy_agents)
+        free = self.max_concurrency - len(self.running)
+        for req in self.waiting:
+            if free <= 0:
+                return
+            if req.cancelled or req.agent is None or req.agent not in busy:
+                if req.agent is not None:
+                    busy.add(req.agent)
+                free -= 1
+                yield req
+
+    def _take_admissible(self) -> list[GenerationRequest]:
+        # a second request for a busy agent waits in the queue (FIFO per agent) rather than being refused
+        taken = list(self._admissible())
+        for req in taken:
+            self.waiting.remove(req)
+            if req.agent is not None and not req.cancelled:
+                self.busy_agents.add(req.agent)
+        self.metrics.queue_depth.set(len(self.waiting))
+        return taken
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Admit, prefill one chunk's worth, decode one token for every sequence past its prefill."""
+        with self.cond:
+            admitted = self._take_admissible()
+        for req in admitted:
+            if req.cancelled:
+                self.metrics.cancelled.inc()
+                continue
+            try:
+                self.running.append(self._start(req))
+            except Exception as e:
+                if req.agent is not None:
+                    self.busy_agents.discard(req.agent)
+                req.emit(Event(error=e))
+        for seq in [s for s in self.running if s.request.cancelled]:
+            self.metrics.cancelled.inc()
+            self._finish(seq, save=False)
+        self._prefill()
+        self._decode()
+
+    def _start(self, req: GenerationRequest) -> _Sequence:
+        agent = None
+        if req.agent is not None:
+            with self.store_lock:
+                was_live = req.agent in self.store.live
+                agent = self.store.agent(req.agent)
+                agent.pinned = True  # never evicted while it is generating
+            if agent.restore_note:
+                log.warning("agent %s: saved memory not used (%s)", req.agent, agent.restore_note)
+            elif not was_live:
+                self.metrics.restored_tokens.inc(len(agent.cache.tokens))
+            cache = agent.cache
+        else:
+            cache = self._anonymous_cache(req.ids, req.max_tokens)
+        cached = cache.reuse(req.ids)
+        self.metrics.prompt_tokens.inc(len(req.ids))
+        self.metrics.cached_tokens.inc(cached)
+        if cached:
+            self.metrics.cache_hits.inc()
+        return _Sequence(req, cache, Sampler(req.sampling), StopStringMatcher(req.stop), self.tokenizer.detokenizer(),
+                         agent, cached, req.ids[cached:], torch.tensor(req.ids, dtype=torch.long))
+
+    def _anonymous_cache(self, ids: list[int], max_tokens: int) -> PromptCache:
+        """The idle anonymous cache sharing the longest prefix with `ids` (taken out of the pool), or a new one."""
+        if self.anonymous:
+            best = max(range(len(self.anonymous)), key=lambda i: common_prefix(self.anonymous[i].tokens, ids))
+            if common_prefix(self.anonymous[best].tokens, ids) > 1 or len(self.anonymous) >= self.anonymous_caches:
+                return self.anonymous.pop(best)
+        return PromptCache(self.model, capacity=len(ids) + max_tokens, kv_format=self.store.kv_format)
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if not seq.pending:
+                continue
+            piece, seq.pending = seq.pending[:budget], seq.pending[budget:]
+            logits = self.model(torch.tensor([piece], dtype=torch.long), seq.cache.layers, last_only=True)
+            seq.cache.tokens.extend(piece)
+            budget -= len(piece)
+            if not seq.pending:
+                self._advance(seq, logits[0, -1])
+
+    def _decode(self) -> None:
+        batch = [s for s in self.running if not s.pending and s.generated]
+        if not batch:
+            return
+        self.metrics.batch_size.observe(len(batch))
+        tokens = torch.tensor([[s.generated[-1]] for s in batch])
+        layers = batch_layers([s.cache.layers for s in batch], self.model.args.sliding_window)
+        logits = self.model(tokens, layers, last_only=True)[:, -1]
+        for seq, row in zip(batch, logits, strict=True):
+            seq.cache.tokens.append(seq.generated[-1])
+            self._advance(seq, row)
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Sample the next token, stream its text, and finish the sequence on EOS, a stop string or the limit."""
+        req = seq.request
+        if seq.generated and (req.presence_penalty or req.frequency_penalty):
+            seen, counts = torch.unique(torch.tensor(seq.generated), return_counts=True)
+            logits = logits.float().clone()
+            logits[seen] -= req.presence_penalty + req.frequency_penalty * counts.float()
+        history = seq.history if req.sampling.repetition_penalty != 1.0 else None
+        token = seq.sampler(logits, history)
+        now = time.perf_counter()
+        if seq.generated:
+            self.metrics.inter_token.observe(now - seq.last_token_at)
+        else:
+            self.metrics.ttft.observe(now - req.submitted)
+        seq.last_token_at = now
+        seq.generated.append(token)
+        self.metrics.generated_tokens.inc()
+        if history is not None:
+            seq.history = torch.cat([seq.history, torch.tensor([token])])
+        limit = min(req.max_tokens, self.context - len(req.ids))
+        finish = None
+        if token in self.tokenizer.eos_token_ids:
+            text, finish = seq.stops.flush() + seq.detok.flush(), "stop"
+        else:
+            text, hit = seq.stops.feed(seq.detok.add(token))
+            if hit:
+                finish = "stop"
+            elif len(seq.generated) >= limit:
+                text, finish = text + seq.stops.feed(seq.detok.flush())[0] + seq.stops.flush(), "length"
+        seq.text.append(text)
+        if finish is None:
+            if text:
+                req.emit(Event(text=text))
+            return
+        req.emit(Event(text=text, finish=finish, usage=(len(req.ids), len(seq.generated), seq.cached)))
+        self._finish(seq, save=True)
+
+    def _finish(self, seq: _Sequence, save: bool) -> None:
+        self.running.remove(seq)
+        self._release(seq, save)
+
+    def _release(self, seq: _Sequence, save: bool) -> None:
+        """Give the sequence's cache back: persist an agent's memory, or return an anonymous cache to the pool."""
+        agent = seq.agent
+        if agent is None:
+            self.anonymous.append(seq.cache)
+            del self.anonymous[:-self.anonymous_caches]
+            return
+        if save and seq.request.messages is not None:
+            agent.messages = [*seq.request.messages, {"role": "assistant", "content": "".join(seq.text)}]
+        with self.store_lock:
+            agent.pinned = False
+            if save:
+                self.store.save(agent)
+            self.store.enforce_budget(keep=agent.name)
+        with self.cond:
+            self.busy_agents.discard(agent.name)
+
+    def _discard(self, seq: _Sequence) -> None:
+        """After an engine fault the cache may hold K/V its token list does not: drop it rather than reuse it."""
+        if seq.agent is None:
+            return
+        with self.store_lock:
+            if self.store.live.get(seq.agent.name) is seq.agent:
+                del self.store.live[seq.agent.name]  # the next request restores the last good save
+        with self.cond:
+            self.busy_agents.discard(seq.agent.name)
+
+    def delete_agent(self, name: str) -> bool:
+        """Forget an agent in RAM and on disk; refused (409) while one of its requests is queued or running."""
+        with self.cond:
+            if name in self.busy_agents or any(r.agent == name for r in self.waiting):
+                raise ServeError(f"agent {name!r} has a request in flight; delete it when idle", 409,
+                                 code="agent_busy")
+            with self.store_lock:
+                return self.store.delete(name)
