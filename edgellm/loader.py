@@ -130,6 +130,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
     model.load_state_dict(weights, assign=True, strict=False)
     model.tie_weights()
+    model.fuse()
     model.rope.inv_freq = model.rope.inv_freq.to(device)
     model.name = path.name
     model.path = path

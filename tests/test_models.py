@@ -87,3 +87,18 @@ def test_weights_are_memory_mapped_not_copied(checkpoint):
                 regions.append((lo, hi))
     ptr = model.model.layers[0].mlp.up_proj.weight.data_ptr()
     assert any(lo <= ptr < hi for lo, hi in regions), "weight is not backed by the mmap'd safetensors file"
+
+
+def test_bf16_fused_projections_are_not_stored_twice(checkpoint):
+    path = checkpoint("qwen2", dtype=torch.bfloat16)  # q/k/v biases are fused too
+    model, _ = load(path, "bf16")
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    fused_qkv, fused_bias = attn.qkv
+    assert attn.q_proj.weight.data_ptr() == fused_qkv.data_ptr()
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == fused_qkv.untyped_storage().data_ptr()
+    assert attn.k_proj.bias.untyped_storage().data_ptr() == fused_bias.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up[0].untyped_storage().data_ptr()
+    ref = hf_model(path).to(torch.bfloat16)
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).float(), ref(ids).logits.float(), atol=3e-2)

@@ -133,6 +133,10 @@ def test_seed_determinism(server):
     c = client.completions.create(seed=8, **kw).choices[0].text
     assert a == b
     assert c != a
+    penalised = client.completions.create(seed=7, frequency_penalty=1.5, presence_penalty=0.5, **kw)
+    assert penalised.usage.completion_tokens == 16
+    one = client.completions.create(**{**kw, "max_tokens": 1})
+    assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
 
 
 def test_agent_reuses_memory_and_agents_never_mix(server):

@@ -1,5 +1,5 @@
 """Compute kernels; models call `Linear`, which picks the fastest path for the shape at hand."""
 
-from edgellm.kernels.linear import Linear, linear
+from edgellm.kernels.linear import Linear, fuse_linears, linear
 
-__all__ = ["Linear", "linear"]
+__all__ = ["Linear", "fuse_linears", "linear"]

@@ -46,3 +46,22 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def fuse_linears(*layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for projections that read the same input, e.g. q/k/v or gate/up.
+
+    Decode reads each weight once per token either way, but one larger GEMV costs one dispatch instead of
+    several. The layers' own parameters become views into the fused tensor, so nothing is stored twice and
+    state_dict names stay those of the checkpoint.
+    """
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
+    start = 0
+    for layer in layers:
+        n = layer.weight.shape[0]
+        layer.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
+        start += n
+    return weight, bias

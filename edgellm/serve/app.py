@@ -40,6 +40,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     err = exc.errors()[0]
     if err.get("type") == "json_invalid":
         return "request body is not valid JSON", None
+    if tuple(err.get("loc", ())) == ("body",):
+        return "request body must be a JSON object", None
     # union members add their type name to the path (…, 'content', 'str'); the field path is what a client needs
     loc = [str(x) for x in err.get("loc", ()) if x != "body" and not (isinstance(x, str) and x in _TYPE_TAGS)]
     param = ".".join(x for x in loc if "[" not in x) or None
@@ -78,6 +80,9 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                                  "authentication_error", code="invalid_api_key")
                 metrics.requests.labels("unauthorized", "401").inc()
                 return response
+        if request.method == "POST":  # like llama-server, read JSON whatever the Content-Type (curl -d sends a form)
+            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+            request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
         response = await call_next(request)
         route = request.scope.get("route")
         metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()

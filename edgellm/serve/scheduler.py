@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -149,17 +150,18 @@ class Engine:
                     return
             try:
                 self.step()
+                self.metrics.active.set(len(self.running))
+                with self.store_lock:
+                    self.metrics.kv_bytes.set(self.kv_bytes())
             except Exception as e:  # never leave a client hanging on an engine fault
                 log.exception("engine step failed")
                 for seq in self.running:
                     self._discard(seq)
                     seq.request.emit(Event(error=e))
                 self.running.clear()
-            self.metrics.active.set(len(self.running))
-            with self.store_lock:
-                self.metrics.kv_bytes.set(self.kv_bytes())
 
-    def _admissible(self):
+    def _admissible(self) -> Iterator[GenerationRequest]:
+        """Waiting requests that fit in free slots, skipping those whose agent is already generating."""
         busy = set(self.busy_agents)
         free = self.max_concurrency - len(self.running)
         for req in self.waiting:
@@ -193,7 +195,7 @@ class Engine:
             try:
                 self.running.append(self._start(req))
             except Exception as e:
-                if req.agent is not None:
+                with self.cond:
                     self.busy_agents.discard(req.agent)
                 req.emit(Event(error=e))
         for seq in [s for s in self.running if s.request.cancelled]:
@@ -230,11 +232,12 @@ class Engine:
             best = max(range(len(self.anonymous)), key=lambda i: common_prefix(self.anonymous[i].tokens, ids))
             if common_prefix(self.anonymous[best].tokens, ids) > 1 or len(self.anonymous) >= self.anonymous_caches:
                 return self.anonymous.pop(best)
-        return PromptCache(self.model, capacity=len(ids) + max_tokens, kv_format=self.store.kv_format)
+        # reserve modestly: max_tokens defaults to the whole context window, and the cache grows when needed
+        return PromptCache(self.model, capacity=len(ids) + min(max_tokens, 1024), kv_format=self.store.kv_format)
 
     def _prefill(self) -> None:
         budget = self.prefill_chunk
-        for seq in self.running:
+        for seq in list(self.running):  # a one-token request can finish (and leave `running`) right here
             if budget <= 0:
                 break
             if not seq.pending:
