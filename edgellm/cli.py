@@ -158,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from edgellm.serve import serve
     serve(args.model, args.host, args.port, args.store, args.kv_format, args.memory_budget, args.max_concurrency,
-          args.max_queue, args.api_key, args.dtype)
+          args.max_queue, args.api_key, args.dtype, args.prefill_chunk)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", default=None, help="RAM for live agent KV memory, e.g. 2GiB (LRU to disk)")
     p.add_argument("--max-concurrency", type=int, default=8, help="sequences decoded together per step")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per engine step: smaller keeps running streams smoother")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint")
     p.set_defaults(func=cmd_serve)
 

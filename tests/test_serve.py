@@ -314,6 +314,12 @@ def test_full_queue_answers_429_and_disconnect_frees_slot(tmp_path):
         assert float(cancelled.split()[-1]) >= 1
         reply = srv.client().completions.create(model=srv.model, prompt="x", max_tokens=2, temperature=0)
         assert reply.usage.completion_tokens == 2
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up is cancelled too
+            httpx.post(f"{srv.url}/v1/completions", json={**body, "stream": False}, timeout=0.5)
+        deadline = time.time() + 10
+        while httpx.get(f"{srv.url}/health").json()["active"]:
+            assert time.time() < deadline
+            time.sleep(0.05)
     finally:
         srv.stop()
 
@@ -325,6 +331,7 @@ def test_metrics_report_requests_and_latency(server):
                  "edgellm_inter_token_latency_seconds_bucket", "edgellm_cached_tokens_total", "edgellm_kv_bytes",
                  "edgellm_queue_depth"):
         assert name in text
+    assert 'edgellm_requests_total{endpoint="/v1/completions",status="200"}' in text
 
 
 def test_helpers():
@@ -391,3 +398,26 @@ def test_bench_serve_sweep_and_agent_turns(server, tmp_path, capsys):
     assert cold["kind"] == "cold" and cold["cached_tokens_mean"] == 0
     assert warm["cached_tokens_mean"] > 0
     assert "saturation" in capsys.readouterr().out
+
+
+def test_engine_stop_fails_in_flight_requests_and_flushes_agent_memory(model_dir, tmp_path):
+    model, tokenizer = load(model_dir, "fp32")
+    tokenizer.eos_token_ids = set()
+    store = AgentStore(tmp_path, model, tokenizer)
+    engine = Engine(model, tokenizer, store, ServerMetrics())
+    loop = asyncio.new_event_loop()
+    try:
+        req = GenerationRequest(tokenizer.encode("import os"), CONTEXT, SamplingParams(), loop, agent="keeper")
+        engine.start()
+        engine.submit(req)
+        deadline = time.time() + 10
+        while "keeper" not in store.live or len(store.live["keeper"].cache.tokens) < 8:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        engine.stop()
+        loop.run_until_complete(asyncio.sleep(0))  # deliver what the engine thread scheduled
+        events = [req.events.get_nowait() for _ in range(req.events.qsize())]
+        assert events[-1].error is not None and events[-1].error.status == 503
+        assert {a.name: a.tokens for a in store.list()}["keeper"] >= 8
+    finally:
+        loop.close()

@@ -38,7 +38,7 @@ def is_loopback(host: str) -> bool:
 
 def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, store_dir: str = "edgellm-agents",
           kv_format: str = "fp16", memory_budget: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
-          api_key: str | None = None, dtype: str = "auto") -> None:
+          api_key: str | None = None, dtype: str = "auto", prefill_chunk: int = 512) -> None:
     """Load the model and run the server until interrupted; agent memories are flushed to disk on exit."""
     import uvicorn
 
@@ -47,11 +47,11 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, sto
 
     if not is_loopback(host) and not api_key:
         raise InvalidRequestError(f"refusing to listen on non-loopback address {host!r} without --api-key")
-    if max_concurrency < 1 or max_queue < 0:
-        raise InvalidRequestError("--max-concurrency must be >= 1 and --max-queue >= 0")
+    if max_concurrency < 1 or max_queue < 0 or prefill_chunk < 1:
+        raise InvalidRequestError("--max-concurrency and --prefill-chunk must be >= 1, --max-queue >= 0")
     budget = parse_bytes(memory_budget) if memory_budget else None
     model, tokenizer = load(model_path, dtype)
     store = AgentStore(store_dir, model, tokenizer, kv_format, budget)
     app = create_app(model, tokenizer, store, max_concurrency=max_concurrency, max_queue=max_queue,
-                     api_key=api_key)
+                     api_key=api_key, prefill_chunk=prefill_chunk)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)

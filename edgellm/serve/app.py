@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 
 from edgellm.agents import AgentStore, check_agent_name
@@ -48,6 +49,41 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"invalid value for '{param or 'body'}': {err.get('msg')}", param
 
 
+class _Gate:
+    """Plain ASGI middleware (BaseHTTPMiddleware would hide client disconnects): API key, JSON body, counting."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected and scope["path"] not in OPEN_PATHS and \
+                not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            self.metrics.errors.labels("authentication_error").inc()
+            self.metrics.requests.labels("unauthorized", "401").inc()
+            body = p.error_body("missing or wrong API key; send 'Authorization: Bearer <key>'",
+                                "authentication_error", code="invalid_api_key")
+            return await JSONResponse(body, status_code=401)(scope, receive, send)
+        if scope["method"] == "POST":  # like llama-server, read JSON whatever the Content-Type (curl -d sends a form)
+            scope["headers"] = [*((k, v) for k, v in scope["headers"] if k != b"content-type"),
+                                (b"content-type", b"application/json")]
+        status = 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.requests.labels(getattr(scope.get("route"), "path", "unmatched"), str(status)).inc()
+
+
 def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max_concurrency: int = 8,
                max_queue: int = 64, api_key: str | None = None, prefill_chunk: int = 512) -> FastAPI:
     """A FastAPI app serving `model`; the engine thread starts and stops with the app's lifespan."""
@@ -71,22 +107,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         metrics.errors.labels(type).inc()
         return JSONResponse(p.error_body(message, type, param, code), status_code=status, headers=headers)
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next: Callable) -> Response:
-        if api_key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                response = error(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
-                                 "authentication_error", code="invalid_api_key")
-                metrics.requests.labels("unauthorized", "401").inc()
-                return response
-        if request.method == "POST":  # like llama-server, read JSON whatever the Content-Type (curl -d sends a form)
-            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
-            request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(p.ServeError)
     async def on_serve_error(_: Request, e: p.ServeError) -> JSONResponse:
@@ -139,25 +160,30 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         engine.submit(generation)
         return generation
 
+    async def next_event(generation: GenerationRequest, request: Request | None = None) -> Event:
+        """The engine's next message; never waits forever on a dead engine or (with `request`) a gone client."""
+        while True:
+            try:
+                return await asyncio.wait_for(generation.events.get(), timeout=1.0)
+            except TimeoutError:
+                if not engine.thread.is_alive():
+                    return Event(error=p.ServeError("the inference engine has stopped", 503, "server_error"))
+                if request is not None and await request.is_disconnected():
+                    return Event(error=p.ServeError("client disconnected", 499))
+
     async def collect(request: Request, generation: GenerationRequest) -> tuple[str, Event]:
         """Wait for the whole answer, cancelling it if the client hangs up first."""
         pieces = []
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(generation.events.get(), timeout=1.0)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        generation.cancel()
-                        raise p.ServeError("client disconnected", 499) from None
-                    continue
+                event = await next_event(generation, request)
                 if event.error:
                     raise event.error
                 pieces.append(event.text)
                 if event.finish:
                     return "".join(pieces), event
         finally:
-            generation.cancel()  # a no-op once finished; frees the slot if this task was cancelled
+            generation.cancel()  # a no-op once finished; frees the slot if the client left or this task was cancelled
 
     def stream(generation: GenerationRequest, chunk: Callable[..., dict], include_usage: bool,
                first: dict | None = None) -> StreamingResponse:
@@ -166,7 +192,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                 if first is not None:
                     yield f"data: {json.dumps(first)}\n\n"
                 while True:
-                    event = await generation.events.get()
+                    event = await next_event(generation)
                     if event.error:
                         e = event.error
                         body = p.error_body(str(e), getattr(e, "type", "server_error"), code=getattr(e, "code", None))
