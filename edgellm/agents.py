@@ -21,7 +21,7 @@ from edgellm.generate import (
     prepare_prompt,
     stream_generate,
 )
-from edgellm.kv.formats import KVFormat
+from edgellm.kv.formats import KVFormat, dense_format
 from edgellm.kv.persist import RestoreError, read_metadata, restore_memory, save_memory
 from edgellm.kv.pool import DEFAULT_BLOCK_TOKENS, BlockPool, PoolExhausted
 from edgellm.kv.prompt_cache import PromptCache
@@ -94,7 +94,7 @@ class Agent:
                                        self.cache)
         finally:  # also when the client stops reading early
             self.cache.trim_reservation()
-        self.store.enforce_budget(keep=self.name)
+            self.store.enforce_budget(keep=self.name)
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256, sampling: SamplingParams | None = None,
                  stop: list[str] | None = None) -> GenerationResult:
@@ -130,7 +130,9 @@ class AgentStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.model, self.tokenizer = model, tokenizer
-        self.kv_format = kv_format if isinstance(kv_format, KVFormat) else KVFormat.parse(kv_format or "fp16")
+        if isinstance(kv_format, str):
+            kv_format = KVFormat.parse(kv_format)
+        self.kv_format = kv_format or dense_format(model.model.embed_tokens.weight.dtype)
         self.budget_bytes = budget_bytes
         weight = model.model.embed_tokens.weight
         self.pool = None if pool_bytes is None else BlockPool(model.args, self.kv_format, pool_bytes, block_tokens,
@@ -240,10 +242,11 @@ class AgentStore:
                 self.evict(name)
 
     def evict(self, name: str) -> None:
-        """Save the agent's memory to disk and free it from RAM."""
-        agent = self.live.pop(name)
+        """Save the agent's memory to disk, then free it from RAM (a failed save keeps it live)."""
+        agent = self.live[name]
         if agent.cache.tokens:
             self.save(agent)
+        del self.live[name]
         agent.cache.release()
         self.evictions += 1
 

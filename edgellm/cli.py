@@ -36,7 +36,8 @@ def _sampling(args: argparse.Namespace):
 def _agent_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agent", default=None, help="agent name: reuse and update its persistent KV memory")
     p.add_argument("--store", default="edgellm-agents", help="directory of agent memories (with --agent)")
-    p.add_argument("--kv-format", default="fp16", help="agent KV format: fp16, bf16, fp32, q8, q4, q2 (+ -kivi)")
+    p.add_argument("--kv-format", default=None,
+                   help="agent KV format: fp16, bf16, fp32, q8, q4, q2 (+ -kivi, -h); default: the model's dtype")
 
 
 def _open_agent(args: argparse.Namespace, model, tokenizer):
@@ -207,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address; non-loopback needs --api-key")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--store", default="edgellm-agents", help="directory of agent memories")
-    p.add_argument("--kv-format", default="fp16", help="KV format: fp16, bf16, fp32, q8, q4, q2 (+ -kivi)")
+    p.add_argument("--kv-format", default=None,
+                   help="KV format: fp16, bf16, fp32, q8, q4, q2 (+ -kivi, -h); default: the model's dtype")
     p.add_argument("--memory-budget", default=None, help="RAM for live agent KV memory, e.g. 2GiB (LRU to disk)")
     p.add_argument("--max-concurrency", type=int, default=8, help="sequences decoded together per step")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except EdgeLLMError as e:
+    except (EdgeLLMError, OSError) as e:  # OSError: unwritable --store, full disk, missing permissions
         print(f"edgellm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

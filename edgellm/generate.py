@@ -98,6 +98,8 @@ def prepare_prompt(tokenizer: Tokenizer, prompt: str | list[int], model: nn.Modu
 @torch.no_grad()
 def prefill(model: nn.Module, tokens: list[int], cache: PromptCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Run `tokens` through the model into `cache`; returns the last position's logits (vocab,)."""
+    if not tokens:
+        raise InvalidRequestError("nothing to prefill: the prompt adds no token past the cached ones")
     logits = None
     for start in range(0, len(tokens), chunk):
         piece = torch.tensor([tokens[start:start + chunk]], dtype=torch.long)
@@ -152,7 +154,8 @@ def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[i
             yield response(text, token, "stop")
             return
         if len(generated) >= max_tokens:
-            yield response(text + stops.feed(detok.flush())[0] + stops.flush(), token, "length")
+            tail, hit = stops.feed(detok.flush())
+            yield response(text + tail + stops.flush(), token, "stop" if hit else "length")
             return
         yield response(text, token, None)
         history = torch.cat([history, torch.tensor([token])])

@@ -102,7 +102,6 @@ class StreamingDetokenizer:
         self.ids: list[int] = []
         self.prefix = 0  # decoding starts here so tokenizers that strip a leading space keep it mid-text
         self.read = 0
-        self.text = ""
 
     def add(self, token: int) -> str:
         """Feed one token; return the text it completes (possibly empty)."""
@@ -113,7 +112,6 @@ class StreamingDetokenizer:
         if len(after) > len(before) and not after.endswith("\ufffd"):
             piece = after[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
-            self.text += piece
             return piece
         return ""
 
@@ -122,5 +120,4 @@ class StreamingDetokenizer:
         decode = self.tokenizer.decode
         piece = decode(self.ids[self.prefix:])[len(decode(self.ids[self.prefix:self.read])):]
         self.prefix = self.read = len(self.ids)
-        self.text += piece
         return piece

@@ -251,7 +251,6 @@ def test_bad_inputs_get_openai_errors(server):
         ({**good, "messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
         ({k: v for k, v in good.items() if k != "messages"}, 400, "messages"),
         ({**good, "model": "gpt-4"}, 404, "model"),
-        ({**good, "user": "../etc/passwd"}, 400, None),
         ({**good, "messages": [{"role": "user", "content": "import os\n" * CONTEXT}]}, 400, "messages"),
     ]
     for body, status, param in cases:
@@ -259,6 +258,13 @@ def test_bad_inputs_get_openai_errors(server):
         assert r.status_code == status, (body, r.text)
         err = _error(r)
         assert err["param"] == param, (body, err)
+    r = httpx.post(f"{url}/v1/chat/completions", json=good, headers={"X-Agent-Id": "../etc/passwd"})
+    assert r.status_code == 400 and "invalid agent name" in _error(r)["message"]
+    # OpenAI's `user` is free-form (often an e-mail): a value that is no valid agent name is hashed, not refused
+    r = httpx.post(f"{url}/v1/chat/completions", json={**good, "user": "../etc/passwd"})
+    assert r.status_code == 200
+    names = [a["id"] for a in httpx.get(f"{url}/v1/agents").json()["data"]]
+    assert not any("/" in n or ".." in n for n in names) and any(n.startswith("u-") for n in names)
     too_long = httpx.post(f"{url}/v1/chat/completions",
                           json={**good, "messages": [{"role": "user", "content": "import os\n" * CONTEXT}]})
     assert str(CONTEXT) in _error(too_long)["message"]

@@ -71,8 +71,8 @@ def _build() -> ModuleType | None:
     errors = []
     for cflags in CFLAG_SETS:
         build_dir = cache_dir(cflags)
-        build_dir.mkdir(parents=True, exist_ok=True)
         try:
+            build_dir.mkdir(parents=True, exist_ok=True)  # a read-only HOME means no native kernel, not a crash
             return cpp_extension.load(name="edgellm_gemv", sources=[str(SOURCE)], extra_cflags=cflags,
                                       build_directory=str(build_dir), verbose=False)
         except Exception as e:  # the build fails through many exception types; all mean "no native kernel"

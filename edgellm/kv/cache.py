@@ -6,6 +6,8 @@ from typing import Protocol
 
 import torch
 
+from edgellm.errors import InvalidRequestError
+
 
 class KVCache(Protocol):
     """What attention needs from a cache: append this step's K/V, get back everything so far."""
@@ -71,8 +73,15 @@ class DenseKVCache:
         return {"keys": self.keys[:, :, : self.offset], "values": self.values[:, :, : self.offset]}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        keys, values = state["keys"], state["values"]
+        b, h, _, d = self.keys.shape
+        for t in (keys, values):
+            if t.dtype != self.keys.dtype or t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (b, h, d) \
+                    or t.shape != keys.shape:
+                raise InvalidRequestError(f"saved K/V {tuple(t.shape)} {t.dtype} do not fit this cache "
+                                          f"({b}, {h}, *, {d}) {self.keys.dtype}")
         self.offset = 0
-        self.update_and_fetch(state["keys"], state["values"])
+        self.update_and_fetch(keys, values)
 
     @property
     def nbytes(self) -> int:

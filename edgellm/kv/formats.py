@@ -112,6 +112,14 @@ class KVFormat:
         return args.num_hidden_layers * per_layer
 
 
+def dense_format(dtype: torch.dtype) -> KVFormat:
+    """The dense format holding K/V exactly as a model of `dtype` computes them (the lossless default)."""
+    kinds = {v: k for k, v in DENSE.items()}
+    if dtype not in kinds:
+        raise InvalidRequestError(f"no dense KV format for dtype {dtype}")
+    return KVFormat(kinds[dtype])
+
+
 def make_caches(model: nn.Module, fmt: KVFormat, capacity: int, batch: int = 1,
                 pool: BlockPool | None = None) -> list[KVCache]:
     """One cache per layer of `model` in format `fmt`, reserved for `capacity` tokens.

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from edgellm.errors import EdgeLLMError
-from edgellm.kv.formats import KVFormat
+from edgellm.kv.formats import KVFormat, dense_format
 from edgellm.kv.prompt_cache import PromptCache
 
 FORMAT_VERSION = 1
@@ -50,7 +50,7 @@ def save_memory(path: Path, cache: PromptCache, model: nn.Module, tokenizer_fing
     tensors = {f"layers.{i}.{key}": t.contiguous()
                for i, layer in enumerate(cache.layers) for key, t in layer.state().items()}
     args = model.args
-    fmt = cache.kv_format or KVFormat.parse("fp16")
+    fmt = cache.kv_format or dense_format(model.model.embed_tokens.weight.dtype)
     metadata = {
         "edgellm_format": str(FORMAT_VERSION),
         "model_fingerprint": model.fingerprint,
@@ -132,6 +132,9 @@ def _restore(label: str, f, model: nn.Module, tokenizer_fingerprint: str,
         num_tokens = int(meta["num_tokens"])
     except (KeyError, ValueError, EdgeLLMError) as e:
         raise RestoreError(f"{label}: memory metadata is incomplete ({e})") from e
+    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    if meta.get("model_dtype") != dtype:  # K/V computed in another precision are not this model's K/V
+        raise RestoreError(f"{label}: memory was computed by the model in {meta.get('model_dtype')}, not {dtype}")
     if saved_format != kv_format:
         raise RestoreError(f"{label}: memory is in KV format {saved_format}, this store uses {kv_format}")
     if layers != model.args.num_hidden_layers or len(tokens) != num_tokens:
@@ -142,6 +145,8 @@ def _restore(label: str, f, model: nn.Module, tokenizer_fingerprint: str,
     tensors = {key: f.get_tensor(key) for key in f.keys()}
     for key, t in tensors.items():
         _, i, field = key.split(".", 2)
+        if not i.isdigit() or int(i) >= layers:
+            raise RestoreError(f"{label}: tensor {key} names no layer of this model")
         states[int(i)][field] = t
     cache = PromptCache(model, capacity=num_tokens + 256, kv_format=kv_format)
     # zlib releases the GIL: checksums run on a second core while the tensors are copied into the fresh cache,

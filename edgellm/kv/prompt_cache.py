@@ -44,12 +44,11 @@ class PromptCache:
         Identical prompt → all but the last token; extension → all cached tokens; divergence → the common prefix.
         Returns how many prompt tokens are already cached.
         """
-        keep = min(common_prefix(self.tokens, prompt), len(prompt) - 1)
-        drop = len(self.tokens) - keep
-        if drop:
-            for layer in self.layers:
-                layer.trim(drop)
-            del self.tokens[keep:]
+        keep = max(0, min(common_prefix(self.tokens, prompt), len(prompt) - 1))
+        for layer in self.layers:  # trim to an absolute position: layers stay aligned even after a failed step
+            if layer.offset > keep:
+                layer.trim(layer.offset - keep)
+        del self.tokens[keep:]
         return keep
 
     def fork(self, prompt: list[int] | None = None) -> PromptCache:
@@ -60,7 +59,7 @@ class PromptCache:
         """
         if self.pool is None:
             raise InvalidRequestError("only a cache drawn from a block pool can be forked")
-        keep = len(self.tokens) if prompt is None else min(common_prefix(self.tokens, prompt), len(prompt) - 1)
+        keep = len(self.tokens) if prompt is None else max(0, min(common_prefix(self.tokens, prompt), len(prompt) - 1))
         child = copy.copy(self)
         child.layers = [layer.fork(keep) for layer in self.layers]
         child.tokens = self.tokens[:keep]

@@ -37,7 +37,7 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, store_dir: str = "edgellm-agents",
-          kv_format: str = "fp16", memory_budget: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
+          kv_format: str | None = None, memory_budget: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
           api_key: str | None = None, dtype: str = "auto", prefill_chunk: int = 512) -> None:
     """Load the model and run the server until interrupted; agent memories are flushed to disk on exit."""
     import uvicorn

@@ -9,6 +9,7 @@ Requests without an agent reuse the longest matching prefix among a few anonymou
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import time
@@ -23,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 
-from edgellm.agents import AgentStore, check_agent_name
+from edgellm.agents import AGENT_NAME, AgentStore, check_agent_name
 from edgellm.errors import EdgeLLMError
 from edgellm.sampling import SamplingParams
 from edgellm.serve import protocol as p
@@ -137,8 +138,14 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                                "not_found_error", "model", "model_not_found")
 
     def agent_name(request: Request, body: p.SamplingFields) -> str | None:
-        name = request.headers.get(AGENT_HEADER) or body.user
-        return check_agent_name(name) if name else None
+        """X-Agent-Id must be a valid agent name; OpenAI's free-form `user` (e.g. an e-mail) is hashed when not."""
+        if name := request.headers.get(AGENT_HEADER):
+            return check_agent_name(name)
+        if not body.user:
+            return None
+        if AGENT_NAME.match(body.user) and ".." not in body.user:
+            return body.user
+        return "u-" + hashlib.sha256(body.user.encode()).hexdigest()[:16]
 
     def check_ids(ids: list[int], param: str) -> None:
         if not ids:
@@ -212,8 +219,10 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    # Handlers that take the store lock are plain `def`: FastAPI runs them in a worker thread, so a long save on
+    # the engine thread never stalls the event loop (and every stream with it).
     @app.get("/health")
-    async def health() -> dict:
+    def health() -> dict:
         with engine.store_lock:
             agents = store.stats()
         return {"status": "ok", "model": model_id, "active": engine.active, "queued": len(engine.waiting),
@@ -274,9 +283,11 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         text, last = await collect(request, generation)
         return JSONResponse(p.completion_response(id_, model_id, text, last.finish, p.usage(*last.usage)))
 
-    def agent_json(name: str) -> dict | None:
+    def agent_json(name: str, listed: dict[str, dict] | None = None) -> dict | None:
         with engine.store_lock:
-            saved = next((i.to_json() for i in store.list() if i.name == name), None)
+            if listed is None:
+                listed = {i.name: i.to_json() for i in store.list()}
+            saved = listed.get(name)
             live = store.live.get(name)
             if saved is None and live is None:
                 return None
@@ -287,20 +298,21 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
             return {"id": name, "object": "agent", "live": False, **info}
 
     @app.get("/v1/agents")
-    async def list_agents() -> dict:
+    def list_agents() -> dict:
         with engine.store_lock:
-            names = sorted({i.name for i in store.list()} | set(store.live))
-        return {"object": "list", "data": [a for n in names if (a := agent_json(n))]}
+            listed = {i.name: i.to_json() for i in store.list()}
+            names = sorted(set(listed) | set(store.live))
+        return {"object": "list", "data": [a for n in names if (a := agent_json(n, listed))]}
 
     @app.get("/v1/agents/{name}")
-    async def get_agent(name: str) -> dict:
+    def get_agent(name: str) -> dict:
         info = agent_json(check_agent_name(name))
         if info is None:
             raise p.ServeError(f"agent {name!r} not found", 404, "not_found_error", code="agent_not_found")
         return info
 
     @app.delete("/v1/agents/{name}")
-    async def delete_agent(name: str) -> dict:
+    def delete_agent(name: str) -> dict:
         if not engine.delete_agent(check_agent_name(name)):
             raise p.ServeError(f"agent {name!r} not found", 404, "not_found_error", code="agent_not_found")
         return {"id": name, "object": "agent", "deleted": True}

@@ -311,13 +311,17 @@ class Engine:
             return
         if save and seq.request.messages is not None:
             agent.messages = [*seq.request.messages, {"role": "assistant", "content": "".join(seq.text)}]
-        with self.store_lock:
-            agent.pinned = False
-            if save:
-                self.store.save(agent)
-            self.store.enforce_budget(keep=agent.name)
-        with self.cond:
-            self.busy_agents.discard(agent.name)
+        try:
+            with self.store_lock:
+                agent.pinned = False
+                if save:
+                    self.store.save(agent)
+                self.store.enforce_budget(keep=agent.name)
+        except OSError as e:  # a full or read-only disk must not wedge the agent or stop other streams
+            log.error("could not persist agent %r: %s", agent.name, e)
+        finally:
+            with self.cond:
+                self.busy_agents.discard(agent.name)
 
     def _discard(self, seq: _Sequence) -> None:
         """After an engine fault the cache may hold K/V its token list does not: drop it rather than reuse it."""
