@@ -209,6 +209,9 @@ def batch_generate(model: nn.Module, tokenizer: Tokenizer, prompts: list[str | l
         raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
     t0 = time.perf_counter()
     params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+    if len(params) != len(prompts) or (prompt_caches is not None and len(prompt_caches) != len(prompts)):
+        raise InvalidRequestError(f"batch_generate got {len(prompts)} prompts but {len(params)} sampling settings "
+                                  f"and {len(prompt_caches or prompts)} caches; give one of each per prompt")
     seqs = []
     for i, prompt in enumerate(prompts):
         ids = prepare_prompt(tokenizer, prompt, model)
@@ -222,7 +225,8 @@ def batch_generate(model: nn.Module, tokenizer: Tokenizer, prompts: list[str | l
     active = seqs
     while active:
         for seq in active:
-            token = seq.sampler(seq.logits)
+            penalty = seq.sampler.params.repetition_penalty != 1.0
+            token = seq.sampler(seq.logits, torch.tensor(seq.ids + seq.generated) if penalty else None)
             if not seq.generated:
                 seq.ttft_s = time.perf_counter() - t0
             seq.generated.append(token)

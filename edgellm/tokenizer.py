@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +75,25 @@ class Tokenizer:
         """Render `messages` with the checkpoint's Jinja chat template (same environment as transformers)."""
         if not self.chat_template:
             raise InvalidRequestError("this model has no chat template; use `edgellm generate` with a plain prompt")
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        except jinja2.exceptions.TemplateError as e:
+            raise InvalidRequestError(f"chat template rejected the messages: {e}") from e
+
+    @cached_property
+    def _template(self) -> jinja2.Template:
+        """The chat template compiled once (a server renders it on every request)."""
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+            return env.from_string(self.chat_template)
         except jinja2.exceptions.TemplateError as e:
-            raise InvalidRequestError(f"chat template rejected the messages: {e}") from e
+            raise InvalidRequestError(f"the model's chat template does not compile: {e}") from e
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a rendered chat; the template already holds any BOS, so none is added again."""
