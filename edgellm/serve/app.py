@@ -181,8 +181,13 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
     async def collect(request: Request, generation: GenerationRequest) -> tuple[str, Event]:
         """Wait for the whole answer, cancelling it if the client hangs up first."""
         pieces = []
+        checked = time.monotonic()
         try:
             while True:
+                if time.monotonic() - checked > 0.5:  # tokens may arrive without pause: look for a hang-up anyway
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        raise p.ServeError("client disconnected", 499)
                 event = await next_event(generation, request)
                 if event.error:
                     raise event.error
