@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 import edgellm
-from edgellm.bench.speed import RANDOM_LLAMAS, _positive_int, _positive_ints, build_random_llama
+from edgellm.bench.common import positive_int, positive_ints, write_report
+from edgellm.bench.speed import RANDOM_LLAMAS, build_random_llama
 from edgellm.errors import EdgeLLMError, InvalidRequestError
 from edgellm.generate import batch_generate, generate, prefill
 from edgellm.kv.formats import KVFormat
@@ -60,17 +61,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model dtype (auto: bf16 where the CPU has it natively, else fp32)")
     p.add_argument("--formats", type=_formats, default="fp16,q8,q4,q2,q4-kivi-h,q2-kivi-h",
                    help="KV formats compared, comma-separated (e.g. q4-kivi-h)")
-    p.add_argument("--contexts", type=_positive_ints, default="1024,4096", help="TTFT prompt tokens")
-    p.add_argument("--reps", type=_positive_int, default=3,
+    p.add_argument("--contexts", type=positive_ints, default="1024,4096", help="TTFT prompt tokens")
+    p.add_argument("--reps", type=positive_int, default=3,
                    help=f"timed repetitions, best kept (cold prefills past {LONG_PROMPT} tokens run once)")
     p.add_argument("--budget-gib", type=float, default=1.0, help="memory budget of the capacity section")
-    p.add_argument("--agent-context", type=_positive_int, default=4096, help="tokens per agent, capacity section")
-    p.add_argument("--quality-tokens", type=_positive_int, default=2048, help="held-out stdlib tokens scored")
-    p.add_argument("--memory-context", type=_positive_int, default=16384, help="cached tokens, memory section")
-    p.add_argument("--batch", type=_positive_ints, default="1,2,4,8", help="numbers of agents decoded together")
-    p.add_argument("--batch-context", type=_positive_int, default=1024,
+    p.add_argument("--agent-context", type=positive_int, default=4096, help="tokens per agent, capacity section")
+    p.add_argument("--quality-tokens", type=positive_int, default=2048, help="held-out stdlib tokens scored")
+    p.add_argument("--memory-context", type=positive_int, default=16384, help="cached tokens, memory section")
+    p.add_argument("--batch", type=positive_ints, default="1,2,4,8", help="numbers of agents decoded together")
+    p.add_argument("--batch-context", type=positive_int, default=1024,
                    help="the longest agent's context; agent i of N holds (i+1)/N of it")
-    p.add_argument("--batch-tokens", type=_positive_int, default=32, help="greedy tokens generated per agent")
+    p.add_argument("--batch-tokens", type=positive_int, default=32, help="greedy tokens generated per agent")
     p.add_argument("--batch-format", type=_format, default="q4", help="KV format of the batch section")
     p.add_argument("--sections", type=_sections, default=",".join(SECTIONS), help="comma-separated subset")
     p.add_argument("--workdir", type=Path, default=None,
@@ -483,11 +484,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           "python": platform.python_version(), "platform": platform.platform()}
     report["notes"] = _notes(args, main, twin)
     print_tables(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    if args.plot:
-        plot(report, args.plot)
+    write_report(report, args.json, args.plot, plot)
     if failed := [name for name, ok in report["checks"].items() if not ok]:
         raise EdgeLLMError(f"bench kv sanity check failed: {', '.join(failed)} (figures written all the same)")
     return report

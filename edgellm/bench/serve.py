@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from edgellm.bench.common import positive_int, positive_ints, write_report
 from edgellm.errors import InvalidRequestError
 
 WORDS = ("model", "memory", "agent", "token", "cache", "server", "stream", "batch", "latency", "budget", "restore",
@@ -25,29 +26,18 @@ WORDS = ("model", "memory", "agent", "token", "cache", "server", "stream", "batc
          "context", "answer", "question")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_ints(text: str) -> list[int]:
-    return [_positive_int(x) for x in text.split(",") if x.strip()]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", required=True, help="server root, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model id (default: the server's first /v1/models entry)")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--concurrency", type=_positive_ints, default=[1, 2, 4, 8, 16, 32, 64], help="comma-separated")
-    p.add_argument("--requests", type=_positive_int, default=None,
+    p.add_argument("--concurrency", type=positive_ints, default=[1, 2, 4, 8, 16, 32, 64], help="comma-separated")
+    p.add_argument("--requests", type=positive_int, default=None,
                    help="requests per level (default: 2x the concurrency, at least 8)")
-    p.add_argument("--prompt-len", type=_positive_int, default=128, help="prompt length in words (~tokens)")
-    p.add_argument("--max-tokens", type=_positive_int, default=64)
+    p.add_argument("--prompt-len", type=positive_int, default=128, help="prompt length in words (~tokens)")
+    p.add_argument("--max-tokens", type=positive_int, default=64)
     p.add_argument("--agents", type=int, default=0, help="multi-agent scenario with K agents (0 skips it)")
-    p.add_argument("--turns", type=_positive_int, default=3, help="turns per agent in the multi-agent scenario")
-    p.add_argument("--context-len", type=_positive_int, default=1024, help="shared context in words (~tokens)")
+    p.add_argument("--turns", type=positive_int, default=3, help="turns per agent in the multi-agent scenario")
+    p.add_argument("--context-len", type=positive_int, default=1024, help="shared context in words (~tokens)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
@@ -221,8 +211,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the sweep (and agent scenario), print the tables, write --json; returns the report."""
     report = asyncio.run(bench(args))
     print_report(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
     return report
 

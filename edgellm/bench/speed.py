@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import edgellm
+from edgellm.bench.common import positive_int, positive_ints, write_report
 from edgellm.errors import EdgeLLMError, InvalidRequestError
 from edgellm.loader import load_model, read_config, resolve_dtype
 from edgellm.models import family_for
@@ -48,27 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="benchmark a random-init Llama of this size, built with transformers in a temp dir")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="both engines use this dtype (auto: bf16 where the CPU has it natively, else fp32)")
-    p.add_argument("--prompt-lens", type=_positive_ints, default=[128, 512, 2048], help="comma-separated")
-    p.add_argument("--decode-tokens", type=_positive_int, default=64)
-    p.add_argument("--reps", type=_positive_int, default=3, help="timed repetitions per prompt length (best kept)")
+    p.add_argument("--prompt-lens", type=positive_ints, default=[128, 512, 2048], help="comma-separated")
+    p.add_argument("--decode-tokens", type=positive_int, default=64)
+    p.add_argument("--reps", type=positive_int, default=3, help="timed repetitions per prompt length (best kept)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
     p.add_argument("--no-transformers", action="store_true", help="benchmark edgellm alone")
     p.add_argument("--json", type=Path, default=None, help="write every figure, the machine and versions here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart here")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_ints(text: str) -> list[int]:
-    return [_positive_int(t) for t in text.split(",")]
 
 
 @dataclass(frozen=True)
@@ -298,11 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                            prompts, args.decode_tokens, args.reps).result()
     report = _report(args, name, path, config, cost, dtype, hw, versions, measured)
     print_table(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    if args.plot:
-        plot(report, args.plot)
+    write_report(report, args.json, args.plot, plot)
     return report
 
 
