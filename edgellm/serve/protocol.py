@@ -94,24 +94,23 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def chat_chunk(id: str, model: str, created: int, delta: dict, finish: str | None = None,
-               usage_: dict | None = None) -> dict:
-    choices = [] if usage_ is not None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-    chunk: dict[str, Any] = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                             "choices": choices}
+def _chunk(object_: str, id: str, model: str, created: int, choice: dict, usage_: dict | None) -> dict:
+    """One SSE chunk: a choice, or (the last chunk with include_usage) no choice and the usage."""
+    chunk: dict[str, Any] = {"id": id, "object": object_, "created": created, "model": model,
+                             "choices": [] if usage_ is not None else [{"index": 0, **choice, "logprobs": None}]}
     if usage_ is not None:
         chunk["usage"] = usage_
     return chunk
+
+
+def chat_chunk(id: str, model: str, created: int, delta: dict, finish: str | None = None,
+               usage_: dict | None = None) -> dict:
+    return _chunk("chat.completion.chunk", id, model, created, {"delta": delta, "finish_reason": finish}, usage_)
 
 
 def completion_chunk(id: str, model: str, created: int, text: str, finish: str | None = None,
                      usage_: dict | None = None) -> dict:
-    choices = [] if usage_ is not None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
-    chunk: dict[str, Any] = {"id": id, "object": "text_completion", "created": created, "model": model,
-                             "choices": choices}
-    if usage_ is not None:
-        chunk["usage"] = usage_
-    return chunk
+    return _chunk("text_completion", id, model, created, {"text": text, "finish_reason": finish}, usage_)
 
 
 def chat_response(id: str, model: str, text: str, finish: str, usage_: dict) -> dict:
