@@ -19,7 +19,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="output directory: checkpoint.pt while training, then the HF-format model")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                        help="default: the built-in model; small: a draft model (pair with --tokenizer); tiny: tests")
+                        help="default: the built-in model; small: a draft model; base: a 51M KV-Prediction base "
+                             "(pair small and base with --tokenizer); tiny: tests")
     parser.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one) instead of "
                                             "training a new one, so two models share a vocabulary")
     parser.add_argument("--corpus", help="directory of .py files to train on (default: the Python stdlib)")

@@ -82,6 +82,11 @@ PRESETS: dict[str, Recipe] = {
     "default": Recipe("default", hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
                       intermediate_size=1536, vocab_size=8192, max_position_embeddings=2048, seq_len=1024, batch=1,
                       steps=1500, lr=1e-3, warmup_steps=50),
+    # The base model for KV Prediction benchmarks: 51M params, 12 layers, sharing the built-in model's tokenizer
+    # (pass --tokenizer edgellm/assets/default-model) so the built-in and `small` models can serve as its aux.
+    "base": Recipe("base", hidden_size=512, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4,
+                   intermediate_size=2048, vocab_size=8192, max_position_embeddings=2048, seq_len=1024, batch=2,
+                   steps=1500, lr=8e-4, warmup_steps=50),
     # A draft/predictor model meant to share the default model's tokenizer (pass --tokenizer).
     "small": Recipe("small", hidden_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=1024, vocab_size=8192, max_position_embeddings=2048, seq_len=1024, batch=2,
