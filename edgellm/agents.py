@@ -77,6 +77,7 @@ class Agent:
         self.messages: list[dict] = messages or []
         self.restore_note = restore_note  # why a saved memory was refused, if one was
         self.pinned = False
+        self.predicted = False  # whether the memory holds K/V from a KV predictor (saved in its metadata)
         self.ttl_s: float | None = None
         self.last_used = time.monotonic()
 
@@ -85,22 +86,30 @@ class Agent:
         return sum(layer.nbytes for layer in self.cache.layers)
 
     def stream(self, prompt: str | list[int], max_tokens: int = 256, sampling: SamplingParams | None = None,
-               stop: list[str] | None = None) -> Iterator[GenerationResponse]:
-        """Generate reusing this agent's memory: only tokens past the cached prefix are prefilled."""
+               stop: list[str] | None = None, kv_predictor: nn.Module | None = None) -> Iterator[GenerationResponse]:
+        """Generate reusing this agent's memory: only tokens past the cached prefix are prefilled (or predicted)."""
         self.last_used = time.monotonic()
         prompt = self.store.reserve(self, prompt, max_tokens)
         try:
-            yield from stream_generate(self.store.model, self.store.tokenizer, prompt, max_tokens, sampling, stop,
-                                       self.cache)
+            for step in stream_generate(self.store.model, self.store.tokenizer, prompt, max_tokens, sampling, stop,
+                                        self.cache, kv_predictor):
+                self.note_prediction(step.cached_tokens, step.predicted_tokens)
+                yield step
         finally:  # also when the client stops reading early
             self.cache.trim_reservation()
             self.store.enforce_budget(keep=self.name)
 
+    def note_prediction(self, cached_tokens: int, predicted_tokens: int) -> None:
+        """Track whether the memory holds predicted K/V: a turn adds some, or reuses none of the earlier ones."""
+        self.predicted = predicted_tokens > 0 or (self.predicted and cached_tokens > 0)
+
     def generate(self, prompt: str | list[int], max_tokens: int = 256, sampling: SamplingParams | None = None,
-                 stop: list[str] | None = None) -> GenerationResult:
+                 stop: list[str] | None = None, kv_predictor: nn.Module | None = None) -> GenerationResult:
         self.last_used = time.monotonic()
         prompt = self.store.reserve(self, prompt, max_tokens)
-        result = generate(self.store.model, self.store.tokenizer, prompt, max_tokens, sampling, stop, self.cache)
+        result = generate(self.store.model, self.store.tokenizer, prompt, max_tokens, sampling, stop, self.cache,
+                          kv_predictor)
+        self.note_prediction(result.cached_tokens, result.stats.get("predicted_tokens", 0))
         self.cache.trim_reservation()
         self.store.enforce_budget(keep=self.name)
         return result
@@ -148,7 +157,7 @@ class AgentStore:
         if name in self.live:
             self.live.move_to_end(name)
             return self.live[name]
-        cache, messages, note = None, None, None
+        cache, messages, note, meta = None, None, None, {}
         if self.path(name).exists():
             try:
                 cache, meta = restore_memory(self.path(name), self.model, self.tokenizer.fingerprint, self.kv_format)
@@ -158,6 +167,7 @@ class AgentStore:
         if self.pool is not None and cache is not None:
             cache = self._into_pool(name, cache)
         agent = Agent(self, name, cache or PromptCache(self.model, 256, self.kv_format, self.pool), messages, note)
+        agent.predicted = cache is not None and meta.get("predicted") == "1"
         self.live[name] = agent
         self.enforce_budget(keep=name)
         return agent
@@ -168,6 +178,7 @@ class AgentStore:
             raise InvalidRequestError(f"agent {name!r} already exists")
         parent = self.agent(source)
         agent = Agent(self, name, parent.cache.fork(), list(parent.messages))
+        agent.predicted = parent.predicted
         self.live[name] = agent
         return agent
 
@@ -214,7 +225,7 @@ class AgentStore:
 
     def save(self, agent: Agent) -> Path:
         return save_memory(self.path(agent.name), agent.cache, self.model, self.tokenizer.fingerprint,
-                           agent.messages)
+                           agent.messages, predicted=agent.predicted)
 
     def save_all(self) -> None:
         for agent in self.live.values():

@@ -48,15 +48,24 @@ def _open_agent(args: argparse.Namespace, model, tokenizer):
     return agent
 
 
+def _kv_predictor(args: argparse.Namespace, model, tokenizer):
+    if not args.kv_predictor:
+        return None
+    from edgellm.kvpred import load_predictor
+    return load_predictor(args.kv_predictor, model, tokenizer.fingerprint)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from edgellm import load, stream_generate
     sampling = _sampling(args)
     model, tokenizer = load(args.model, args.dtype)
+    predictor = _kv_predictor(args, model, tokenizer)
     agent = _open_agent(args, model, tokenizer) if args.agent else None
     if agent:
-        steps = agent.stream(args.prompt, args.max_tokens, sampling, args.stop)
+        steps = agent.stream(args.prompt, args.max_tokens, sampling, args.stop, kv_predictor=predictor)
     else:
-        steps = stream_generate(model, tokenizer, args.prompt, args.max_tokens, sampling, args.stop)
+        steps = stream_generate(model, tokenizer, args.prompt, args.max_tokens, sampling, args.stop,
+                                kv_predictor=predictor)
     pieces, tokens, last = [], [], None
     for last in steps:
         if last.token is not None:
@@ -69,7 +78,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     stats = {"prompt_tokens": last.prompt_tokens, "cached_tokens": last.cached_tokens,
              "generation_tokens": len(tokens), "ttft_s": round(last.ttft_s, 4),
              "prefill_tok_s": round(last.prefill_tok_s, 1), "decode_tok_s": round(last.decode_tok_s, 1),
-             "finish_reason": last.finish_reason}
+             "finish_reason": last.finish_reason, "predicted_tokens": last.predicted_tokens}
     if args.json:
         print(json.dumps({"text": "".join(pieces), "tokens": tokens, **stats}))
     else:
@@ -156,10 +165,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_train(args)
 
 
+def cmd_kvpred(args: argparse.Namespace) -> None:
+    from edgellm.kvpred import run_kvpred
+    run_kvpred(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from edgellm.serve import serve
     serve(args.model, args.host, args.port, args.store, args.kv_format, args.memory_budget, args.max_concurrency,
-          args.max_queue, args.api_key, args.dtype, args.prefill_chunk)
+          args.max_queue, args.api_key, args.dtype, args.prefill_chunk, args.kv_predictor)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -176,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     _agent_args(p)
     p.add_argument("--prompt", required=True)
+    p.add_argument("--kv-predictor", default=None,
+                   help="KV predictor (from `edgellm kvpred train`): predict the prompt's KV cache to cut TTFT")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
     p.set_defaults(func=cmd_generate)
 
@@ -216,7 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per engine step: smaller keeps running streams smoother")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint")
+    p.add_argument("--kv-predictor", default=None,
+                   help="KV predictor that requests can opt into with the body field \"kv_prediction\": true")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("kvpred", help="KV Prediction: train an aux model that predicts the base's prompt KV cache")
+    from edgellm.kvpred import add_kvpred_arguments
+    add_kvpred_arguments(p)
+    p.set_defaults(func=cmd_kvpred)
 
     p = sub.add_parser("bench", help="benchmarks: speed")
     from edgellm.bench import add_bench_arguments

@@ -30,6 +30,7 @@ class GenerationResponse:
     prefill_tok_s: float
     decode_tok_s: float
     finish_reason: str | None = None
+    predicted_tokens: int = 0  # prompt tokens whose K/V a KV predictor supplied
 
 
 @dataclass
@@ -111,8 +112,13 @@ def prefill(model: nn.Module, tokens: list[int], cache: PromptCache, chunk: int 
 @torch.no_grad()
 def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int = 256,
                     sampling: SamplingParams | None = None, stop: list[str] | None = None,
-                    prompt_cache: PromptCache | None = None) -> Iterator[GenerationResponse]:
-    """Yield text pieces as tokens are generated; with `prompt_cache`, reuse and extend its KV memory."""
+                    prompt_cache: PromptCache | None = None,
+                    kv_predictor: nn.Module | None = None) -> Iterator[GenerationResponse]:
+    """Yield text pieces as tokens are generated; with `prompt_cache`, reuse and extend its KV memory.
+
+    With `kv_predictor` (edgellm.kvpred), the uncached prompt tokens but the last get predicted K/V instead of a
+    base prefill; the base runs the last prompt token on top of them, then decodes alone.
+    """
     t0 = time.perf_counter()
     if max_tokens < 1:
         raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -123,7 +129,10 @@ def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[i
     if prompt_cache is None:
         prompt_cache = PromptCache(model, capacity=len(ids) + max_tokens)
     cached = prompt_cache.reuse(ids)
-    logits = prefill(model, ids[cached:], prompt_cache)
+    if kv_predictor is not None:
+        kv_predictor.prefill(model, ids[:-1], prompt_cache, start=cached)
+    predicted = len(prompt_cache.tokens) - cached
+    logits = prefill(model, ids[len(prompt_cache.tokens):], prompt_cache)
     history = torch.tensor(ids, dtype=torch.long)
     detok = tokenizer.detokenizer()
     stops = StopStringMatcher(stop or [])
@@ -137,7 +146,8 @@ def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[i
             text=text, token=token, prompt_tokens=len(ids), cached_tokens=cached,
             generation_tokens=len(generated), ttft_s=prefill_s,
             prefill_tok_s=(len(ids) - cached) / prefill_s if prefill_s > 0 else 0.0,
-            decode_tok_s=(len(generated) - 1) / decode_s if decode_s > 0 else 0.0, finish_reason=finish)
+            decode_tok_s=(len(generated) - 1) / decode_s if decode_s > 0 else 0.0, finish_reason=finish,
+            predicted_tokens=predicted)
 
     while True:
         token = sampler(logits, history if sampler.params.repetition_penalty != 1.0 else None)
@@ -165,16 +175,17 @@ def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[i
 
 def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int = 256,
              sampling: SamplingParams | None = None, stop: list[str] | None = None,
-             prompt_cache: PromptCache | None = None) -> GenerationResult:
+             prompt_cache: PromptCache | None = None, kv_predictor: nn.Module | None = None) -> GenerationResult:
     """Generate to completion and return the text with timing statistics."""
     text, tokens, last = [], [], None
-    for last in stream_generate(model, tokenizer, prompt, max_tokens, sampling, stop, prompt_cache):
+    for last in stream_generate(model, tokenizer, prompt, max_tokens, sampling, stop, prompt_cache, kv_predictor):
         text.append(last.text)
         if last.token is not None:
             tokens.append(last.token)
     return GenerationResult(text="".join(text), tokens=tokens, prompt_tokens=last.prompt_tokens,
                             cached_tokens=last.cached_tokens, ttft_s=last.ttft_s, prefill_tok_s=last.prefill_tok_s,
-                            decode_tok_s=last.decode_tok_s, finish_reason=last.finish_reason)
+                            decode_tok_s=last.decode_tok_s, finish_reason=last.finish_reason,
+                            stats={"predicted_tokens": last.predicted_tokens} if last.predicted_tokens else {})
 
 
 @dataclass

@@ -5,7 +5,9 @@ Module names equal the checkpoint's tensor names, so loading is a plain state-di
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,10 @@ from torch import nn
 from edgellm.kernels import Linear, fuse_linears, linear
 from edgellm.kv import DenseKVCache, KVCache, KVFormat, causal_mask, make_caches
 from edgellm.models.rope import RotaryEmbedding, apply_rope
+
+# Called per layer as tap(layer, k, v) with the pre-norm, pre-RoPE K/V (batch, seq, kv_heads*head_dim); returns
+# the K/V the layer goes on with: the same ones to observe them, others to replace them (KV Prediction).
+KVTap = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -94,21 +100,31 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
+    def place_kv(self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-RoPE K/V (batch, seq, kv_heads*head_dim) → the cached layout, with the key norm and RoPE applied."""
+        b, t, _ = k.shape
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "k_norm"):
+            k = self.k_norm(k)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        return k, v.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVCache | None, kv_tap: Callable | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         if self.qkv is not None:
             kv_dim = self.n_kv_heads * self.head_dim
             q, k, v = linear(x, *self.qkv).split([self.n_heads * self.head_dim, kv_dim, kv_dim], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if kv_tap is not None:
+            k, v = kv_tap(k, v)
         q = q.view(b, t, self.n_heads, self.head_dim)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self.q_norm(q)
         q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
+        k, v = self.place_kv(k, v, cos, sin)
         if hasattr(cache, "attend"):  # the cache computes attention itself, e.g. blockwise over quantized K/V
             out = cache.attend(q, k, v, mask, self.head_dim**-0.5)
         else:
@@ -148,8 +164,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+                cache: KVCache | None, kv_tap: Callable | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, kv_tap)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -196,9 +212,13 @@ class Model(nn.Module):
         return [DenseKVCache(batch, self.args.num_key_value_heads, self.args.head_dim, capacity, dtype, device)
                 for _ in range(self.args.num_hidden_layers)]
 
-    def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits (batch, seq, vocab) for `tokens` (batch, seq); with `last_only`, only the last position's."""
+    def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None, last_only: bool = False,
+                kv_tap: KVTap | None = None, num_layers: int | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for `tokens` (batch, seq); with `last_only`, only the last position's.
+
+        `kv_tap` sees (and may replace) every layer's pre-RoPE K/V; with `num_layers`, only the first that many
+        layers run and the hidden state is returned instead of logits (all the K/V a predictor needs).
+        """
         b, t = tokens.shape
         h = self.model.embed_tokens(tokens)
         offsets = getattr(cache[0], "offsets", None) if cache else None
@@ -210,11 +230,24 @@ class Model(nn.Module):
             positions = torch.arange(offset, offset + t, device=tokens.device).unsqueeze(0).expand(b, t)
             mask = causal_mask(offset, t, self.args.sliding_window, tokens.device)
         cos, sin = self.rope.cos_sin(positions, h.dtype)
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, mask, cache[i] if cache else None)
+        for i, layer in enumerate(self.model.layers[:num_layers]):
+            h = layer(h, cos, sin, mask, cache[i] if cache else None, partial(kv_tap, i) if kv_tap else None)
+        if num_layers is not None:
+            return h
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h))
+
+    def write_kv(self, keys: list[torch.Tensor], values: list[torch.Tensor], cache: list[KVCache]) -> None:
+        """Append externally computed pre-RoPE K/V, one (batch, seq, kv_heads*head_dim) pair per layer, to `cache`
+        at its current offset: the key norm and RoPE are applied here, at those positions, as `forward` would."""
+        b, t, _ = keys[0].shape
+        offset = cache[0].offset
+        positions = torch.arange(offset, offset + t, device=keys[0].device).unsqueeze(0).expand(b, t)
+        dtype = self.model.embed_tokens.weight.dtype
+        cos, sin = self.rope.cos_sin(positions, dtype)
+        for layer, k, v, layer_cache in zip(self.model.layers, keys, values, cache, strict=True):
+            layer_cache.update_and_fetch(*layer.self_attn.place_kv(k.to(dtype), v.to(dtype), cos, sin))
 
     def sanitize(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Drop tensors HF saves but the model recomputes (rotary tables) and a tied lm_head."""
