@@ -256,3 +256,49 @@ def test_cli_trains_a_predictor_that_generate_and_agents_use(llama_dir: Path, da
                  "--layer-map", "0,3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("edgellm: error:") and "layer map" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_kv_prediction_is_a_per_request_switch(llama_dir: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from edgellm.serve import create_app
+
+    model, tokenizer = load_model(llama_dir, "fp32"), Tokenizer(llama_dir)
+    model.name = "tiny"
+    store = AgentStore(tmp_path / "agents", model, tokenizer)
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+    with TestClient(create_app(model, tokenizer, store, kv_predictor=exact_predictor(model))) as client:
+        plain = client.post("/v1/completions", json=body).json()
+        predicted = client.post("/v1/completions", json={**body, "kv_prediction": True}).json()
+        assert predicted["choices"][0]["text"] == plain["choices"][0]["text"]  # a perfect predictor changes nothing
+        client.post("/v1/completions", json={**body, "kv_prediction": True}, headers={"X-Agent-Id": "p1"})
+        client.post("/v1/completions", json=body, headers={"X-Agent-Id": "n1"})
+    assert read_metadata(tmp_path / "agents" / "p1.safetensors")["predicted"] == "1"
+    assert read_metadata(tmp_path / "agents" / "n1.safetensors")["predicted"] == "0"
+    with TestClient(create_app(model, tokenizer, AgentStore(tmp_path / "b", model, tokenizer))) as client:
+        refused = client.post("/v1/completions", json={**body, "kv_prediction": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "kv_prediction"
+
+
+def test_bench_kvpred_table_json_and_plot(llama_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    base, tokenizer = load_model(llama_dir, "fp32"), Tokenizer(llama_dir)
+    perfect = exact_predictor(base)
+    perfect.meta["tokenizer_fingerprint"] = tokenizer.fingerprint
+    perfect.save(tmp_path / "perfect" / ARTIFACT)
+    recipe = KVPredRecipe(base=str(llama_dir), aux=None, aux_prune=0.5, layer_map=None, data=None)
+    build_predictor(base, tokenizer, recipe).save(tmp_path / "half.safetensors")
+    out, png = tmp_path / "bench.json", tmp_path / "pareto.png"
+    assert main(["bench", "kvpred", "--base", str(llama_dir), "--dtype", "fp32", "--predictors",
+                 f"{tmp_path / 'perfect'},{tmp_path / 'half.safetensors'}", "--lengths", "16,40", "--reps", "1",
+                 "--data", str(data_dir), "--windows", "2", "--prompt-tokens", "12", "--continuation", "4",
+                 "--code-examples", "3", "--code-context", "24", "--json", str(out), "--plot", str(png)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["methods"]}
+    assert list(rows) == ["base", "kvpred:perfect", "aux-alone:perfect", "kvpred:half", "aux-alone:half",
+                          "pruned-base:0.5"]
+    assert rows["base"]["greedy_agreement"] == 1.0
+    for key in ("next_token_accuracy", "perplexity", "greedy_agreement", "code_exact_match"):
+        assert rows["kvpred:perfect"][key] == pytest.approx(rows["base"][key], rel=1e-3)
+    # an untrained pruned aux alone is the pruned base: same quality, same FLOPs
+    assert rows["aux-alone:half"]["perplexity"] == pytest.approx(rows["pruned-base:0.5"]["perplexity"], rel=1e-4)
+    assert rows["kvpred:half"]["ttft_flops_vs_base"]["40"] < 1.0 == rows["base"]["ttft_flops_vs_base"]["40"]
+    assert png.read_bytes()[:4] == b"\x89PNG"

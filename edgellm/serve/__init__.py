@@ -38,7 +38,8 @@ def is_loopback(host: str) -> bool:
 
 def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, store_dir: str = "edgellm-agents",
           kv_format: str | None = None, memory_budget: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
-          api_key: str | None = None, dtype: str = "auto", prefill_chunk: int = 512) -> None:
+          api_key: str | None = None, dtype: str = "auto", prefill_chunk: int = 512,
+          kv_predictor: str | None = None) -> None:
     """Load the model and run the server until interrupted; agent memories are flushed to disk on exit."""
     import uvicorn
 
@@ -51,7 +52,11 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, sto
         raise InvalidRequestError("--max-concurrency and --prefill-chunk must be >= 1, --max-queue >= 0")
     budget = parse_bytes(memory_budget) if memory_budget else None
     model, tokenizer = load(model_path, dtype)
+    predictor = None
+    if kv_predictor:
+        from edgellm.kvpred import load_predictor
+        predictor = load_predictor(kv_predictor, model, tokenizer.fingerprint)
     store = AgentStore(store_dir, model, tokenizer, kv_format, budget)
     app = create_app(model, tokenizer, store, max_concurrency=max_concurrency, max_queue=max_queue,
-                     api_key=api_key, prefill_chunk=prefill_chunk)
+                     api_key=api_key, prefill_chunk=prefill_chunk, kv_predictor=predictor)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)

@@ -86,10 +86,15 @@ class _Gate:
 
 
 def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max_concurrency: int = 8,
-               max_queue: int = 64, api_key: str | None = None, prefill_chunk: int = 512) -> FastAPI:
-    """A FastAPI app serving `model`; the engine thread starts and stops with the app's lifespan."""
+               max_queue: int = 64, api_key: str | None = None, prefill_chunk: int = 512,
+               kv_predictor: nn.Module | None = None) -> FastAPI:
+    """A FastAPI app serving `model`; the engine thread starts and stops with the app's lifespan.
+
+    With `kv_predictor`, a request with `"kv_prediction": true` gets its prompt's KV cache predicted.
+    """
     metrics = ServerMetrics()
-    engine = Engine(model, tokenizer, store, metrics, max_concurrency, max_queue, prefill_chunk)
+    engine = Engine(model, tokenizer, store, metrics, max_concurrency, max_queue, prefill_chunk,
+                    kv_predictor=kv_predictor)
     model_id = getattr(model, "name", "edgellm")
     context = engine.context
 
@@ -160,10 +165,13 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                                   min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                                   seed=body.seed).validate()
         agent = agent_name(request, body)
+        if body.kv_prediction and kv_predictor is None:
+            raise p.ServeError("kv_prediction needs a server started with --kv-predictor", param="kv_prediction")
         generation = GenerationRequest(
             ids=ids, max_tokens=min(max_tokens or context, context - len(ids)), sampling=sampling,
             loop=asyncio.get_running_loop(), stop=body.stop_list(), presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty, agent=agent, messages=messages if agent else None)
+            frequency_penalty=body.frequency_penalty, agent=agent, messages=messages if agent else None,
+            kv_prediction=body.kv_prediction)
         engine.submit(generation)
         return generation
 
@@ -231,7 +239,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         with engine.store_lock:
             agents = store.stats()
         return {"status": "ok", "model": model_id, "active": engine.active, "queued": len(engine.waiting),
-                "max_concurrency": max_concurrency, "max_queue": max_queue, "context": context, "agents": agents}
+                "max_concurrency": max_concurrency, "max_queue": max_queue, "context": context, "agents": agents,
+                "kv_predictor": str(getattr(kv_predictor, "path", "loaded")) if kv_predictor is not None else None}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -32,7 +32,8 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """Sampling fields shared by both endpoints; top_k, min_p and repetition_penalty are extensions (as vLLM)."""
+    """Sampling fields shared by both endpoints; top_k, min_p and repetition_penalty are extensions (as vLLM),
+    as is kv_prediction."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -51,6 +52,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    kv_prediction: bool = False  # extension: predict the prompt's KV cache (server started with --kv-predictor)
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -54,6 +54,7 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     agent: str | None = None
     messages: list[dict] | None = None  # chat turns to remember with the agent (assistant reply appended)
+    kv_prediction: bool = False  # predict the uncached prompt's K/V (all but the last token) with the KV predictor
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
@@ -91,8 +92,9 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, store: AgentStore, metrics: ServerMetrics,
                  max_concurrency: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
-                 anonymous_caches: int = 8) -> None:
+                 anonymous_caches: int = 8, kv_predictor: nn.Module | None = None) -> None:
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
+        self.kv_predictor = kv_predictor
         self.max_concurrency, self.max_queue, self.prefill_chunk = max_concurrency, max_queue, prefill_chunk
         self.anonymous_caches = anonymous_caches
         self.context = int(model.args.max_position_embeddings)
@@ -242,12 +244,23 @@ class Engine:
                 break
             if not seq.pending:
                 continue
+            if seq.request.kv_prediction and self.kv_predictor is not None and len(seq.pending) > 1:
+                self._predict(seq)
             piece, seq.pending = seq.pending[:budget], seq.pending[budget:]
             logits = self.model(torch.tensor([piece], dtype=torch.long), seq.cache.layers, last_only=True)
             seq.cache.tokens.extend(piece)
             budget -= len(piece)
             if not seq.pending:
                 self._advance(seq, logits[0, -1])
+
+    def _predict(self, seq: _Sequence) -> None:
+        """Fill the cache with predicted K/V for every pending prompt token but the last, in one go: the aux pass
+        costs a fraction of a base prefill, so it is not split across steps."""
+        ids = seq.request.ids
+        self.kv_predictor.prefill(self.model, ids[:-1], seq.cache, start=len(seq.cache.tokens))
+        seq.pending = ids[len(seq.cache.tokens):]
+        if seq.agent is not None:
+            seq.agent.note_prediction(seq.cached, len(ids) - 1 - seq.cached)
 
     def _decode(self) -> None:
         batch = [s for s in self.running if not s.pending and s.generated]
@@ -306,6 +319,8 @@ class Engine:
         """Give the sequence's cache back: persist an agent's memory, or return an anonymous cache to the pool."""
         agent = seq.agent
         if agent is None:
+            if seq.request.kv_prediction:  # predicted K/V must not leak into requests that did not ask for them
+                return
             self.anonymous.append(seq.cache)
             del self.anonymous[:-self.anonymous_caches]
             return
