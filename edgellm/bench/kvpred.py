@@ -141,7 +141,11 @@ def _greedy(m: Method, prompt: list[int], steps: int, stop_text: Any = None) -> 
 
 def _code_examples(texts: list[str], tokenizer: Tokenizer, count: int, context: int,
                    seed: int) -> list[tuple[list[int], str]]:
-    """(prompt ids, the true next line): code up to the start of a non-trivial line, its last `context` tokens."""
+    """(prompt ids, the true next line): the code before a non-trivial line, its last `context` tokens.
+
+    The prompt stops before the newline that ends the previous line: byte-level BPE merges that newline with the
+    next line's indentation, so a prompt cut after it would end on a token the model rarely saw there.
+    """
     candidates = []
     for t, text in enumerate(texts):
         lines = text.splitlines(keepends=True)
@@ -156,7 +160,7 @@ def _code_examples(texts: list[str], tokenizer: Tokenizer, count: int, context: 
     examples = []
     for k in sorted(picks):
         t, offset, line = candidates[k]
-        ids = tokenizer.encode(texts[t][:offset])
+        ids = tokenizer.encode(texts[t][:offset - 1])
         examples.append((ids[:1] + ids[1:][-(context - 1):], line))  # keep BOS, then the nearest code
     return examples
 
@@ -176,9 +180,10 @@ def _quality(methods: list[Method], windows: torch.Tensor, prompt_tokens: int, c
                 base_greedy[w] = greedy
             agree += sum(a == b for a, b in zip(greedy, base_greedy[w], strict=False))
         exact = 0
-        for ids, line in code:
-            tokens = _greedy(m, ids, MAX_LINE_TOKENS, lambda toks: "\n" in tokenizer.decode(toks))
-            exact += tokenizer.decode(tokens).split("\n")[0].rstrip() == line.rstrip()
+        for ids, line in code:  # the completion must be "\n" + the line + "\n"
+            tokens = _greedy(m, ids, MAX_LINE_TOKENS, lambda toks: "\n" in tokenizer.decode(toks)[1:])
+            text = tokenizer.decode(tokens)
+            exact += text.startswith("\n") and text[1:].split("\n")[0].rstrip() == line.rstrip()
         results[m.name] = {"next_token_accuracy": round(correct / count, 4),
                            "perplexity": round(math.exp(nll / count), 3),
                            "greedy_agreement": round(agree / (len(windows) * continuation), 4),

@@ -39,6 +39,8 @@ def add_kvpred_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (cosine decay to 10%%)")
     p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--aux-loss-weight", type=float, default=1.0, help="weight of the aux's own cross-entropy")
+    p.add_argument("--kv-loss-weight", type=float, default=1.0, help="weight of the summed K/V L1 terms")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, help="stop after this much wall time (resume later with the same args)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
@@ -59,6 +61,6 @@ def run_kvpred(args: argparse.Namespace) -> None:
     recipe = KVPredRecipe(base=resolve(args.base), aux=resolve(args.aux), aux_prune=args.aux_prune,
                           layer_map=args.layer_map, data=resolve(args.data), steps=args.steps, seq_len=args.seq_len,
                           batch=args.batch, lr=args.lr, warmup_steps=min(args.warmup_steps, args.steps // 2),
-                          seed=args.seed)
+                          seed=args.seed, aux_loss_weight=args.aux_loss_weight, kv_loss_weight=args.kv_loss_weight)
     summary = train_predictor(recipe, args.out, args.minutes, progress=not args.quiet)
     print(json.dumps(summary, indent=2))

@@ -64,6 +64,8 @@ class KVPredRecipe:
     grad_clip: float = 1.0
     seed: int = 0
     heldout_percent: float = 2.0
+    aux_loss_weight: float = 1.0  # the paper's loss weighs all three terms 1
+    kv_loss_weight: float = 1.0
 
     def check(self) -> KVPredRecipe:
         if (self.aux is None) == (self.aux_prune is None):
@@ -75,6 +77,8 @@ class KVPredRecipe:
             raise KVPredictorError("--seq-len must be at least 2")
         if self.lr <= 0:
             raise KVPredictorError(f"--lr must be positive, got {self.lr}")
+        if self.aux_loss_weight < 0 or self.kv_loss_weight < 0:
+            raise KVPredictorError("loss weights must be >= 0")
         return self
 
 
@@ -158,8 +162,12 @@ def base_logits_on_predicted(base: Model, tokens: torch.Tensor, keys: list[torch
     return base(tokens, kv_tap=lambda i, k, v: (keys[i].to(k.dtype), values[i].to(v.dtype)))
 
 
-def kvpred_losses(base: Model, predictor: KVPredictor, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The three loss terms and their sum ('loss') for inputs `x` and next-token targets `y` (batch, seq)."""
+def kvpred_losses(base: Model, predictor: KVPredictor, x: torch.Tensor, y: torch.Tensor, aux_weight: float = 1.0,
+                  kv_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """The three loss terms and their weighted sum ('loss') for inputs `x` and next-token targets `y` (batch, seq).
+
+    kv_l1 sums, over base layers, the mean absolute error of the predicted keys and of the values.
+    """
     aux_logits, aux_kv = predictor.aux_forward(x)
     keys, values = predictor.project(aux_kv)
     target = true_kv(base, x)
@@ -168,7 +176,7 @@ def kvpred_losses(base: Model, predictor: KVPredictor, x: torch.Tensor, y: torch
     aux_ce = F.cross_entropy(aux_logits.float().flatten(0, 1), y.flatten())
     l1 = sum((k.float() - tk.float()).abs().mean() + (v.float() - tv.float()).abs().mean()
              for k, v, (tk, tv) in zip(keys, values, target, strict=True))
-    return {"loss": base_ce + aux_ce + l1, "base_ce": base_ce, "aux_ce": aux_ce, "kv_l1": l1}
+    return {"loss": base_ce + aux_weight * aux_ce + kv_weight * l1, "base_ce": base_ce, "aux_ce": aux_ce, "kv_l1": l1}
 
 
 def _optimizer(predictor: KVPredictor, recipe: KVPredRecipe) -> torch.optim.AdamW:
@@ -180,13 +188,15 @@ def _optimizer(predictor: KVPredictor, recipe: KVPredRecipe) -> torch.optim.Adam
 
 
 @torch.no_grad()
-def evaluate(base: Model, predictor: KVPredictor, windows: torch.Tensor, device: str) -> dict[str, float]:
+def evaluate(base: Model, predictor: KVPredictor, windows: torch.Tensor, device: str,
+             recipe: KVPredRecipe) -> dict[str, float]:
     """Mean loss terms over held-out windows (one window per pass)."""
     totals: dict[str, float] = {}
     for window in windows:
         block = window.unsqueeze(0).to(device)
         with autocast(device):
-            losses = kvpred_losses(base, predictor, block[:, :-1], block[:, 1:])
+            losses = kvpred_losses(base, predictor, block[:, :-1], block[:, 1:], recipe.aux_loss_weight,
+                                   recipe.kv_loss_weight)
         for k, v in losses.items():
             totals[k] = totals.get(k, 0.0) + v.item() / len(windows)
     return {k: round(v, 4) for k, v in totals.items()}
@@ -238,7 +248,7 @@ def train_predictor(recipe: KVPredRecipe, out: Path, minutes: float | None = Non
             group["lr"] = lr
         x, y = (t.to(device) for t in batches.get(state["step"]))
         with autocast(device):
-            losses = kvpred_losses(base, predictor, x, y)
+            losses = kvpred_losses(base, predictor, x, y, recipe.aux_loss_weight, recipe.kv_loss_weight)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         nn.utils.clip_grad_norm_(predictor.parameters(), recipe.grad_clip)
@@ -255,7 +265,7 @@ def train_predictor(recipe: KVPredRecipe, out: Path, minutes: float | None = Non
     bar.close()
     checkpoint()
     predictor.eval()
-    heldout = evaluate(base, predictor, eval_windows, device)
+    heldout = evaluate(base, predictor, eval_windows, device, recipe)
     summary = {"steps": state["step"], "planned_steps": recipe.steps, "tokens_seen": state["tokens_seen"],
                "wall_time_s": round(state["wall_time"], 1),
                "final_train": {k: round(sum(r[k] for r in recent) / len(recent), 4) for k in recent[-1]}
