@@ -227,7 +227,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 def test_cli_trains_a_predictor_that_generate_and_agents_use(llama_dir: Path, data_dir: Path, tmp_path: Path,
-                                                             capsys) -> None:
+                                                             checkpoint, capsys) -> None:
     out = tmp_path / "kvp"
     argv = ["kvpred", "train", "--base", str(llama_dir), "--aux-prune", "0.5", "--data", str(data_dir),
             "--steps", "2", "--seq-len", "32", "--batch", "1", "--out", str(out), "--quiet"]
@@ -256,6 +256,16 @@ def test_cli_trains_a_predictor_that_generate_and_agents_use(llama_dir: Path, da
                  "--layer-map", "0,3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("edgellm: error:") and "layer map" in err and len(err.strip().splitlines()) == 1
+    deep, stranger = checkpoint("llama", num_hidden_layers=3), checkpoint("llama", seed=5)
+    capsys.readouterr()  # transformers' save progress bars
+    assert main(["kvpred", "train", "--base", str(llama_dir), "--aux", str(deep), "--out", str(other),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "must not be deeper" in err and len(err.strip().splitlines()) == 1
+    assert main(["generate", "--model", str(stranger), "--kv-predictor", str(out),
+                 "--prompt", PROMPT, "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "another base model" in err and len(err.strip().splitlines()) == 1
 
 
 def test_serve_kv_prediction_is_a_per_request_switch(llama_dir: Path, tmp_path: Path) -> None:
