@@ -1,4 +1,9 @@
-"""KV Prediction: an auxiliary model predicts the base model's prompt KV cache to cut time to first token."""
+"""KV Prediction: an auxiliary model predicts the base model's prompt KV cache to cut time to first token.
+
+    model, tokenizer = edgellm.load("runs/base")
+    predictor = load_predictor("runs/kvp-half", model, tokenizer.fingerprint)  # validated against both
+    edgellm.generate(model, tokenizer, prompt, kv_predictor=predictor)  # also stream_generate, Agent.stream
+"""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from edgellm.errors import EdgeLLMError
 from edgellm.kernels import Linear
-from edgellm.models.llama import Model, ModelArgs
+from edgellm.models.llama import KVTap, Model, ModelArgs
 
 FORMAT_VERSION = 1
 ARTIFACT = "kv_predictor.safetensors"
@@ -97,6 +97,14 @@ def prune_model(base: Model, keep_fraction: float) -> tuple[Model, list[int]]:
     return aux, kept
 
 
+def kv_recorder(store: list[tuple[torch.Tensor, torch.Tensor]]) -> KVTap:
+    """A K/V tap that appends every layer's pre-RoPE (k, v) to `store` and lets them through unchanged."""
+    def tap(_layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        store.append((k, v))
+        return k, v
+    return tap
+
+
 def kv_dim(args: ModelArgs) -> int:
     return args.num_key_value_heads * args.head_dim
 
@@ -131,12 +139,7 @@ class KVPredictor(nn.Module):
                     logits: bool = True) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor]]]:
         """The aux's logits (None unless asked) and every aux layer's pre-RoPE K/V, in one pass over `tokens`."""
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-        def capture(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            kv.append((k, v))
-            return k, v
-
-        out = self.aux(tokens, kv_tap=capture, num_layers=None if logits else self.aux.args.num_hidden_layers)
+        out = self.aux(tokens, kv_tap=kv_recorder(kv), num_layers=None if logits else self.aux.args.num_hidden_layers)
         return (out if logits else None), kv
 
     def project(self, aux_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor],
@@ -154,12 +157,7 @@ class KVPredictor(nn.Module):
         for start in range(0, len(tokens), AUX_CHUNK):
             piece = torch.tensor([tokens[start:start + AUX_CHUNK]], dtype=torch.long)
             kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-            def capture(i: int, k: torch.Tensor, v: torch.Tensor, kv=kv) -> tuple[torch.Tensor, torch.Tensor]:
-                kv.append((k, v))
-                return k, v
-
-            self.aux(piece, cache, kv_tap=capture, num_layers=self.aux.args.num_hidden_layers)
+            self.aux(piece, cache, kv_tap=kv_recorder(kv), num_layers=self.aux.args.num_hidden_layers)
             parts.append(self.project(kv))
         if len(parts) == 1:
             return parts[0]

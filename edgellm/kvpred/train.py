@@ -23,6 +23,7 @@ from edgellm.kvpred.predictor import (
     ARTIFACT,
     KVPredictor,
     KVPredictorError,
+    kv_recorder,
     model_config,
     parse_layer_map,
     prune_model,
@@ -146,13 +147,8 @@ def build_predictor(base: Model, base_tokenizer: Tokenizer, recipe: KVPredRecipe
 def true_kv(base: Model, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The base's own pre-RoPE K/V for every layer (no logits computed)."""
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def capture(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kv.append((k, v))
-        return k, v
-
     with torch.no_grad():
-        base(tokens, kv_tap=capture, num_layers=base.args.num_hidden_layers)
+        base(tokens, kv_tap=kv_recorder(kv), num_layers=base.args.num_hidden_layers)
     return kv
 
 
