@@ -312,3 +312,20 @@ def test_bench_kvpred_table_json_and_plot(llama_dir: Path, data_dir: Path, tmp_p
     assert rows["aux-alone:half"]["perplexity"] == pytest.approx(rows["pruned-base:0.5"]["perplexity"], rel=1e-4)
     assert rows["kvpred:half"]["ttft_flops_vs_base"]["40"] < 1.0 == rows["base"]["ttft_flops_vs_base"]["40"]
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stopped_run_resumes_to_the_same_predictor(llama_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from edgellm.kvpred.train import train_predictor
+
+    recipe = KVPredRecipe(base=str(llama_dir), aux=None, aux_prune=0.5, layer_map=None, data=str(data_dir),
+                          steps=3, seq_len=16, batch=1, warmup_steps=1)
+    train_predictor(recipe, tmp_path / "straight", progress=False)
+    assert train_predictor(recipe, tmp_path / "resumed", minutes=1e-9, progress=False)["steps"] == 0
+    assert train_predictor(recipe, tmp_path / "resumed", progress=False)["steps"] == 3
+    straight, resumed = load_file(tmp_path / "straight" / ARTIFACT), load_file(tmp_path / "resumed" / ARTIFACT)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert not torch.equal(straight["k_proj.0.weight"], torch.eye(32))  # it did train
+    with pytest.raises(KVPredictorError, match="different recipe"):
+        train_predictor(KVPredRecipe(**{**recipe.__dict__, "lr": 1e-2}), tmp_path / "resumed", progress=False)
