@@ -305,8 +305,10 @@ def test_bench_kvpred_table_json_and_plot(llama_dir: Path, data_dir: Path, tmp_p
     rows = {r["method"]: r for r in json.loads(out.read_text())["methods"]}
     assert list(rows) == ["base", "kvpred:perfect", "aux-alone:perfect", "kvpred:half", "aux-alone:half",
                           "pruned-base:0.5"]
-    assert rows["base"]["greedy_agreement"] == 1.0
-    for key in ("next_token_accuracy", "perplexity", "greedy_agreement", "code_exact_match"):
+    assert rows["base"]["greedy_agreement"] == rows["base"]["first_token_agreement"] == 1.0
+    assert rows["base"]["greedy_common_prefix"] == 4
+    for key in ("next_token_accuracy", "perplexity", "first_token_agreement", "greedy_agreement",
+                "greedy_common_prefix", "code_exact_match"):
         assert rows["kvpred:perfect"][key] == pytest.approx(rows["base"][key], rel=1e-3)
     # an untrained pruned aux alone is the pruned base: same quality, same FLOPs
     assert rows["aux-alone:half"]["perplexity"] == pytest.approx(rows["pruned-base:0.5"]["perplexity"], rel=1e-4)

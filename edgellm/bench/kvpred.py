@@ -5,7 +5,8 @@ each predictor's trained aux used alone, and the base pruned to each predictor's
 TTFT FLOPs are analytic (edgellm.kvpred.flops); measured TTFT runs random prompts (the model's window does not
 limit timing: RoPE positions past it only change values). Quality uses held-out text the predictors did not
 train on (the same split as `edgellm kvpred train`): next-token accuracy and perplexity of the true continuation
-after each prompt, greedy agreement with the base, and exact match of the next line of held-out Python code.
+after each prompt; agreement with the base's greedy tokens (the first token, position by position over the
+continuation, and the common prefix length); and exact match of the next line of held-out Python code.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def _quality(methods: list[Method], windows: torch.Tensor, prompt_tokens: int, c
     base_greedy = {}
     results = {}
     for m in methods:
-        nll, correct, agree, count = 0.0, 0, 0, 0
+        nll, correct, agree, first, prefix, count = 0.0, 0, 0, 0, 0, 0
         for w, window in enumerate(windows.tolist()):
             prompt, target = window[:prompt_tokens], window[prompt_tokens:prompt_tokens + continuation]
             s, c = _continuation(m, prompt, target)
@@ -178,7 +179,9 @@ def _quality(methods: list[Method], windows: torch.Tensor, prompt_tokens: int, c
             greedy = _greedy(m, prompt, continuation)
             if m.kind == "base":
                 base_greedy[w] = greedy
-            agree += sum(a == b for a, b in zip(greedy, base_greedy[w], strict=False))
+            same = [a == b for a, b in zip(greedy, base_greedy[w], strict=False)]
+            agree, first = agree + sum(same), first + same[0]
+            prefix += same.index(False) if False in same else len(same)
         exact = 0
         for ids, line in code:  # the completion must be "\n" + the line + "\n"
             tokens = _greedy(m, ids, MAX_LINE_TOKENS, lambda toks: "\n" in tokenizer.decode(toks)[1:])
@@ -186,7 +189,9 @@ def _quality(methods: list[Method], windows: torch.Tensor, prompt_tokens: int, c
             exact += text.startswith("\n") and text[1:].split("\n")[0].rstrip() == line.rstrip()
         results[m.name] = {"next_token_accuracy": round(correct / count, 4),
                            "perplexity": round(math.exp(nll / count), 3),
+                           "first_token_agreement": round(first / len(windows), 4),
                            "greedy_agreement": round(agree / (len(windows) * continuation), 4),
+                           "greedy_common_prefix": round(prefix / len(windows), 2),
                            "code_exact_match": round(exact / len(code), 4) if code else None}
         print(f"[bench kvpred] quality {m.name}: {results[m.name]}", file=sys.stderr)
     return results
@@ -240,13 +245,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_table(report: dict[str, Any]) -> None:
     lengths = report["settings"]["lengths"]
-    head = f"{'method':<28} {'acc':>6} {'ppl':>8} {'agree':>6} {'code':>6}"
+    head = f"{'method':<28} {'acc':>6} {'ppl':>8} {'first':>6} {'agree':>6} {'prefix':>6} {'code':>6}"
     head += "".join(f" {'GF@' + str(n):>10} {'ms@' + str(n):>9}" for n in lengths)
     print(head)
     for r in report["methods"]:
         code = "-" if r["code_exact_match"] is None else f"{r['code_exact_match']:.3f}"
         line = (f"{r['method']:<28} {r['next_token_accuracy']:>6.3f} {r['perplexity']:>8.2f} "
-                f"{r['greedy_agreement']:>6.3f} {code:>6}")
+                f"{r['first_token_agreement']:>6.3f} {r['greedy_agreement']:>6.3f} {r['greedy_common_prefix']:>6.1f} "
+                f"{code:>6}")
         line += "".join(f" {r['ttft_gflops'][n]:>10.2f} {r['ttft_s'][n] * 1000:>9.0f}" for n in lengths)
         print(line)
 
