@@ -89,9 +89,9 @@ def training_texts(data: str | Path | None, heldout_percent: float = 2.0) -> tup
     path = Path(data) if data is not None else None
     if path is not None and path.is_file():
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
-        cut = max(1, min(len(lines) - 1, round(len(lines) * (1 - heldout_percent / 100))))
         if len(lines) < 2:
             raise KVPredictorError(f"{path} has fewer than 2 lines: nothing to hold out")
+        cut = max(1, min(len(lines) - 1, round(len(lines) * (1 - heldout_percent / 100))))
         return ["".join(lines[:cut])], ["".join(lines[cut:])], str(path)
     if path is not None and not path.exists():
         raise KVPredictorError(f"--data {path} does not exist; pass a directory of .py files or a text file")
