@@ -92,6 +92,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from edgellm import PromptCache, load, stream_generate
     sampling = _sampling(args)
     model, tokenizer = load(args.model, args.dtype)
+    predictor = _kv_predictor(args, model, tokenizer)
     agent = _open_agent(args, model, tokenizer) if args.agent else None
     cache = agent.cache if agent else PromptCache(model, capacity=1024)
     messages: list[dict] = agent.messages if agent else []
@@ -111,7 +112,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "user", "content": user})
         ids = tokenizer.encode_chat(messages)
         reply, last = [], None
-        for last in stream_generate(model, tokenizer, ids, args.max_tokens, sampling, args.stop, cache):
+        for last in stream_generate(model, tokenizer, ids, args.max_tokens, sampling, args.stop, cache, predictor):
+            if agent:
+                agent.note_prediction(last.cached_tokens, last.predicted_tokens)
             reply.append(last.text)
             print(last.text, end="", flush=True)
         print()
@@ -200,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     _agent_args(p)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--kv-predictor", default=None, help="KV predictor: predict each turn's new prompt K/V")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("agents", help="list, show or remove saved agent memories")

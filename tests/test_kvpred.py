@@ -331,3 +331,22 @@ def test_stopped_run_resumes_to_the_same_predictor(llama_dir: Path, data_dir: Pa
     assert not torch.equal(straight["k_proj.0.weight"], torch.eye(32))  # it did train
     with pytest.raises(KVPredictorError, match="different recipe"):
         train_predictor(KVPredRecipe(**{**recipe.__dict__, "lr": 1e-2}), tmp_path / "resumed", progress=False)
+
+
+def test_chat_with_a_perfect_predictor_answers_as_without(llama_dir: Path, tmp_path: Path, monkeypatch,
+                                                          capsys) -> None:
+    base, tokenizer = load_model(llama_dir, "fp32"), Tokenizer(llama_dir)
+    perfect = exact_predictor(base)
+    perfect.meta["tokenizer_fingerprint"] = tokenizer.fingerprint
+    perfect.save(tmp_path / "perfect.safetensors")
+    calls, prefill = [], KVPredictor.prefill
+    monkeypatch.setattr(KVPredictor, "prefill",
+                        lambda self, *a, **k: calls.append(k["start"]) or prefill(self, *a, **k))
+    outputs = []
+    for extra in ([], ["--kv-predictor", str(tmp_path / "perfect.safetensors")]):
+        turns = iter(["hello there", "and again", ""])
+        monkeypatch.setattr("builtins.input", lambda _prompt, turns=turns: next(turns))
+        assert main(["chat", "--model", str(llama_dir), "--dtype", "fp32", "--max-tokens", "5", *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].strip()
+    assert len(calls) == 2 and calls[0] == 0 < calls[1]  # the second turn predicts only past the reused prefix
