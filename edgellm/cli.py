@@ -158,6 +158,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
           f"{r.input_bytes / 2**20:.1f} MiB -> {r.output_bytes / 2**20:.1f} MiB in {r.seconds:.1f} s")
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from edgellm.quant.gguf_write import export_gguf
+    out = export_gguf(args.in_dir, args.out, args.type)
+    print(f"wrote {out} ({args.type}, {out.stat().st_size / 2**20:.1f} MiB)")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from edgellm.train import run_train
     run_train(args)
@@ -214,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "bf16 or fp32")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export-gguf", help="write a checkpoint as a llama.cpp GGUF file")
+    p.add_argument("in_dir", help="HF model directory (full precision or from `edgellm quantize`)")
+    p.add_argument("out", help="output .gguf file")
+    p.add_argument("--type", default="f16", help="f16, q8_0, q4_0 or f32 (norms stay f32; quantized blocks are kept)")
+    p.set_defaults(func=cmd_export_gguf)
 
     p = sub.add_parser("train", help="train a tokenizer and a small Llama model on the Python stdlib")
     from edgellm.train import add_train_arguments

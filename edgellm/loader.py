@@ -168,8 +168,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
 
 def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
-    """Model and tokenizer from a HF directory; with no path, edgellm's built-in default model."""
+    """Model and tokenizer from a HF directory or a .gguf file; with no path, edgellm's built-in default model."""
     if path is None:
         from edgellm.assets import default_model_path
         path = default_model_path()
+    if str(path).lower().endswith(".gguf"):
+        from edgellm.quant.gguf_read import load_gguf  # lazy: gguf_read imports this module
+        return load_gguf(path, dtype, device)
     return load_model(path, dtype, device), Tokenizer(path)

@@ -20,7 +20,7 @@ from gguf import LlamaFileType, TokenType
 from tokenizers import Tokenizer as HFTokenizer
 
 from edgellm.errors import UnsupportedModelError
-from edgellm.loader import read_config, read_weights
+from edgellm.loader import quant_format, read_config, read_weights
 from edgellm.models import family_for
 from edgellm.models.rope import RotaryEmbedding
 from edgellm.quant.formats import GGML_BLOCK, QuantizedTensor, quantize
@@ -34,11 +34,13 @@ from edgellm.quant.gguf import (
     permute_qk,
     qk_heads,
 )
+from edgellm.quant.linear import projection_names
 
 EXPORT_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
                 "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}
 QUANT_TYPES = {"q8_0": GT.Q8_0, "q4_0": GT.Q4_0}
 QUANT_TYPES_BY_GT = {v: k for k, v in QUANT_TYPES.items()}
+CARRIED_FORMATS = {**QUANT_TYPES, "mxfp4": GT.MXFP4}  # edgellm formats whose blocks are GGUF's, byte for byte
 GGUF_ARCH = {model_type: arch for arch, (_, model_type, _) in ARCHITECTURES.items()} | {"mistral": "llama"}
 
 
@@ -88,12 +90,9 @@ def plan_tensors(weights: dict[str, torch.Tensor | QuantizedTensor], config: dic
             raise UnsupportedModelError(f"{path}: tensor {hf} has no GGUF equivalent; cannot export it")
         n = qk_heads(hf, heads, kv_heads) if permuted else None
         if isinstance(tensor, QuantizedTensor):
-            if tensor.fmt.name not in QUANT_TYPES:
-                raise GGUFError(f"{path}: tensor {hf} is in format {tensor.fmt.name}, which GGUF export cannot "
-                                f"carry over; export the original model, or use formats {', '.join(QUANT_TYPES)}")
             if n is not None:
                 tensor = QuantizedTensor(tensor.fmt, tensor.shape, {"blocks": permute_qk(tensor.data["blocks"], n)})
-            plans.append(TensorPlan(name, tensor, QUANT_TYPES[tensor.fmt.name]))
+            plans.append(TensorPlan(name, tensor, CARRIED_FORMATS[tensor.fmt.name]))
             continue
         if n is not None:
             tensor = permute_qk(tensor, n)
@@ -203,21 +202,42 @@ def add_hyperparameters(writer: gguf.GGUFWriter, config: dict, args, path: Path)
     return None
 
 
+def checkpoint_weights(src: Path, config: dict, family, args) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """The checkpoint's tensors; an `edgellm quantize` checkpoint's projections become QuantizedTensors (kept
+    as they are where GGUF has the same blocks, dequantized to float for intN/ternary formats)."""
+    weights: dict[str, torch.Tensor | QuantizedTensor] = dict(read_weights(src))
+    fmt = quant_format(config, src)
+    if fmt is None:
+        return weights
+    with torch.device("meta"):
+        model = family.Model(args)
+    for name in projection_names(model):
+        layer = model.get_submodule(name)
+        keys = [f"{name}.{key}" for key in fmt.data_shapes(layer.out_features, layer.in_features)]
+        if all(key in weights for key in keys):
+            qt = QuantizedTensor(fmt, (layer.out_features, layer.in_features),
+                                 {key.rsplit(".", 1)[1]: weights.pop(key) for key in keys})
+            weights[f"{name}.weight"] = qt if fmt.name in CARRIED_FORMATS else qt.dequantize()
+    return weights
+
+
 def export_gguf(src: str | Path, out: str | Path, ftype: str = "f16") -> Path:
     """Write the checkpoint directory `src` as a llama.cpp GGUF file `out` with weights in `ftype`
-    (f32, f16, q8_0 or q4_0; see target_type for the per-tensor rules). Returns `out`."""
+    (f32, f16, q8_0 or q4_0; see target_type for the per-tensor rules). Projections of an `edgellm quantize`
+    checkpoint in q8_0/q4_0/mxfp4 keep their blocks bit for bit whatever `ftype` says. Returns `out`."""
     src, out = Path(src), Path(out)
     if ftype not in EXPORT_TYPES:
         raise GGUFError(f"unknown GGUF export type {ftype!r}; use one of {', '.join(EXPORT_TYPES)}")
     config = read_config(src)
-    args = family_for(config).ModelArgs.from_config(config)
+    family = family_for(config)
+    args = family.ModelArgs.from_config(config)
     arch = GGUF_ARCH.get(args.model_type)
     if arch is None:
         raise UnsupportedModelError(f"{src}: model_type {args.model_type!r} cannot be exported to GGUF; "
                                     f"exportable: {', '.join(GGUF_ARCH)}")
     config = {**config, "num_key_value_heads": args.num_key_value_heads,
               "tie_word_embeddings": args.tie_word_embeddings}
-    weights: dict[str, torch.Tensor | QuantizedTensor] = dict(read_weights(src))
+    weights = checkpoint_weights(src, config, family, args)
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
