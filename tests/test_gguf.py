@@ -237,6 +237,36 @@ def test_llama3_style_pre_tokenizer_roundtrips(checkpoint, tmp_path):
         assert tok.encode(text) == Tokenizer(path).encode(text), text
 
 
+def test_sentencepiece_vocabulary_matches_sentencepiece(tmp_path):
+    """A llama-style (`tokenizer.ggml.model` llama) vocabulary, written as llama.cpp's converter writes one."""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SAMPLE_TEXT), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400, model_type="bpe", byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1,
+        eos_id=2, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    ids = range(sp.vocab_size())
+    writer = gguf.GGUFWriter(tmp_path / "sp.gguf", "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in ids])
+    writer.add_token_scores([sp.get_score(i) for i in ids])
+    writer.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+                            for i in ids])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    tok = gguf_tokenizer(open_gguf(tmp_path / "sp.gguf"), tmp_path / "sp.gguf")
+    for text in [*TEXTS, "€ unseen ☃ chars", " leading space"]:
+        assert tok.encode(text) == [1, *sp.encode(text)], text
+        assert tok.decode(tok.encode(text)) == text
+
+
 def test_unsupported_tensor_type_is_named(checkpoint, tmp_path):
     base = export_gguf(checkpoint("llama"), tmp_path / "m.gguf", "f16")
     iq = np.zeros((128, 2 * 18), dtype=np.uint8)  # IQ4_NL: 18-byte blocks of 32

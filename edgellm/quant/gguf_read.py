@@ -70,6 +70,11 @@ def gguf_config(reader: GGUFReader, path: Path) -> dict:
 
     n_heads = get("attention.head_count")
     hidden = get("embedding_length")
+    rope_dims = field(reader, f"{arch}.rope.dimension_count")
+    head_dim = field(reader, f"{arch}.attention.key_length") or rope_dims or hidden // n_heads
+    if rope_dims not in (None, head_dim):
+        raise UnsupportedModelError(f"{path}: rotary embedding over {rope_dims} of {head_dim} head dims (partial "
+                                    "rotary) is not supported")
     names = {t.name for t in reader.tensors}
     vocab = field(reader, f"{arch}.vocab_size") or len(field(reader, "tokenizer.ggml.tokens", []))
     if not vocab:
@@ -79,7 +84,7 @@ def gguf_config(reader: GGUFReader, path: Path) -> dict:
         "hidden_size": hidden, "num_hidden_layers": get("block_count"),
         "intermediate_size": get("feed_forward_length"), "num_attention_heads": n_heads,
         "num_key_value_heads": get("attention.head_count_kv", n_heads),
-        "head_dim": get("attention.key_length", hidden // n_heads),
+        "head_dim": head_dim,
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
         "max_position_embeddings": get("context_length", 2048), "rope_theta": get("rope.freq_base", 10000.0),
         "vocab_size": vocab, "tie_word_embeddings": "output.weight" not in names,
