@@ -207,11 +207,11 @@ def test_builtin_tokenizer_roundtrips_through_gguf_metadata(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     writer.close()
-    reader = open_gguf(tmp_path / "tok.gguf")
-    assert reader.get_field("tokenizer.ggml.pre").contents() == "gpt-2"
-    assert reader.get_field("tokenizer.ggml.add_bos_token").contents() is True
-    assert reader.get_field("tokenizer.ggml.eot_token_id").contents() == 6  # <|end|> stops chat turns
-    tok, original = gguf_tokenizer(reader, tmp_path / "tok.gguf"), Tokenizer(path)
+    fields = gguf.GGUFReader(tmp_path / "tok.gguf").fields
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    assert fields["tokenizer.ggml.eot_token_id"].contents() == 6  # <|end|> stops chat turns
+    tok, original = gguf_tokenizer(open_gguf(tmp_path / "tok.gguf"), tmp_path / "tok.gguf"), Tokenizer(path)
     for text in [*TEXTS, Path(__file__).read_text(encoding="utf-8")[:3000]]:
         assert tok.encode(text) == original.encode(text)
     assert tok.chat_template == original.chat_template and tok.eos_token_ids == original.eos_token_ids

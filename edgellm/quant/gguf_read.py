@@ -9,13 +9,17 @@ same logits as llama.cpp up to rounding). Anything else is refused by name.
 from __future__ import annotations
 
 import hashlib
+import math
+import mmap
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
-from gguf import GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
@@ -33,28 +37,116 @@ KEPT_QUANTIZED = {GT.Q8_0: "q8_0", GT.Q4_0: "q4_0", GT.MXFP4: "mxfp4"}
 DEQUANTIZED = (GT.Q4_K, GT.Q5_K, GT.Q6_K, GT.Q2_K, GT.Q3_K, GT.Q4_1, GT.Q5_0, GT.Q5_1)
 FLOATS = {GT.F32: torch.float32, GT.F16: torch.float16, GT.BF16: torch.bfloat16}
 SUPPORTED = ", ".join(t.name for t in (*FLOATS, *KEPT_QUANTIZED, *DEQUANTIZED))
-TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 3, 4, 6
+TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
 
 
-def open_gguf(path: Path) -> GGUFReader:
+GGUF_MAGIC = 0x46554747  # b"GGUF" read as little-endian uint32
+STRING, ARRAY = 8, 9
+SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor of the file: its raw bytes, memory-mapped, as rows of ggml's innermost dimension."""
+
+    name: str
+    tensor_type: GT
+    shape: tuple[int, ...]  # [out, in] as torch/HF order it: ggml's dimensions reversed
+    data: np.ndarray  # uint8 [..., bytes per row]
+
+
+class GGUFFile:
+    """A GGUF file's metadata and tensor table, parsed straight from a copy-on-write memory map.
+
+    gguf.GGUFFile makes several numpy views per metadata value, which takes minutes for a 128k-token
+    vocabulary with 280k merges; struct-unpacking the strings takes about a second. The map is private
+    (copy-on-write), so torch takes tensors from it without a copy and without a read-only warning.
+    """
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.pos = 0
+        magic, version = self._unpack("<II")
+        if magic != GGUF_MAGIC:
+            raise ValueError("no GGUF magic at the start of the file")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors, n_kv = self._unpack("<QQ")
+        self.fields: dict[str, Any] = {}
+        self.spans: dict[str, tuple[int, int]] = {}  # byte range of each key/value, for fingerprints
+        for _ in range(n_kv):
+            start = self.pos
+            key = self._string()
+            self.fields[key] = self._value(self._unpack("<I")[0])
+            self.spans[key] = (start, self.pos)
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = self._unpack(f"<{self._unpack('<I')[0]}Q")
+            infos.append((name, dims, *self._unpack("<IQ")))
+        align = self.fields.get("general.alignment", 32)
+        self.data_offset = -(-self.pos // align) * align
+        self.tensors = [self._tensor(*info) for info in infos]
+
+    def _unpack(self, fmt: str) -> tuple:
+        values = struct.unpack_from(fmt, self.map, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return values
+
+    def _string(self) -> str:
+        (n,) = self._unpack("<Q")
+        raw = self.map[self.pos:self.pos + n]
+        if len(raw) != n:
+            raise ValueError("a string runs past the end of the file")
+        self.pos += n
+        return raw.decode("utf-8")
+
+    def _value(self, vtype: int) -> Any:
+        if vtype == STRING:
+            return self._string()
+        if vtype != ARRAY:
+            return self._unpack("<" + SCALARS[vtype])[0]
+        etype, count = self._unpack("<IQ")
+        if etype in (STRING, ARRAY):
+            return [self._value(etype) for _ in range(count)]
+        dtype = np.dtype("<" + SCALARS[etype])
+        if self.pos + count * dtype.itemsize > len(self.map):
+            raise ValueError("an array runs past the end of the file")
+        values = np.frombuffer(self.map, dtype, count, self.pos).tolist()
+        self.pos += count * dtype.itemsize
+        return values
+
+    def _tensor(self, name: str, dims: tuple[int, ...], raw_type: int, offset: int) -> GGUFTensor:
+        qtype = GT(raw_type)
+        block, size = GGML_QUANT_SIZES[qtype]
+        if not dims or dims[0] % block:
+            raise ValueError(f"tensor {name} has rows of {dims[0] if dims else 0}, not whole {qtype.name} blocks")
+        row_bytes = dims[0] // block * size
+        nbytes = row_bytes * math.prod(dims[1:])
+        start = self.data_offset + offset
+        if start + nbytes > len(self.map):
+            raise ValueError(f"tensor {name} runs past the end of the file")
+        data = np.frombuffer(self.map, np.uint8, nbytes, start).reshape(*reversed(dims[1:]), row_bytes)
+        return GGUFTensor(name, qtype, tuple(reversed(dims)), data)
+
+
+def open_gguf(path: Path) -> GGUFFile:
     """The parsed GGUF header with memory-mapped tensors, or a GGUFError for a damaged or truncated file."""
     if not path.is_file():
         raise GGUFError(f"GGUF file {path} does not exist")
     try:
-        # 'c' (copy-on-write) maps the file read-only on disk but writable in memory, so torch takes the arrays
-        # without a copy or a non-writable warning.
-        return GGUFReader(path, "c")
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError) as e:
-        raise GGUFError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated "
-                        "or damaged, re-download or re-export it") from e
+        return GGUFFile(path)
+    except (ValueError, KeyError, struct.error, UnicodeDecodeError, OSError) as e:
+        raise GGUFError(f"{path} is not a readable GGUF file ({e}); it may be truncated or damaged, "
+                        "re-download or re-export it") from e
 
 
-def field(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    f = reader.get_field(key)
-    return default if f is None else f.contents()
+def field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.fields.get(key, default)
 
 
-def gguf_config(reader: GGUFReader, path: Path) -> dict:
+def gguf_config(reader: GGUFFile, path: Path) -> dict:
     """An HF-style config.json dict from the GGUF hyper-parameters, so ModelArgs.from_config reads it as usual."""
     arch = field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
@@ -75,10 +167,10 @@ def gguf_config(reader: GGUFReader, path: Path) -> dict:
     if rope_dims not in (None, head_dim):
         raise UnsupportedModelError(f"{path}: rotary embedding over {rope_dims} of {head_dim} head dims (partial "
                                     "rotary) is not supported")
-    names = {t.name for t in reader.tensors}
-    vocab = field(reader, f"{arch}.vocab_size") or len(field(reader, "tokenizer.ggml.tokens", []))
-    if not vocab:
-        vocab = int(next(t.shape[1] for t in reader.tensors if t.name == "token_embd.weight"))
+    names = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in names:
+        raise GGUFError(f"{path} has no token_embd.weight tensor; the GGUF file is incomplete")
+    vocab = names["token_embd.weight"].shape[0]  # embedding rows, which may exceed the tokenizer's vocabulary
     config = {
         "architectures": [hf_arch], "model_type": model_type,
         "hidden_size": hidden, "num_hidden_layers": get("block_count"),
@@ -99,19 +191,11 @@ def gguf_config(reader: GGUFReader, path: Path) -> dict:
     return config
 
 
-def tensor_torch(t: Any) -> torch.Tensor:
-    """A float GGUF tensor as a torch view of the mapped file, in the [out, in] order of HF checkpoints."""
-    shape = tuple(reversed([int(d) for d in t.shape]))
-    if t.tensor_type == GT.BF16:
-        return torch.from_numpy(t.data.view(np.int16)).view(torch.bfloat16).reshape(shape)
-    return torch.from_numpy(t.data).reshape(shape)
-
-
-def read_tensor(t: Any, dtype: torch.dtype, path: Path, keep_quantized: bool) -> torch.Tensor | QuantizedTensor:
+def read_tensor(t: GGUFTensor, dtype: torch.dtype, path: Path, keep_quantized: bool) -> torch.Tensor | QuantizedTensor:
     """One GGUF tensor: kept as blocks, viewed as floats, or dequantized; anything else is a one-line error."""
-    shape = tuple(reversed([int(d) for d in t.shape]))
-    if t.tensor_type in FLOATS:
-        return tensor_torch(t).to(dtype)
+    shape = t.shape
+    if t.tensor_type in FLOATS:  # a view of the mapped bytes; `.to` copies only if the dtype differs
+        return torch.from_numpy(t.data).view(FLOATS[t.tensor_type]).reshape(shape).to(dtype)
     if t.tensor_type in KEPT_QUANTIZED and keep_quantized and len(shape) == 2:
         blocks = torch.from_numpy(t.data).reshape(shape[0], -1)
         return QuantizedTensor(WeightFormat.parse(KEPT_QUANTIZED[t.tensor_type]), shape, {"blocks": blocks})
@@ -121,7 +205,7 @@ def read_tensor(t: Any, dtype: torch.dtype, path: Path, keep_quantized: bool) ->
                                 f"load; supported types: {SUPPORTED} (requantize the model, e.g. to Q4_K_M or Q8_0)")
 
 
-def read_weights(reader: GGUFReader, config: dict, dtype: torch.dtype,
+def read_weights(reader: GGUFFile, config: dict, dtype: torch.dtype,
                  path: Path) -> tuple[dict[str, torch.Tensor | QuantizedTensor], torch.Tensor | None]:
     """HF-named weights (Q/K rows back in HF order) and llama.cpp's rope frequency divisors if the file has them."""
     permuted = ARCHITECTURES[field(reader, "general.architecture")][2]
@@ -130,7 +214,7 @@ def read_weights(reader: GGUFReader, config: dict, dtype: torch.dtype,
     rope_freqs = None
     for t in reader.tensors:
         if t.name == ROPE_FREQS:
-            rope_freqs = tensor_torch(t).float() if t.tensor_type in FLOATS else None
+            rope_freqs = read_tensor(t, torch.float32, path, keep_quantized=False)
             continue
         name = hf_name(t.name)
         if name is None:
@@ -149,14 +233,14 @@ def read_weights(reader: GGUFReader, config: dict, dtype: torch.dtype,
     return weights, rope_freqs
 
 
-def gguf_fingerprint(reader: GGUFReader, samples: int = 32, sample_bytes: int = 4096) -> str:
+def gguf_fingerprint(reader: GGUFFile, samples: int = 32, sample_bytes: int = 4096) -> str:
     """Hash of the whole header (metadata, tensor table) and evenly spaced samples of the tensor bytes."""
-    data = reader.data
-    h = hashlib.sha256(data[:reader.data_offset].tobytes())
+    data = reader.map
+    h = hashlib.sha256(data[:reader.data_offset])
     size = len(data) - reader.data_offset
     for i in range(samples):
         start = reader.data_offset + size * i // samples
-        h.update(data[start:start + sample_bytes].tobytes())
+        h.update(data[start:start + sample_bytes])
     return h.hexdigest()[:32]
 
 
@@ -208,7 +292,7 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
     return model.eval().requires_grad_(False), gguf_tokenizer(reader, path)
 
 
-def bpe_backend(reader: GGUFReader, tokens: list[str], types: list[int], path: Path) -> HFTokenizer:
+def bpe_backend(reader: GGUFFile, tokens: list[str], types: list[int], path: Path) -> HFTokenizer:
     """Byte-level BPE (`tokenizer.ggml.model` gpt2) from the vocabulary, merges and pre-tokenizer name."""
     pre_name = field(reader, "tokenizer.ggml.pre", "gpt-2")
     pre = PRE_TOKENIZERS.get(pre_name)
@@ -232,7 +316,7 @@ def bpe_backend(reader: GGUFReader, tokens: list[str], types: list[int], path: P
     return backend
 
 
-def spm_backend(reader: GGUFReader, tokens: list[str], types: list[int], path: Path) -> HFTokenizer:
+def spm_backend(reader: GGUFFile, tokens: list[str], types: list[int], path: Path) -> HFTokenizer:
     """SentencePiece BPE (`tokenizer.ggml.model` llama): merges ranked by the merged piece's score, as
     transformers' LlamaConverter builds them, with byte fallback for characters outside the vocabulary."""
     scores = field(reader, "tokenizer.ggml.scores")
@@ -262,17 +346,15 @@ def spm_backend(reader: GGUFReader, tokens: list[str], types: list[int], path: P
     return backend
 
 
-def tokenizer_fingerprint(reader: GGUFReader) -> str:
+def tokenizer_fingerprint(reader: GGUFFile) -> str:
     h = hashlib.sha256()
-    for key, f in reader.fields.items():
+    for key, (start, end) in reader.spans.items():
         if key.startswith("tokenizer."):
-            h.update(key.encode())
-            for i in f.data:
-                h.update(f.parts[i].tobytes())
+            h.update(reader.map[start:end])
     return h.hexdigest()[:32]
 
 
-def gguf_tokenizer(reader: GGUFReader, path: Path) -> Tokenizer:
+def gguf_tokenizer(reader: GGUFFile, path: Path) -> Tokenizer:
     """The GGUF file's embedded vocabulary as an edgellm Tokenizer (BOS/EOS, special tokens, chat template)."""
     kind = field(reader, "tokenizer.ggml.model")
     tokens = field(reader, "tokenizer.ggml.tokens")
