@@ -147,11 +147,34 @@ def test_quantized_checkpoint_exports_its_blocks_unchanged(checkpoint, tmp_path,
     assert on_disk.tensor_type == GT.Q4_0
     np.testing.assert_array_equal(unpermute_qk(torch.from_numpy(on_disk.data.copy()), HEADS).numpy(),
                                   blocks["model.layers.1.self_attn.q_proj.blocks"].numpy())
+    assert gguf.GGUFReader(gguf_path).get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q4_0
     model, _ = load_gguf(gguf_path, "fp32")
     assert torch.equal(model.model.layers[1].self_attn.q_proj.blocks, blocks["model.layers.1.self_attn.q_proj.blocks"])
     # The same blocks, so the same function: the GGUF model reproduces the quantized checkpoint's logits
     # up to the f16 rounding of the embedding and lm_head.
     torch.testing.assert_close(logits(model, tokens), logits(load_model(qdir, "fp32"), tokens), atol=2e-3, rtol=1e-3)
+
+
+def test_rows_that_are_not_whole_blocks_stay_f16(checkpoint, tmp_path, tokens):
+    path = checkpoint("llama", hidden_size=80)  # K = 80 is not a multiple of 32; down_proj's K = 128 is
+    gguf_path = export_gguf(path, tmp_path / "m.gguf", "q4_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(gguf_path).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.0.ffn_up.weight"] == types["output.weight"] == GT.F16
+    assert types["blk.0.ffn_down.weight"] == GT.Q4_0
+    model, _ = load_gguf(gguf_path, "fp32")
+    ref = reference_with(path, lambda name, w: roundtrip(w, GT.Q4_0) if name.endswith("down_proj.weight")
+                         else w.half().float() if w.dim() == 2 else w)
+    torch.testing.assert_close(logits(model, tokens), logits(ref, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_affine_quantized_checkpoint_exports_dequantized(checkpoint, tmp_path, tokens):
+    path = checkpoint("llama")
+    quantize_checkpoint(path, tmp_path / "int4", "int4-g32", dtype="fp32")
+    gguf_path = export_gguf(tmp_path / "int4", tmp_path / "int4.gguf", "f32")
+    assert gguf.GGUFReader(gguf_path).get_field("general.file_type").contents() == gguf.LlamaFileType.ALL_F32
+    model, _ = load_gguf(gguf_path, "fp32")
+    torch.testing.assert_close(logits(model, tokens), logits(load_model(tmp_path / "int4", "fp32"), tokens),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_gguf_from_package_writer_with_k_quants_and_bf16(checkpoint, tmp_path, tokens):

@@ -242,7 +242,8 @@ def export_gguf(src: str | Path, out: str | Path, ftype: str = "f16") -> Path:
     writer = gguf.GGUFWriter(tmp, arch)
     try:
         rope_freqs = add_hyperparameters(writer, config, args, src)
-        writer.add_file_type(EXPORT_TYPES[ftype])
+        carried = quant_format(config, src)  # an edgellm-quantized checkpoint's blocks decide the file type
+        writer.add_file_type(EXPORT_TYPES[carried.name if carried and carried.name in QUANT_TYPES else ftype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, src, args.vocab_size)
         plans = plan_tensors(weights, config, arch, ftype, src)
