@@ -29,7 +29,16 @@ from edgellm.errors import UnsupportedModelError
 from edgellm.loader import resolve_dtype
 from edgellm.models import family_for
 from edgellm.quant.formats import QuantizedTensor, WeightFormat
-from edgellm.quant.gguf import ARCHITECTURES, PRE_TOKENIZERS, ROPE_FREQS, GGUFError, hf_name, qk_heads, unpermute_qk
+from edgellm.quant.gguf import (
+    ARCHITECTURES,
+    PRE_TOKENIZERS,
+    ROPE_FREQS,
+    GGUFError,
+    gguf_name,
+    hf_name,
+    qk_heads,
+    unpermute_qk,
+)
 from edgellm.quant.linear import PROJECTIONS, QuantizedLinear
 from edgellm.tokenizer import Tokenizer
 
@@ -38,8 +47,6 @@ DEQUANTIZED = (GT.Q4_K, GT.Q5_K, GT.Q6_K, GT.Q2_K, GT.Q3_K, GT.Q4_1, GT.Q5_0, GT
 FLOATS = {GT.F32: torch.float32, GT.F16: torch.float16, GT.BF16: torch.bfloat16}
 SUPPORTED = ", ".join(t.name for t in (*FLOATS, *KEPT_QUANTIZED, *DEQUANTIZED))
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
-
-
 GGUF_MAGIC = 0x46554747  # b"GGUF" read as little-endian uint32
 STRING, ARRAY = 8, 9
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -253,7 +260,10 @@ def install_weights(model: nn.Module, weights: dict[str, torch.Tensor | Quantize
     if missing:
         raise GGUFError(f"{path}: {len(missing)} tensor(s) missing, e.g. {missing[0]}; the GGUF file is incomplete")
     for name, w in weights.items():
-        if name not in expected or tuple(w.shape) != tuple(expected[name].shape):
+        if name not in expected:
+            raise GGUFError(f"{path}: tensor {gguf_name(name)} does not belong in this {model.args.model_type} model; "
+                            "the file is inconsistent with its metadata")
+        if tuple(w.shape) != tuple(expected[name].shape):
             raise GGUFError(f"{path}: tensor {name} has shape {tuple(w.shape)}, which the GGUF metadata does not "
                             "imply; the file is inconsistent")
     modules = {k.removesuffix(".weight") for k, v in weights.items() if isinstance(v, QuantizedTensor)}
