@@ -147,11 +147,26 @@ class QuantizedTensor:
                              torch.arange(2**fmt.bits, dtype=torch.float32), fmt.bits, fmt.group)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The [N, K] weight the stored tensors represent."""
-        u = self.unpacked_codes()
-        n, g = u.scales.shape
-        w = u.levels[u.codes.long()].view(n, g, -1) * u.scales.unsqueeze(-1) + u.biases.unsqueeze(-1)
-        return w.view(n, -1)[:, :self.shape[1]].to(dtype)
+        """The [N, K] weight the stored tensors represent (bit-identical to gguf's dequantize for block formats)."""
+        fmt, (n, k) = self.fmt, self.shape
+        if fmt.kind == "q8_0":
+            blocks = self.data["blocks"].view(n, -1, 34)
+            d = blocks[..., :2].contiguous().view(torch.float16).float()
+            w = blocks[..., 2:].view(torch.int8).float().mul_(d)
+        elif fmt.kind == "q4_0":
+            blocks = self.data["blocks"].view(n, -1, 18)
+            d = blocks[..., :2].contiguous().view(torch.float16).float()
+            qs = blocks[..., 2:]
+            w = torch.cat([qs & 0x0F, qs >> 4], -1).view(torch.int8).sub_(8).float().mul_(d)
+        elif fmt.kind == "mxfp4":
+            u = self.unpacked_codes()
+            w = u.levels[u.codes.int()].view(n, -1, GGML_BLOCK).mul_(u.scales.unsqueeze(-1))
+        else:
+            g = self.data["scales"].shape[1]
+            codes = unpack_codes(self.data["codes"], fmt.bits).view(n, g, -1)
+            w = codes.float().mul_(self.data["scales"].float().unsqueeze(-1)).add_(
+                self.data["biases"].float().unsqueeze(-1))
+        return w.view(n, -1)[:, :k].to(dtype)
 
 
 def e8m0_to_fp32_half(e: torch.Tensor) -> torch.Tensor:
@@ -171,12 +186,14 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of pack_codes: uint8 codes [N, K]."""
-    n, nbytes = packed.shape
-    b = packed.to(torch.int32).view(n, nbytes // bits, bits)
-    word = (b << (torch.arange(bits, dtype=torch.int32) * 8)).sum(-1)
-    codes = (word.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int32) * bits)) & (2**bits - 1)
-    return codes.to(torch.uint8).view(n, -1)
+    """Inverse of pack_codes: uint8 codes [N, K]; uint8 ops with scalar shifts (several times faster than int32)."""
+    n = packed.shape[0]
+    if bits != 3:  # codes never straddle a byte
+        mask = 2**bits - 1
+        return torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], -1).view(n, -1)
+    b0, b1, b2 = packed.view(n, -1, 3).unbind(-1)
+    return torch.stack([b0 & 7, (b0 >> 3) & 7, (b0 >> 6) | ((b1 & 1) << 2), (b1 >> 1) & 7, (b1 >> 4) & 7,
+                        (b1 >> 7) | ((b2 & 3) << 1), (b2 >> 2) & 7, b2 >> 5], -1).view(n, -1)
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
