@@ -153,7 +153,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from edgellm.quant.convert import quantize_checkpoint
-    r = quantize_checkpoint(args.in_dir, args.out_dir, args.format, args.dtype, args.force)
+    r = quantize_checkpoint(args.in_dir, args.out_dir, args.format, args.dtype, args.force, args.method)
     print(f"wrote {r.out_dir}: {r.quantized_tensors} projections as {r.format} ({r.bits_per_weight} bits/weight), "
           f"{r.input_bytes / 2**20:.1f} MiB -> {r.output_bytes / 2**20:.1f} MiB in {r.seconds:.1f} s")
 
@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="q4_0, q8_0, mxfp4, int4-g32|g64|g128, int3-g.., int2-g.., ternary, ternary-g128")
     p.add_argument("--dtype", default="bf16", help="dtype of the tensors left unquantized (embeddings, norms): "
                    "bf16 or fp32")
+    p.add_argument("--method", default="rtn", choices=["rtn", "mse"],
+                   help="rtn: round to nearest from each group's min/max; mse: per-group clipping search that "
+                   "lowers the error (intN formats only)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=cmd_quantize)
 

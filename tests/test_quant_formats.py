@@ -166,3 +166,16 @@ def test_quantize_model_keeps_hf_names_and_leaves_embeddings(llama_dir):
     assert sd["model.embed_tokens.weight"].dtype == torch.float32 and "lm_head.weight" in sd
     out = model(tokens)
     assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+@pytest.mark.parametrize("name", ["int4-g64", "int2-g64"])
+def test_mse_clipping_lowers_weight_error(name):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(5))
+    rtn, mse = quantize(w, name), quantize(w, name, method="mse")
+    err_rtn, err_mse = (w - rtn.dequantize()).square(), (w - mse.dequantize()).square()
+    group = WeightFormat.parse(name).group
+    groups_mse, groups_rtn = err_mse.view(64, -1, group).sum(-1), err_rtn.view(64, -1, group).sum(-1)
+    assert (groups_mse <= groups_rtn * (1 + 1e-6)).all()  # the search keeps rtn where it is best
+    assert err_mse.sum() < 0.95 * err_rtn.sum()
+    with pytest.raises(QuantFormatError, match="use rtn"):
+        quantize(w, "q4_0", method="mse")

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from edgellm.errors import CheckpointError
 from edgellm.loader import quant_format, read_config, read_weights, resolve_dtype
 from edgellm.models import family_for
-from edgellm.quant.formats import WeightFormat, quantize
+from edgellm.quant.formats import WeightFormat, check_method, quantize
 from edgellm.quant.linear import PROJECTIONS
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
@@ -50,12 +50,14 @@ def _check_out_dir(in_dir: Path, out_dir: Path, force: bool) -> None:
 
 
 def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, fmt: str | WeightFormat, dtype: str = "bf16",
-                        force: bool = False) -> ConvertReport:
-    """Quantize every q/k/v/o/gate/up/down projection to `fmt`, store the other tensors in `dtype`, copy the
-    tokenizer and generation files; written to a temp dir and renamed, so a failure leaves OUT_DIR untouched."""
+                        force: bool = False, method: str = "rtn") -> ConvertReport:
+    """Quantize every q/k/v/o/gate/up/down projection to `fmt` (see `quantize` for `method`), store the other
+    tensors in `dtype`, copy the tokenizer and generation files; written to a temp dir and renamed, so a failure
+    leaves OUT_DIR untouched."""
     start = time.perf_counter()
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     fmt = WeightFormat.parse(fmt)
+    check_method(fmt, method)
     config = read_config(in_dir)
     family_for(config)  # an unsupported architecture fails here, before any work
     if quant_format(config, in_dir) is not None:
@@ -73,12 +75,12 @@ def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, fmt: str | Weig
     for name, tensor in weights.items():
         if name in names:
             module = name.removesuffix(".weight")
-            for key, t in quantize(tensor, fmt).data.items():
+            for key, t in quantize(tensor, fmt, method).data.items():
                 out[f"{module}.{key}"] = t.contiguous()
         elif "rotary_emb.inv_freq" not in name:
             out[name] = tensor.to(store_dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
     qc = {"quant_method": "edgellm", "format": fmt.name, "bits_per_weight": fmt.bits_per_weight,
-          "group_size": fmt.group, "modules": sorted({n.split(".")[-2] for n in names})}
+          "group_size": fmt.group, "method": method, "modules": sorted({n.split(".")[-2] for n in names})}
     config = {**config, "quantization_config": qc, "torch_dtype": str(store_dtype).removeprefix("torch.")}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

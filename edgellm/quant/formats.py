@@ -24,6 +24,8 @@ GGML_BLOCK = 32
 GGML_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "mxfp4": 17}
 # E2M1 values doubled, indexed by the 4-bit code (sign bit 3), as gguf.quants.MXFP4.kvalues / ggml's kvalues_mxfp4.
 MXFP4_LEVELS = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+METHODS = ("rtn", "mse")
+MSE_RATIOS = tuple(1 - 0.025 * i for i in range(1, 21))  # range shrink factors tried by method="mse"
 CHUNK_ELEMENTS = 1 << 20  # weights quantized per pass; bounds the fp32 temporaries (MXFP4's search holds 16 per weight)
 
 
@@ -248,13 +250,33 @@ def _group_view(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor
     return w.view(n, kp // group, group), counts
 
 
-def _affine(w: torch.Tensor, fmt: WeightFormat) -> dict[str, torch.Tensor]:
+def _affine_codes(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                  qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp16 scale and bias mapping [lo, hi] onto 0..qmax, and the round-to-nearest codes of g under them."""
+    scale, bias = ((hi - lo) / qmax).half(), lo.half()
+    s, b = scale.float().unsqueeze(-1), bias.float().unsqueeze(-1)
+    return scale, bias, torch.where(s > 0, torch.round((g - b) / s), 0.0).clamp(0, qmax)
+
+
+def _affine(w: torch.Tensor, fmt: WeightFormat, method: str) -> dict[str, torch.Tensor]:
     g, _ = _group_view(w, fmt.group)
     qmax = 2**fmt.bits - 1
     lo, hi = g.amin(-1), g.amax(-1)
-    scale, bias = ((hi - lo) / qmax).half(), lo.half()
-    s, b = scale.float().unsqueeze(-1), bias.float().unsqueeze(-1)
-    q = torch.where(s > 0, torch.round((g - b) / s), 0.0).clamp(0, qmax)
+    scale, bias, q = _affine_codes(g, lo, hi, qmax)
+    if method == "mse":  # shrink [lo, hi] per group where clipping a few outliers lowers the squared error
+        real = (torch.arange(g.shape[1] * g.shape[2]) < w.shape[1]).view(g.shape[1:])
+
+        def error(sc: torch.Tensor, bi: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+            return ((codes * sc.float().unsqueeze(-1) + bi.float().unsqueeze(-1) - g).square() * real).sum(-1)
+
+        best = error(scale, bias, q)
+        for ratio in MSE_RATIOS:
+            sc, bi, qq = _affine_codes(g, lo * ratio, hi * ratio, qmax)
+            err = error(sc, bi, qq)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale, bias = torch.where(better, sc, scale), torch.where(better, bi, bias)
+            q = torch.where(better.unsqueeze(-1), qq, q)
     return {"codes": pack_codes(q.to(torch.uint8).view(w.shape[0], -1), fmt.bits), "scales": scale, "biases": bias}
 
 
@@ -271,10 +293,22 @@ def _ternary(w: torch.Tensor, fmt: WeightFormat) -> dict[str, torch.Tensor]:
     return {"codes": pack_codes(codes, 2), "scales": scale, "biases": -scale}
 
 
-def quantize(weight: torch.Tensor, fmt: str | WeightFormat) -> QuantizedTensor:
-    """Quantize a [N, K] weight (any float dtype; computed in fp32) into `fmt`, in row chunks to bound memory."""
+def check_method(fmt: WeightFormat, method: str) -> None:
+    """Raise QuantFormatError unless `method` applies to `fmt` (mse clipping exists for the affine formats only)."""
+    if method not in METHODS or (method == "mse" and fmt.kind != "affine"):
+        raise QuantFormatError(f"method {method!r} does not apply to {fmt.name}; use rtn"
+                               + (" or mse" if fmt.kind == "affine" else ""))
+
+
+def quantize(weight: torch.Tensor, fmt: str | WeightFormat, method: str = "rtn") -> QuantizedTensor:
+    """Quantize a [N, K] weight (any float dtype; computed in fp32) into `fmt`, in row chunks to bound memory.
+
+    method "rtn" rounds to nearest from each group's min/max; "mse" (affine formats only) also tries shrunken
+    ranges per group and keeps the one with the least squared error.
+    """
     fmt = WeightFormat.parse(fmt)
     fmt.check_shape(tuple(weight.shape))
+    check_method(fmt, method)
     n, k = weight.shape
     step = max(1, CHUNK_ELEMENTS // max(k, 1))
     parts: dict[str, list[torch.Tensor]] = {}
@@ -282,8 +316,10 @@ def quantize(weight: torch.Tensor, fmt: str | WeightFormat) -> QuantizedTensor:
         w = weight[start:start + step].to(torch.float32).contiguous()
         if fmt.block_layout:
             chunk = {"blocks": BLOCK_QUANTIZERS[fmt.kind](w).reshape(w.shape[0], -1)}
+        elif fmt.kind == "ternary":
+            chunk = _ternary(w, fmt)
         else:
-            chunk = (_ternary if fmt.kind == "ternary" else _affine)(w, fmt)
+            chunk = _affine(w, fmt, method)
         for key, t in chunk.items():
             parts.setdefault(key, []).append(t)
     return QuantizedTensor(fmt, (n, k), {key: torch.cat(ts) for key, ts in parts.items()})
