@@ -340,3 +340,47 @@ def test_generation_through_the_engine_matches(checkpoint, tmp_path):
     out = edgellm.generate(model, tok, "def fibonacci(n):", 12)
     assert out.tokens == edgellm.generate(reference, ref_tok, "def fibonacci(n):", 12).tokens
     assert len(out.tokens) > 0
+
+
+def test_llama_cpp_runs_the_exported_builtin_model(tmp_path):
+    """llama.cpp itself (when llama-cpp-python is installed) tokenizes and greedy-decodes the export as edgellm."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from edgellm.assets import default_model_path
+    prompt = "def add(a, b):"
+    for ftype in ("f16", "q8_0"):
+        gguf_path = export_gguf(default_model_path(), tmp_path / f"{ftype}.gguf", ftype)
+        model, tok = edgellm.load(gguf_path, "fp32")
+        expected = edgellm.generate(model, tok, prompt, 16).tokens
+        llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, n_threads=1, verbose=False)
+        ids = llm.tokenize(prompt.encode(), add_bos=True)
+        assert ids == tok.encode(prompt)
+        got = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+            got.append(token)
+            if len(got) == len(expected):
+                break
+        assert got == expected, ftype
+
+
+def test_edgellm_runs_llama_cpp_quantized_files(tmp_path):
+    """llama-quantize's Q4_K_M (Q4_K, Q6_K, Q5_0, Q8_0 mix) and Q4_0 files decode in edgellm as in llama.cpp."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+
+    from edgellm.assets import default_model_path
+    prompt = "def add(a, b):"
+    f16 = export_gguf(default_model_path(), tmp_path / "f16.gguf", "f16")
+    for name, ftype in (("q4_k_m", 15), ("q4_0", 2)):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = ftype, 1
+        out = tmp_path / f"{name}.gguf"
+        assert llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params)) == 0
+        model, tok = edgellm.load(out, "fp32")
+        expected = edgellm.generate(model, tok, prompt, 16).tokens
+        llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=1, verbose=False)
+        got = []
+        for token in llm.generate(llm.tokenize(prompt.encode(), add_bos=True), temp=0.0, top_k=1, repeat_penalty=1.0):
+            got.append(token)
+            if len(got) == len(expected):
+                break
+        assert got == expected, name
