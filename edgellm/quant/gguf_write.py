@@ -11,6 +11,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import gguf
 import numpy as np
@@ -175,7 +177,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, path: Path, vocab_size: int) -> None:
         writer.add_chat_template(template)
 
 
-def add_hyperparameters(writer: gguf.GGUFWriter, config: dict, args, path: Path) -> torch.Tensor | None:
+def add_hyperparameters(writer: gguf.GGUFWriter, config: dict, args: Any, path: Path) -> torch.Tensor | None:
     """llama.cpp's required {arch}.* keys; returns the rope_freqs tensor for Llama 3 rope scaling, if any."""
     writer.add_name(path.name)
     writer.add_context_length(args.max_position_embeddings)
@@ -202,7 +204,8 @@ def add_hyperparameters(writer: gguf.GGUFWriter, config: dict, args, path: Path)
     return None
 
 
-def checkpoint_weights(src: Path, config: dict, family, args) -> dict[str, torch.Tensor | QuantizedTensor]:
+def checkpoint_weights(src: Path, config: dict, family: ModuleType,
+                       args: Any) -> dict[str, torch.Tensor | QuantizedTensor]:
     """The checkpoint's tensors; an `edgellm quantize` checkpoint's projections become QuantizedTensors (kept
     as they are where GGUF has the same blocks, dequantized to float for intN/ternary formats)."""
     weights: dict[str, torch.Tensor | QuantizedTensor] = dict(read_weights(src))
@@ -238,6 +241,7 @@ def export_gguf(src: str | Path, out: str | Path, ftype: str = "f16") -> Path:
     config = {**config, "num_key_value_heads": args.num_key_value_heads,
               "tie_word_embeddings": args.tie_word_embeddings}
     weights = checkpoint_weights(src, config, family, args)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
