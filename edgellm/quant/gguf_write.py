@@ -177,7 +177,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, path: Path, vocab_size: int) -> None:
         writer.add_chat_template(template)
 
 
-def add_hyperparameters(writer: gguf.GGUFWriter, config: dict, args: Any, path: Path) -> torch.Tensor | None:
+def add_hyperparameters(writer: gguf.GGUFWriter, args: Any, path: Path) -> torch.Tensor | None:
     """llama.cpp's required {arch}.* keys; returns the rope_freqs tensor for Llama 3 rope scaling, if any."""
     writer.add_name(path.name)
     writer.add_context_length(args.max_position_embeddings)
@@ -245,7 +245,7 @@ def export_gguf(src: str | Path, out: str | Path, ftype: str = "f16") -> Path:
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
-        rope_freqs = add_hyperparameters(writer, config, args, src)
+        rope_freqs = add_hyperparameters(writer, args, src)
         carried = quant_format(config, src)  # an edgellm-quantized checkpoint's blocks decide the file type
         writer.add_file_type(EXPORT_TYPES[carried.name if carried and carried.name in QUANT_TYPES else ftype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
