@@ -302,7 +302,7 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
     return model.eval().requires_grad_(False), gguf_tokenizer(reader, path)
 
 
-def bpe_backend(reader: GGUFFile, tokens: list[str], types: list[int], path: Path) -> HFTokenizer:
+def bpe_backend(reader: GGUFFile, tokens: list[str], path: Path) -> HFTokenizer:
     """Byte-level BPE (`tokenizer.ggml.model` gpt2) from the vocabulary, merges and pre-tokenizer name."""
     pre_name = field(reader, "tokenizer.ggml.pre", "gpt-2")
     pre = PRE_TOKENIZERS.get(pre_name)
@@ -372,7 +372,7 @@ def gguf_tokenizer(reader: GGUFFile, path: Path) -> Tokenizer:
         raise GGUFError(f"{path} has no embedded tokenizer (tokenizer.ggml.model/tokens); re-export it with one")
     types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     if kind == "gpt2":
-        backend = bpe_backend(reader, tokens, types, path)
+        backend = bpe_backend(reader, tokens, path)
     elif kind == "llama":
         backend = spm_backend(reader, tokens, types, path)
     else:
