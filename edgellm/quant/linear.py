@@ -24,15 +24,16 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.fmt = WeightFormat.parse(fmt)
         self.in_features, self.out_features = in_features, out_features
-        self.data_keys = tuple(self.fmt.data_shapes(out_features, in_features))
-        for key, (shape, dtype) in self.fmt.data_shapes(out_features, in_features).items():
+        shapes = self.fmt.data_shapes(out_features, in_features)
+        self.data_keys = tuple(shapes)
+        for key, (shape, dtype) in shapes.items():
             self.register_buffer(key, torch.empty(shape, dtype=dtype))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: str | WeightFormat) -> QuantizedLinear:
+    def from_linear(cls, linear: nn.Linear, fmt: str | WeightFormat, method: str = "rtn") -> QuantizedLinear:
         """Quantize an existing linear layer's weight (its bias stays in its own dtype)."""
-        qt = quantize(linear.weight.detach(), fmt)
+        qt = quantize(linear.weight.detach(), fmt, method)
         return cls.from_quantized(qt, None if linear.bias is None else linear.bias.detach())
 
     @classmethod
@@ -71,14 +72,15 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def quantize_model(model: nn.Module, fmt: str | WeightFormat, skip: Iterable[str] = ()) -> list[str]:
+def quantize_model(model: nn.Module, fmt: str | WeightFormat, skip: Iterable[str] = (),
+                   method: str = "rtn") -> list[str]:
     """Replace the q/k/v/o/gate/up/down projections by QuantizedLinear in place; embeddings, norms and lm_head
-    stay as they are. Fused q/k/v and gate/up views are dropped first (quantized layers run unfused).
+    stay as they are. Fused q/k/v and gate/up weights are dropped (quantized layers run unfused).
     Returns the names of the replaced modules."""
     fmt = WeightFormat.parse(fmt)
     names = projection_names(model, skip)
     for name in names:
-        _set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), fmt))
+        _set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), fmt, method))
     unfuse(model)
     return names
 
