@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from edgellm.errors import CheckpointError
 from edgellm.loader import quant_format, read_config, read_weights, resolve_dtype
 from edgellm.models import family_for
-from edgellm.quant.formats import WeightFormat, check_method, quantize
+from edgellm.quant.formats import QuantFormatError, WeightFormat, check_method, quantize
 from edgellm.quant.linear import PROJECTIONS
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
@@ -69,8 +69,11 @@ def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, fmt: str | Weig
     names = [n for n, t in weights.items() if is_projection(n, t)]
     if not names:
         raise CheckpointError(f"{in_dir} has no q/k/v/o/gate/up/down projection weights to quantize")
-    for name in names:
-        fmt.check_shape(tuple(weights[name].shape))  # fail on the first bad shape before quantizing anything
+    for name in names:  # fail on the first bad shape before quantizing anything
+        try:
+            fmt.check_shape(tuple(weights[name].shape))
+        except QuantFormatError as e:
+            raise QuantFormatError(f"{name}: {e}") from e
     out: dict[str, torch.Tensor] = {}
     for name, tensor in weights.items():
         if name in names:

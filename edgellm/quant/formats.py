@@ -100,6 +100,7 @@ class UnpackedCodes:
     """Codes as the LUT kernel reads them: w[n, k] = levels[codes[n, k]] * scales[n, k // group] + biases[...].
 
     `levels` is arange(2**bits) for every format but mxfp4, whose 16 levels are the doubled E2M1 values.
+    Codes past K (padding of the last group) are arbitrary: a kernel must pad x with zeros there.
     """
 
     codes: torch.Tensor  # uint8 [N, K_padded]
