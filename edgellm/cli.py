@@ -1,4 +1,4 @@
-"""`edgellm` command line: generate, chat, info, train, bench. Errors become one line and a non-zero exit."""
+"""`edgellm` command line: generate, chat, info, quantize, train, bench. Errors become one line and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -163,6 +163,19 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{key:>24}: {value}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from edgellm.quant.convert import quantize_checkpoint
+    r = quantize_checkpoint(args.in_dir, args.out_dir, args.format, args.dtype, args.force, args.method)
+    print(f"wrote {r.out_dir}: {r.quantized_tensors} projections as {r.format} ({r.bits_per_weight} bits/weight), "
+          f"{r.input_bytes / 2**20:.1f} MiB -> {r.output_bytes / 2**20:.1f} MiB in {r.seconds:.1f} s")
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from edgellm.quant.gguf_write import export_gguf
+    out = export_gguf(args.in_dir, args.out, args.type)
+    print(f"wrote {out} ({args.type}, {out.stat().st_size / 2**20:.1f} MiB)")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from edgellm.train import run_train
     run_train(args)
@@ -217,6 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", default=None, help="HF model directory (default: built-in model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("quantize", help="write a copy of a HF checkpoint with quantized projection weights")
+    p.add_argument("in_dir", help="full-precision HF model directory")
+    p.add_argument("out_dir", help="output directory (must be empty or absent unless --force)")
+    p.add_argument("--format", required=True,
+                   help="q4_0, q8_0, mxfp4, int4-g32|g64|g128, int3-g.., int2-g.., ternary, ternary-g128")
+    p.add_argument("--dtype", default="bf16", help="dtype of the tensors left unquantized (embeddings, norms): "
+                   "bf16 or fp32")
+    p.add_argument("--method", default="rtn", choices=["rtn", "mse"],
+                   help="rtn: round to nearest from each group's min/max; mse: per-group clipping search that "
+                   "lowers the error (intN formats only)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export-gguf", help="write a checkpoint as a llama.cpp GGUF file")
+    p.add_argument("in_dir", help="HF model directory (full precision or from `edgellm quantize`)")
+    p.add_argument("out", help="output .gguf file")
+    p.add_argument("--type", default="f16", help="f16, q8_0, q4_0 or f32 (norms stay f32; quantized blocks are kept)")
+    p.set_defaults(func=cmd_export_gguf)
 
     p = sub.add_parser("train", help="train a tokenizer and a small Llama model on the Python stdlib")
     from edgellm.train import add_train_arguments

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
-from edgellm.loader import read_config, weight_files
+from edgellm.loader import quant_format, read_config, weight_files
 from edgellm.models import family_for
 
 
@@ -21,12 +22,22 @@ def model_info(path: str | Path | None) -> dict:
         path = default_model_path()
     path = Path(path)
     config = read_config(path)
-    args = family_for(config).ModelArgs.from_config(config)
+    family = family_for(config)
+    args = family.ModelArgs.from_config(config)
+    fmt = quant_format(config, path)
+    if fmt is not None:
+        with torch.device("meta"):
+            meta = family.Model(args)
     params = 0
-    for file in weight_files(path):
+    files = weight_files(path)
+    for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                params += _numel(f.get_slice(name).get_shape())
+                module, _, key = name.rpartition(".")
+                if fmt is not None and key in ("blocks", "codes"):  # count the weights a quantized tensor stands for
+                    params += meta.get_submodule(module).weight.numel()
+                elif fmt is None or key not in ("scales", "biases"):
+                    params += _numel(f.get_slice(name).get_shape())
     kv_per_token = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim
     return {
         "path": str(path),
@@ -40,6 +51,8 @@ def model_info(path: str | Path | None) -> dict:
         "context": args.max_position_embeddings,
         "rope": (args.rope_scaling or {}).get("rope_type", (args.rope_scaling or {}).get("type", "default")),
         "tied_embeddings": args.tie_word_embeddings,
+        **({"quantization": f"{fmt.name} ({fmt.bits_per_weight} bits/weight)",
+            "file_size": _gib(sum(f.stat().st_size for f in files))} if fmt is not None else {}),
         "memory_fp32": _gib(params * 4),
         "memory_bf16": _gib(params * 2),
         "memory_fp16": _gib(params * 2),

@@ -14,6 +14,8 @@ from torch import nn
 from edgellm.errors import CheckpointError
 from edgellm.kernels.native import cpu_has_native_bf16, native_available
 from edgellm.models import family_for
+from edgellm.quant.formats import QuantFormatError, WeightFormat
+from edgellm.quant.linear import QuantizedLinear, projection_names, quantize_structure
 from edgellm.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -102,6 +104,21 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def quant_format(config: dict, path: Path) -> WeightFormat | None:
+    """The weight format of an `edgellm quantize` checkpoint, None for a full-precision one."""
+    qc = config.get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict) or qc.get("quant_method") != "edgellm":
+        method = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise CheckpointError(f"{path}: quantization method {method!r} is not supported; load the full-precision "
+                              "model, or quantize it with `edgellm quantize`")
+    try:
+        return WeightFormat.parse(qc.get("format", ""))
+    except QuantFormatError as e:
+        raise CheckpointError(f"{path}: config.json quantization_config: {e}") from e
+
+
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu") -> nn.Module:
     """Build the model on the meta device and assign the checkpoint's tensors to it."""
     path = Path(path)
@@ -112,6 +129,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     with torch.device("meta"):
         model = family.Model(args)
     weights = model.sanitize(read_weights(path))
+    fmt = quant_format(config, path)
+    if fmt is not None:  # a projection stored without `.weight` holds the format's tensors instead
+        quantize_structure(model, fmt, [n for n in projection_names(model) if f"{n}.weight" not in weights])
     expected = dict(model.state_dict())
     if args.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -127,7 +147,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
                                   f"{tuple(expected[name].shape)}")
-    weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+    stored = {f"{name}.{key}" for name, m in model.named_modules() if isinstance(m, QuantizedLinear)
+              for key in m.data_keys}
+    for name in stored:
+        if weights[name].dtype != expected[name].dtype:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {weights[name].dtype} but format {fmt.name} "
+                                  f"stores {expected[name].dtype}")
+    weights = {k: v.to(device=device, dtype=v.dtype if k in stored else dtype) for k, v in weights.items()}
     model.load_state_dict(weights, assign=True, strict=False)
     model.tie_weights()
     model.fuse()
@@ -142,8 +168,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
 
 def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
-    """Model and tokenizer from a HF directory; with no path, edgellm's built-in default model."""
+    """Model and tokenizer from a HF directory or a .gguf file; with no path, edgellm's built-in default model."""
     if path is None:
         from edgellm.assets import default_model_path
         path = default_model_path()
+    if str(path).lower().endswith(".gguf"):
+        from edgellm.quant.gguf_read import load_gguf  # lazy: gguf_read imports this module
+        return load_gguf(path, dtype, device)
     return load_model(path, dtype, device), Tokenizer(path)

@@ -61,6 +61,16 @@ class Tokenizer:
             ids.add(tid)
         self.eos_token_ids: set[int] = ids
 
+    @classmethod
+    def from_backend(cls, backend: HFTokenizer, eos_token_ids: set[int], fingerprint: str, bos_token: str | None = None,
+                     eos_token: str | None = None, chat_template: str | None = None) -> Tokenizer:
+        """A tokenizer built in memory rather than read from a directory, e.g. from a GGUF file's vocabulary."""
+        self = cls.__new__(cls)
+        self.backend, self.fingerprint, self.eos_token_ids = backend, fingerprint, set(eos_token_ids)
+        self.bos_token, self.eos_token, self.chat_template = bos_token, eos_token, chat_template
+        self.config = {"bos_token": bos_token, "eos_token": eos_token, "chat_template": chat_template}
+        return self
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)

@@ -98,7 +98,8 @@ class Attention(nn.Module):
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def fuse(self) -> None:
-        self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        if all(isinstance(p, nn.Linear) for p in (self.q_proj, self.k_proj, self.v_proj)):  # quantized run apart
+            self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def place_kv(self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +146,8 @@ class MLP(nn.Module):
         self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def fuse(self) -> None:
-        self.gate_up = fuse_linears(self.gate_proj, self.up_proj)
+        if isinstance(self.gate_proj, nn.Linear) and isinstance(self.up_proj, nn.Linear):
+            self.gate_up = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:

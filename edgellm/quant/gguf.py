@@ -1,0 +1,104 @@
+"""What GGUF import (gguf_read) and export (gguf_write) share: names, the Q/K row order, pre-tokenizers.
+
+GGUF is llama.cpp's single-file format: metadata (hyper-parameters, vocabulary, chat template) and tensors under
+llama.cpp's own names. Mapping both ways keeps edgellm's model code unaware that a GGUF file exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgellm.errors import CheckpointError
+
+# GGUF architecture → (HF architecture, HF model_type, whether llama.cpp's converter permuted the Q/K rows).
+ARCHITECTURES: dict[str, tuple[str, str, bool]] = {
+    "llama": ("LlamaForCausalLM", "llama", True),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+}
+
+GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+HF_LAYER_NAMES = {v: k for k, v in LAYER_NAMES.items()}
+HF_GLOBAL_NAMES = {v: k for k, v in GLOBAL_NAMES.items()}
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors, how Llama 3.1 rope scaling is stored
+
+
+class GGUFError(CheckpointError):
+    """A GGUF file is damaged or truncated, or cannot be written as asked."""
+
+
+def hf_name(name: str) -> str | None:
+    """The HF tensor name of a GGUF tensor name (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`)."""
+    stem, _, suffix = name.rpartition(".")
+    if stem in GLOBAL_NAMES:
+        return f"{GLOBAL_NAMES[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{suffix}"
+    return None
+
+
+def gguf_name(name: str) -> str | None:
+    """The GGUF tensor name of an HF tensor name; None for tensors GGUF does not store."""
+    stem, _, suffix = name.rpartition(".")
+    if stem in HF_GLOBAL_NAMES:
+        return f"{HF_GLOBAL_NAMES[stem]}.{suffix}"
+    parts = stem.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in HF_LAYER_NAMES:
+        return f"blk.{parts[2]}.{HF_LAYER_NAMES[parts[3]]}.{suffix}"
+    return None
+
+
+def qk_heads(name: str, n_heads: int, n_kv_heads: int) -> int | None:
+    """Heads whose rows llama.cpp interleaves in this HF tensor (q/k projections of arch llama), else None."""
+    if ".self_attn.q_proj." in name:
+        return n_heads
+    if ".self_attn.k_proj." in name:
+        return n_kv_heads
+    return None
+
+
+def permute_qk(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF → GGUF row order of a Q/K weight, bias or block array: each head's two rotary halves interleaved.
+
+    HF Llama rotates dims (i, i + d/2) together; llama.cpp's rope rotates (2i, 2i + 1), so its converter
+    reorders the rows. Rows are whole quantization blocks along K, so this is exact for quantized rows too.
+    """
+    n = rows.shape[0]
+    return rows.reshape(n_heads, 2, n // n_heads // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def unpermute_qk(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """GGUF → HF row order: the inverse of permute_qk."""
+    n = rows.shape[0]
+    return rows.reshape(n_heads, n // n_heads // 2, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """A llama.cpp pre-tokenizer (`tokenizer.ggml.pre`) and the equivalent `tokenizers` split regex."""
+
+    regex: str | None  # None: GPT-2's own regex, i.e. ByteLevel(use_regex=True)
+    ignore_merges: bool = False  # whole words found in the vocab skip the merges (Llama 3)
+    split_digits: bool = False
+
+
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {
+    "gpt-2": PreTokenizer(None),
+    "llama-bpe": PreTokenizer(LLAMA3_REGEX, ignore_merges=True),
+    "llama3": PreTokenizer(LLAMA3_REGEX, ignore_merges=True),
+    "qwen2": PreTokenizer(QWEN2_REGEX),
+    "smollm": PreTokenizer(None, split_digits=True),
+}

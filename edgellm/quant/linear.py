@@ -1,0 +1,105 @@
+"""QuantizedLinear and quantize_model: swap a model's projections for quantized ones, keeping HF tensor names."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from edgellm.kernels.quant import quantized_linear
+from edgellm.quant.formats import QuantizedTensor, WeightFormat, quantize
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ W.T (+ bias) with W stored quantized; buffers are the format's tensors (`blocks` or `codes`,
+    `scales`, `biases`), so state_dict names read e.g. `model.layers.0.self_attn.q_proj.codes`."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str | WeightFormat, bias: bool = False,
+                 bias_dtype: torch.dtype = torch.float32) -> None:
+        """Empty buffers of the right shapes (allocate on the meta device, then assign a state dict)."""
+        super().__init__()
+        self.fmt = WeightFormat.parse(fmt)
+        self.in_features, self.out_features = in_features, out_features
+        shapes = self.fmt.data_shapes(out_features, in_features)
+        self.data_keys = tuple(shapes)
+        for key, (shape, dtype) in shapes.items():
+            self.register_buffer(key, torch.empty(shape, dtype=dtype))
+        self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str | WeightFormat, method: str = "rtn") -> QuantizedLinear:
+        """Quantize an existing linear layer's weight (its bias stays in its own dtype)."""
+        qt = quantize(linear.weight.detach(), fmt, method)
+        return cls.from_quantized(qt, None if linear.bias is None else linear.bias.detach())
+
+    @classmethod
+    def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> QuantizedLinear:
+        with torch.device("meta"):
+            layer = cls(qt.shape[1], qt.shape[0], qt.fmt, bias is not None)
+        for key in layer.data_keys:
+            setattr(layer, key, qt.data[key])
+        layer.bias = bias
+        return layer
+
+    @property
+    def quantized(self) -> QuantizedTensor:
+        """The weight as a QuantizedTensor over this module's current buffers (cheap: no copies)."""
+        return QuantizedTensor(self.fmt, (self.out_features, self.in_features),
+                               {key: getattr(self, key) for key in self.data_keys})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(x, self.quantized, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}, "
+                f"bias={self.bias is not None}")
+
+
+def projection_names(model: nn.Module, skip: Iterable[str] = ()) -> list[str]:
+    """Module names of the attention/MLP projections, minus those matching a `skip` glob (e.g. '*.down_proj')."""
+    skip = tuple(skip)
+    return [name for name, module in model.named_modules()
+            if name.rsplit(".", 1)[-1] in PROJECTIONS and isinstance(module, nn.Linear)
+            and not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(model: nn.Module, fmt: str | WeightFormat, skip: Iterable[str] = (),
+                   method: str = "rtn") -> list[str]:
+    """Replace the q/k/v/o/gate/up/down projections by QuantizedLinear in place; embeddings, norms and lm_head
+    stay as they are. Fused q/k/v and gate/up weights are dropped (quantized layers run unfused).
+    Returns the names of the replaced modules."""
+    fmt = WeightFormat.parse(fmt)
+    names = projection_names(model, skip)
+    for name in names:
+        _set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), fmt, method))
+    unfuse(model)
+    return names
+
+
+def quantize_structure(model: nn.Module, fmt: str | WeightFormat, names: Iterable[str]) -> None:
+    """Swap the named projections for empty QuantizedLinear layers (on the current device, e.g. meta) before a
+    quantized checkpoint's state dict is assigned."""
+    fmt = WeightFormat.parse(fmt)
+    for name in names:
+        linear = model.get_submodule(name)
+        bias_dtype = linear.bias.dtype if linear.bias is not None else torch.float32
+        _set_module(model, name, QuantizedLinear(linear.in_features, linear.out_features, fmt,
+                                                 linear.bias is not None, bias_dtype))
+
+
+def unfuse(model: nn.Module) -> None:
+    """Forget fused q/k/v and gate/up weights of layers whose projections are no longer all plain linears."""
+    for module in model.modules():
+        for attr, parts in (("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj"))):
+            if getattr(module, attr, None) is not None and not all(
+                    isinstance(getattr(module, p), nn.Linear) for p in parts):
+                setattr(module, attr, None)

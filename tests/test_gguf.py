@@ -1,0 +1,386 @@
+"""GGUF import/export: logits against the safetensors model, blocks against gguf's reference quantizers,
+the embedded tokenizer against the original, and one-line typed errors for files edgellm cannot load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as GT
+from gguf.quants import dequantize
+from gguf.quants import quantize as ref_quantize
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+
+import edgellm
+from edgellm.cli import main
+from edgellm.errors import UnsupportedModelError
+from edgellm.loader import load_model, read_weights
+from edgellm.quant.convert import quantize_checkpoint
+from edgellm.quant.gguf import LLAMA3_REGEX, GGUFError, gguf_name, permute_qk, qk_heads, unpermute_qk
+from edgellm.quant.gguf_read import gguf_tokenizer, load_gguf, open_gguf
+from edgellm.quant.gguf_write import add_tokenizer, export_gguf
+from edgellm.quant.linear import QuantizedLinear
+from edgellm.tokenizer import Tokenizer
+from tests.conftest import SAMPLE_TEXT
+
+TEXTS = ["def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)\n", "Ünïcödé: 東京, emoji 🙂 and ñ.",
+         "  leading and   inner spaces\n\n\ttabs", "numbers 1234567 and 3.14159", "<|user|>hi<|end|><|assistant|>",
+         "it's we'll they're I'd", ""]
+HEADS, KV_HEADS = 4, 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randint(0, 384, (1, 24))
+
+
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).float()
+
+
+def reference_with(path: Path, replace) -> torch.nn.Module:
+    """The safetensors model in fp32 with each weight passed through `replace(hf_name, weight)`."""
+    model = load_model(path, "fp32")
+    for name, p in model.named_parameters():
+        p.data = replace(name, p.data.clone())
+    return model
+
+
+def roundtrip(w: torch.Tensor, qtype: GT) -> torch.Tensor:
+    """The weight after gguf's reference quantizer and dequantizer (llama.cpp's rounding)."""
+    return torch.from_numpy(dequantize(ref_quantize(w.numpy(), qtype), qtype)).reshape(w.shape)
+
+
+def rewrite(src: Path, dst: Path, arch: str | None = None, replace: dict | None = None) -> Path:
+    """Copy a GGUF file with the gguf package's own writer, changing the architecture or some tensors
+    (name → (uint8 blocks or float array, GGML type))."""
+    reader = gguf.GGUFReader(src)
+    old_arch = reader.get_field("general.architecture").contents()
+    writer = gguf.GGUFWriter(dst, arch or old_arch)
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key.replace(f"{old_arch}.", f"{arch}.") if arch else key, f.contents(), f.types[0], sub)
+    for t in reader.tensors:
+        data, qtype = (replace or {}).get(t.name, (t.data, t.tensor_type))
+        writer.add_tensor(t.name, np.ascontiguousarray(data), raw_dtype=qtype if data.dtype == np.uint8 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_f16_gguf_matches_safetensors_model(checkpoint, tmp_path, tokens, arch):
+    path = checkpoint(arch)
+    gguf_path = export_gguf(path, tmp_path / "m.gguf", "f16")
+    assert gguf.GGUFReader(gguf_path).get_field("general.architecture").contents() == arch
+    model, _ = load_gguf(gguf_path, "fp32")
+    ref = reference_with(path, lambda name, w: w.half().float() if w.dim() == 2 else w)
+    torch.testing.assert_close(logits(model, tokens), logits(ref, tokens), atol=2e-5, rtol=1e-5)
+    exact = logits(load_model(path, "fp32"), tokens)
+    assert (logits(model, tokens) - exact).abs().max() < 5e-3 * exact.abs().max()
+
+
+@pytest.mark.parametrize("ftype", ["q8_0", "q4_0"])
+def test_quantized_gguf_matches_reference_dequantized_weights(checkpoint, tmp_path, tokens, ftype):
+    path = checkpoint("llama")
+    model, _ = load_gguf(export_gguf(path, tmp_path / "m.gguf", ftype), "fp32")
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, QuantizedLinear) and isinstance(layer.mlp.down_proj, QuantizedLinear)
+    assert layer.self_attn.q_proj.fmt.name == ftype
+    main_type = GT.Q8_0 if ftype == "q8_0" else GT.Q4_0
+
+    def replace(name: str, w: torch.Tensor) -> torch.Tensor:
+        if w.dim() == 1:
+            return w
+        return roundtrip(w, GT.Q8_0 if name == "lm_head.weight" else main_type)  # q4_0 keeps output in Q8_0
+
+    got, want = logits(model, tokens), logits(reference_with(path, replace), tokens)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    exact = logits(load_model(path, "fp32"), tokens)
+    assert (got - exact).norm() < (0.02 if ftype == "q8_0" else 0.2) * exact.norm()
+
+
+@pytest.mark.parametrize("ftype", ["q8_0", "q4_0"])
+def test_export_import_keeps_blocks_bit_exact(checkpoint, tmp_path, ftype):
+    path = checkpoint("llama")
+    weights = read_weights(path)
+    qtype = GT.Q8_0 if ftype == "q8_0" else GT.Q4_0
+    gguf_path = export_gguf(path, tmp_path / "m.gguf", ftype)
+    stored = {t.name: t for t in gguf.GGUFReader(gguf_path).tensors}
+    model, _ = load_gguf(gguf_path, "fp32")
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+                 "model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.o_proj.weight"):
+        w = weights[name].float()
+        n = qk_heads(name, HEADS, KV_HEADS)
+        on_disk = stored[gguf_name(name)]
+        assert on_disk.tensor_type == qtype
+        # llama.cpp's Q/K rows are interleaved per rotary pair; the blocks are gguf's reference quantizer's
+        expected = ref_quantize((permute_qk(w, n) if n else w).numpy(), qtype)
+        np.testing.assert_array_equal(on_disk.data, expected)
+        loaded = model.get_submodule(name.removesuffix(".weight")).blocks
+        np.testing.assert_array_equal(loaded.numpy(), ref_quantize(w.numpy(), qtype))
+    assert stored["blk.0.attn_norm.weight"].tensor_type == GT.F32
+
+
+def test_quantized_checkpoint_exports_its_blocks_unchanged(checkpoint, tmp_path, tokens):
+    path = checkpoint("llama")
+    qdir = tmp_path / "q4"
+    quantize_checkpoint(path, qdir, "q4_0", dtype="fp32")
+    gguf_path = export_gguf(qdir, tmp_path / "q4.gguf", "f16")
+    blocks = read_weights(qdir)
+    stored = {t.name: t for t in gguf.GGUFReader(gguf_path).tensors}
+    on_disk = stored["blk.1.attn_q.weight"]
+    assert on_disk.tensor_type == GT.Q4_0
+    np.testing.assert_array_equal(unpermute_qk(torch.from_numpy(on_disk.data.copy()), HEADS).numpy(),
+                                  blocks["model.layers.1.self_attn.q_proj.blocks"].numpy())
+    assert gguf.GGUFReader(gguf_path).get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+    model, _ = load_gguf(gguf_path, "fp32")
+    assert torch.equal(model.model.layers[1].self_attn.q_proj.blocks, blocks["model.layers.1.self_attn.q_proj.blocks"])
+    # The same blocks, so the same function: the GGUF model reproduces the quantized checkpoint's logits
+    # up to the f16 rounding of the embedding and lm_head.
+    torch.testing.assert_close(logits(model, tokens), logits(load_model(qdir, "fp32"), tokens), atol=2e-3, rtol=1e-3)
+
+
+def test_rows_that_are_not_whole_blocks_stay_f16(checkpoint, tmp_path, tokens):
+    path = checkpoint("llama", hidden_size=80)  # K = 80 is not a multiple of 32; down_proj's K = 128 is
+    gguf_path = export_gguf(path, tmp_path / "m.gguf", "q4_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(gguf_path).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.0.ffn_up.weight"] == types["output.weight"] == GT.F16
+    assert types["blk.0.ffn_down.weight"] == GT.Q4_0
+    model, _ = load_gguf(gguf_path, "fp32")
+    ref = reference_with(path, lambda name, w: roundtrip(w, GT.Q4_0) if name.endswith("down_proj.weight")
+                         else w.half().float() if w.dim() == 2 else w)
+    torch.testing.assert_close(logits(model, tokens), logits(ref, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_affine_quantized_checkpoint_exports_dequantized(checkpoint, tmp_path, tokens):
+    path = checkpoint("llama")
+    quantize_checkpoint(path, tmp_path / "int4", "int4-g32", dtype="fp32")
+    gguf_path = export_gguf(tmp_path / "int4", tmp_path / "int4.gguf", "f32")
+    assert gguf.GGUFReader(gguf_path).get_field("general.file_type").contents() == gguf.LlamaFileType.ALL_F32
+    model, _ = load_gguf(gguf_path, "fp32")
+    torch.testing.assert_close(logits(model, tokens), logits(load_model(tmp_path / "int4", "fp32"), tokens),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_gguf_from_package_writer_with_k_quants_and_bf16(checkpoint, tmp_path, tokens):
+    """Q4_K/Q6_K blocks (random but valid; gguf cannot quantize k-quants) are dequantized at load as gguf does."""
+    path = checkpoint("llama", intermediate_size=256)  # k-quant rows are 256-blocks
+    base = export_gguf(path, tmp_path / "f32.gguf", "f32")
+    rng = np.random.default_rng(0)
+    replace, expected = {}, {}
+    for layer, qtype, d_offset in ((0, GT.Q4_K, (0, 2)), (1, GT.Q6_K, (208,))):
+        blocks = rng.integers(0, 256, (64, 210 if qtype == GT.Q6_K else 144), dtype=np.uint8)
+        for off in d_offset:  # finite, small super-block scales
+            blocks[:, off:off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        replace[f"blk.{layer}.ffn_down.weight"] = (blocks, qtype)
+        expected[f"model.layers.{layer}.mlp.down_proj.weight"] = torch.from_numpy(dequantize(blocks, qtype))
+    w_up = read_weights(path)["model.layers.0.mlp.up_proj.weight"].float()
+    replace["blk.0.ffn_up.weight"] = (ref_quantize(w_up.numpy(), GT.BF16), GT.BF16)
+    expected["model.layers.0.mlp.up_proj.weight"] = w_up.bfloat16().float()
+    model, _ = load_gguf(rewrite(base, tmp_path / "k.gguf", replace=replace), "fp32")
+    ref = reference_with(path, lambda name, w: expected.get(name, w))
+    torch.testing.assert_close(logits(model, tokens), logits(ref, tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_llama3_rope_scaling_survives_export(checkpoint, tmp_path, tokens):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    path = checkpoint("llama", rope_scaling=scaling)
+    model, _ = load_gguf(export_gguf(path, tmp_path / "m.gguf", "f32"), "fp32")
+    torch.testing.assert_close(logits(model, tokens), logits(load_model(path, "fp32"), tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_gguf_tokenizer_matches_original(checkpoint, tmp_path):
+    path = checkpoint("llama")
+    gguf_path = export_gguf(path, tmp_path / "m.gguf", "f16")
+    model, tok = edgellm.load(gguf_path, "fp32")  # the ordinary entry point dispatches on the suffix
+    original = Tokenizer(path)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == original.encode(text), text
+        assert tok.encode(text, add_special_tokens=False) == original.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == original.decode(ids)
+    messages = [{"role": "user", "content": "hi"}]
+    assert tok.encode_chat(messages) == original.encode_chat(messages)
+    assert tok.eos_token_ids == original.eos_token_ids and tok.bos_token == original.bos_token
+    assert model.path == gguf_path and model.name == "m" and len(model.fingerprint) == 32
+
+
+def test_builtin_tokenizer_roundtrips_through_gguf_metadata(tmp_path):
+    from edgellm.assets import default_model_path
+    path = default_model_path()
+    writer = gguf.GGUFWriter(tmp_path / "tok.gguf", "llama")
+    add_tokenizer(writer, path, 8192)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    fields = gguf.GGUFReader(tmp_path / "tok.gguf").fields
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    assert fields["tokenizer.ggml.eot_token_id"].contents() == 6  # <|end|> stops chat turns
+    tok, original = gguf_tokenizer(open_gguf(tmp_path / "tok.gguf"), tmp_path / "tok.gguf"), Tokenizer(path)
+    for text in [*TEXTS, Path(__file__).read_text(encoding="utf-8")[:3000]]:
+        assert tok.encode(text) == original.encode(text)
+    assert tok.chat_template == original.chat_template and tok.eos_token_ids == original.eos_token_ids
+
+
+def test_llama3_style_pre_tokenizer_roundtrips(checkpoint, tmp_path):
+    path = checkpoint("llama")
+    backend = Tokenizer(path).backend
+    llama3 = type(backend)(models.BPE(ignore_merges=True))
+    llama3.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_REGEX), "isolated"),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    llama3.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=376, special_tokens=["<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>",
+                                                                  "<|system|>", "<|end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    llama3.train_from_iterator(SAMPLE_TEXT, trainer)
+    llama3.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 0)])
+    llama3.save(str(path / "tokenizer.json"))
+    gguf_path = export_gguf(path, tmp_path / "m.gguf", "f16")
+    tok = gguf_tokenizer(open_gguf(gguf_path), gguf_path)
+    assert gguf.GGUFReader(gguf_path).get_field("tokenizer.ggml.pre").contents() == "llama-bpe"
+    for text in TEXTS:
+        assert tok.encode(text) == Tokenizer(path).encode(text), text
+
+
+def test_sentencepiece_vocabulary_matches_sentencepiece(tmp_path):
+    """A llama-style (`tokenizer.ggml.model` llama) vocabulary, written as llama.cpp's converter writes one."""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SAMPLE_TEXT), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400, model_type="bpe", byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1,
+        eos_id=2, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    ids = range(sp.vocab_size())
+    writer = gguf.GGUFWriter(tmp_path / "sp.gguf", "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in ids])
+    writer.add_token_scores([sp.get_score(i) for i in ids])
+    writer.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+                            for i in ids])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    tok = gguf_tokenizer(open_gguf(tmp_path / "sp.gguf"), tmp_path / "sp.gguf")
+    for text in [*TEXTS, "€ unseen ☃ chars", " leading space"]:
+        assert tok.encode(text) == [1, *sp.encode(text)], text
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_unsupported_tensor_type_is_named(checkpoint, tmp_path):
+    base = export_gguf(checkpoint("llama"), tmp_path / "m.gguf", "f16")
+    iq = np.zeros((128, 2 * 18), dtype=np.uint8)  # IQ4_NL: 18-byte blocks of 32
+    bad = rewrite(base, tmp_path / "iq.gguf", replace={"blk.0.ffn_up.weight": (iq, GT.IQ4_NL)})
+    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.ffn_up\.weight has GGUF type IQ4_NL.*Q4_K"):
+        load_gguf(bad)
+
+
+def test_unsupported_architecture_is_named(checkpoint, tmp_path):
+    base = export_gguf(checkpoint("llama"), tmp_path / "m.gguf", "f16")
+    with pytest.raises(UnsupportedModelError, match="architecture 'gpt2' is not supported; supported: llama"):
+        load_gguf(rewrite(base, tmp_path / "gpt2.gguf", arch="gpt2"))
+
+
+def test_truncated_or_foreign_files_raise_gguf_error(checkpoint, tmp_path):
+    data = export_gguf(checkpoint("llama"), tmp_path / "m.gguf", "q8_0").read_bytes()
+    for cut in (3, 24, 5000, len(data) // 2, len(data) - 100):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(GGUFError, match=r"not a readable GGUF file|incomplete|inconsistent"):
+            load_gguf(bad)
+    (tmp_path / "text.gguf").write_text("not a gguf file at all")
+    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+        load_gguf(tmp_path / "text.gguf")
+    with pytest.raises(GGUFError, match="does not exist"):
+        load_gguf(tmp_path / "missing.gguf")
+
+
+def test_cli_export_gguf(checkpoint, tmp_path, capsys):
+    path = checkpoint("llama")
+    capsys.readouterr()  # transformers' save progress bar
+    assert main(["export-gguf", str(path), str(tmp_path / "m.gguf"), "--type", "q5_k"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown GGUF export type 'q5_k'" in err
+    assert not list(tmp_path.glob("m.gguf*"))
+    assert main(["export-gguf", str(path), str(tmp_path / "m.gguf"), "--type", "q4_0"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.tmp"))
+    q4 = load_gguf(tmp_path / "m.gguf", "fp32")[0]
+    assert q4.fingerprint != load_gguf(export_gguf(path, tmp_path / "f16.gguf"), "fp32")[0].fingerprint
+    assert q4.fingerprint == load_gguf(tmp_path / "m.gguf", "fp32")[0].fingerprint
+
+
+def test_generation_through_the_engine_matches(checkpoint, tmp_path):
+    path = checkpoint("llama")
+    model, tok = edgellm.load(export_gguf(path, tmp_path / "m.gguf", "f32"), "fp32")
+    reference, ref_tok = edgellm.load(path, "fp32")
+    out = edgellm.generate(model, tok, "def fibonacci(n):", 12)
+    assert out.tokens == edgellm.generate(reference, ref_tok, "def fibonacci(n):", 12).tokens
+    assert len(out.tokens) > 0
+
+
+def test_llama_cpp_runs_the_exported_builtin_model(tmp_path):
+    """llama.cpp itself (when llama-cpp-python is installed) tokenizes and greedy-decodes the export as edgellm."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from edgellm.assets import default_model_path
+    prompt = "def add(a, b):"
+    for ftype in ("f16", "q8_0"):
+        gguf_path = export_gguf(default_model_path(), tmp_path / f"{ftype}.gguf", ftype)
+        model, tok = edgellm.load(gguf_path, "fp32")
+        expected = edgellm.generate(model, tok, prompt, 16).tokens
+        llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, n_threads=1, verbose=False)
+        ids = llm.tokenize(prompt.encode(), add_bos=True)
+        assert ids == tok.encode(prompt)
+        got = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+            got.append(token)
+            if len(got) == len(expected):
+                break
+        assert got == expected, ftype
+
+
+def test_edgellm_runs_llama_cpp_quantized_files(tmp_path):
+    """llama-quantize's Q4_K_M (Q4_K, Q6_K, Q5_0, Q8_0 mix) and Q4_0 files decode in edgellm as in llama.cpp."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+
+    from edgellm.assets import default_model_path
+    prompt = "def add(a, b):"
+    f16 = export_gguf(default_model_path(), tmp_path / "f16.gguf", "f16")
+    for name, ftype in (("q4_k_m", 15), ("q4_0", 2)):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = ftype, 1
+        out = tmp_path / f"{name}.gguf"
+        assert llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params)) == 0
+        model, tok = edgellm.load(out, "fp32")
+        expected = edgellm.generate(model, tok, prompt, 16).tokens
+        llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=1, verbose=False)
+        got = []
+        for token in llm.generate(llm.tokenize(prompt.encode(), add_bos=True), temp=0.0, top_k=1, repeat_penalty=1.0):
+            got.append(token)
+            if len(got) == len(expected):
+                break
+        assert got == expected, name
