@@ -14,7 +14,6 @@ import torch
 from edgellm.kernels.native import load_extension
 
 FLOOR = -1e30  # logits are clamped here first, so -inf gets a finite, hopelessly small exponent
-LN2_HI, LN2_LO = 0.693145751953125, 1.428606765330187e-06  # ln 2 split so n * LN2_HI is exact
 
 
 @cache
@@ -23,12 +22,15 @@ def _ext() -> Any:
 
 
 def two_pass_softmax_reference(x: torch.Tensor) -> torch.Tensor:
-    """The same split in PyTorch: exp(x) = p * 2^n, normalised by the sum at the largest exponent. The fallback."""
-    x = x.float().clamp(min=FLOOR)
+    """The same split in PyTorch: exp(x) = p * 2^n, normalised by the sum at the largest exponent. The fallback.
+
+    The reduction x - n ln 2 runs in fp64, standing in for the kernel's fused multiply-adds.
+    """
+    x = x.double().clamp(min=FLOOR)
     n = torch.round(x * (1 / math.log(2)))
-    p = torch.exp(((x - n * LN2_HI) - n * LN2_LO).clamp(-0.35, 0.35))
+    p = torch.exp((x - n * math.log(2)).clamp(-0.35, 0.35))
     scaled = p * torch.exp2(n - n.amax(-1, keepdim=True))
-    return scaled / scaled.sum(-1, keepdim=True)
+    return (scaled / scaled.sum(-1, keepdim=True)).float()
 
 
 def two_pass_softmax(x: torch.Tensor) -> torch.Tensor:
