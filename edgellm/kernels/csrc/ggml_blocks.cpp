@@ -186,23 +186,26 @@ torch::Tensor blocks_gemm(const torch::Tensor& x, const torch::Tensor& blocks, i
   const int64_t steps = 0;
 #endif
   const int64_t row_bytes = nb * block_bytes;
-  at::parallel_for(0, N, std::max<int64_t>(1, (int64_t{32} << 10) / row_bytes), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* row = w + n * row_bytes;
-      for (int64_t m = 0; m < M; ++m) {  // the row stays in L1 while every row of x passes over it
-        float acc = 0.0f;
+  // Rows of W per panel: ~16 KB stay in L1 while each row of x (its per-call data is ~5 bytes per weight column)
+  // passes over them; looping x rows inside one weight row instead streams every x row's data from L2 per row of W.
+  const int64_t panel = std::max<int64_t>(1, (int64_t{16} << 10) / row_bytes);
+  at::parallel_for(0, N, std::max<int64_t>(panel, (int64_t{32} << 10) / row_bytes), [&](int64_t n0, int64_t n1) {
+    for (int64_t p0 = n0; p0 < n1; p0 += panel)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = p0; n < std::min(n1, p0 + panel); ++n) {
+          const uint8_t* row = w + n * row_bytes;
+          float acc = 0.0f;
 #ifdef EDGELLM_VNNI
-        acc = Q4 ? row_q4_0(row, sx[m], steps) : row_q8_0(row, sx[m], steps);
+          acc = Q4 ? row_q4_0(row, sx[m], steps) : row_q8_0(row, sx[m], steps);
 #endif
-        for (int64_t b = steps * per; b < nb; ++b) {
-          const uint8_t* blk = row + b * block_bytes;
-          const int8_t* xq = qx[m].q.data() + b * kBlock;
-          const int32_t dot = Q4 ? dot_q4_0(blk, xq) : dot_q8_0(blk, xq);
-          acc += static_cast<float>(dot) * (half_to_float(blk) * qx[m].d[b]);
+          for (int64_t b = steps * per; b < nb; ++b) {
+            const uint8_t* blk = row + b * block_bytes;
+            const int8_t* xq = qx[m].q.data() + b * kBlock;
+            const int32_t dot = Q4 ? dot_q4_0(blk, xq) : dot_q8_0(blk, xq);
+            acc += static_cast<float>(dot) * (half_to_float(blk) * qx[m].d[b]);
+          }
+          yp[m * N + n] = acc;
         }
-        yp[m * N + n] = acc;
-      }
-    }
   });
   return y;
 }
