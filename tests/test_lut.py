@@ -4,6 +4,7 @@ the `gguf` package's own quantizers and dequantizers."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -159,3 +160,40 @@ def test_gguf_blocks_reject_bad_shapes():
         q8_0_linear(torch.randn(1, 40), torch.zeros(2, 68, dtype=torch.uint8), 40)
     with pytest.raises(BlockFormatError, match="blocks must be"):
         q4_0_linear(torch.randn(1, 64), torch.zeros(2, 68, dtype=torch.uint8), 64)
+
+
+def test_choose_kernel_follows_the_measured_table(monkeypatch):
+    from edgellm.kernels import select
+
+    monkeypatch.setattr(select, "_table", lambda: {"lut_max_rows": {"2": 16}, "vnni_max_rows": 4})
+    monkeypatch.setattr(select, "lut_available", lambda: True)
+    monkeypatch.setattr(select, "vnni_available", lambda: True)
+    assert select.choose_kernel(2, 2048, 2048, 16) == "lut"
+    assert select.choose_kernel(2, 2048, 2048, 17) == "dequant"
+    assert select.choose_kernel(3, 2048, 2048, 32) == "lut"  # no entry: the default row limit
+    assert select.choose_kernel(8, 2048, 2048, 4) == "vnni"
+    assert select.choose_kernel(8, 2048, 2050, 1) == "dequant"  # Q8_0 needs whole blocks
+    assert select.choose_kernel(6, 2048, 2048, 1) == "dequant"
+    monkeypatch.setattr(select, "lut_available", lambda: False)
+    assert select.choose_kernel(2, 2048, 2048, 1) == "dequant"
+
+
+def test_crossover_table_takes_the_worst_shape():
+    from edgellm.kernels.select import crossover_table
+
+    lowbit = [dict(bits=2, rows=m, lut_vs_dequant=r) for m, r in [(1, 9.0), (8, 3.0), (32, 0.9)]]
+    lowbit += [dict(bits=2, rows=8, lut_vs_dequant=0.8), dict(bits=4, rows=1, lut_vs_dequant=2.0)]
+    ggml = [dict(rows=1, q8_0_vs_dequant=5.0), dict(rows=8, q8_0_vs_dequant=1.5)]
+    assert crossover_table({"lowbit": lowbit, "ggml": ggml}) == {
+        "lut_max_rows": {"1": 1, "2": 1, "4": 1}, "vnni_max_rows": 8}
+
+
+def test_bench_kernels_reports_every_section(tmp_path):
+    from edgellm.cli import main
+
+    out = tmp_path / "kernels.json"
+    assert main(["bench", "kernels", "--shapes", "default.gate_up", "--bits", "2", "--rows", "1", "--vocab", "100",
+                 "--reps", "1", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["threads"] == 1 and len(run["lowbit"]) == len(run["ggml"]) == len(run["softmax"]) == 1
+    assert run["lowbit"][0]["lut_vs_dequant"] > 0 and run["softmax"][0]["vocab"] == 100

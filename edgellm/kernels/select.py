@@ -39,15 +39,19 @@ def choose_kernel(bits: int, n: int, k: int, m: int) -> str:
 
 
 def crossover_table(run: dict[str, Any]) -> dict[str, Any]:
-    """From one thread count's results: per bit width the most rows at which the LUT beat dequant + GEMM on every
+    """From one thread count's results: per bit width the most rows up to which the LUT beat dequant + GEMM on every
     shape measured (likewise Q8_0 VNNI); 1 bit takes 2 bits' figure, as it does strictly less work."""
     def max_rows(results: list[dict], bits_key: int | None, ratio: str) -> int:
         by_rows: dict[int, float] = {}
         for r in results:
             if bits_key is None or r["bits"] == bits_key:
                 by_rows[r["rows"]] = min(by_rows.get(r["rows"], float("inf")), r[ratio])
-        wins = [m for m, worst in sorted(by_rows.items()) if worst > 1.0]
-        return max(wins, default=0)
+        best = 0
+        for m, worst in sorted(by_rows.items()):
+            if worst <= 1.0:
+                break
+            best = m
+        return best
 
     table: dict[str, Any] = {"lut_max_rows": {}}
     for bits in sorted({r["bits"] for r in run.get("lowbit", [])}):
