@@ -19,6 +19,7 @@ from edgellm.kernels.ggml_blocks import (
     blocks_linear_reference,
     dequant_blocks_linear,
     q4_0_linear,
+    q4_0_lut_weight,
     q8_0_linear,
 )
 from edgellm.kernels.lut import (
@@ -49,7 +50,7 @@ def exact(x: torch.Tensor, codes, scales, biases, group: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize(("k", "group", "n"), SHAPES)
-@pytest.mark.parametrize("m", [1, 32])
+@pytest.mark.parametrize("m", [1, 3, 32])  # 3: pairs of rows and a single one
 def test_lut_within_table_quantization_bound(bits, k, group, n, m):
     codes, scales, biases = make(bits, k, group, n)
     w = LutWeight.prepare(codes, scales, biases, bits, group)
@@ -81,16 +82,13 @@ def test_lut_bf16_and_leading_dims():
 def test_lut_takes_q4_0_blocks_from_gguf():
     """q4_0 maps to bits=4, codes = nibbles, scale = d, bias = -8d, group 32."""
     rng = np.random.default_rng(0)
-    wf = rng.standard_normal((40, 256)).astype(np.float32)
-    blocks = gguf.quants.quantize(wf, gguf.GGMLQuantizationType.Q4_0).reshape(40, 8, 18)
-    d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
-    qs = torch.from_numpy(blocks[..., 2:].copy())
-    codes = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(40, 256)
-    w = LutWeight.prepare(codes, d, -8 * d, 4, 32)
+    blocks = gguf.quants.quantize(rng.standard_normal((40, 256)).astype(np.float32), gguf.GGMLQuantizationType.Q4_0)
+    wd = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0)).double()
+    w = q4_0_lut_weight(torch.from_numpy(blocks), 256)
     x = torch.randn(1, 256)
-    wd = gguf.quants.dequantize(blocks.reshape(40, -1), gguf.GGMLQuantizationType.Q4_0)
-    ref = x.double() @ torch.from_numpy(wd).double().T
+    ref = x.double() @ wd.T
     err = (lut_linear(x, w).double() - ref).abs()
+    d = torch.from_numpy(blocks.reshape(40, 8, 18)[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
     assert (err <= lut_error_bound(x, d, 4, 32).double() + 1e-5 * ref.abs().max()).all()
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from edgellm.bench.common import positive_int, positive_ints, write_report
-from edgellm.kernels.ggml_blocks import dequant_blocks_linear, q4_0_linear, q8_0_linear, vnni_available
+from edgellm.kernels.ggml_blocks import dequant_blocks_linear, q4_0_linear, q4_0_lut_weight, q8_0_linear, vnni_available
 from edgellm.kernels.lut import LutWeight, dequant_linear, lut_available, lut_linear
 from edgellm.kernels.native import gemv_bf16_op
 from edgellm.kernels.select import SELECT_TABLE, crossover_table
@@ -100,10 +100,9 @@ def lowbit_rows(shapes: list[str], bits_list: list[int], group: int, rows_list: 
                 w = LutWeight.prepare(codes, scales, biases, bits, group)
                 lut_s = seconds(reps, lut_linear, x, w)
                 deq_s = seconds(reps, dequant_linear, x, codes, scales, biases, group)
-                packed = n * k * bits / 8 + 2 * n * -(-k // group) * 4
                 out.append(dict(shape=name, n=n, k=k, rows=m, bits=bits, group=group, lut_us=lut_s * 1e6,
                                 dequant_us=deq_s * 1e6, fp32_us=fp32_s * 1e6,
-                                bf16_us=None if bf16_s is None else bf16_s * 1e6, lut_gbs=packed / lut_s / 1e9,
+                                bf16_us=None if bf16_s is None else bf16_s * 1e6, lut_gbs=w.nbytes() / lut_s / 1e9,
                                 lut_vs_dequant=deq_s / lut_s, lut_vs_fp32=fp32_s / lut_s,
                                 lut_vs_bf16=None if bf16_s is None else bf16_s / lut_s))
     return out
@@ -117,10 +116,7 @@ def ggml_rows(shapes: list[str], rows_list: list[int], reps: int) -> list[dict]:
         d = (torch.rand(n, k // 32) * 0.01).half().view(torch.uint8).view(n, k // 32, 2)
         q8 = torch.cat([d, torch.randint(0, 256, (n, k // 32, 32), dtype=torch.uint8)], -1).view(n, -1)
         q4 = torch.cat([d, torch.randint(0, 256, (n, k // 32, 16), dtype=torch.uint8)], -1).view(n, -1)
-        nib = q4.view(n, k // 32, 18)[..., 2:]
-        codes = torch.cat([nib & 15, nib >> 4], -1).view(n, k)
-        scale = d.contiguous().view(torch.float16).view(n, -1).float()
-        lut4 = LutWeight.prepare(codes, scale, -8 * scale, 4, 32)
+        lut4 = q4_0_lut_weight(q4, k)
         for m in rows_list:
             x = torch.randn(m, k)
             q8_s = seconds(reps, q8_0_linear, x, q8, k)
@@ -144,7 +140,7 @@ def softmax_rows(vocabs: list[int], rows_list: list[int], reps: int) -> list[dic
             two = seconds(reps, two_pass_softmax, x)
             ref = seconds(reps, torch.softmax, x, -1)
             out.append(dict(vocab=v, rows=m, two_pass_us=two * 1e6, torch_us=ref * 1e6, speedup=ref / two,
-                            two_pass_gbs=2 * 4 * m * v * 1.5 / two / 1e9))  # reads x twice, writes y once
+                            two_pass_gbs=3 * 4 * m * v / two / 1e9))  # reads x twice, writes y once
     return out
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from edgellm.errors import EdgeLLMError
+from edgellm.kernels.lut import LutWeight
 from edgellm.kernels.native import load_extension
 
 BLOCK = 32
@@ -98,3 +99,14 @@ def dequant_blocks_linear(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: s
     _check(x, blocks, k, kind)
     w = (block_quants(blocks, kind) * block_scales(blocks, kind)[..., None]).view(blocks.shape[0], k)
     return torch.nn.functional.linear(x.float(), w).to(x.dtype)
+
+
+def q4_0_lut_weight(blocks: torch.Tensor, k: int) -> LutWeight:
+    """Q4_0 blocks repacked for `lut_linear` (codes = nibbles, scale = d, bias = -8d, groups of 32): measured faster
+    than `q4_0_linear` at every shape of `edgellm bench kernels`, at the price of a repack when the model loads."""
+    _check(torch.empty(0, k), blocks, k, "q4_0")
+    n = blocks.shape[0]
+    nibbles = blocks.view(n, -1, BLOCK_BYTES["q4_0"])[..., 2:]
+    codes = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).view(n, k)
+    d = block_scales(blocks, "q4_0")
+    return LutWeight.prepare(codes, d, -8 * d, 4, BLOCK)

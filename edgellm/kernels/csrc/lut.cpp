@@ -140,6 +140,61 @@ void lut_block(const uint8_t* w, const float* scale, const float* bias, const in
 #endif
 }
 
+#ifdef EDGELLM_LUT_AVX512
+// Two rows of x per pass over a block: the index load and nibble split are shared by both rows (3 of 7 instructions
+// per vector), each row adding its own lookups. Fewer registers than twice lut_block: one int32 chain per row and
+// tile (lo and hi merged), and the fp32 sums live in `out` (2 x kBlockRows), updated once per group.
+template <int P>
+void lut_block2(const uint8_t* w, const float* scale, const float* bias, const int8_t* table0, const int8_t* table1,
+                const float* ts, const float* xsum, int64_t G, int64_t C, int64_t chunks_per_group, float* out) {
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  const __m512i quad = _mm512_set1_epi32(0x30201000);
+  __m512i plane[P];
+#pragma GCC unroll 4
+  for (int p = 0; p < P; ++p) plane[p] = _mm512_set1_epi8(static_cast<char>(1 << p));
+  for (int i = 0; i < 2 * kBlockRows; i += 16) _mm512_storeu_ps(out + i, _mm512_setzero_ps());
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t c0 = g * chunks_per_group, c1 = std::min(C, c0 + chunks_per_group);
+    __m512i acc0[kTiles], acc1[kTiles];
+#pragma GCC unroll 4
+    for (int t = 0; t < kTiles; ++t) acc0[t] = acc1[t] = _mm512_setzero_si512();
+    for (int64_t c = c0; c < c1; ++c) {
+      const __m512i lo0 = _mm512_loadu_si512(table0 + c * 128), hi0 = _mm512_loadu_si512(table0 + c * 128 + 64);
+      const __m512i lo1 = _mm512_loadu_si512(table1 + c * 128), hi1 = _mm512_loadu_si512(table1 + c * 128 + 64);
+#pragma GCC unroll 4
+      for (int t = 0; t < kTiles; ++t)
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) {
+          const __m512i v = _mm512_loadu_si512(w);
+          w += kChunkBytes;
+          const __m512i lo = _mm512_ternarylogic_epi32(v, nibble, quad, 0xEA);
+          const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nibble, quad, 0xEA);
+          acc0[t] = _mm512_dpbusd_epi32(acc0[t], plane[p], _mm512_permutexvar_epi8(lo, lo0));
+          acc1[t] = _mm512_dpbusd_epi32(acc1[t], plane[p], _mm512_permutexvar_epi8(lo, lo1));
+          acc0[t] = _mm512_dpbusd_epi32(acc0[t], plane[p], _mm512_permutexvar_epi8(hi, hi0));
+          acc1[t] = _mm512_dpbusd_epi32(acc1[t], plane[p], _mm512_permutexvar_epi8(hi, hi1));
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < kTiles; ++t) {
+      const __m512 s = _mm512_loadu_ps(scale + (g * kTiles + t) * kTileRows);
+      const __m512 b = _mm512_loadu_ps(bias + (g * kTiles + t) * kTileRows);
+      float* o0 = out + t * kTileRows;
+      float* o1 = o0 + kBlockRows;
+      __m512 y0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc0[t]), _mm512_mul_ps(s, _mm512_set1_ps(ts[g])),
+                                  _mm512_loadu_ps(o0));
+      __m512 y1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc1[t]), _mm512_mul_ps(s, _mm512_set1_ps(ts[G + g])),
+                                  _mm512_loadu_ps(o1));
+      _mm512_storeu_ps(o0, _mm512_fmadd_ps(b, _mm512_set1_ps(xsum[g]), y0));
+      _mm512_storeu_ps(o1, _mm512_fmadd_ps(b, _mm512_set1_ps(xsum[G + g]), y1));
+    }
+  }
+}
+
+using Block2Fn = void (*)(const uint8_t*, const float*, const float*, const int8_t*, const int8_t*, const float*,
+                          const float*, int64_t, int64_t, int64_t, float*);
+#endif
+
 using BlockFn = void (*)(const uint8_t*, const float*, const float*, const int8_t*, const float*, const float*,
                          int64_t, int64_t, int64_t, float*);
 
@@ -174,13 +229,28 @@ torch::Tensor lut_gemm(const torch::Tensor& x, const torch::Tensor& packed, cons
   float* yp = y.data_ptr<float>();
   const int64_t block_bytes = C * kTiles * bits * kChunkBytes;
   const int64_t grain = std::max<int64_t>(1, (int64_t{32} << 10) / block_bytes);  // >= ~32 KB of weights per task
+#ifdef EDGELLM_LUT_AVX512
+  static constexpr Block2Fn kBlocks2[] = {lut_block2<1>, lut_block2<2>, lut_block2<3>, lut_block2<4>};
+  const Block2Fn block2 = kBlocks2[bits - 1];
+#endif
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-    float out[kBlockRows];
+    float out[2 * kBlockRows];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t rows = std::min(kBlockRows, N - b * kBlockRows);
-      for (int64_t m = 0; m < M; ++m) {  // the block's weights stay in L2 while every row of x passes over them
-        block(wp + b * block_bytes, sp + b * G * kBlockRows, bp + b * G * kBlockRows, tables.data() + m * Kp * 4,
-              ts.data() + m * G, xsum.data() + m * G, C, G, group / kChunk, out);
+      const uint8_t* wb = wp + b * block_bytes;
+      const float *sb = sp + b * G * kBlockRows, *bb = bp + b * G * kBlockRows;
+      int64_t m = 0;  // the block's weights stay in L2 while every row of x passes over them
+#ifdef EDGELLM_LUT_AVX512
+      for (; m + 2 <= M; m += 2) {
+        block2(wb, sb, bb, tables.data() + m * Kp * 4, tables.data() + (m + 1) * Kp * 4, ts.data() + m * G,
+               xsum.data() + m * G, G, C, group / kChunk, out);
+        std::memcpy(yp + m * N + b * kBlockRows, out, rows * sizeof(float));
+        std::memcpy(yp + (m + 1) * N + b * kBlockRows, out + kBlockRows, rows * sizeof(float));
+      }
+#endif
+      for (; m < M; ++m) {
+        block(wb, sb, bb, tables.data() + m * Kp * 4, ts.data() + m * G, xsum.data() + m * G, C, G, group / kChunk,
+              out);
         std::memcpy(yp + m * N + b * kBlockRows, out, rows * sizeof(float));
       }
     }
