@@ -20,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+CSRC = Path(__file__).parent / "csrc"
 # -march=native unlocks AVX-512; the plain build is for compilers or CPUs that refuse it.
 CFLAG_SETS = (["-O3", "-march=native"], ["-O3"])
 _BUILD_LOCK = threading.Lock()
@@ -43,10 +43,10 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def cache_dir(cflags: list[str]) -> Path:
+def cache_dir(source: Path, cflags: list[str]) -> Path:
     """Build directory keyed by everything the binary depends on, so a stale build is never loaded."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(),
+    for part in (source.read_bytes(), torch.__version__.encode(), sys.version.encode(),
                  " ".join(cflags).encode(), cpu_flags().encode()):
         key.update(part)
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -61,33 +61,39 @@ def _ensure_ninja_on_path() -> None:
 
 
 @cache
-def _build() -> ModuleType | None:
+def _build(name: str) -> ModuleType | None:
     if os.environ.get("EDGELLM_NO_NATIVE") == "1":
         log.info("EDGELLM_NO_NATIVE=1: using PyTorch kernels")
         return None
     from torch.utils import cpp_extension
 
     _ensure_ninja_on_path()
+    source = CSRC / f"{name}.cpp"
     errors = []
     for cflags in CFLAG_SETS:
-        build_dir = cache_dir(cflags)
+        build_dir = cache_dir(source, cflags)
         try:
             build_dir.mkdir(parents=True, exist_ok=True)  # a read-only HOME means no native kernel, not a crash
-            return cpp_extension.load(name="edgellm_gemv", sources=[str(SOURCE)], extra_cflags=cflags,
+            return cpp_extension.load(name=f"edgellm_{name}", sources=[str(source)], extra_cflags=cflags,
                                       build_directory=str(build_dir), verbose=False)
         except Exception as e:  # the build fails through many exception types; all mean "no native kernel"
             lines = str(e).strip().splitlines()
             errors.append(f"{' '.join(cflags)}: {lines[0] if lines else type(e).__name__}")
             log.debug("native kernel build with %s failed:\n%s", cflags, e)
-    log.warning("native kernels unavailable, using the PyTorch fallback (%s)", "; ".join(errors))
+    log.warning("native kernels %s unavailable, using the PyTorch fallback (%s)", name, "; ".join(errors))
     return None
+
+
+def load_extension(name: str) -> ModuleType | None:
+    """The extension built from csrc/<name>.cpp, compiled on first call; None when it cannot be built."""
+    with _BUILD_LOCK:  # concurrent first calls wait for one build; later calls hit the cache without the lock
+        return _build(name)
 
 
 @cache
 def gemv_bf16_op() -> Callable[..., torch.Tensor] | None:
     """The native `gemv_bf16(x, weight, bias=None)` op, built on first call; None when it cannot be built."""
-    with _BUILD_LOCK:  # concurrent first calls wait for one build; later calls hit the cache without the lock
-        ext = _build()
+    ext = load_extension("gemv")
     return None if ext is None else ext.gemv_bf16
 
 

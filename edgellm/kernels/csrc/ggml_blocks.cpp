@@ -1,0 +1,216 @@
+// GEMV on llama.cpp's Q8_0 and Q4_0 blocks as stored in GGUF files, with int8 activations and AVX512-VNNI.
+//
+// Q8_0 block: fp16 d, 32 int8 (w = d * q). Q4_0 block: fp16 d, 16 bytes whose low nibbles are elements 0..15 and
+// high nibbles 16..31 (w = d * (q - 8)). x is quantized per 32-block like llama.cpp's q8_0 activations
+// (d = amax / 127, q = round(x / d)), but d stays fp32.
+//
+// vpdpbusd multiplies unsigned by signed bytes. Q8_0 weights become unsigned by flipping their sign bit (w + 128) and
+// Q4_0 nibbles already are (q, not q - 8); the excess, 128 * sum(x_q) or 8 * sum(x_q), depends on x alone, so it is
+// computed once per call and preloaded (negated) into the accumulator: no extra instruction per block.
+// Both weight layouts have blocks that are 34 and 18 bytes long; two loads and one vpermt2b gather the quants of
+// 2 (Q8_0) or 4 (Q4_0) blocks into one register, and a vpermb lays their scales out lane by lane.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
+#define EDGELLM_VNNI 1
+#include <immintrin.h>
+#endif
+
+constexpr int64_t kBlock = 32;
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+}
+
+// x quantized per block: q (nb * 32 int8), d (fp32) and the sum of q per block.
+struct QuantizedX {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> sum;
+};
+
+QuantizedX quantize_x(const float* x, int64_t nb) {
+  QuantizedX r{std::vector<int8_t>(nb * kBlock), std::vector<float>(nb), std::vector<int32_t>(nb)};
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kBlock;
+    float amax = 0.0f;
+    for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    int32_t s = 0;
+    for (int i = 0; i < kBlock; ++i) {
+      const int8_t q = static_cast<int8_t>(std::nearbyint(xb[i] * id));  // round half to even, as torch.round
+      r.q[b * kBlock + i] = q;
+      s += q;
+    }
+    r.d[b] = d;
+    r.sum[b] = s;
+  }
+  return r;
+}
+
+// Per-call activation data in the order one weight register consumes it: `per` blocks per step, lanes/`per` lanes
+// of each block's scale in `scale`, the negated excess in the first lane of each block's lanes in `corr`.
+struct StepX {
+  std::vector<int8_t> q;  // Q8_0: the blocks as they are; Q4_0: per step, the low halves of 4 blocks, then the highs
+  std::vector<float> scale;
+  std::vector<int32_t> corr;
+};
+
+StepX step_x(const QuantizedX& qx, int64_t nb, int per, int excess, bool split_halves) {
+  const int64_t steps = nb / per;
+  const int lanes = 16 / per;
+  StepX s{std::vector<int8_t>(steps * per * kBlock), std::vector<float>(steps * 16), std::vector<int32_t>(steps * 16)};
+  for (int64_t st = 0; st < steps; ++st)
+    for (int j = 0; j < per; ++j) {
+      const int64_t b = st * per + j;
+      for (int l = 0; l < lanes; ++l) s.scale[st * 16 + j * lanes + l] = qx.d[b];
+      s.corr[st * 16 + j * lanes] = -excess * qx.sum[b];
+      for (int i = 0; i < kBlock; ++i) {
+        const int64_t at = split_halves ? st * 128 + (i / 16) * 64 + j * 16 + i % 16 : b * kBlock + i;
+        s.q[at] = qx.q[b * kBlock + i];
+      }
+    }
+  return s;
+}
+
+// Plain dot of one block, used for the blocks after the last whole step and by builds without VNNI. Not
+// auto-vectorized: GCC 12 -O3 -march=native turns this signed x signed byte dot into vpdpbusd (unsigned x signed)
+// and gets negative weights wrong.
+#define EDGELLM_SCALAR __attribute__((optimize("no-tree-vectorize")))
+EDGELLM_SCALAR inline int32_t dot_q8_0(const uint8_t* blk, const int8_t* xq) {
+  int32_t s = 0;
+  for (int i = 0; i < kBlock; ++i) s += static_cast<int8_t>(blk[2 + i]) * xq[i];
+  return s;
+}
+
+EDGELLM_SCALAR inline int32_t dot_q4_0(const uint8_t* blk, const int8_t* xq) {
+  int32_t s = 0;
+  for (int i = 0; i < 16; ++i) s += ((blk[2 + i] & 15) - 8) * xq[i] + ((blk[2 + i] >> 4) - 8) * xq[16 + i];
+  return s;
+}
+
+#ifdef EDGELLM_VNNI
+// Two Q8_0 blocks (68 bytes): quants of both and their scales [d0 x8, d1 x8].
+inline float row_q8_0(const uint8_t* row, const StepX& sx, int64_t steps) {
+  alignas(64) static const uint8_t kQuants[64] = {
+      2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
+      24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107,
+      108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127};
+  alignas(64) static const uint8_t kScales[64] = {
+      0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 34, 35, 34, 35, 34, 35, 34, 35, 34, 35, 34, 35, 34, 35, 34, 35};
+  const __m512i quants = _mm512_load_si512(kQuants), scales = _mm512_load_si512(kScales);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (int64_t st = 0; st < steps; ++st) {
+    const uint8_t* p = row + st * 68;
+    const __m512i z0 = _mm512_loadu_si512(p), z1 = _mm512_loadu_si512(p + 4);
+    const __m512i w = _mm512_xor_si512(_mm512_permutex2var_epi8(z0, quants, z1), flip);
+    const __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi8(scales, z0)));
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(sx.corr.data() + st * 16), w,
+                                            _mm512_loadu_si512(sx.q.data() + st * 64));
+    const __m512 s = _mm512_mul_ps(d, _mm512_loadu_ps(sx.scale.data() + st * 16));
+    if (st & 1)
+      acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc1);
+    else
+      acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// Four Q4_0 blocks (72 bytes): their 64 quant bytes, low nibbles then high, and scales [d0 x4, .., d3 x4].
+inline float row_q4_0(const uint8_t* row, const StepX& sx, int64_t steps) {
+  alignas(64) static const uint8_t kQuants[64] = {
+      2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 20, 21, 22, 23, 24, 25,
+      26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49,
+      50, 51, 52, 53, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127};
+  alignas(64) static const uint8_t kScales[64] = {0,  1,  0,  1,  0,  1,  0,  1,  18, 19, 18, 19, 18, 19, 18, 19,
+                                                  36, 37, 36, 37, 36, 37, 36, 37, 54, 55, 54, 55, 54, 55, 54, 55};
+  const __m512i quants = _mm512_load_si512(kQuants), scales = _mm512_load_si512(kScales);
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (int64_t st = 0; st < steps; ++st) {
+    const uint8_t* p = row + st * 72;
+    const __m512i z0 = _mm512_loadu_si512(p), z1 = _mm512_loadu_si512(p + 8);
+    const __m512i v = _mm512_permutex2var_epi8(z0, quants, z1);
+    const __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi8(scales, z0)));
+    const int8_t* xq = sx.q.data() + st * 128;
+    __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(sx.corr.data() + st * 16), _mm512_and_si512(v, nibble),
+                                      _mm512_loadu_si512(xq));
+    dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), _mm512_loadu_si512(xq + 64));
+    const __m512 s = _mm512_mul_ps(d, _mm512_loadu_ps(sx.scale.data() + st * 16));
+    if (st & 1)
+      acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc1);
+    else
+      acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#endif
+
+// y (M, N) fp32 = x (M, K) @ W.T for W given as N rows of K / 32 blocks of `block_bytes` bytes.
+template <bool Q4>
+torch::Tensor blocks_gemm(const torch::Tensor& x, const torch::Tensor& blocks, int64_t K) {
+  constexpr int64_t block_bytes = Q4 ? 18 : 34;
+  constexpr int per = Q4 ? 4 : 2;  // blocks per 64-byte register of quants
+  TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == torch::kFloat, "x must be fp32 (M, K)");
+  const int64_t nb = K / kBlock;
+  TORCH_CHECK(blocks.dim() == 2 && blocks.size(1) == nb * block_bytes && blocks.scalar_type() == torch::kUInt8,
+              "blocks must be uint8 (N, K / 32 * ", block_bytes, ")");
+  const int64_t M = x.size(0), N = blocks.size(0);
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const torch::Tensor xc = x.contiguous(), wc = blocks.contiguous();
+  std::vector<QuantizedX> qx;
+  std::vector<StepX> sx;
+  for (int64_t m = 0; m < M; ++m) {
+    qx.push_back(quantize_x(xc.data_ptr<float>() + m * K, nb));
+    sx.push_back(step_x(qx.back(), nb, per, Q4 ? 8 : 128, Q4));
+  }
+  const uint8_t* w = wc.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+#ifdef EDGELLM_VNNI
+  const int64_t steps = nb / per;
+#else
+  const int64_t steps = 0;
+#endif
+  const int64_t row_bytes = nb * block_bytes;
+  // Rows of W per panel: ~16 KB stay in L1 while each row of x (its per-call data is ~5 bytes per weight column)
+  // passes over them; looping x rows inside one weight row instead streams every x row's data from L2 per row of W.
+  const int64_t panel = std::max<int64_t>(1, (int64_t{16} << 10) / row_bytes);
+  at::parallel_for(0, N, std::max<int64_t>(panel, (int64_t{32} << 10) / row_bytes), [&](int64_t n0, int64_t n1) {
+    for (int64_t p0 = n0; p0 < n1; p0 += panel)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = p0; n < std::min(n1, p0 + panel); ++n) {
+          const uint8_t* row = w + n * row_bytes;
+          float acc = 0.0f;
+#ifdef EDGELLM_VNNI
+          acc = Q4 ? row_q4_0(row, sx[m], steps) : row_q8_0(row, sx[m], steps);
+#endif
+          for (int64_t b = steps * per; b < nb; ++b) {
+            const uint8_t* blk = row + b * block_bytes;
+            const int8_t* xq = qx[m].q.data() + b * kBlock;
+            const int32_t dot = Q4 ? dot_q4_0(blk, xq) : dot_q8_0(blk, xq);
+            acc += static_cast<float>(dot) * (half_to_float(blk) * qx[m].d[b]);
+          }
+          yp[m * N + n] = acc;
+        }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q8_0_gemm", &blocks_gemm<false>, "y = x @ W.T for W in GGUF Q8_0 blocks, int8 activations");
+  m.def("q4_0_gemm", &blocks_gemm<true>, "y = x @ W.T for W in GGUF Q4_0 blocks, int8 activations");
+}
