@@ -1,7 +1,10 @@
-"""Matmul against quantized weights: the one seam where native LUT / VNNI kernels plug in.
+"""Matmul against quantized weights: the one seam where the native LUT / VNNI kernels plug in.
 
-The baseline dequantizes a few rows of the weight at a time to fp32 and runs F.linear on them (this CPU emulates
-bf16), so the full-precision weight never exists in memory at once.
+Few rows of x (decode) go to a kernel that reads the packed weights directly: the T-MAC table lookup for 1-4 bit
+linear codes (intN, ternary, Q4_0 repacked), VNNI int8 dot products for Q8_0 blocks. Many rows (prefill), formats
+no kernel reads (mxfp4's non-linear levels), or a build without the native kernels dequantize a few rows of the
+weight at a time to fp32 and run F.linear on them (this CPU emulates bf16), so the full-precision weight never
+exists in memory at once. `choose_kernel` holds the measured crossovers.
 """
 
 from __future__ import annotations
@@ -11,23 +14,64 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from edgellm.kernels.ggml_blocks import q4_0_lut_weight, q8_0_linear
+from edgellm.kernels.lut import GROUPS, LutWeight, lut_available, lut_linear
+from edgellm.kernels.select import choose_kernel
+
 if TYPE_CHECKING:
     from edgellm.quant.formats import QuantizedTensor
 
 DEQUANT_CHUNK_ELEMENTS = 1 << 21  # fp32 weights dequantized per step: 8 MiB, about an L2-to-L3-sized tile
 
 
-def quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W.T + bias for a quantized W [N, K]; returns x's dtype."""
+def prepare_lut(qt: QuantizedTensor) -> LutWeight | None:
+    """The weight repacked for the table-lookup kernel, or None where it does not apply (no native build, Q8_0
+    (VNNI reads its blocks as stored), mxfp4's non-linear levels, a group size the kernel lacks)."""
+    fmt = qt.fmt
+    if not lut_available() or fmt.kind in ("q8_0", "mxfp4"):
+        return None
+    if fmt.kind == "q4_0":
+        return q4_0_lut_weight(qt.data["blocks"], qt.shape[1])
+    if fmt.group not in GROUPS:
+        return None
+    u = qt.unpacked_codes()
+    return LutWeight.prepare(u.codes[:, :qt.shape[1]].contiguous(), u.scales, u.biases, u.bits, u.group)
+
+
+def kernel_for(qt: QuantizedTensor, rows: int, lut: LutWeight | None) -> str:
+    """'lut', 'vnni' or 'dequant': what `quantized_linear` runs for `rows` rows of x."""
     n, k = qt.shape
-    x32 = x.reshape(-1, k).to(torch.float32)
+    if qt.fmt.kind == "q8_0":
+        return choose_kernel(8, n, k, rows)
+    if lut is None:
+        return "dequant"
+    return choose_kernel(qt.fmt.bits, n, k, rows)
+
+
+def dequant_linear(x2: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """fp32 x (M, K) @ W.T, dequantizing W in row chunks."""
+    n, k = qt.shape
     step = max(1, DEQUANT_CHUNK_ELEMENTS // k)
     if step >= n:
-        y = F.linear(x32, qt.dequantize())
+        return F.linear(x2, qt.dequantize())
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x2.device)
+    for start in range(0, n, step):
+        y[:, start:start + step] = F.linear(x2, qt.rows(start, start + step).dequantize())
+    return y
+
+
+def quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None,
+                     lut: LutWeight | None = None) -> torch.Tensor:
+    """y = x @ W.T + bias for a quantized W [N, K]; returns x's dtype. `lut` is `prepare_lut(qt)`, made once."""
+    n, k = qt.shape
+    x2 = x.reshape(-1, k)
+    kernel = kernel_for(qt, x2.shape[0], lut)
+    if kernel == "lut":
+        y = lut_linear(x2, lut).float()
+    elif kernel == "vnni":
+        y = q8_0_linear(x2, qt.data["blocks"], k).float()
     else:
-        y = torch.empty(x32.shape[0], n, dtype=torch.float32, device=x.device)
-        for start in range(0, n, step):
-            y[:, start:start + step] = F.linear(x32, qt.rows(start, start + step).dequantize())
+        y = dequant_linear(x2.to(torch.float32), qt)
     if bias is not None:
         y += bias.to(torch.float32)
     return y.to(x.dtype).view(*x.shape[:-1], n)

@@ -39,7 +39,7 @@ from edgellm.quant.gguf import (
     qk_heads,
     unpermute_qk,
 )
-from edgellm.quant.linear import PROJECTIONS, QuantizedLinear
+from edgellm.quant.linear import PROJECTIONS, QuantizedLinear, prepare_quantized
 from edgellm.tokenizer import Tokenizer
 
 KEPT_QUANTIZED = {GT.Q8_0: "q8_0", GT.Q4_0: "q4_0", GT.MXFP4: "mxfp4"}
@@ -293,6 +293,7 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
     install_weights(model, weights, path)
     model.tie_weights()
     model.fuse()
+    prepare_quantized(model)
     model.rope.inv_freq = model.rope.inv_freq.to(device)
     if rope_freqs is not None:  # llama.cpp divides each rotary frequency by its factor (Llama 3.1 scaling)
         model.rope.inv_freq = model.rope.inv_freq / rope_freqs.to(device)

@@ -8,7 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from edgellm.kernels.quant import quantized_linear
+from edgellm.kernels.lut import LutWeight
+from edgellm.kernels.quant import prepare_lut, quantized_linear
 from edgellm.quant.formats import QuantizedTensor, WeightFormat, quantize
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -29,6 +30,8 @@ class QuantizedLinear(nn.Module):
         for key, (shape, dtype) in shapes.items():
             self.register_buffer(key, torch.empty(shape, dtype=dtype))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype) if bias else None)
+        self.lut: LutWeight | None = None  # the decode kernel's copy of the weight, made by prepare()
+        self.prepared = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str | WeightFormat, method: str = "rtn") -> QuantizedLinear:
@@ -51,8 +54,15 @@ class QuantizedLinear(nn.Module):
         return QuantizedTensor(self.fmt, (self.out_features, self.in_features),
                                {key: getattr(self, key) for key in self.data_keys})
 
+    def prepare(self) -> None:
+        """Repack the weight for the decode kernel (the loader calls this once, so no request pays for it)."""
+        self.lut = prepare_lut(self.quantized)
+        self.prepared = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_linear(x, self.quantized, self.bias)
+        if not self.prepared:
+            self.prepare()
+        return quantized_linear(x, self.quantized, self.bias, self.lut)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}, "
@@ -103,3 +113,10 @@ def unfuse(model: nn.Module) -> None:
             if getattr(module, attr, None) is not None and not all(
                     isinstance(getattr(module, p), nn.Linear) for p in parts):
                 setattr(module, attr, None)
+
+
+def prepare_quantized(model: nn.Module) -> None:
+    """Repack every quantized projection for its decode kernel, at load time rather than in the first request."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.prepare()

@@ -1,0 +1,472 @@
+"""`edgellm bench quant`: the quantization profiler — size, speed, bandwidth, dequant share and quality per format.
+
+Each weight format of one model is quantized into a temp dir, then measured in a fresh process: file size, bits
+per weight, prefill and decode tokens/s (each at every --threads), % of the measured memory bandwidth reached by
+decode, the share of a decode step spent dequantizing, and perplexity / KL divergence / top-1 agreement against
+the unquantized model on held-out stdlib text. With --vs-llama-cpp the same model goes through llama.cpp
+(llama-cpp-python) as GGUF in the same run, so every speed and quality figure gets a side-by-side ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgellm.bench.common import positive_int, positive_ints, write_report
+from edgellm.errors import EdgeLLMError
+from edgellm.perf import measure_hardware
+
+DEFAULT_FORMATS = "bf16,q8_0,q4_0,int4-g64,int3-g128,int2-g64,ternary,mxfp4"
+UNQUANTIZED = ("bf16", "fp32")
+# edgellm format -> the llama.cpp type it is compared with (same bits; Q2_K is llama.cpp's 2-bit workhorse)
+LLAMA_CPP_PAIRS = {"bf16": "f16", "q8_0": "q8_0", "q4_0": "q4_0", "int2-g64": "q2_k"}
+# Safe for CPUs without AMX or AVX512-BF16: a native build of llama.cpp dies in its AMX path on some of them.
+LLAMA_CPP_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                        "-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16={bf16} "
+                        "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+MIB = 2**20
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="HF model directory (default: edgellm's built-in model)")
+    source.add_argument("--random-llama", choices=["250m"], default=None,
+                        help="a random-init Llama of this size (speed only: its perplexity means nothing)")
+    p.add_argument("--formats", default=DEFAULT_FORMATS, help=f"comma-separated (default {DEFAULT_FORMATS})")
+    p.add_argument("--threads", type=positive_ints, default=[1, 2], help="thread counts to measure, e.g. 1,2")
+    p.add_argument("--prompt-len", type=positive_int, default=256, help="prefill length in tokens")
+    p.add_argument("--decode-tokens", type=positive_int, default=32)
+    p.add_argument("--reps", type=positive_int, default=2, help="timed repetitions (best kept)")
+    p.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens scored for quality (0: skip)")
+    p.add_argument("--ppl-window", type=positive_int, default=512, help="tokens per scored window")
+    p.add_argument("--vs-llama-cpp", action="store_true",
+                   help="also run the same model as GGUF through llama.cpp (llama-cpp-python, installed on demand)")
+    p.add_argument("--llama-cpp-wheel", type=Path, default=None,
+                   help="install llama-cpp-python from this wheel instead of building it from PyPI")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="PNG: speed vs bits and quality vs bits")
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+
+
+def _timed(fn, reps: int) -> float:
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _prefill_decode_seconds(prefill_once, decode, reps: int) -> tuple[float, float]:
+    """Best-of-`reps` prefill and decode times; one untimed warm-up first (kernels built, allocator primed)."""
+    prefill_once()
+    decode()
+    prefill_s = decode_s = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        prefill_once()
+        t1 = time.perf_counter()
+        decode()
+        prefill_s, decode_s = min(prefill_s, t1 - t0), min(decode_s, time.perf_counter() - t1)
+    return prefill_s, decode_s
+
+
+def _decode_bytes(model: torch.nn.Module) -> int:
+    """Bytes one decode step reads: every parameter and buffer once, but only one row of the embedding table."""
+    seen, total = set(), 0
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for _, t in tensors:
+        if t.data_ptr() in seen or t.device.type == "meta":
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    embed = model.model.embed_tokens.weight
+    tied = model.lm_head.weight.data_ptr() == embed.data_ptr()
+    return total - (0 if tied else embed.numel() * embed.element_size())
+
+
+def _bits_per_weight(model: torch.nn.Module) -> float:
+    """Stored bits per weight of the decoder layers' projections (what a format quantizes), scales included."""
+    stored = weights = 0
+    for name, module in model.model.layers.named_modules():
+        if name.endswith("_proj"):
+            stored += sum(t.numel() * t.element_size() for n, t in module.state_dict().items() if n != "bias")
+            weights += module.in_features * module.out_features
+    return 8 * stored / weights
+
+
+def _dequant_seconds(model: torch.nn.Module, reps: int) -> float:
+    """Time to dequantize the projections that decode runs through dequant + GEMM (0 when kernels read the packed
+    weights directly): what one decode step pays for dequantization."""
+    from edgellm.kernels.quant import kernel_for
+    from edgellm.quant.linear import QuantizedLinear
+
+    slow = [m.quantized for m in model.modules()
+            if isinstance(m, QuantizedLinear) and kernel_for(m.quantized, 1, m.lut) == "dequant"]
+    return _timed(lambda: [qt.dequantize(torch.float32) for qt in slow], reps) if slow else 0.0
+
+
+def _edgellm_speed(path: str, dtype: str | None, threads: int, prompt: list[int], steps: int,
+                   reps: int) -> dict[str, Any]:
+    """Runs in a fresh process: TTFT, decode tok/s and dequant time of one checkpoint at `threads`."""
+    from edgellm.generate import prefill
+    from edgellm.kv.prompt_cache import PromptCache
+    from edgellm.loader import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(path, dtype)
+    state = {}
+
+    @torch.inference_mode()
+    def prefill_once() -> None:
+        state["cache"] = PromptCache(model, capacity=len(prompt) + steps + 1)
+        state["token"] = int(prefill(model, prompt, state["cache"]).argmax())
+
+    @torch.inference_mode()
+    def decode() -> None:
+        token, cache = state["token"], state["cache"]
+        for _ in range(steps):
+            token = int(model(torch.tensor([[token]]), cache.layers, last_only=True)[0, -1].argmax())
+
+    prefill_s, decode_s = _prefill_decode_seconds(prefill_once, decode, reps)
+    with torch.inference_mode():
+        dequant_s = _dequant_seconds(model, reps)
+    return {"prefill_tok_s": len(prompt) / prefill_s, "decode_tok_s": steps / decode_s,
+            "decode_bytes": _decode_bytes(model), "bits_per_weight": _bits_per_weight(model),
+            "dequant_share_pct": min(100.0, 100 * dequant_s * steps / decode_s)}
+
+
+@torch.inference_mode()
+def _edgellm_quality(path: str, dtype: str | None, windows: list[list[int]], reference: str) -> dict[str, float]:
+    """Perplexity, mean KL(reference ‖ this) and top-1 agreement over the held-out windows."""
+    from edgellm.loader import load_model
+
+    model = load_model(path, dtype)
+    ref = torch.load(reference)
+    nll = kl = agree = count = 0.0
+    for i, window in enumerate(windows):
+        logp = model(torch.tensor([window[:-1]]))[0].float().log_softmax(-1)
+        ref_logp = ref[i].float()
+        target = torch.tensor(window[1:]).unsqueeze(1)
+        nll -= logp.gather(1, target).sum().item()
+        kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+        agree += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
+        count += len(window) - 1
+    return {"perplexity": math.exp(nll / count), "mean_kl": kl / count, "top1_agreement_pct": 100 * agree / count}
+
+
+@torch.inference_mode()
+def _reference_logprobs(path: str, dtype: str | None, windows: list[list[int]], out: str) -> None:
+    from edgellm.loader import load_model
+
+    model = load_model(path, dtype)
+    torch.save([model(torch.tensor([w[:-1]]))[0].float().log_softmax(-1).to(torch.bfloat16) for w in windows], out)
+
+
+def _llama_cpp_speed(gguf: str, threads: int, prompt: list[int], steps: int, reps: int) -> dict[str, Any]:
+    """The same measurement through llama.cpp: fresh context per rep, greedy, ids fed directly (no BOS added)."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=len(prompt) + steps + 8, n_threads=threads,
+                          n_threads_batch=threads, n_batch=512, verbose=False)
+    vocab = llm.n_vocab()
+    state = {}
+
+    def next_token() -> int:  # only the last position's logits exist without logits_all
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
+
+    def prefill_once() -> None:
+        llm.reset()
+        llm.eval(prompt)
+        state["token"] = next_token()
+
+    def decode() -> None:
+        token = state["token"]
+        for _ in range(steps):
+            llm.eval([token])
+            token = next_token()
+
+    prefill_s, decode_s = _prefill_decode_seconds(prefill_once, decode, reps)
+    return {"prefill_tok_s": len(prompt) / prefill_s, "decode_tok_s": steps / decode_s}
+
+
+def _llama_cpp_quality(gguf: str, windows: list[list[int]], reference: str) -> dict[str, float]:
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=max(map(len, windows)) + 8, n_batch=512, logits_all=True, verbose=False)
+    ref = torch.load(reference)
+    nll = kl = agree = count = 0.0
+    for i, window in enumerate(windows):
+        llm.reset()
+        llm.eval(window[:-1])
+        logp = torch.from_numpy(np.array(llm.scores[:len(window) - 1])).float().log_softmax(-1)
+        ref_logp = ref[i].float()
+        target = torch.tensor(window[1:]).unsqueeze(1)
+        nll -= logp.gather(1, target).sum().item()
+        kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+        agree += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
+        count += len(window) - 1
+    return {"perplexity": math.exp(nll / count), "mean_kl": kl / count, "top1_agreement_pct": 100 * agree / count}
+
+
+def _llama_cpp_quantize(src: str, dst: str, type_name: str) -> None:
+    """llama.cpp's own quantizer, for the types edgellm does not write itself (e.g. Q2_K)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name.upper()}")
+    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
+        raise EdgeLLMError(f"llama.cpp failed to quantize {src} to {type_name}")
+
+
+# ---------------------------------------------------------------------------------------------- llama.cpp setup
+
+
+def ensure_llama_cpp(wheel: Path | None) -> str:
+    """Import llama-cpp-python, installing it first if needed (benchmark-only; ~10 min to build on 2 cores)."""
+    try:
+        import llama_cpp
+        return llama_cpp.__version__
+    except ImportError:
+        pass
+    from edgellm.kernels.native import cpu_flags
+
+    flags = cpu_flags().split()
+    env = dict(os.environ, CMAKE_ARGS=LLAMA_CPP_CMAKE_ARGS.format(bf16="ON" if "avx512_bf16" in flags else "OFF"))
+    target = str(wheel) if wheel else "llama-cpp-python"
+    print(f"[bench quant] installing {target} (CMAKE_ARGS={env['CMAKE_ARGS']})", file=sys.stderr)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", target], env=env)
+    if done.returncode != 0:
+        raise EdgeLLMError("could not install llama-cpp-python; build a wheel with the CMAKE_ARGS above and pass "
+                           "--llama-cpp-wheel PATH, or drop --vs-llama-cpp")
+    import llama_cpp
+    return llama_cpp.__version__
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def _parse_formats(text: str) -> list[str]:
+    from edgellm.quant.formats import WeightFormat
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for name in names:
+        if name not in UNQUANTIZED:
+            WeightFormat.parse(name)  # raises a one-line error naming the valid formats
+    return names
+
+
+def _source(args: argparse.Namespace, pool: ProcessPoolExecutor, workdir: Path) -> tuple[Path, str]:
+    if args.random_llama:
+        from edgellm.bench.speed import build_random_llama
+
+        out = workdir / f"random-llama-{args.random_llama}"
+        return Path(pool.submit(build_random_llama, args.random_llama, str(out), "bf16").result()), out.name
+    if args.model:
+        return Path(args.model), Path(args.model).name
+    from edgellm.assets import default_model_path
+
+    return Path(default_model_path()), "built-in"
+
+
+def _windows(path: Path, args: argparse.Namespace) -> list[list[int]]:
+    if args.ppl_tokens <= 0:
+        return []
+    from edgellm.bench.kv import heldout_ids
+    from edgellm.tokenizer import Tokenizer
+
+    if args.random_llama:
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 32000, (args.ppl_tokens,), generator=generator).tolist()
+    else:
+        ids = heldout_ids(Tokenizer(path), args.ppl_tokens)
+    w = args.ppl_window + 1
+    return [ids[i:i + w] for i in range(0, len(ids) - w + 1, w)]
+
+
+def _checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if path.is_dir() else path.stat().st_size
+
+
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Quantize, measure, print the table, write --json/--plot; returns the report."""
+    from edgellm.quant.convert import quantize_checkpoint
+
+    formats = _parse_formats(args.formats)
+    llama_version = ensure_llama_cpp(args.llama_cpp_wheel) if args.vs_llama_cpp else None
+    hw = measure_hardware()
+    generator = torch.Generator().manual_seed(0)
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
+    rows: list[dict[str, Any]] = []
+    with pool, tempfile.TemporaryDirectory(prefix="edgellm-bench-quant-") as tmp:
+        workdir = Path(tmp)
+        path, name = _source(args, pool, workdir)
+        from edgellm.loader import read_config
+
+        config = read_config(path)
+        prompt = torch.randint(0, int(config["vocab_size"]), (args.prompt_len,), generator=generator).tolist()
+        windows = _windows(path, args)
+        reference = str(workdir / "reference.pt")
+        if windows:
+            pool.submit(_reference_logprobs, str(path), "fp32", windows, reference).result()
+        for fmt in formats:
+            print(f"[bench quant] {name}: {fmt}", file=sys.stderr)
+            if fmt in UNQUANTIZED:
+                target, dtype = path, fmt
+            else:
+                target, dtype = workdir / fmt, None
+                quantize_checkpoint(path, target, fmt)
+            row: dict[str, Any] = {"engine": "edgellm", "format": fmt, "file_mib": _checkpoint_bytes(target) / MIB,
+                                   "speed": {}}
+            for threads in args.threads:
+                speed = pool.submit(_edgellm_speed, str(target), dtype, threads, prompt, args.decode_tokens,
+                                    args.reps).result()
+                speed["decode_pct_bandwidth"] = 100 * speed["decode_bytes"] * speed["decode_tok_s"] / 1e9 / \
+                    hw.mem_read_gbs
+                row["speed"][threads] = speed
+                row["bits_per_weight"] = speed.pop("bits_per_weight")
+            if windows:
+                row["quality"] = pool.submit(_edgellm_quality, str(target), dtype, windows, reference).result()
+            rows.append(row)
+            if args.vs_llama_cpp and fmt in LLAMA_CPP_PAIRS:
+                rows.append(_llama_cpp_row(pool, path, workdir, LLAMA_CPP_PAIRS[fmt], fmt, prompt, windows,
+                                           reference, args))
+            if target != path:
+                shutil.rmtree(target, ignore_errors=True)
+    _add_ratios(rows)
+    report = {"benchmark": "quant", "model": name,
+              "settings": {"formats": formats, "threads": args.threads, "prompt_len": args.prompt_len,
+                           "decode_tokens": args.decode_tokens, "reps": args.reps, "ppl_tokens": args.ppl_tokens,
+                           "ppl_window": args.ppl_window, "llama_cpp": llama_version,
+                           "llama_cpp_build": LLAMA_CPP_CMAKE_ARGS if llama_version else None},
+              "hardware": hw.to_json(), "rows": rows,
+              "notes": ["quality is against the unquantized checkpoint run in fp32 (reference log-probs stored "
+                        "in bf16); perplexity over non-overlapping windows of held-out stdlib text",
+                        "decode_pct_bandwidth = bytes read per decode step (every stored weight once, one "
+                        "embedding row) x tok/s / measured DRAM read bandwidth",
+                        "dequant_share_pct: time to dequantize every projection once / one decode step; 0 where "
+                        "the kernel reads the packed weights directly (LUT / int8 dot products)"]}
+    print_table(report)
+    write_report(report, args.json, args.plot, plot)
+    return report
+
+
+def _llama_cpp_row(pool: ProcessPoolExecutor, path: Path, workdir: Path, lc_type: str, paired: str,
+                   prompt: list[int], windows: list[list[int]], reference: str,
+                   args: argparse.Namespace) -> dict[str, Any]:
+    from edgellm.quant.gguf import export_gguf
+
+    gguf = workdir / f"{lc_type}.gguf"
+    if lc_type in ("f16", "q8_0", "q4_0"):
+        export_gguf(path, gguf, lc_type)
+    else:
+        f16 = workdir / "f16.gguf"
+        if not f16.exists():
+            export_gguf(path, f16, "f16")
+        pool.submit(_llama_cpp_quantize, str(f16), str(gguf), lc_type).result()
+    row: dict[str, Any] = {"engine": "llama.cpp", "format": lc_type, "paired_with": paired,
+                           "file_mib": gguf.stat().st_size / MIB, "speed": {}}
+    for threads in args.threads:
+        row["speed"][threads] = pool.submit(_llama_cpp_speed, str(gguf), threads, prompt, args.decode_tokens,
+                                            args.reps).result()
+    if windows:
+        row["quality"] = pool.submit(_llama_cpp_quality, str(gguf), windows, reference).result()
+    return row
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """edgellm / llama.cpp per paired format and thread count, on the llama.cpp row."""
+    ours = {r["format"]: r for r in rows if r["engine"] == "edgellm"}
+    for row in rows:
+        if row["engine"] != "llama.cpp":
+            continue
+        mine = ours[row["paired_with"]]
+        row["edgellm_over_llama_cpp"] = {
+            str(t): {k: mine["speed"][t][k] / s[k] for k in ("decode_tok_s", "prefill_tok_s")}
+            for t, s in row["speed"].items()}
+        if "quality" in row and "quality" in mine:
+            row["edgellm_over_llama_cpp"]["perplexity"] = mine["quality"]["perplexity"] / \
+                row["quality"]["perplexity"]
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """One row per engine and format: size, bits, speed per thread count, quality, and ratios to llama.cpp."""
+    from rich.console import Console
+    from rich.table import Table
+
+    threads = report["settings"]["threads"]
+    table = Table(title=f"bench quant: {report['model']} (DRAM {report['hardware']['mem_read_gbs']:.1f} GB/s)")
+    for col in ["engine", "format", "MiB", "bits/w", *[f"decode tok/s ({t}T)" for t in threads],
+                *[f"prefill tok/s ({t}T)" for t in threads], "% BW", "dequant %", "ppl", "KL", "top-1 %"]:
+        table.add_column(col, justify="right")
+    for row in report["rows"]:
+        first = row["speed"][threads[0]]
+        ratio = row.get("edgellm_over_llama_cpp", {})
+        q = row.get("quality", {})
+
+        def speed(t: int, key: str, row: dict = row, ratio: dict = ratio) -> str:
+            value = f"{row['speed'][t][key]:.1f}"
+            return value + (f" ({ratio[str(t)][key]:.2f}x)" if ratio else "")
+
+        table.add_row(row["engine"], row["format"], f"{row['file_mib']:.1f}",
+                      f"{row['bits_per_weight']:.2f}" if "bits_per_weight" in row else "-",
+                      *[speed(t, "decode_tok_s") for t in threads], *[speed(t, "prefill_tok_s") for t in threads],
+                      f"{first['decode_pct_bandwidth']:.0f}" if "decode_pct_bandwidth" in first else "-",
+                      f"{first['dequant_share_pct']:.0f}" if "dequant_share_pct" in first else "-",
+                      f"{q['perplexity']:.2f}" if q else "-", f"{q['mean_kl']:.4f}" if q else "-",
+                      f"{q['top1_agreement_pct']:.1f}" if q else "-")
+    Console(width=220).print(table)
+    print("(x) on llama.cpp rows: edgellm / llama.cpp for the paired edgellm format, same thread count")
+
+
+def plot(report: dict[str, Any], out: Path) -> None:
+    """Decode speed vs bits and KL divergence vs bits, edgellm and llama.cpp points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_speed, ax_quality) = plt.subplots(1, 2, figsize=(12, 4.5))
+    t = report["settings"]["threads"][-1]
+    ours = [r for r in report["rows"] if r["engine"] == "edgellm"]
+    for r in ours:
+        ax_speed.scatter(r["bits_per_weight"], r["speed"][t]["decode_tok_s"], color="tab:blue")
+        ax_speed.annotate(r["format"], (r["bits_per_weight"], r["speed"][t]["decode_tok_s"]), fontsize=8)
+        if "quality" in r:
+            ax_quality.scatter(r["bits_per_weight"], max(r["quality"]["mean_kl"], 1e-6), color="tab:blue")
+            ax_quality.annotate(r["format"], (r["bits_per_weight"], max(r["quality"]["mean_kl"], 1e-6)), fontsize=8)
+    by_format = {r["format"]: r for r in ours}
+    for r in report["rows"]:
+        if r["engine"] == "llama.cpp":
+            bits = by_format[r["paired_with"]]["bits_per_weight"]
+            ax_speed.scatter(bits, r["speed"][t]["decode_tok_s"], color="tab:orange", marker="s")
+            ax_speed.annotate(f"llama.cpp {r['format']}", (bits, r["speed"][t]["decode_tok_s"]), fontsize=8)
+    ax_speed.set(xlabel="bits per weight", ylabel=f"decode tok/s ({t} threads)", title="speed vs bits")
+    ax_quality.set(xlabel="bits per weight", ylabel="mean KL vs unquantized", yscale="log", title="quality vs bits")
+    ax_speed.scatter([], [], color="tab:blue", label="edgellm")
+    ax_speed.scatter([], [], color="tab:orange", marker="s", label="llama.cpp")
+    ax_speed.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
