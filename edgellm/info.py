@@ -21,6 +21,8 @@ def model_info(path: str | Path | None) -> dict:
         from edgellm.assets import default_model_path
         path = default_model_path()
     path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return _gguf_info(path)
     config = read_config(path)
     family = family_for(config)
     args = family.ModelArgs.from_config(config)
@@ -38,10 +40,17 @@ def model_info(path: str | Path | None) -> dict:
                     params += meta.get_submodule(module).weight.numel()
                 elif fmt is None or key not in ("scales", "biases"):
                     params += _numel(f.get_slice(name).get_shape())
+    stored = ({"quantization": f"{fmt.name} ({fmt.bits_per_weight} bits/weight)",
+               "file_size": _gib(sum(f.stat().st_size for f in files))} if fmt is not None else {})
+    return _summary(path, (config.get("architectures") or ["?"])[0], args, params, stored)
+
+
+def _summary(path: Path, architecture: str, args, params: int, stored: dict) -> dict:
+    """The fields every checkpoint kind shares; `stored` says how its weights are held on disk."""
     kv_per_token = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim
     return {
         "path": str(path),
-        "architecture": (config.get("architectures") or ["?"])[0],
+        "architecture": architecture,
         "model_type": args.model_type,
         "parameters": params,
         "layers": args.num_hidden_layers,
@@ -51,8 +60,7 @@ def model_info(path: str | Path | None) -> dict:
         "context": args.max_position_embeddings,
         "rope": (args.rope_scaling or {}).get("rope_type", (args.rope_scaling or {}).get("type", "default")),
         "tied_embeddings": args.tie_word_embeddings,
-        **({"quantization": f"{fmt.name} ({fmt.bits_per_weight} bits/weight)",
-            "file_size": _gib(sum(f.stat().st_size for f in files))} if fmt is not None else {}),
+        **stored,
         "memory_fp32": _gib(params * 4),
         "memory_bf16": _gib(params * 2),
         "memory_fp16": _gib(params * 2),
@@ -67,3 +75,19 @@ def _numel(shape: list[int]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def _gguf_info(path: Path) -> dict:
+    """The same summary for a GGUF file, from its header: tensor types instead of a weight format."""
+    from collections import Counter
+
+    from edgellm.quant.gguf_read import gguf_config, open_gguf
+
+    reader = open_gguf(path)
+    config = gguf_config(reader, path)
+    args = family_for(config).ModelArgs.from_config(config)
+    params = sum(_numel(t.shape) for t in reader.tensors)
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    return _summary(path, config["architectures"][0] + " (GGUF)", args, params,
+                    {"tensor_types": ", ".join(f"{n} x{c}" for n, c in types.most_common()),
+                     "file_size": _gib(path.stat().st_size)})

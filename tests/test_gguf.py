@@ -394,3 +394,18 @@ def test_edgellm_runs_llama_cpp_quantized_files(tmp_path):
             if len(got) == len(expected):
                 break
         assert got == expected, name
+
+
+def test_info_reads_a_gguf_header(checkpoint, tmp_path, capsys):
+    gguf_path = export_gguf(checkpoint("llama"), tmp_path / "m.gguf", "q8_0")
+    assert main(["info", str(gguf_path)]) == 0
+    out = capsys.readouterr().out
+    assert "GGUF" in out and "Q8_0" in out and "layers: 2" in out
+
+
+def test_bench_speed_refuses_quantized_models_with_a_pointer(checkpoint, tmp_path, capsys):
+    gguf_path = export_gguf(checkpoint("llama"), tmp_path / "m.gguf", "q8_0")
+    capsys.readouterr()
+    assert main(["bench", "speed", "--model", str(gguf_path), "--no-transformers"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bench quant" in err[0]

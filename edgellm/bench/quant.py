@@ -231,6 +231,9 @@ def _llama_cpp_quantize(src: str, dst: str, type_name: str) -> None:
 
     import llama_cpp
 
+    quiet = os.open(os.devnull, os.O_WRONLY)  # its per-tensor log goes to C stdio; this process is a throwaway worker
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name.upper()}")
     if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
@@ -374,7 +377,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _llama_cpp_row(pool: ProcessPoolExecutor, path: Path, workdir: Path, lc_type: str, paired: str,
                    prompt: list[int], windows: list[list[int]], reference: str,
                    args: argparse.Namespace) -> dict[str, Any]:
-    from edgellm.quant.gguf import export_gguf
+    from edgellm.quant.gguf_write import export_gguf
 
     gguf = workdir / f"{lc_type}.gguf"
     if lc_type in ("f16", "q8_0", "q4_0"):

@@ -251,7 +251,11 @@ def _model_source(args: argparse.Namespace) -> tuple[Path | None, dict]:
         except ImportError as e:
             raise EdgeLLMError("no built-in model in this install; pass --model DIR or --random-llama 250m") from e
         path = Path(default_model_path())
-    return path, read_config(path)
+    if path.suffix.lower() == ".gguf" or "quantization_config" in (config := read_config(path)):
+        # its roofline counts bytes from the config's dense shapes; bench quant measures what is stored
+        raise InvalidRequestError(f"{path} holds quantized weights: profile it with `edgellm bench quant --model "
+                                  "FULL_PRECISION_DIR --formats ...`, which measures each format against llama.cpp")
+    return path, config
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,34 @@
+"""`edgellm bench quant` end to end on a tiny checkpoint: the report's sizes, bits and quality (no timings)."""
+
+from __future__ import annotations
+
+import json
+
+from edgellm.cli import main
+
+
+def test_bench_quant_reports_size_bits_and_quality(checkpoint, tmp_path, capsys):
+    path = checkpoint("llama", hidden_size=128, intermediate_size=256, max_position_embeddings=512)
+    out, png = tmp_path / "q.json", tmp_path / "q.png"
+    assert main(["bench", "quant", "--model", str(path), "--formats", "fp32,q8_0,int2-g64", "--threads", "1",
+          "--prompt-len", "16", "--decode-tokens", "4", "--reps", "1", "--ppl-tokens", "200", "--ppl-window", "64",
+          "--json", str(out), "--plot", str(png)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["format"]: r for r in report["rows"]}
+    assert set(rows) == {"fp32", "q8_0", "int2-g64"} and all(r["engine"] == "edgellm" for r in rows.values())
+    # stored bits per projection weight, scales included: 32, 8 + 16/32, 2 + 2·16/64
+    assert rows["fp32"]["bits_per_weight"] == 32 and rows["q8_0"]["bits_per_weight"] == 8.5
+    assert rows["int2-g64"]["bits_per_weight"] == 2.5
+    assert rows["fp32"]["file_mib"] > rows["q8_0"]["file_mib"] > rows["int2-g64"]["file_mib"]
+    # against the fp32 reference (log-probs kept in bf16): fp32 itself is ~0 away, fewer bits drift further
+    kl = {f: r["quality"]["mean_kl"] for f, r in rows.items()}
+    assert abs(kl["fp32"]) < 1e-4 and kl["fp32"] < kl["q8_0"] < kl["int2-g64"]
+    speed = rows["q8_0"]["speed"]["1"]
+    assert speed["decode_tok_s"] > 0 and speed["prefill_tok_s"] > 0 and 0 <= speed["dequant_share_pct"] <= 100
+    assert png.stat().st_size > 0 and "int2-g64" in capsys.readouterr().out
+
+
+def test_bench_quant_rejects_unknown_format(capsys):
+    assert main(["bench", "quant", "--formats", "q4_0,q5_k"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "q5_k" in err[0] and "q4_0" in err[0]
