@@ -41,7 +41,7 @@ def make(bits: int, k: int, group: int, n: int, seed: int = 0):
     groups = -(-k // group)
     scales = torch.rand(n, groups, generator=g) * 0.1 + 0.01
     biases = torch.randn(n, groups, generator=g) * 0.05 - scales * (2**bits - 1) / 2  # roughly zero-mean weights
-    return codes, scales, biases
+    return codes, scales.half().float(), biases.half().float()  # fp16 values, as every stored format holds
 
 
 def exact(x: torch.Tensor, codes, scales, biases, group: int) -> torch.Tensor:
@@ -92,6 +92,24 @@ def test_lut_takes_q4_0_blocks_from_gguf():
     assert (err <= lut_error_bound(x, d, 4, 32).double() + 1e-5 * ref.abs().max()).all()
 
 
+def test_lut_stores_fp16_scales_and_biases():
+    """fp32 scales and biases are rounded to the nearest fp16 once, at prepare: the kernel then computes with exactly
+    those values, so its output equals that of the same weight given in fp16."""
+    codes, scales, biases = make(3, 256, 32, 70)
+    s32 = scales * (1 + torch.rand(scales.shape) * 1e-3)  # off the fp16 grid
+    b32 = biases * (1 + torch.rand(biases.shape) * 1e-3)
+    w = LutWeight.prepare(codes, s32, b32, 3, 32)
+    assert w.scale.dtype == w.bias.dtype == torch.float16
+    # 3 bits a weight + 2 x 16 bits per group of 32 = 4 bits a weight, for 128 padded rows
+    assert w.nbytes() == 128 * 256 * 4 // 8
+    x = torch.randn(3, 256)
+    rounded = LutWeight.prepare(codes, s32.half(), b32.half(), 3, 32)
+    assert torch.equal(lut_linear(x, w), lut_linear(x, rounded))
+    torch.testing.assert_close(lut_linear(x, w), lut_linear_reference(x, w), rtol=1e-5, atol=1e-5)
+    ref = exact(x, codes, s32.half().float(), b32.half().float(), 32)
+    assert ((lut_linear(x, w).double() - ref).abs() <= lut_error_bound(x, s32, 3, 32) + 1e-5 * ref.abs().max()).all()
+
+
 def test_dequant_linear_is_exact():
     codes, scales, biases = make(2, 1000, 64, 300)  # 300 rows: two dequantized chunks
     x = torch.randn(2, 1000)
@@ -109,6 +127,8 @@ def test_lut_rejects_bad_formats():
         LutWeight.prepare(codes | 4, scales, biases, 2, 64)
     with pytest.raises(LutFormatError, match="scales"):
         LutWeight.prepare(codes, scales[:, :1], biases, 2, 64)
+    with pytest.raises(LutFormatError, match="fp16"):
+        LutWeight.prepare(codes, scales, biases * 1e6, 2, 64)
     with pytest.raises(LutFormatError, match="features"):
         lut_linear(torch.randn(1, 100), LutWeight.prepare(codes, scales, biases, 2, 64))
 

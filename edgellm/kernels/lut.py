@@ -26,6 +26,7 @@ TILE_ROWS, TILES = 16, 4
 BLOCK_ROWS = TILE_ROWS * TILES  # output rows per packed block (the kernel's register tile)
 CHUNK = 32  # columns per packed chunk: 8 quads, two nibbles per byte
 GROUPS = (32, 64, 128)
+FP16_MAX = 65504.0
 DEQUANT_ROWS = 256  # rows of W dequantized at a time by `dequant_linear`: ~1-4 MB of fp32, cache-sized
 
 
@@ -45,15 +46,18 @@ def lut_available() -> bool:
 
 @dataclass(frozen=True)
 class LutWeight:
-    """A weight repacked for `lut_linear`: bit-plane indices in the kernel's layout and its folded scales.
+    """A weight repacked for `lut_linear`: bit-plane indices in the kernel's layout and the group scales and biases.
 
-    `scale` is half the group scale and `bias` is bias + (2^bits - 1) / 2 * scale: with bits read as -1/+1, the code
-    sum_p 2^p b_p equals (sum_p 2^p (2 b_p - 1) + 2^bits - 1) / 2, and the constant half rides on sum(x) per group.
+    `scale` and `bias` are stored as given, in fp16 (2 x 16 bits per row and group, as decode reads them every step;
+    exact for every stored format, whose scales and biases are fp16 already). The kernel widens them to fp32 and folds
+    them there: with bits read as -1/+1, the code sum_p 2^p b_p equals (sum_p 2^p (2 b_p - 1) + 2^bits - 1) / 2, so
+    the lookups are weighted by scale / 2 and the constant half rides on sum(x) per group with bias + (2^bits - 1) /
+    2 * scale (`folded`).
     """
 
     packed: torch.Tensor  # uint8 [blocks, chunks, TILES, bits, 64]
-    scale: torch.Tensor  # fp32 [blocks, groups, TILES, TILE_ROWS]
-    bias: torch.Tensor  # fp32 [blocks, groups, TILES, TILE_ROWS]
+    scale: torch.Tensor  # fp16 [blocks, groups, TILES, TILE_ROWS]
+    bias: torch.Tensor  # fp16 [blocks, groups, TILES, TILE_ROWS]
     n: int
     k: int
     bits: int
@@ -61,7 +65,8 @@ class LutWeight:
 
     @staticmethod
     def prepare(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group: int) -> LutWeight:
-        """Split codes into bit planes and lay them out for the kernel; done once when the model loads."""
+        """Split codes into bit planes and lay them out for the kernel; done once when the model loads. fp32 scales
+        and biases are rounded to the nearest fp16."""
         check_format(codes, scales, biases, bits, group)
         n, k = codes.shape
         blocks, chunks, groups = -(-n // BLOCK_ROWS), -(-k // CHUNK), -(-k // group)
@@ -74,16 +79,19 @@ class LutWeight:
         packed = byte.view(bits, blocks, TILES, TILE_ROWS, chunks, 4).permute(1, 4, 2, 0, 3, 5).contiguous()
 
         def lay_out(values: torch.Tensor) -> torch.Tensor:
-            v = torch.zeros(blocks * BLOCK_ROWS, groups, dtype=torch.float32)
+            v = torch.zeros(blocks * BLOCK_ROWS, groups, dtype=torch.float16)
             v[:n] = values
             return v.view(blocks, TILES, TILE_ROWS, groups).permute(0, 3, 1, 2).contiguous()
 
-        s = scales.float()
-        return LutWeight(packed.view(blocks, chunks, TILES, bits, 64), lay_out(0.5 * s),
-                         lay_out(biases.float() + 0.5 * (2**bits - 1) * s), n, k, bits, group)
+        return LutWeight(packed.view(blocks, chunks, TILES, bits, 64), lay_out(scales), lay_out(biases), n, k, bits,
+                         group)
+
+    def folded(self) -> torch.Tensor:
+        """The fp32 bias the kernel multiplies sum(x) by: bias + (2^bits - 1) / 2 * scale (the product is exact)."""
+        return self.bias.float() + 0.5 * (2**self.bits - 1) * self.scale.float()
 
     def nbytes(self) -> int:
-        """Bytes the kernel reads per call: the indices and the fp32 scales and biases."""
+        """Bytes the kernel reads per call: the indices and the fp16 scales and biases."""
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.bias))
 
 
@@ -102,6 +110,9 @@ def check_format(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor
                              f"got {tuple(scales.shape)} and {tuple(biases.shape)}")
     if codes.numel() and int(codes.max()) >= 2**bits:
         raise LutFormatError(f"codes must be below 2^{bits}, found {int(codes.max())}")
+    for name, v in (("scales", scales), ("biases", biases)):
+        if v.isfinite().all() and not v.half().isfinite().all():
+            raise LutFormatError(f"{name} must fit fp16 (|value| <= {FP16_MAX}), found {v.abs().max().item():g}")
 
 
 def lut_linear(x: torch.Tensor, w: LutWeight) -> torch.Tensor:
@@ -153,9 +164,9 @@ def lut_linear_reference(x: torch.Tensor, w: LutWeight) -> torch.Tensor:
     groups = step.shape[1]
     per_quad = w.group // 4
     acc = F.pad(acc, (0, groups * per_quad - quads)).view(m, -1, groups, per_quad).sum(-1)  # [M, rows, G]
-    scale = w.scale.permute(0, 2, 3, 1).reshape(-1, groups)  # [rows, G]
-    bias = w.bias.permute(0, 2, 3, 1).reshape(-1, groups)
-    y = (acc.float() * (scale * step[:, None, :]) + bias * xsum[:, None, :]).sum(-1)[:, :w.n]
+    scale = w.scale.float().permute(0, 2, 3, 1).reshape(-1, groups)  # [rows, G]
+    bias = w.folded().permute(0, 2, 3, 1).reshape(-1, groups)
+    y = (acc.float() * (scale * (0.5 * step[:, None, :])) + bias * xsum[:, None, :]).sum(-1)[:, :w.n]
     return y.view(*x.shape[:-1], w.n).to(x.dtype)
 
 

@@ -3,7 +3,10 @@
 // A b-bit code is the sum of b one-bit planes weighted 1, 2, 4, 8. Four weights of one plane form a 4-bit index, and
 // their dot product with four activations is one of 16 sums, built once per row of x and reused by all N rows of W.
 // With the {-1,+1} reading of a bit the 16 sums are symmetric and fit int8 with half the step of the {0,1} subset
-// sums; the difference is a per-group constant folded into the bias offline (see lut.py).
+// sums; the difference is a per-group constant folded into the bias in registers (see lut.py).
+//
+// Scales and biases are fp16 in memory (decode is bandwidth bound: at group 32, fp32 pairs would add 2 bits a weight)
+// and widened to fp32 per group; the lookups weigh scale / 2 and sum(x) weighs bias + (2^bits - 1) / 2 * scale.
 //
 // Packed layout (lut.py writes it): rows in blocks of kBlockRows = 4 tiles x 16 rows, K in chunks of 32 (8 quads).
 // For each block, chunk, tile and plane one 64-byte vector: dword r is row r of the tile, its byte t holds quad t's
@@ -12,6 +15,8 @@
 // 2^p as its unsigned operand adds each row's 4 lookups into one int32: no widening, all planes in one accumulator.
 
 #include <torch/extension.h>
+
+#include <c10/util/Half.h>
 
 #include <ATen/Parallel.h>
 
@@ -75,12 +80,21 @@ void build_tables(const float* x, int64_t Kp, int64_t group, int64_t G, int8_t* 
   }
 }
 
-// One block of kBlockRows output rows for one row of x: out[r] = sum_g A[r, g] * scale[r, g] * ts[g] + bias[r, g] *
-// xsum[g], A being the int32 sum of the plane-weighted lookups of group g.
-template <int P>
-void lut_block(const uint8_t* w, const float* scale, const float* bias, const int8_t* table, const float* ts,
-               const float* xsum, int64_t C, int64_t G, int64_t chunks_per_group, float* out) {
 #ifdef EDGELLM_LUT_AVX512
+inline __m512 load_half(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+// One block of kBlockRows output rows for one row of x: out[r] = sum_g A[r, g] * scale[r, g] * (ts[g] / 2) +
+// (bias[r, g] + half_range * scale[r, g]) * xsum[g], A being the int32 sum of the plane-weighted lookups of group g
+// and half_range (2^bits - 1) / 2.
+template <int P>
+void lut_block(const uint8_t* w, const c10::Half* scale, const c10::Half* bias, const int8_t* table, const float* ts,
+               const float* xsum, int64_t C, int64_t G, int64_t chunks_per_group, float* out) {
+  constexpr float kHalfRange = 0.5f * ((1 << P) - 1);
+#ifdef EDGELLM_LUT_AVX512
+  const __m512 half_range = _mm512_set1_ps(kHalfRange);
   const __m512i nibble = _mm512_set1_epi8(0x0f);
   const __m512i quad = _mm512_set1_epi32(0x30201000);  // byte t of each dword reads table t of the register
   __m512i plane[P];
@@ -108,13 +122,14 @@ void lut_block(const uint8_t* w, const float* scale, const float* bias, const in
           hi_acc[t] = _mm512_dpbusd_epi32(hi_acc[t], plane[p], _mm512_permutexvar_epi8(hi, thi));
         }
     }
-    const __m512 step = _mm512_set1_ps(ts[g]), sx = _mm512_set1_ps(xsum[g]);
+    const __m512 step = _mm512_set1_ps(0.5f * ts[g]), sx = _mm512_set1_ps(xsum[g]);
 #pragma GCC unroll 4
     for (int t = 0; t < kTiles; ++t) {
       const __m512 a = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[t], hi_acc[t]));
-      const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(scale + (g * kTiles + t) * kTileRows), step);
-      accf[t] = _mm512_fmadd_ps(a, s, accf[t]);
-      accf[t] = _mm512_fmadd_ps(_mm512_loadu_ps(bias + (g * kTiles + t) * kTileRows), sx, accf[t]);
+      const __m512 s = load_half(scale + (g * kTiles + t) * kTileRows);
+      const __m512 b = _mm512_fmadd_ps(s, half_range, load_half(bias + (g * kTiles + t) * kTileRows));
+      accf[t] = _mm512_fmadd_ps(a, _mm512_mul_ps(s, step), accf[t]);
+      accf[t] = _mm512_fmadd_ps(b, sx, accf[t]);
     }
   }
 #pragma GCC unroll 4
@@ -133,8 +148,10 @@ void lut_block(const uint8_t* w, const float* scale, const float* bias, const in
               const int32_t sum = table[(c * 8 + q) * 16 + (v & 15)] + table[(c * 8 + 4 + q) * 16 + (v >> 4)];
               acc[t * kTileRows + r] += sum << p;
             }
-    for (int64_t i = 0; i < kBlockRows; ++i)
-      accf[i] += static_cast<float>(acc[i]) * (scale[g * kBlockRows + i] * ts[g]) + bias[g * kBlockRows + i] * xsum[g];
+    for (int64_t i = 0; i < kBlockRows; ++i) {
+      const float s = scale[g * kBlockRows + i], b = bias[g * kBlockRows + i] + kHalfRange * s;
+      accf[i] += static_cast<float>(acc[i]) * (s * (0.5f * ts[g])) + b * xsum[g];
+    }
   }
   std::memcpy(out, accf, sizeof(accf));
 #endif
@@ -145,8 +162,10 @@ void lut_block(const uint8_t* w, const float* scale, const float* bias, const in
 // per vector), each row adding its own lookups. Fewer registers than twice lut_block: one int32 chain per row and
 // tile (lo and hi merged), and the fp32 sums live in `out` (2 x kBlockRows), updated once per group.
 template <int P>
-void lut_block2(const uint8_t* w, const float* scale, const float* bias, const int8_t* table0, const int8_t* table1,
-                const float* ts, const float* xsum, int64_t G, int64_t C, int64_t chunks_per_group, float* out) {
+void lut_block2(const uint8_t* w, const c10::Half* scale, const c10::Half* bias, const int8_t* table0,
+                const int8_t* table1, const float* ts, const float* xsum, int64_t G, int64_t C, int64_t chunks_per_group,
+                float* out) {
+  const __m512 half_range = _mm512_set1_ps(0.5f * ((1 << P) - 1));
   const __m512i nibble = _mm512_set1_epi8(0x0f);
   const __m512i quad = _mm512_set1_epi32(0x30201000);
   __m512i plane[P];
@@ -177,13 +196,13 @@ void lut_block2(const uint8_t* w, const float* scale, const float* bias, const i
     }
 #pragma GCC unroll 4
     for (int t = 0; t < kTiles; ++t) {
-      const __m512 s = _mm512_loadu_ps(scale + (g * kTiles + t) * kTileRows);
-      const __m512 b = _mm512_loadu_ps(bias + (g * kTiles + t) * kTileRows);
+      const __m512 s = load_half(scale + (g * kTiles + t) * kTileRows);
+      const __m512 b = _mm512_fmadd_ps(s, half_range, load_half(bias + (g * kTiles + t) * kTileRows));
       float* o0 = out + t * kTileRows;
       float* o1 = o0 + kBlockRows;
-      __m512 y0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc0[t]), _mm512_mul_ps(s, _mm512_set1_ps(ts[g])),
+      __m512 y0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc0[t]), _mm512_mul_ps(s, _mm512_set1_ps(0.5f * ts[g])),
                                   _mm512_loadu_ps(o0));
-      __m512 y1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc1[t]), _mm512_mul_ps(s, _mm512_set1_ps(ts[G + g])),
+      __m512 y1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc1[t]), _mm512_mul_ps(s, _mm512_set1_ps(0.5f * ts[G + g])),
                                   _mm512_loadu_ps(o1));
       _mm512_storeu_ps(o0, _mm512_fmadd_ps(b, _mm512_set1_ps(xsum[g]), y0));
       _mm512_storeu_ps(o1, _mm512_fmadd_ps(b, _mm512_set1_ps(xsum[G + g]), y1));
@@ -191,15 +210,15 @@ void lut_block2(const uint8_t* w, const float* scale, const float* bias, const i
   }
 }
 
-using Block2Fn = void (*)(const uint8_t*, const float*, const float*, const int8_t*, const int8_t*, const float*,
-                          const float*, int64_t, int64_t, int64_t, float*);
+using Block2Fn = void (*)(const uint8_t*, const c10::Half*, const c10::Half*, const int8_t*, const int8_t*,
+                          const float*, const float*, int64_t, int64_t, int64_t, float*);
 #endif
 
-using BlockFn = void (*)(const uint8_t*, const float*, const float*, const int8_t*, const float*, const float*,
-                         int64_t, int64_t, int64_t, float*);
+using BlockFn = void (*)(const uint8_t*, const c10::Half*, const c10::Half*, const int8_t*, const float*,
+                         const float*, int64_t, int64_t, int64_t, float*);
 
-// y (M, N) fp32 = x (M, K) @ W.T for W packed by lut.py: packed uint8 [B, C, kTiles, bits, 64], scale and bias fp32
-// [B, G, kTiles, 16] (scale already halved, bias already offset for the {-1,+1} bit reading).
+// y (M, N) fp32 = x (M, K) @ W.T for W packed by lut.py: packed uint8 [B, C, kTiles, bits, 64], scale and bias fp16
+// [B, G, kTiles, 16] (the group's own; halved and folded for the {-1,+1} bit reading in registers).
 torch::Tensor lut_gemm(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
                        const torch::Tensor& bias, int64_t N, int64_t K, int64_t bits, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == torch::kFloat, "lut_gemm: x must be fp32 (M, K)");
@@ -210,7 +229,7 @@ torch::Tensor lut_gemm(const torch::Tensor& x, const torch::Tensor& packed, cons
   TORCH_CHECK(packed.numel() == B * C * kTiles * bits * kChunkBytes, "lut_gemm: packed has the wrong size");
   TORCH_CHECK(scale.numel() == B * G * kBlockRows && bias.numel() == B * G * kBlockRows,
               "lut_gemm: scale and bias have the wrong size");
-  const torch::Tensor sc = scale.contiguous().to(torch::kFloat), bc = bias.contiguous().to(torch::kFloat);
+  const torch::Tensor sc = scale.contiguous().to(torch::kHalf), bc = bias.contiguous().to(torch::kHalf);
   torch::Tensor y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
 
@@ -225,7 +244,7 @@ torch::Tensor lut_gemm(const torch::Tensor& x, const torch::Tensor& packed, cons
   static constexpr BlockFn kBlocks[] = {lut_block<1>, lut_block<2>, lut_block<3>, lut_block<4>};
   const BlockFn block = kBlocks[bits - 1];
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const float *sp = sc.data_ptr<float>(), *bp = bc.data_ptr<float>();
+  const c10::Half *sp = sc.data_ptr<c10::Half>(), *bp = bc.data_ptr<c10::Half>();
   float* yp = y.data_ptr<float>();
   const int64_t block_bytes = C * kTiles * bits * kChunkBytes;
   const int64_t grain = std::max<int64_t>(1, (int64_t{32} << 10) / block_bytes);  // >= ~32 KB of weights per task
@@ -238,7 +257,7 @@ torch::Tensor lut_gemm(const torch::Tensor& x, const torch::Tensor& packed, cons
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t rows = std::min(kBlockRows, N - b * kBlockRows);
       const uint8_t* wb = wp + b * block_bytes;
-      const float *sb = sp + b * G * kBlockRows, *bb = bp + b * G * kBlockRows;
+      const c10::Half *sb = sp + b * G * kBlockRows, *bb = bp + b * G * kBlockRows;
       int64_t m = 0;  // the block's weights stay in L2 while every row of x passes over them
 #ifdef EDGELLM_LUT_AVX512
       for (; m + 2 <= M; m += 2) {
