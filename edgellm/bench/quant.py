@@ -244,10 +244,10 @@ def _llama_cpp_quantize(src: str, dst: str, type_name: str) -> None:
 
 
 def ensure_llama_cpp(wheel: Path | None) -> str:
-    """Import llama-cpp-python, installing it first if needed (benchmark-only; ~10 min to build on 2 cores)."""
+    """Import llama-cpp-python, installing it first if needed (benchmark-only; ~10 min to build on 2 cores);
+    returns its version and the CPU features its build uses (llama.cpp's own system-info line)."""
     try:
-        import llama_cpp
-        return llama_cpp.__version__
+        return _llama_cpp_build()
     except ImportError:
         pass
     from edgellm.kernels.native import cpu_flags
@@ -260,8 +260,13 @@ def ensure_llama_cpp(wheel: Path | None) -> str:
     if done.returncode != 0:
         raise EdgeLLMError("could not install llama-cpp-python; build a wheel with the CMAKE_ARGS above and pass "
                            "--llama-cpp-wheel PATH, or drop --vs-llama-cpp")
+    return _llama_cpp_build()
+
+
+def _llama_cpp_build() -> str:
     import llama_cpp
-    return llama_cpp.__version__
+
+    return f"llama-cpp-python {llama_cpp.__version__}: {llama_cpp.llama_print_system_info().decode().strip()}"
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -279,15 +284,31 @@ def _parse_formats(text: str) -> list[str]:
 
 def _source(args: argparse.Namespace, pool: ProcessPoolExecutor, workdir: Path) -> tuple[Path, str]:
     if args.random_llama:
-        from edgellm.bench.speed import build_random_llama
-
         out = workdir / f"random-llama-{args.random_llama}"
-        return Path(pool.submit(build_random_llama, args.random_llama, str(out), "bf16").result()), out.name
+        return Path(pool.submit(build_random_llama, args.random_llama, str(out)).result()), out.name
     if args.model:
         return Path(args.model), Path(args.model).name
     from edgellm.assets import default_model_path
 
     return Path(default_model_path()), "built-in"
+
+
+def build_random_llama(size: str, out: str) -> str:
+    """A seeded random-init Llama of bench speed's shape in bf16, with the built-in model's byte-level BPE (and so
+    its 8192-token vocabulary): llama.cpp needs a real tokenizer in the GGUF, even when ids are fed directly."""
+    from edgellm.assets import default_model_path
+    from edgellm.bench.speed import RANDOM_LLAMAS, import_transformers
+    from edgellm.loader import read_config
+
+    transformers = import_transformers()
+    builtin = Path(default_model_path())
+    ids = {k: v for k, v in read_config(builtin).items() if k in ("bos_token_id", "eos_token_id", "vocab_size")}
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**RANDOM_LLAMAS[size], **ids})
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(builtin / name, Path(out) / name)
+    return out
 
 
 def _windows(path: Path, args: argparse.Namespace) -> list[list[int]]:
@@ -296,11 +317,7 @@ def _windows(path: Path, args: argparse.Namespace) -> list[list[int]]:
     from edgellm.bench.kv import heldout_ids
     from edgellm.tokenizer import Tokenizer
 
-    if args.random_llama:
-        generator = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, 32000, (args.ppl_tokens,), generator=generator).tolist()
-    else:
-        ids = heldout_ids(Tokenizer(path), args.ppl_tokens)
+    ids = heldout_ids(Tokenizer(path), args.ppl_tokens)
     w = args.ppl_window + 1
     return [ids[i:i + w] for i in range(0, len(ids) - w + 1, w)]
 
@@ -360,8 +377,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {"benchmark": "quant", "model": name,
               "settings": {"formats": formats, "threads": args.threads, "prompt_len": args.prompt_len,
                            "decode_tokens": args.decode_tokens, "reps": args.reps, "ppl_tokens": args.ppl_tokens,
-                           "ppl_window": args.ppl_window, "llama_cpp": llama_version,
-                           "llama_cpp_build": LLAMA_CPP_CMAKE_ARGS if llama_version else None},
+                           "ppl_window": args.ppl_window, "llama_cpp": llama_version},
               "hardware": hw.to_json(), "rows": rows,
               "notes": ["quality is against the unquantized checkpoint run in fp32 (reference log-probs stored "
                         "in bf16); perplexity over non-overlapping windows of held-out stdlib text",
@@ -439,7 +455,9 @@ def print_table(report: dict[str, Any]) -> None:
                       f"{q['perplexity']:.2f}" if q else "-", f"{q['mean_kl']:.4f}" if q else "-",
                       f"{q['top1_agreement_pct']:.1f}" if q else "-")
     Console(width=220).print(table)
-    print("(x) on llama.cpp rows: edgellm / llama.cpp for the paired edgellm format, same thread count")
+    if report["settings"]["llama_cpp"]:
+        print("(x) on llama.cpp rows: edgellm / llama.cpp for the paired edgellm format, same thread count; "
+              f"{report['settings']['llama_cpp']}")
 
 
 def plot(report: dict[str, Any], out: Path) -> None:
@@ -466,6 +484,8 @@ def plot(report: dict[str, Any], out: Path) -> None:
             ax_speed.annotate(f"llama.cpp {r['format']}", (bits, r["speed"][t]["decode_tok_s"]), fontsize=8)
     ax_speed.set(xlabel="bits per weight", ylabel=f"decode tok/s ({t} threads)", title="speed vs bits")
     ax_quality.set(xlabel="bits per weight", ylabel="mean KL vs unquantized", yscale="log", title="quality vs bits")
+    if not any("quality" in r for r in ours):
+        ax_quality.text(0.5, 0.5, "quality not measured (--ppl-tokens 0)", ha="center", transform=ax_quality.transAxes)
     ax_speed.scatter([], [], color="tab:blue", label="edgellm")
     ax_speed.scatter([], [], color="tab:orange", marker="s", label="llama.cpp")
     ax_speed.legend()
