@@ -150,23 +150,27 @@ def _edgellm_speed(path: str, dtype: str | None, threads: int, prompt: list[int]
             "dequant_share_pct": min(100.0, 100 * dequant_s * steps / decode_s)}
 
 
-@torch.inference_mode()
-def _edgellm_quality(path: str, dtype: str | None, windows: list[list[int]], reference: str) -> dict[str, float]:
-    """Perplexity, mean KL(reference ‖ this) and top-1 agreement over the held-out windows."""
-    from edgellm.loader import load_model
-
-    model = load_model(path, dtype)
+def _score(log_probs, windows: list[list[int]], reference: str) -> dict[str, float]:
+    """Perplexity, mean KL(reference ‖ this) and top-1 agreement over the held-out windows, given an engine's
+    next-token log-probs for each window's inputs (`log_probs(ids) -> [len(ids), vocab]`)."""
     ref = torch.load(reference)
     nll = kl = agree = count = 0.0
     for i, window in enumerate(windows):
-        logp = model(torch.tensor([window[:-1]]))[0].float().log_softmax(-1)
-        ref_logp = ref[i].float()
+        logp, ref_logp = log_probs(window[:-1]), ref[i].float()
         target = torch.tensor(window[1:]).unsqueeze(1)
         nll -= logp.gather(1, target).sum().item()
         kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
         agree += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
         count += len(window) - 1
     return {"perplexity": math.exp(nll / count), "mean_kl": kl / count, "top1_agreement_pct": 100 * agree / count}
+
+
+@torch.inference_mode()
+def _edgellm_quality(path: str, dtype: str | None, windows: list[list[int]], reference: str) -> dict[str, float]:
+    from edgellm.loader import load_model
+
+    model = load_model(path, dtype)
+    return _score(lambda ids: model(torch.tensor([ids]))[0].float().log_softmax(-1), windows, reference)
 
 
 @torch.inference_mode()
@@ -210,19 +214,13 @@ def _llama_cpp_quality(gguf: str, windows: list[list[int]], reference: str) -> d
     from llama_cpp import Llama
 
     llm = Llama(model_path=gguf, n_ctx=max(map(len, windows)) + 8, n_batch=512, logits_all=True, verbose=False)
-    ref = torch.load(reference)
-    nll = kl = agree = count = 0.0
-    for i, window in enumerate(windows):
+
+    def log_probs(ids: list[int]) -> torch.Tensor:
         llm.reset()
-        llm.eval(window[:-1])
-        logp = torch.from_numpy(np.array(llm.scores[:len(window) - 1])).float().log_softmax(-1)
-        ref_logp = ref[i].float()
-        target = torch.tensor(window[1:]).unsqueeze(1)
-        nll -= logp.gather(1, target).sum().item()
-        kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
-        agree += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
-        count += len(window) - 1
-    return {"perplexity": math.exp(nll / count), "mean_kl": kl / count, "top1_agreement_pct": 100 * agree / count}
+        llm.eval(ids)
+        return torch.from_numpy(np.array(llm.scores[:len(ids)])).float().log_softmax(-1)
+
+    return _score(log_probs, windows, reference)
 
 
 def _llama_cpp_quantize(src: str, dst: str, type_name: str) -> None:

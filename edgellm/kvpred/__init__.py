@@ -11,8 +11,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from edgellm.kvpred.predictor import (
     KVPredictor,
     KVPredictorError,
@@ -55,13 +53,9 @@ def add_kvpred_arguments(parser: argparse.ArgumentParser) -> None:
 def run_kvpred(args: argparse.Namespace) -> None:
     """Train a predictor as `args` asks and print the summary."""
     from edgellm.kvpred.train import KVPredRecipe, train_predictor
+    from edgellm.train import apply_run_limits
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise KVPredictorError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.minutes is not None and args.minutes <= 0:
-        raise KVPredictorError(f"--minutes must be positive, got {args.minutes}")
+    apply_run_limits(args.threads, args.minutes, KVPredictorError)
     resolve = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
     recipe = KVPredRecipe(base=resolve(args.base), aux=resolve(args.aux), aux_prune=args.aux_prune,
                           layer_map=args.layer_map, data=resolve(args.data), steps=args.steps, seq_len=args.seq_len,

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from edgellm.errors import EdgeLLMError
 from edgellm.train.trainer import PRESETS, TrainingError, export_checkpoint, make_recipe, train
 
-__all__ = ["PRESETS", "TrainingError", "add_train_arguments", "export_checkpoint", "make_recipe", "run_train",
-           "train"]
+__all__ = ["PRESETS", "TrainingError", "add_train_arguments", "apply_run_limits", "export_checkpoint", "make_recipe",
+           "run_train", "train"]
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,17 +39,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def apply_run_limits(threads: int | None, minutes: float | None, error: type[EdgeLLMError]) -> None:
+    """Check a training command's --threads and --minutes (raising `error`) and set torch's thread count."""
+    if threads is not None:
+        if threads < 1:
+            raise error(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    if minutes is not None and minutes <= 0:
+        raise error(f"--minutes must be positive, got {minutes}")
+
+
 def run_train(args: argparse.Namespace) -> None:
     """Train (or resume, or only export) as `args` asks and print the training.json summary."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise TrainingError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_run_limits(args.threads, None if args.export_only else args.minutes, TrainingError)
     if args.export_only:
         summary = export_checkpoint(args.out)
     else:
-        if args.minutes is not None and args.minutes <= 0:
-            raise TrainingError(f"--minutes must be positive, got {args.minutes}")
         tokenizer = str(Path(args.tokenizer).resolve()) if args.tokenizer else None
         corpus = str(Path(args.corpus).resolve()) if args.corpus else None
         recipe = make_recipe(args.preset, steps=args.steps, seq_len=args.seq_len, batch=args.batch, lr=args.lr,
