@@ -31,7 +31,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer(key, torch.empty(shape, dtype=dtype))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype) if bias else None)
         self.lut: LutWeight | None = None  # the decode kernel's copy of the weight, made by prepare()
-        self.prepared = False
+        self.weight_view: QuantizedTensor | None = None  # the buffers as one QuantizedTensor, made by prepare()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str | WeightFormat, method: str = "rtn") -> QuantizedLinear:
@@ -55,14 +55,15 @@ class QuantizedLinear(nn.Module):
                                {key: getattr(self, key) for key in self.data_keys})
 
     def prepare(self) -> None:
-        """Repack the weight for the decode kernel (the loader calls this once, so no request pays for it)."""
-        self.lut = prepare_lut(self.quantized)
-        self.prepared = True
+        """Repack the weight for the decode kernel and keep a view of the buffers for forward (the loader calls this
+        once, so no request pays for it; call it again after replacing the buffers)."""
+        self.weight_view = self.quantized
+        self.lut = prepare_lut(self.weight_view)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.prepared:
+        if self.weight_view is None:
             self.prepare()
-        return quantized_linear(x, self.quantized, self.bias, self.lut)
+        return quantized_linear(x, self.weight_view, self.bias, self.lut)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}, "
