@@ -178,8 +178,8 @@ class KVPredictor(nn.Module):
         base.write_kv([k[:, start:] for k in keys], [v[:, start:] for v in values], cache.layers)
         cache.tokens.extend(tokens[start:])
 
-    def to_safetensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Tensors (maps, aux weights; tied lm_head left out) and string metadata of the artifact."""
+    def to_safetensors(self, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Tensors (maps, aux weights; tied lm_head left out) in `dtype` and string metadata of the artifact."""
         tensors = {}
         for j, (kp, vp) in enumerate(zip(self.k_proj, self.v_proj, strict=True)):
             tensors |= {f"k_proj.{j}.weight": kp.weight, f"k_proj.{j}.bias": kp.bias,
@@ -187,7 +187,7 @@ class KVPredictor(nn.Module):
         for name, t in self.aux.state_dict().items():
             if not (name == "lm_head.weight" and self.aux.args.tie_word_embeddings):
                 tensors[f"aux.{name}"] = t
-        tensors = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in tensors.items()}
+        tensors = {k: t.detach().to("cpu", dtype).contiguous() for k, t in tensors.items()}
         metadata = {"edgellm_kv_predictor": str(FORMAT_VERSION),
                     "aux_config": json.dumps(model_config(self.aux.args)),
                     "base_layers": str(self.base_args.num_hidden_layers),
@@ -196,9 +196,9 @@ class KVPredictor(nn.Module):
                     **{k: v if isinstance(v, str) else json.dumps(v) for k, v in self.meta.items()}}
         return tensors, metadata
 
-    def save(self, path: Path) -> Path:
-        """Write the artifact (safetensors + metadata) atomically."""
-        tensors, metadata = self.to_safetensors()
+    def save(self, path: Path, dtype: torch.dtype = torch.float32) -> Path:
+        """Write the artifact (safetensors + metadata, tensors in `dtype`) atomically."""
+        tensors, metadata = self.to_safetensors(dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata=metadata)

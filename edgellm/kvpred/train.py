@@ -269,7 +269,7 @@ def train_predictor(recipe: KVPredRecipe, out: Path, minutes: float | None = Non
                "heldout": heldout, "corpus": corpus, "aux": predictor.meta["aux"],
                "layer_map": predictor.layer_map}
     predictor.meta["training"] = {k: summary[k] for k in ("steps", "tokens_seen", "final_train", "heldout")}
-    predictor.save(out / ARTIFACT)
+    predictor.save(out / ARTIFACT, torch.bfloat16)  # bf16 like `edgellm train`'s export: half the bytes
     (out / "training.json").write_text(json.dumps({"recipe": asdict(recipe), **summary}, indent=2) + "\n",
                                        encoding="utf-8")
     return summary
