@@ -313,6 +313,11 @@ def test_bench_kvpred_table_json_and_plot(llama_dir: Path, data_dir: Path, tmp_p
     # an untrained pruned aux alone is the pruned base: same quality, same FLOPs
     assert rows["aux-alone:half"]["perplexity"] == pytest.approx(rows["pruned-base:0.5"]["perplexity"], rel=1e-4)
     assert rows["kvpred:half"]["ttft_flops_vs_base"]["40"] < 1.0 == rows["base"]["ttft_flops_vs_base"]["40"]
+    # the exact predictor spends more FLOPs than its aux (the base itself) alone for the same quality
+    versus = json.loads(out.read_text())["vs_baselines"]
+    assert versus["length"] == 40 and "aux-alone:perfect" in versus["predictors"]["kvpred:perfect"]["dominated_by"]
+    assert versus["predictors"]["kvpred:perfect"]["next_token_accuracy"]["baseline_value"] == \
+        max(r["next_token_accuracy"] for r in rows.values() if r["kind"] in ("aux", "pruned"))
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

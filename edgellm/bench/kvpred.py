@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import edgellm
-from edgellm.bench.common import positive_int, positive_ints, write_report
+from edgellm.bench.common import non_negative_int, positive_int, positive_ints, write_report
 from edgellm.generate import prefill
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.kvpred.flops import base_ttft_flops, kvpred_ttft_flops
@@ -51,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=positive_int, default=256, help="prompt length of the quality prompts")
     p.add_argument("--continuation", type=positive_int, default=32,
                    help="true continuation tokens scored, and greedy tokens compared with the base")
-    p.add_argument("--code-examples", type=positive_int, default=32, help="next-line completions from held-out code")
+    p.add_argument("--code-examples", type=non_negative_int, default=32,
+                   help="next-line completions from held-out code (0: skip the code task)")
     p.add_argument("--code-context", type=positive_int, default=256, help="code tokens before each line")
     p.add_argument("--no-baselines", action="store_true", help="only the base and the predictors")
     p.add_argument("--seed", type=int, default=0)
@@ -228,6 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      **quality[m.name],
                      **({"aux": json.loads(m.predictor.meta.get("aux", "{}")),
                          "training": json.loads(m.predictor.meta.get("training", "{}"))} if m.predictor else {})})
+    middle = lengths[len(lengths) // 2]
     report = {"benchmark": "kvpred",
               "settings": {"base": str(args.base), "predictors": [str(p.path) for p in predictors],
                            "dtype": str(dtype).removeprefix("torch."), "lengths": lengths, "reps": args.reps,
@@ -236,11 +238,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "code_context": args.code_context, "corpus": corpus, "seed": args.seed,
                            "threads": torch.get_num_threads()},
               "methods": rows,
+              "vs_baselines": vs_baselines(rows, middle),
               "versions": {"edgellm": edgellm.__version__, "torch": torch.__version__,
                            "python": platform.python_version(), "platform": platform.platform()}}
     print_table(report)
     write_report(report, args.json, args.plot, plot)
     return report
+
+
+def vs_baselines(rows: list[dict[str, Any]], length: int) -> dict[str, Any]:
+    """Each predictor against the best baseline (aux alone, pruned base) that spends no more TTFT FLOPs at a
+    `length`-token prompt: relative next-token accuracy and code exact match (None where no baseline is that
+    cheap), and whether any baseline dominates it (no more FLOPs and at least its accuracy)."""
+    baselines = [r for r in rows if r["kind"] in ("aux", "pruned")]
+    out: dict[str, Any] = {"length": length, "predictors": {}}
+    for r in rows:
+        if r["kind"] != "kvpred":
+            continue
+        flops = r["ttft_gflops"][length]
+        cheaper = [b for b in baselines if b["ttft_gflops"][length] <= flops]
+        entry: dict[str, Any] = {"dominated_by": [b["method"] for b in baselines
+                                                  if b["ttft_gflops"][length] <= flops
+                                                  and b["next_token_accuracy"] >= r["next_token_accuracy"]]}
+        for key in ("next_token_accuracy", "code_exact_match"):
+            best = max((b for b in cheaper if b[key] is not None), key=lambda b: b[key], default=None)
+            entry[key] = None if best is None else {
+                "baseline": best["method"], "baseline_value": best[key],
+                "relative_gain": round(r[key] / best[key] - 1, 4) if best[key] else None}
+        out["predictors"][r["method"]] = entry
+    return out
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -255,6 +281,14 @@ def print_table(report: dict[str, Any]) -> None:
                 f"{code:>6}")
         line += "".join(f" {r['ttft_gflops'][n]:>10.2f} {r['ttft_s'][n] * 1000:>9.0f}" for n in lengths)
         print(line)
+    comparison = report["vs_baselines"]
+    for name, entry in comparison["predictors"].items():
+        acc = entry["next_token_accuracy"]
+        versus = "no baseline is as cheap" if acc is None else (
+            f"accuracy {acc['relative_gain']:+.1%} vs {acc['baseline']}" if acc["relative_gain"] is not None
+            else f"vs {acc['baseline']} (accuracy 0)")
+        dominated = ", dominated by " + ", ".join(entry["dominated_by"]) if entry["dominated_by"] else ""
+        print(f"{name} at <= its TTFT FLOPs @ {comparison['length']}: {versus}{dominated}")
 
 
 def plot(report: dict[str, Any], out: Path) -> None:
