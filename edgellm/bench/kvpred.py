@@ -292,30 +292,38 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def plot(report: dict[str, Any], out: Path) -> None:
-    """Pareto plot: quality (next-token accuracy, code exact match) against TTFT FLOPs at the middle length."""
+    """Pareto plots against TTFT FLOPs at the middle length: next-token accuracy, perplexity, code exact match.
+
+    Reads the report as `run` returns it or as its JSON (whose per-length keys are strings)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lengths = report["settings"]["lengths"]
-    n = lengths[len(lengths) // 2]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    n = str(lengths[len(lengths) // 2])
+    panels = [("next_token_accuracy", "next-token accuracy"), ("perplexity", "perplexity (lower is better)"),
+              ("code_exact_match", "next-line exact match (code)")]
+    panels = [p for p in panels if any(r[p[0]] is not None for r in report["methods"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     markers = {"base": "*", "kvpred": "o", "aux": "s", "pruned": "^"}
-    for ax, key, label in ((axes[0], "next_token_accuracy", "next-token accuracy"),
-                           (axes[1], "code_exact_match", "next-line exact match (code)")):
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
         for r in report["methods"]:
             if r[key] is None:
                 continue
-            ax.scatter(r["ttft_gflops"][n], r[key], marker=markers[r["kind"]], s=60, label=r["method"])
-            ax.annotate(r["method"], (r["ttft_gflops"][n], r[key]), fontsize=7, xytext=(4, 4),
-                        textcoords="offset points")
+            flops = {str(k): v for k, v in r["ttft_gflops"].items()}[n]
+            ax.scatter(flops, r[key], marker=markers[r["kind"]], s=60, label=r["method"])
+            ax.annotate(r["method"], (flops, r[key]), fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax.set_xscale("log")
+        if key == "perplexity":
+            ax.set_yscale("log")
         ax.set_xlabel(f"TTFT GFLOPs at a {n}-token prompt")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"edgellm bench kvpred: {Path(report['settings']['base']).name}", fontsize=10)
+    axes[0][0].legend(fontsize=7)
+    settings = report["settings"]
+    fig.suptitle(f"edgellm bench kvpred: {Path(settings['base']).name}, quality after "
+                 f"{settings['prompt_tokens']}-token prompts", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
