@@ -15,7 +15,13 @@ from edgellm.errors import CheckpointError
 from edgellm.kernels.native import cpu_has_native_bf16, native_available
 from edgellm.models import family_for
 from edgellm.quant.formats import QuantFormatError, WeightFormat
-from edgellm.quant.linear import QuantizedLinear, prepare_quantized, projection_names, quantize_structure
+from edgellm.quant.linear import (
+    QuantizedLinear,
+    prepare_quantized,
+    projection_names,
+    quantize_lm_head,
+    quantize_structure,
+)
 from edgellm.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -158,6 +164,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     model.tie_weights()
     model.fuse()
     prepare_quantized(model)
+    quantize_lm_head(model)
     model.rope.inv_freq = model.rope.inv_freq.to(device)
     model.name = path.name
     model.path = path

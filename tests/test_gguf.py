@@ -160,9 +160,9 @@ def test_quantized_checkpoint_exports_its_blocks_unchanged(checkpoint, tmp_path,
     assert gguf.GGUFReader(gguf_path).get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q4_0
     model, _ = load_gguf(gguf_path, "fp32")
     assert torch.equal(model.model.layers[1].self_attn.q_proj.blocks, blocks["model.layers.1.self_attn.q_proj.blocks"])
-    # The same blocks, so the same function: the GGUF model reproduces the quantized checkpoint's logits
-    # up to the f16 rounding of the embedding and lm_head.
-    torch.testing.assert_close(logits(model, tokens), logits(load_model(qdir, "fp32"), tokens), atol=2e-3, rtol=1e-3)
+    # The same blocks, so the same function: the GGUF model reproduces the quantized checkpoint's logits up to
+    # the f16 rounding of the embedding and lm_head (which can move a Q8_0 head weight by one level).
+    torch.testing.assert_close(logits(model, tokens), logits(load_model(qdir, "fp32"), tokens), atol=5e-3, rtol=1e-3)
 
 
 def test_rows_that_are_not_whole_blocks_stay_f16(checkpoint, tmp_path, tokens, exact_kernels):
@@ -183,8 +183,9 @@ def test_affine_quantized_checkpoint_exports_dequantized(checkpoint, tmp_path, t
     gguf_path = export_gguf(tmp_path / "int4", tmp_path / "int4.gguf", "f32")
     assert gguf.GGUFReader(gguf_path).get_field("general.file_type").contents() == gguf.LlamaFileType.ALL_F32
     model, _ = load_gguf(gguf_path, "fp32")
-    torch.testing.assert_close(logits(model, tokens), logits(load_model(tmp_path / "int4", "fp32"), tokens),
-                               atol=1e-5, rtol=1e-5)
+    quantized = load_model(tmp_path / "int4", "fp32")
+    model.lm_head = quantized.lm_head  # the int4 model runs its head as Q8_0; the all-F32 GGUF keeps it float
+    torch.testing.assert_close(logits(model, tokens), logits(quantized, tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_gguf_from_package_writer_with_k_quants_and_bf16(checkpoint, tmp_path, tokens):
@@ -386,14 +387,27 @@ def test_edgellm_runs_llama_cpp_quantized_files(tmp_path):
         out = tmp_path / f"{name}.gguf"
         assert llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params)) == 0
         model, tok = edgellm.load(out, "fp32")
-        expected = edgellm.generate(model, tok, prompt, 16).tokens
-        llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=1, verbose=False)
+        llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=1, verbose=False, logits_all=True)
+        ids = llm.tokenize(prompt.encode(), add_bos=True)
+        assert ids == tok.encode(prompt)
         got = []
-        for token in llm.generate(llm.tokenize(prompt.encode(), add_bos=True), temp=0.0, top_k=1, repeat_penalty=1.0):
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
             got.append(token)
-            if len(got) == len(expected):
+            if len(got) == 16:
                 break
-        assert got == expected, name
+        # llama.cpp's greedy continuation, teacher-forced through both engines: the same argmax at every position
+        # where llama.cpp's top two logits are 0.05 or more apart (a closer pair is a tie that summation order
+        # or llama.cpp's f16 KV cache may break either way), and logits within 2% of their range.
+        seq = ids + got
+        llm.reset()
+        llm.eval(seq)
+        theirs = torch.tensor(np.array(llm.scores[:len(seq)]))[len(ids) - 1:-1]
+        ours = model(torch.tensor([seq]))[0, len(ids) - 1:-1]
+        assert (ours - theirs).abs().max() <= 0.02 * theirs.abs().max(), name
+        top2 = theirs.topk(2).values
+        clear = top2[:, 0] - top2[:, 1] >= 0.05
+        assert clear.sum() >= len(got) - 3, name  # the check is not vacuous
+        assert torch.equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear]), name
 
 
 def test_info_reads_a_gguf_header(checkpoint, tmp_path, capsys):

@@ -95,7 +95,7 @@ def _decode_bytes(model: torch.nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     embed = model.model.embed_tokens.weight
-    tied = model.lm_head.weight.data_ptr() == embed.data_ptr()
+    tied = getattr(model.lm_head, "weight", None) is embed
     return total - (0 if tied else embed.numel() * embed.element_size())
 
 

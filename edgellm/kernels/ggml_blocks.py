@@ -1,7 +1,7 @@
 """GEMV straight on GGUF Q8_0 / Q4_0 blocks with int8 activations (AVX512-VNNI), plus the same math in PyTorch.
 
-Activations are quantized per 32-block as llama.cpp does for its q8_0 dot products (d = amax / 127, q = round(x / d)),
-with d kept in fp32; each block contributes d_w * d_x * (integer dot), summed in fp32.
+Activations are quantized per 32-block as llama.cpp does for its q8_0 dot products (d = amax / 127, q = round(x / d),
+then d stored in fp16); each block contributes d_w * d_x * (integer dot), summed in fp32.
 """
 
 from __future__ import annotations
@@ -44,11 +44,12 @@ def _check(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: str) -> None:
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) fp32 -> int8-valued fp32 q (M, K/32, 32) and fp32 d (M, K/32), rounding half to even."""
+    """x (M, K) fp32 -> int8-valued fp32 q (M, K/32, 32) and d (M, K/32), rounding half to even; q is computed
+    with the exact 1/d and d then rounded to fp16, as llama.cpp's quantize_row_q8_0 does."""
     xb = x.view(x.shape[0], -1, BLOCK)
     d = xb.abs().amax(-1) / 127.0
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    return torch.round(xb * inv[..., None]), d
+    return torch.round(xb * inv[..., None]), d.half().float()
 
 
 def block_scales(blocks: torch.Tensor, kind: str) -> torch.Tensor:

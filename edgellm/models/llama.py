@@ -205,7 +205,7 @@ class Model(nn.Module):
             layer.mlp.fuse()
 
     def tie_weights(self) -> None:
-        if self.args.tie_word_embeddings:
+        if self.args.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # not a quantized copy
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def make_cache(self, capacity: int, batch: int = 1, kv_format: KVFormat | None = None) -> list[KVCache]:

@@ -39,7 +39,7 @@ from edgellm.quant.gguf import (
     qk_heads,
     unpermute_qk,
 )
-from edgellm.quant.linear import PROJECTIONS, QuantizedLinear, prepare_quantized
+from edgellm.quant.linear import PROJECTIONS, QuantizedLinear, prepare_quantized, quantize_lm_head
 from edgellm.tokenizer import Tokenizer
 
 KEPT_QUANTIZED = {GT.Q8_0: "q8_0", GT.Q4_0: "q4_0", GT.MXFP4: "mxfp4"}
@@ -227,8 +227,8 @@ def read_weights(reader: GGUFFile, config: dict, dtype: torch.dtype,
         if name is None:
             raise UnsupportedModelError(f"{path}: GGUF tensor {t.name} is not part of a {config['model_type']} "
                                         "model edgellm implements")
-        # Only the projections run quantized (as quantize_model does): the embedding is a lookup, and lm_head
-        # stays a plain Linear that the rest of edgellm (bench, tied weights) can read.
+        # Only the projections stay quantized as stored (as quantize_model does): the embedding is a lookup, and
+        # lm_head is read as a plain Linear, then run as Q8_0 by quantize_lm_head (whatever type the file used).
         w = read_tensor(t, dtype, path, keep_quantized=name.rsplit(".", 2)[-2] in PROJECTIONS)
         n = qk_heads(name, heads, kv_heads) if permuted else None
         if n is not None:
@@ -294,6 +294,7 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
     model.tie_weights()
     model.fuse()
     prepare_quantized(model)
+    quantize_lm_head(model)
     model.rope.inv_freq = model.rope.inv_freq.to(device)
     if rope_freqs is not None:  # llama.cpp divides each rotary frequency by its factor (Llama 3.1 scaling)
         model.rope.inv_freq = model.rope.inv_freq / rope_freqs.to(device)

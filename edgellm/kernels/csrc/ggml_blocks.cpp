@@ -2,7 +2,7 @@
 //
 // Q8_0 block: fp16 d, 32 int8 (w = d * q). Q4_0 block: fp16 d, 16 bytes whose low nibbles are elements 0..15 and
 // high nibbles 16..31 (w = d * (q - 8)). x is quantized per 32-block like llama.cpp's q8_0 activations
-// (d = amax / 127, q = round(x / d)), but d stays fp32.
+// (d = amax / 127, q = round(x / d), then d rounded to fp16).
 //
 // vpdpbusd multiplies unsigned by signed bytes. Q8_0 weights become unsigned by flipping their sign bit (w + 128) and
 // Q4_0 nibbles already are (q, not q - 8); the excess, 128 * sum(x_q) or 8 * sum(x_q), depends on x alone, so it is
@@ -53,7 +53,7 @@ QuantizedX quantize_x(const float* x, int64_t nb) {
       r.q[b * kBlock + i] = q;
       s += q;
     }
-    r.d[b] = d;
+    r.d[b] = static_cast<float>(c10::Half(d));  // llama.cpp keeps the x scale in fp16
     r.sum[b] = s;
   }
   return r;
