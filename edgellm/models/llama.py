@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgellm.kernels import Linear, fuse_linears, linear
+from edgellm.kernels.decode import decode_attention, rms_norm
 from edgellm.kv import DenseKVCache, KVCache, KVFormat, causal_mask, make_caches
 from edgellm.models.rope import RotaryEmbedding, apply_rope
 
@@ -80,7 +81,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # the same numbers, one op fewer
+            return rms_norm(x, self.weight, self.eps)  # the same numbers, one op fewer (native for a few rows)
         h = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=self.eps)  # one fused op instead of five
         return self.weight * h.to(x.dtype)
 
@@ -133,9 +134,11 @@ class Attention(nn.Module):
         else:
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
-            causal = mask is None and t > 1
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
-                                                 enable_gqa=self.n_heads != self.n_kv_heads)
+            if t == 1 and mask is None:  # a decode step: one query sees every cached position
+                out = decode_attention(q, k, v, self.head_dim**-0.5)
+            else:
+                out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                                     is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

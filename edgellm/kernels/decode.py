@@ -1,0 +1,43 @@
+"""The small per-token ops of a decode step (one-query attention, RMS norm) as native fp32 loops.
+
+Each falls back to the PyTorch op it replaces (the reference) when the native build is missing, the dtype is
+not fp32, the shapes are not a decode step's, or autograd needs a backward.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from edgellm.kernels.native import load_extension
+
+NORM_MAX_ROWS = 8  # past a few rows ATen's parallel rms_norm is the faster one
+
+
+@cache
+def _ext() -> Any:
+    return load_extension("decode")
+
+
+def _grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T · scale) v for q (B, H, 1, D) over every cached position of k, v (B, Hkv, T, D), GQA allowed."""
+    if (q.dtype == k.dtype == v.dtype == torch.float32 and q.is_cpu and q.shape[2] == 1 and q.stride(3) == 1
+            and k.stride(3) == 1 and v.stride(3) == 1 and not _grad(q, k, v) and _ext() is not None):
+        return _ext().attend_one(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) · weight over the last dimension, for fp32 x and weight."""
+    if (x.dtype == weight.dtype == torch.float32 and x.is_cpu and x.is_contiguous()
+            and x.numel() <= NORM_MAX_ROWS * x.shape[-1] and not _grad(x, weight) and _ext() is not None):
+        return _ext().rms_norm(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
