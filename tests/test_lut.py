@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from edgellm.kernels import ggml_blocks
 from edgellm.kernels.ggml_blocks import (
     BlockFormatError,
     blocks_linear_reference,
     dequant_blocks_linear,
+    mxfp4_linear,
     q4_0_linear,
     q4_0_lut_weight,
     q8_0_linear,
@@ -149,7 +151,8 @@ def test_no_native_env_runs_the_same_math(tmp_path):
     torch.testing.assert_close(y, fallback, rtol=1e-5, atol=1e-5 * y.abs().max().item())  # same tables and sums
 
 
-KINDS = {"q8_0": (gguf.GGMLQuantizationType.Q8_0, q8_0_linear), "q4_0": (gguf.GGMLQuantizationType.Q4_0, q4_0_linear)}
+KINDS = {"q8_0": (gguf.GGMLQuantizationType.Q8_0, q8_0_linear), "q4_0": (gguf.GGMLQuantizationType.Q4_0, q4_0_linear),
+         "mxfp4": (gguf.GGMLQuantizationType.MXFP4, mxfp4_linear)}
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -194,6 +197,17 @@ def test_choose_kernel_follows_the_measured_table(monkeypatch):
     assert select.choose_kernel(6, 2048, 2048, 1) == "dequant"
     monkeypatch.setattr(select, "lut_available", lambda: False)
     assert select.choose_kernel(2, 2048, 2048, 1) == "dequant"
+
+
+def test_mxfp4_decodes_on_its_blocks():
+    from edgellm.kernels.quant import kernel_for, prepare_lut, quantized_linear
+    from edgellm.quant.formats import quantize
+
+    qt = quantize(torch.randn(48, 96, generator=torch.Generator().manual_seed(1)), "mxfp4")
+    x = torch.randn(2, 96)
+    if ggml_blocks.vnni_available():
+        assert prepare_lut(qt) is None and kernel_for(qt, 2, None) == "vnni" and kernel_for(qt, 4096, None) == "dequant"
+    torch.testing.assert_close(quantized_linear(x, qt), blocks_linear_reference(x, qt.data["blocks"], 96, "mxfp4"))
 
 
 def test_crossover_table_takes_the_worst_shape():

@@ -1,4 +1,4 @@
-"""GEMV straight on GGUF Q8_0 / Q4_0 blocks with int8 activations (AVX512-VNNI), plus the same math in PyTorch.
+"""GEMV straight on GGUF Q8_0 / Q4_0 / MXFP4 blocks with int8 activations (AVX512-VNNI), plus the same math in PyTorch.
 
 Activations are quantized per 32-block as llama.cpp does for its q8_0 dot products (d = amax / 127, q = round(x / d),
 then d stored in fp16); each block contributes d_w * d_x * (integer dot), summed in fp32.
@@ -14,9 +14,10 @@ import torch
 from edgellm.errors import EdgeLLMError
 from edgellm.kernels.lut import LutWeight
 from edgellm.kernels.native import load_extension
+from edgellm.quant.formats import MXFP4_LEVELS, e8m0_to_fp32_half
 
 BLOCK = 32
-BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "mxfp4": 17}
 
 
 class BlockFormatError(EdgeLLMError):
@@ -53,14 +54,20 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def block_scales(blocks: torch.Tensor, kind: str) -> torch.Tensor:
-    """The fp16 d of every block, as fp32 (N, K/32)."""
+    """The d of every block (fp16, or MXFP4's E8M0 exponent as 2^(e-128)), as fp32 (N, K/32)."""
     b = blocks.view(blocks.shape[0], -1, BLOCK_BYTES[kind])
+    if kind == "mxfp4":
+        return e8m0_to_fp32_half(b[..., 0])
     return b[..., :2].contiguous().view(torch.float16).squeeze(-1).float()
 
 
 def block_quants(blocks: torch.Tensor, kind: str) -> torch.Tensor:
-    """The integer weights q of every block (w = d * q), as fp32 (N, K/32, 32)."""
-    b = blocks.view(blocks.shape[0], -1, BLOCK_BYTES[kind])[..., 2:]
+    """The integer weights q of every block (w = d * q; MXFP4's doubled E2M1 levels), as fp32 (N, K/32, 32)."""
+    b = blocks.view(blocks.shape[0], -1, BLOCK_BYTES[kind])
+    if kind == "mxfp4":
+        codes = torch.cat([b[..., 1:] & 15, b[..., 1:] >> 4], dim=-1)
+        return torch.tensor(MXFP4_LEVELS, dtype=torch.float32)[codes.long()]
+    b = b[..., 2:]
     if kind == "q8_0":
         return b.contiguous().view(torch.int8).float()
     return torch.cat([b & 15, b >> 4], dim=-1).float() - 8
@@ -80,7 +87,7 @@ def _linear(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: str) -> torch.T
     ext = _ext()
     if ext is None:
         return blocks_linear_reference(x, blocks, k, kind)
-    op = ext.q8_0_gemm if kind == "q8_0" else ext.q4_0_gemm
+    op = {"q8_0": ext.q8_0_gemm, "q4_0": ext.q4_0_gemm, "mxfp4": ext.mxfp4_gemm}[kind]
     y = op(x.reshape(-1, k).float(), blocks, k)
     return y.view(*x.shape[:-1], blocks.shape[0]).to(x.dtype)
 
@@ -93,6 +100,11 @@ def q8_0_linear(x: torch.Tensor, blocks: torch.Tensor, k: int) -> torch.Tensor:
 def q4_0_linear(x: torch.Tensor, blocks: torch.Tensor, k: int) -> torch.Tensor:
     """y = x @ W.T for W as GGUF Q4_0 blocks uint8 (N, K/32 * 18); y has x's dtype (fp32 or bf16)."""
     return _linear(x, blocks, k, "q4_0")
+
+
+def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """y = x @ W.T for W as GGUF MXFP4 blocks uint8 (N, K/32 * 17); y has x's dtype (fp32 or bf16)."""
+    return _linear(x, blocks, k, "mxfp4")
 
 
 def dequant_blocks_linear(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: str) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """Matmul against quantized weights: the one seam where the native LUT / VNNI kernels plug in.
 
 Few rows of x (decode) go to a kernel that reads the packed weights directly: the T-MAC table lookup for 1-4 bit
-linear codes (intN, ternary, Q4_0 repacked), VNNI int8 dot products for Q8_0 blocks. Many rows (prefill), formats
-no kernel reads (mxfp4's non-linear levels), or a build without the native kernels dequantize a few rows of the
-weight at a time to fp32 and run F.linear on them (this CPU emulates bf16), so the full-precision weight never
-exists in memory at once. `choose_kernel` holds the measured crossovers.
+linear codes (intN, ternary, Q4_0 repacked), VNNI int8 dot products for Q8_0 and MXFP4 blocks (MXFP4's levels are
+not linear, so no bit-plane lookup: a byte shuffle maps its codes to int8 levels). Many rows (prefill) or a build
+without the native kernels dequantize a few rows of the weight at a time to fp32 and run F.linear on them (this
+CPU emulates bf16), so the full-precision weight never exists in memory at once. `choose_kernel` holds the
+measured crossovers.
 """
 
 from __future__ import annotations
@@ -14,19 +15,20 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from edgellm.kernels.ggml_blocks import q4_0_lut_weight, q8_0_linear
+from edgellm.kernels.ggml_blocks import mxfp4_linear, q4_0_lut_weight, q8_0_linear
 from edgellm.kernels.lut import GROUPS, LutWeight, lut_available, lut_linear
 from edgellm.kernels.select import choose_kernel
 
 if TYPE_CHECKING:
     from edgellm.quant.formats import QuantizedTensor
 
+VNNI_LINEAR = {"q8_0": q8_0_linear, "mxfp4": mxfp4_linear}
 DEQUANT_CHUNK_ELEMENTS = 1 << 21  # fp32 weights dequantized per step: 8 MiB, about an L2-to-L3-sized tile
 
 
 def prepare_lut(qt: QuantizedTensor) -> LutWeight | None:
-    """The weight repacked for the table-lookup kernel, or None where it does not apply (no native build, Q8_0
-    (VNNI reads its blocks as stored), mxfp4's non-linear levels, a group size the kernel lacks)."""
+    """The weight repacked for the table-lookup kernel, or None where it does not apply (no native build, Q8_0 and
+    MXFP4 (VNNI reads their blocks as stored), a group size the kernel lacks)."""
     fmt = qt.fmt
     if not lut_available() or fmt.kind in ("q8_0", "mxfp4"):
         return None
@@ -41,7 +43,7 @@ def prepare_lut(qt: QuantizedTensor) -> LutWeight | None:
 def kernel_for(qt: QuantizedTensor, rows: int, lut: LutWeight | None) -> str:
     """'lut', 'vnni' or 'dequant': what `quantized_linear` runs for `rows` rows of x."""
     n, k = qt.shape
-    if qt.fmt.kind == "q8_0":
+    if qt.fmt.kind in VNNI_LINEAR:  # MXFP4 dequantizes slower than Q8_0, so Q8_0's crossover is a safe bound
         return choose_kernel(8, n, k, rows)
     if lut is None:
         return "dequant"
@@ -69,7 +71,7 @@ def quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | 
     if kernel == "lut":
         y = lut_linear(x2, lut).float()
     elif kernel == "vnni":
-        y = q8_0_linear(x2, qt.data["blocks"], k).float()
+        y = VNNI_LINEAR[qt.fmt.kind](x2, qt.data["blocks"], k).float()
     else:
         y = dequant_linear(x2.to(torch.float32), qt)
     if bias is not None:

@@ -100,6 +100,24 @@ EDGELLM_SCALAR inline int32_t dot_q4_0(const uint8_t* blk, const int8_t* xq) {
   return s;
 }
 
+// MXFP4: the doubled E2M1 level of each 4-bit code (sign in bit 3), and the block scale 2^(e - 128), as ggml's
+// kvalues_mxfp4 and ggml_e8m0_to_fp32_half.
+constexpr int8_t kMxfp4Levels[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+inline float e8m0_half(uint8_t e) {
+  const uint32_t bits = e < 2 ? uint32_t{0x00200000} << e : static_cast<uint32_t>(e - 1) << 23;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+EDGELLM_SCALAR inline int32_t dot_mxfp4(const uint8_t* blk, const int8_t* xq) {
+  int32_t s = 0;
+  for (int i = 0; i < 16; ++i)
+    s += kMxfp4Levels[blk[1 + i] & 15] * xq[i] + kMxfp4Levels[blk[1 + i] >> 4] * xq[16 + i];
+  return s;
+}
+
 #ifdef EDGELLM_VNNI
 // Two Q8_0 blocks (68 bytes): quants of both and their scales [d0 x8, d1 x8].
 inline float row_q8_0(const uint8_t* row, const StepX& sx, int64_t steps) {
@@ -156,13 +174,57 @@ inline float row_q4_0(const uint8_t* row, const StepX& sx, int64_t steps) {
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
+
+// Four MXFP4 blocks (68 bytes): their 64 code bytes, low nibbles then high, as in Q4_0; the codes become signed
+// levels through a byte shuffle. vpdpbusd wants unsigned x signed, so it multiplies |level| by x carrying the
+// level's sign: no excess to correct. Scales [2^(e0-128) x4, ..] come from the E8M0 bytes via vscalefps.
+inline float row_mxfp4(const uint8_t* row, const StepX& sx, int64_t steps) {
+  alignas(64) static const uint8_t kQuants[64] = {
+      1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 18, 19, 20, 21, 22, 23,
+      24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46,
+      47, 48, 49, 50, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127};
+  alignas(64) static const uint8_t kExps[64] = {0,  0, 0, 0, 0,  0, 0, 0, 0,  0, 0, 0, 0,  0, 0, 0,
+                                                17, 0, 0, 0, 17, 0, 0, 0, 17, 0, 0, 0, 17, 0, 0, 0,
+                                                34, 0, 0, 0, 34, 0, 0, 0, 34, 0, 0, 0, 34, 0, 0, 0,
+                                                51, 0, 0, 0, 51, 0, 0, 0, 51, 0, 0, 0, 51, 0, 0, 0};
+  const __m512i quants = _mm512_load_si512(kQuants), exps = _mm512_load_si512(kExps);
+  const __m512i levels = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kMxfp4Levels)));
+  const __m512i nibble = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512();
+  const __mmask64 low_bytes = 0x1111111111111111ULL;
+  const __m512 half = _mm512_set1_ps(0.5f), bias = _mm512_set1_ps(127.0f);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  auto signed_dot = [&](__m512i acc, __m512i codes, __m512i x) {
+    const __m512i w = _mm512_shuffle_epi8(levels, codes);
+    const __m512i xs = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), zero, x);
+    return _mm512_dpbusd_epi32(acc, _mm512_abs_epi8(w), xs);
+  };
+  for (int64_t st = 0; st < steps; ++st) {
+    const uint8_t* p = row + st * 68;
+    const __m512i z0 = _mm512_loadu_si512(p), z1 = _mm512_loadu_si512(p + 4);
+    const __m512i v = _mm512_permutex2var_epi8(z0, quants, z1);
+    const __m512i e = _mm512_maskz_permutexvar_epi8(low_bytes, exps, z0);
+    const __m512 d = _mm512_scalef_ps(half, _mm512_sub_ps(_mm512_cvtepi32_ps(e), bias));  // 2^(e-127) / 2
+    const int8_t* xq = sx.q.data() + st * 128;
+    __m512i dot = signed_dot(zero, _mm512_and_si512(v, nibble), _mm512_loadu_si512(xq));
+    dot = signed_dot(dot, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), _mm512_loadu_si512(xq + 64));
+    const __m512 s = _mm512_mul_ps(d, _mm512_loadu_ps(sx.scale.data() + st * 16));
+    if (st & 1)
+      acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc1);
+    else
+      acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
 #endif
 
 // y (M, N) fp32 = x (M, K) @ W.T for W given as N rows of K / 32 blocks of `block_bytes` bytes.
-template <bool Q4>
+enum class Kind { kQ8_0, kQ4_0, kMxfp4 };
+
+template <Kind kind>
 torch::Tensor blocks_gemm(const torch::Tensor& x, const torch::Tensor& blocks, int64_t K) {
-  constexpr int64_t block_bytes = Q4 ? 18 : 34;
-  constexpr int per = Q4 ? 4 : 2;  // blocks per 64-byte register of quants
+  constexpr bool Q8 = kind == Kind::kQ8_0;
+  constexpr int64_t block_bytes = Q8 ? 34 : kind == Kind::kQ4_0 ? 18 : 17;
+  constexpr int per = Q8 ? 2 : 4;  // blocks per 64-byte register of quants
   TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == torch::kFloat, "x must be fp32 (M, K)");
   const int64_t nb = K / kBlock;
@@ -176,7 +238,7 @@ torch::Tensor blocks_gemm(const torch::Tensor& x, const torch::Tensor& blocks, i
   std::vector<StepX> sx;
   for (int64_t m = 0; m < M; ++m) {
     qx.push_back(quantize_x(xc.data_ptr<float>() + m * K, nb));
-    sx.push_back(step_x(qx.back(), nb, per, Q4 ? 8 : 128, Q4));
+    sx.push_back(step_x(qx.back(), nb, per, Q8 ? 128 : kind == Kind::kQ4_0 ? 8 : 0, !Q8));
   }
   const uint8_t* w = wc.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
@@ -196,13 +258,17 @@ torch::Tensor blocks_gemm(const torch::Tensor& x, const torch::Tensor& blocks, i
           const uint8_t* row = w + n * row_bytes;
           float acc = 0.0f;
 #ifdef EDGELLM_VNNI
-          acc = Q4 ? row_q4_0(row, sx[m], steps) : row_q8_0(row, sx[m], steps);
+          if constexpr (kind == Kind::kQ8_0) acc = row_q8_0(row, sx[m], steps);
+          if constexpr (kind == Kind::kQ4_0) acc = row_q4_0(row, sx[m], steps);
+          if constexpr (kind == Kind::kMxfp4) acc = row_mxfp4(row, sx[m], steps);
 #endif
           for (int64_t b = steps * per; b < nb; ++b) {
             const uint8_t* blk = row + b * block_bytes;
             const int8_t* xq = qx[m].q.data() + b * kBlock;
-            const int32_t dot = Q4 ? dot_q4_0(blk, xq) : dot_q8_0(blk, xq);
-            acc += static_cast<float>(dot) * (half_to_float(blk) * qx[m].d[b]);
+            if constexpr (kind == Kind::kMxfp4)
+              acc += static_cast<float>(dot_mxfp4(blk, xq)) * (e8m0_half(blk[0]) * qx[m].d[b]);
+            else
+              acc += static_cast<float>(Q8 ? dot_q8_0(blk, xq) : dot_q4_0(blk, xq)) * (half_to_float(blk) * qx[m].d[b]);
           }
           yp[m * N + n] = acc;
         }
@@ -211,6 +277,7 @@ torch::Tensor blocks_gemm(const torch::Tensor& x, const torch::Tensor& blocks, i
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q8_0_gemm", &blocks_gemm<false>, "y = x @ W.T for W in GGUF Q8_0 blocks, int8 activations");
-  m.def("q4_0_gemm", &blocks_gemm<true>, "y = x @ W.T for W in GGUF Q4_0 blocks, int8 activations");
+  m.def("q8_0_gemm", &blocks_gemm<Kind::kQ8_0>, "y = x @ W.T for W in GGUF Q8_0 blocks, int8 activations");
+  m.def("q4_0_gemm", &blocks_gemm<Kind::kQ4_0>, "y = x @ W.T for W in GGUF Q4_0 blocks, int8 activations");
+  m.def("mxfp4_gemm", &blocks_gemm<Kind::kMxfp4>, "y = x @ W.T for W in GGUF MXFP4 blocks, int8 activations");
 }
