@@ -119,6 +119,15 @@ EDGELLM_SCALAR inline int32_t dot_mxfp4(const uint8_t* blk, const int8_t* xq) {
 }
 
 #ifdef EDGELLM_VNNI
+// acc += dot * d_w * d_x for step `st`, alternating two accumulators so consecutive steps do not wait on each other.
+inline void accumulate(int64_t st, __m512i dot, __m512 d, const StepX& sx, __m512& acc0, __m512& acc1) {
+  const __m512 s = _mm512_mul_ps(d, _mm512_loadu_ps(sx.scale.data() + st * 16));
+  if (st & 1)
+    acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc1);
+  else
+    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc0);
+}
+
 // Two Q8_0 blocks (68 bytes): quants of both and their scales [d0 x8, d1 x8].
 inline float row_q8_0(const uint8_t* row, const StepX& sx, int64_t steps) {
   alignas(64) static const uint8_t kQuants[64] = {
@@ -137,11 +146,7 @@ inline float row_q8_0(const uint8_t* row, const StepX& sx, int64_t steps) {
     const __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi8(scales, z0)));
     const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(sx.corr.data() + st * 16), w,
                                             _mm512_loadu_si512(sx.q.data() + st * 64));
-    const __m512 s = _mm512_mul_ps(d, _mm512_loadu_ps(sx.scale.data() + st * 16));
-    if (st & 1)
-      acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc1);
-    else
-      acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc0);
+    accumulate(st, dot, d, sx, acc0, acc1);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
@@ -166,11 +171,7 @@ inline float row_q4_0(const uint8_t* row, const StepX& sx, int64_t steps) {
     __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(sx.corr.data() + st * 16), _mm512_and_si512(v, nibble),
                                       _mm512_loadu_si512(xq));
     dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), _mm512_loadu_si512(xq + 64));
-    const __m512 s = _mm512_mul_ps(d, _mm512_loadu_ps(sx.scale.data() + st * 16));
-    if (st & 1)
-      acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc1);
-    else
-      acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc0);
+    accumulate(st, dot, d, sx, acc0, acc1);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
@@ -207,11 +208,7 @@ inline float row_mxfp4(const uint8_t* row, const StepX& sx, int64_t steps) {
     const int8_t* xq = sx.q.data() + st * 128;
     __m512i dot = signed_dot(zero, _mm512_and_si512(v, nibble), _mm512_loadu_si512(xq));
     dot = signed_dot(dot, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), _mm512_loadu_si512(xq + 64));
-    const __m512 s = _mm512_mul_ps(d, _mm512_loadu_ps(sx.scale.data() + st * 16));
-    if (st & 1)
-      acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc1);
-    else
-      acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc0);
+    accumulate(st, dot, d, sx, acc0, acc1);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
