@@ -21,11 +21,12 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-# -march=native unlocks AVX-512; the plain build is for compilers or CPUs that refuse it. -fopenmp is what makes
+# -march=native unlocks AVX-512; the plainer builds are for compilers or CPUs that refuse it. -fopenmp is what makes
 # at::parallel_for parallel: ATen defines INTRA_OP_PARALLEL only under _OPENMP, so without it every kernel ran
 # on one thread whatever torch.set_num_threads said. The extension then needs libgomp.so.1, which torch has
-# already loaded: the same soname, so one OpenMP runtime and one thread count.
-CFLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
+# already loaded: the same soname, so one OpenMP runtime and one thread count. The last set (one thread) is for
+# a toolchain without OpenMP.
+CFLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 _BUILD_LOCK = threading.Lock()
 
 
@@ -78,7 +79,8 @@ def _build(name: str) -> ModuleType | None:
         try:
             build_dir.mkdir(parents=True, exist_ok=True)  # a read-only HOME means no native kernel, not a crash
             return cpp_extension.load(name=f"edgellm_{name}", sources=[str(source)], extra_cflags=cflags,
-                                      extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+                                      extra_ldflags=[f for f in cflags if f == "-fopenmp"],
+                                      build_directory=str(build_dir), verbose=False)
         except Exception as e:  # the build fails through many exception types; all mean "no native kernel"
             lines = str(e).strip().splitlines()
             errors.append(f"{' '.join(cflags)}: {lines[0] if lines else type(e).__name__}")
