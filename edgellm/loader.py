@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from edgellm.errors import CheckpointError
+from edgellm.kernels.decode import decode_ops_available
 from edgellm.kernels.native import cpu_has_native_bf16, native_available
 from edgellm.models import family_for
 from edgellm.quant.formats import QuantFormatError, WeightFormat
@@ -169,9 +170,16 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     model.name = path.name
     model.path = path
     model.fingerprint = checkpoint_fingerprint(path)
-    if dtype == torch.bfloat16 and device == "cpu":
-        native_available()  # build/load the bf16 GEMV now, not inside the first token's latency
+    warm_kernels(dtype, device)
     return model.eval().requires_grad_(False)
+
+
+def warm_kernels(dtype: torch.dtype, device: str) -> None:
+    """Build or load the native kernels a CPU model calls now, not inside the first token's latency."""
+    if device == "cpu":
+        decode_ops_available()
+        if dtype == torch.bfloat16:
+            native_available()
 
 
 def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,

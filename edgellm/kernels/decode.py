@@ -22,6 +22,11 @@ def _ext() -> Any:
     return load_extension("decode")
 
 
+def decode_ops_available() -> bool:
+    """True when the native decode ops built and loaded (the first call builds or loads them: ~seconds)."""
+    return _ext() is not None
+
+
 def _grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 

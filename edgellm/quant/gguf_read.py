@@ -26,7 +26,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from torch import nn
 
 from edgellm.errors import UnsupportedModelError
-from edgellm.loader import resolve_dtype
+from edgellm.loader import resolve_dtype, warm_kernels
 from edgellm.models import family_for
 from edgellm.quant.formats import QuantizedTensor, WeightFormat
 from edgellm.quant.gguf import (
@@ -301,6 +301,7 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
     model.name = path.stem
     model.path = path
     model.fingerprint = gguf_fingerprint(reader)
+    warm_kernels(dtype, device)
     return model.eval().requires_grad_(False), gguf_tokenizer(reader, path)
 
 
