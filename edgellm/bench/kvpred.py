@@ -257,9 +257,8 @@ def vs_baselines(rows: list[dict[str, Any]], length: int) -> dict[str, Any]:
             continue
         flops = r["ttft_gflops"][length]
         cheaper = [b for b in baselines if b["ttft_gflops"][length] <= flops]
-        entry: dict[str, Any] = {"dominated_by": [b["method"] for b in baselines
-                                                  if b["ttft_gflops"][length] <= flops
-                                                  and b["next_token_accuracy"] >= r["next_token_accuracy"]]}
+        entry: dict[str, Any] = {"dominated_by": [b["method"] for b in cheaper
+                                                  if b["next_token_accuracy"] >= r["next_token_accuracy"]]}
         for key in ("next_token_accuracy", "code_exact_match"):
             best = max((b for b in cheaper if b[key] is not None), key=lambda b: b[key], default=None)
             entry[key] = None if best is None else {

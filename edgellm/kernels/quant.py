@@ -30,7 +30,7 @@ def prepare_lut(qt: QuantizedTensor) -> LutWeight | None:
     """The weight repacked for the table-lookup kernel, or None where it does not apply (no native build, Q8_0 and
     MXFP4 (VNNI reads their blocks as stored), a group size the kernel lacks)."""
     fmt = qt.fmt
-    if not lut_available() or fmt.kind in ("q8_0", "mxfp4"):
+    if not lut_available() or fmt.kind in VNNI_LINEAR:
         return None
     if fmt.kind == "q4_0":
         return q4_0_lut_weight(qt.data["blocks"], qt.shape[1])

@@ -93,17 +93,17 @@ torch::Tensor attend_one(const torch::Tensor& q, const torch::Tensor& k, const t
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const float s = static_cast<float>(scale);
   // One task per (batch, kv head): the K/V rows of a position are read once for all `group` query heads that
-  // share them (GQA), which is what bounds the loop: the cache streams from L2/L3, the arithmetic is tiny.
+  // share them (GQA).
   const int64_t tasks = B * Hkv;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, T * D * group));
   at::parallel_for(0, tasks, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(group * T);
+    std::vector<float> p(group * T), m(group), inv(group);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / Hkv, g = i % Hkv;
       const float* kh = kp + b * ks0 + g * ks1;
       const float* vh = vp + b * vs0 + g * vs1;
       const float* qb = qp + b * qs0 + g * group * qs1;
-      std::vector<float> m(group, -INFINITY), inv(group);
+      std::fill(m.begin(), m.end(), -INFINITY);
       for (int64_t t = 0; t < T; ++t) {  // each key row is read once (then from L1) for all query heads
         const float* kt = kh + t * ks2;
         for (int64_t j = 0; j < group; ++j) {

@@ -128,6 +128,15 @@ inline void accumulate(int64_t st, __m512i dot, __m512 d, const StepX& sx, __m51
     acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc0);
 }
 
+// One step of four nibble blocks: the low nibbles of `v` (elements 0..15 of each block) against x's first 64
+// bytes, the high nibbles (16..31) against the next 64; `dot_codes(acc, codes, x)` adds one half's dot.
+template <class DotCodes>
+inline __m512i nibble_step(__m512i acc, __m512i v, const int8_t* xq, DotCodes dot_codes) {
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  acc = dot_codes(acc, _mm512_and_si512(v, nibble), _mm512_loadu_si512(xq));
+  return dot_codes(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), _mm512_loadu_si512(xq + 64));
+}
+
 // Two Q8_0 blocks (68 bytes): quants of both and their scales [d0 x8, d1 x8].
 inline float row_q8_0(const uint8_t* row, const StepX& sx, int64_t steps) {
   alignas(64) static const uint8_t kQuants[64] = {
@@ -160,17 +169,15 @@ inline float row_q4_0(const uint8_t* row, const StepX& sx, int64_t steps) {
   alignas(64) static const uint8_t kScales[64] = {0,  1,  0,  1,  0,  1,  0,  1,  18, 19, 18, 19, 18, 19, 18, 19,
                                                   36, 37, 36, 37, 36, 37, 36, 37, 54, 55, 54, 55, 54, 55, 54, 55};
   const __m512i quants = _mm512_load_si512(kQuants), scales = _mm512_load_si512(kScales);
-  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  const auto dot_codes = [](__m512i acc, __m512i codes, __m512i x) { return _mm512_dpbusd_epi32(acc, codes, x); };
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   for (int64_t st = 0; st < steps; ++st) {
     const uint8_t* p = row + st * 72;
     const __m512i z0 = _mm512_loadu_si512(p), z1 = _mm512_loadu_si512(p + 8);
     const __m512i v = _mm512_permutex2var_epi8(z0, quants, z1);
     const __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi8(scales, z0)));
-    const int8_t* xq = sx.q.data() + st * 128;
-    __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(sx.corr.data() + st * 16), _mm512_and_si512(v, nibble),
-                                      _mm512_loadu_si512(xq));
-    dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), _mm512_loadu_si512(xq + 64));
+    const __m512i dot = nibble_step(_mm512_loadu_si512(sx.corr.data() + st * 16), v, sx.q.data() + st * 128,
+                                    dot_codes);
     accumulate(st, dot, d, sx, acc0, acc1);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
@@ -190,7 +197,7 @@ inline float row_mxfp4(const uint8_t* row, const StepX& sx, int64_t steps) {
                                                 51, 0, 0, 0, 51, 0, 0, 0, 51, 0, 0, 0, 51, 0, 0, 0};
   const __m512i quants = _mm512_load_si512(kQuants), exps = _mm512_load_si512(kExps);
   const __m512i levels = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kMxfp4Levels)));
-  const __m512i nibble = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512();
+  const __m512i zero = _mm512_setzero_si512();
   const __mmask64 low_bytes = 0x1111111111111111ULL;
   const __m512 half = _mm512_set1_ps(0.5f), bias = _mm512_set1_ps(127.0f);
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -205,9 +212,7 @@ inline float row_mxfp4(const uint8_t* row, const StepX& sx, int64_t steps) {
     const __m512i v = _mm512_permutex2var_epi8(z0, quants, z1);
     const __m512i e = _mm512_maskz_permutexvar_epi8(low_bytes, exps, z0);
     const __m512 d = _mm512_scalef_ps(half, _mm512_sub_ps(_mm512_cvtepi32_ps(e), bias));  // 2^(e-127) / 2
-    const int8_t* xq = sx.q.data() + st * 128;
-    __m512i dot = signed_dot(zero, _mm512_and_si512(v, nibble), _mm512_loadu_si512(xq));
-    dot = signed_dot(dot, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), _mm512_loadu_si512(xq + 64));
+    const __m512i dot = nibble_step(zero, v, sx.q.data() + st * 128, signed_dot);
     accumulate(st, dot, d, sx, acc0, acc1);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
