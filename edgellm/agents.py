@@ -22,18 +22,23 @@ from edgellm.generate import (
     stream_generate,
 )
 from edgellm.kv.formats import KVFormat, dense_format
-from edgellm.kv.persist import RestoreError, read_metadata, restore_memory, save_memory
+from edgellm.kv.persist import RestoreError, read_metadata, remove_stale_temp_files, restore_memory, save_memory
 from edgellm.kv.pool import DEFAULT_BLOCK_TOKENS, BlockPool, PoolExhausted
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.sampling import SamplingParams
 from edgellm.tokenizer import Tokenizer
 
-AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def is_agent_name(name: str) -> bool:
+    """True for a name that is safe as a file name in the store (a full match: `$` would admit a trailing newline)."""
+    return AGENT_NAME.fullmatch(name) is not None and ".." not in name
 
 
 def check_agent_name(name: str) -> str:
     """Agent names become file names: refuse anything that could leave the store directory."""
-    if not AGENT_NAME.match(name) or ".." in name:
+    if not is_agent_name(name):
         raise InvalidRequestError(f"invalid agent name {name!r}: use letters, digits, '.', '_' or '-' "
                                   "(max 128 characters, no path separators or '..')")
     return name
@@ -138,6 +143,7 @@ class AgentStore:
                  pool_bytes: int | None = None, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(self.root)
         self.model, self.tokenizer = model, tokenizer
         if isinstance(kv_format, str):
             kv_format = KVFormat.parse(kv_format)

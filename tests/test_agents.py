@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from edgellm import load
 from edgellm.agents import AgentStore
 from edgellm.errors import InvalidRequestError
 from edgellm.generate import generate, prefill
-from edgellm.kv.persist import RestoreError, restore_memory
+from edgellm.kv.persist import HEADER_CHECKSUM, RestoreError, header_checksum, restore_memory, tensor_crc32
 from edgellm.kv.prompt_cache import PromptCache
 
 FORMATS = ["fp32", "fp16", "q8", "q4", "q2", "q4-kivi"]
@@ -116,12 +118,18 @@ def test_flipped_byte_is_refused(engine, tmp_path):
     assert_refused(engine, tmp_path, "q4", "checksum mismatch")
 
 
-def rewrite_metadata(path: Path, **changes: str) -> None:
-    """Edit a safetensors file's metadata in place (re-encoding the header), keeping the tensor bytes."""
+def rewrite_metadata(path: Path, resign: bool = True, **changes: str) -> None:
+    """Edit a safetensors file's metadata in place (re-encoding the header), keeping the tensor bytes.
+
+    With `resign`, the header checksum is recomputed: the file is then a well-formed one from another model,
+    tokenizer or version; without it, an edited one.
+    """
     data = path.read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8:8 + n])
     header["__metadata__"].update(changes)
+    if resign:
+        header["__metadata__"][HEADER_CHECKSUM] = header_checksum(header["__metadata__"])
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
@@ -231,3 +239,96 @@ def test_chat_messages_survive_restart(engine, tmp_path):
     resumed = AgentStore(tmp_path, model, tok, "q8").agent("carol")
     assert [m["role"] for m in resumed.messages] == ["user", "assistant"]
     assert resumed.chat("and again", 6).tokens == control
+
+
+def restored_or_refused(engine, path: Path, kv_format) -> tuple[list[int], list[dict[str, torch.Tensor]], list] | None:
+    model, tok = engine
+    try:
+        cache, meta = restore_memory(path, model, tok.fingerprint, kv_format)
+    except RestoreError:
+        return None
+    return cache.tokens, states(cache), json.loads(meta["messages"])
+
+
+def test_every_single_bit_flip_is_refused_or_harmless(engine, tmp_path):
+    """Flip one bit at a time across the whole file (length prefix, JSON header, tensor bytes): a restore either
+    refuses or yields exactly the saved tokens, K/V and messages; never a silently different cache."""
+    model, tok = engine
+    store = AgentStore(tmp_path, model, tok, "q4")
+    agent = store.agent("bob")
+    agent.chat("hi", 3)
+    path = store.save(agent)
+    original = path.read_bytes()
+    expected = restored_or_refused(engine, path, store.kv_format)
+    assert expected is not None and expected[0] == agent.cache.tokens and expected[2] == agent.messages
+    header_end = 8 + struct.unpack("<Q", original[:8])[0]
+    gen = torch.Generator().manual_seed(0)
+    # every byte of the length prefix, 160 bits in the header, 120 in the tensor bytes: 352 flips
+    positions = [*range(8), *torch.randint(8, header_end, (160,), generator=gen).tolist(),
+                 *torch.randint(header_end, len(original), (120,), generator=gen).tolist()]
+    bits = torch.randint(0, 8, (len(positions),), generator=gen).tolist()
+    refused = 0
+    for pos, bit in zip(positions, bits, strict=True):
+        data = bytearray(original)
+        data[pos] ^= 1 << bit
+        path.write_bytes(bytes(data))
+        got = restored_or_refused(engine, path, store.kv_format)
+        if got is None:
+            refused += 1
+            continue
+        tokens, restored, messages = got
+        assert tokens == expected[0] and messages == expected[2], f"flip at byte {pos} bit {bit} restored wrongly"
+        for a, b in zip(expected[1], restored, strict=True):
+            assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), f"flip at {pos}.{bit}"
+    assert refused >= len(positions) * 0.9  # nearly every flip changes something that decides the state
+
+
+@pytest.mark.parametrize("edit", ["token", "message", "num_tokens", "predicted"])
+def test_edited_header_is_refused(engine, tmp_path, edit):
+    model, tok = engine
+    store = AgentStore(tmp_path, model, tok, "q4")
+    agent = store.agent("bob")
+    agent.chat("hi", 3)
+    path = store.save(agent)
+    if edit == "token":  # one token id changed by one, as a hand edit would
+        tokens = list(agent.cache.tokens)
+        tokens[1] = (tokens[1] + 1) % 300
+        change = {"tokens": json.dumps(tokens)}
+    elif edit == "message":
+        change = {"messages": json.dumps([{"role": "user", "content": "hj"}, agent.messages[1]])}
+    elif edit == "num_tokens":
+        change = {"num_tokens": str(len(agent.cache.tokens) - 1)}
+    else:
+        change = {"predicted": "1"}
+    rewrite_metadata(path, resign=False, **change)
+    assert_refused(engine, tmp_path, "q4", "header checksum mismatch")
+
+
+def test_reinterpreted_tensor_dtype_is_refused(engine, tmp_path):
+    """Same bytes, another dtype in the safetensors header: the per-tensor CRC covers the layout too."""
+    _, path = saved_agent(engine, tmp_path)
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    key = next(k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "U8")  # q4 codes
+    header[key]["dtype"] = "I8"
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    assert_refused(engine, tmp_path, "q4", "checksum mismatch|do not fit")
+    codes = torch.arange(64, dtype=torch.uint8)
+    assert len({tensor_crc32(codes), tensor_crc32(codes.view(torch.int8)), tensor_crc32(codes.view(8, 8))}) == 3
+
+
+def test_stale_temp_files_are_removed_on_open(engine, tmp_path):
+    model, tok = engine
+    saved_agent(engine, tmp_path)
+    dead = tmp_path / ".bob.safetensors.999999999.abc123.tmp"  # no such PID
+    live = tmp_path / f".bob.safetensors.{os.getpid()}.def456.tmp"  # a writer still running
+    old = tmp_path / f".bob.safetensors.{os.getpid()}.ghi789.tmp"
+    for p in (dead, live, old):
+        p.write_bytes(b"partial")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    store = AgentStore(tmp_path, model, tok, "q4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bob.safetensors", live.name])
+    assert store.agent("bob").restore_note is None

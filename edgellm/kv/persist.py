@@ -1,15 +1,18 @@
 """KV memory on disk: one safetensors file per cache, validated completely before it touches a live cache.
 
-A restore is all-or-nothing: format version, model and tokenizer fingerprints, KV format, per-tensor CRC32 and
-token count are checked, and the tensors are loaded into fresh cache objects; on any mismatch `RestoreError`
-says why, so a stale or damaged file costs a prefill but never gives a wrong answer.
+A restore is all-or-nothing: a SHA-256 over every metadata entry (token ids, messages, fingerprints, format), the
+format version, model and tokenizer fingerprints, KV format, a CRC32 per tensor over its dtype, shape and bytes, and
+the token count are checked, and the tensors are loaded into fresh cache objects; on any mismatch `RestoreError`
+says why, so a stale, damaged or edited file costs a prefill but never gives a wrong answer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +28,10 @@ from edgellm.errors import EdgeLLMError
 from edgellm.kv.formats import KVFormat, dense_format
 from edgellm.kv.prompt_cache import PromptCache
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: metadata checksummed, tensor CRCs cover dtype and shape
+HEADER_CHECKSUM = "header_sha256"
+TMP_SUFFIX = ".tmp"
+STALE_TMP_S = 3600.0  # a save takes seconds: a temp file this old outlived its writer whatever its PID says
 
 
 class RestoreError(EdgeLLMError):
@@ -33,7 +39,45 @@ class RestoreError(EdgeLLMError):
 
 
 def tensor_crc32(t: torch.Tensor) -> str:
-    return f"{zlib.crc32(t.contiguous().view(torch.uint8).reshape(-1).numpy()):08x}"
+    """CRC32 of a tensor's dtype, shape and bytes: a header edit that reinterprets intact bytes is caught too."""
+    layout = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode())
+    return f"{zlib.crc32(t.contiguous().view(torch.uint8).reshape(-1).numpy(), layout):08x}"
+
+
+def header_checksum(meta: dict[str, str]) -> str:
+    """SHA-256 over every metadata entry but itself, in a canonical order."""
+    body = {k: v for k, v in meta.items() if k != HEADER_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete temp files left by writers that died mid-save (their PID is gone, or the file is over an hour old).
+
+    Temp names carry the writer's PID (`.<name>.<pid>.<random>.tmp`); they never end in `.safetensors`, so a
+    restore could not pick one up anyway, but each holds a whole cache's bytes.
+    """
+    removed = []
+    for tmp in Path(directory).glob(f".*{TMP_SUFFIX}"):
+        parts = tmp.name.split(".")
+        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+        try:
+            old = time.time() - tmp.stat().st_mtime > STALE_TMP_S
+            if old or pid is None or not _pid_alive(pid):
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -65,7 +109,8 @@ def save_memory(path: Path, cache: PromptCache, model: nn.Module, tokenizer_fing
         "predicted": "1" if predicted else "0",
         "checksums": json.dumps({k: tensor_crc32(t) for k, t in tensors.items()}, sort_keys=True),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    metadata[HEADER_CHECKSUM] = header_checksum(metadata)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
@@ -94,11 +139,25 @@ def pinned(path: Path) -> Iterator[str]:
 
 
 def read_metadata(path: Path) -> dict[str, str]:
+    """The file's metadata, verified against its header checksum (no tensor is read)."""
     try:
         with pinned(path) as name, safe_open(name, framework="pt") as f:
-            return f.metadata() or {}
+            return verified_metadata(path.name, f.metadata() or {})
     except (SafetensorError, OSError, RuntimeError) as e:
         raise RestoreError(f"{path.name}: memory file is damaged or truncated ({e})") from e
+
+
+def verified_metadata(label: str, meta: dict[str, str]) -> dict[str, str]:
+    """`meta` if it is an edgellm memory header of this version whose checksum holds; else RestoreError."""
+    version = meta.get("edgellm_format", "0")
+    version = int(version) if version.isdigit() else 0
+    if version != FORMAT_VERSION:
+        why = ("written by a newer edgellm; upgrade" if version > FORMAT_VERSION else
+               "written by an older edgellm; it will be prefilled again" if version else "not an edgellm memory file")
+        raise RestoreError(f"{label}: memory file format {version}, expected {FORMAT_VERSION} ({why})")
+    if meta.get(HEADER_CHECKSUM) != header_checksum(meta):
+        raise RestoreError(f"{label}: header checksum mismatch; the file's metadata is damaged or was edited")
+    return meta
 
 
 def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
@@ -115,11 +174,7 @@ def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
 
 def _restore(label: str, f, model: nn.Module, tokenizer_fingerprint: str,
              kv_format: KVFormat) -> tuple[PromptCache, dict]:
-    meta = f.metadata() or {}
-    version = int(meta.get("edgellm_format", "0") or 0)
-    if version != FORMAT_VERSION:
-        why = "written by a newer edgellm; upgrade" if version > FORMAT_VERSION else "not an edgellm memory file"
-        raise RestoreError(f"{label}: memory file format {version}, expected {FORMAT_VERSION} ({why})")
+    meta = verified_metadata(label, f.metadata() or {})
     if meta.get("model_fingerprint") != model.fingerprint:
         raise RestoreError(f"{label}: memory was saved for a different model")
     if meta.get("tokenizer_fingerprint") != tokenizer_fingerprint:
