@@ -1,17 +1,23 @@
 """Native CPU kernels: a torch C++ extension compiled on first use and cached on disk.
 
-Any build failure (no compiler, no ninja, EDGELLM_NO_NATIVE=1) leaves the pure-PyTorch paths in charge.
+Any build failure (no compiler, no ninja, EDGELLM_NO_NATIVE=1) leaves the pure-PyTorch paths in charge. Builds are
+serialised across processes by an `flock` that the kernel releases when its holder dies, so a build killed midway
+(Ctrl-C, `kill -9`, a container stop) never blocks the next process: that one takes the lock, clears the stale
+torch lock file and builds again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +34,19 @@ CSRC = Path(__file__).parent / "csrc"
 # a toolchain without OpenMP.
 CFLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 _BUILD_LOCK = threading.Lock()
+BUILD_SECONDS = {"gemv": 30, "decode": 30, "ggml_blocks": 45, "kquants": 45, "lut": 40, "softmax": 25}  # 2 cores
+
+
+def _single_thread_after_fork() -> None:
+    """GNU OpenMP cannot start a parallel region in a child forked after the parent ran one: it hangs forever.
+
+    A forked child (multiprocessing's default on Linux) therefore runs its kernels on one thread; a worker that
+    wants more threads should be started with the 'spawn' method.
+    """
+    torch.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_single_thread_after_fork)
 
 
 @cache
@@ -50,7 +69,10 @@ def cpu_has_native_bf16() -> bool:
 def cache_dir(source: Path, cflags: list[str]) -> Path:
     """Build directory keyed by everything the binary depends on, so a stale build is never loaded."""
     key = hashlib.sha256()
-    for part in (source.read_bytes(), torch.__version__.encode(), sys.version.encode(),
+    # torch's install path: two environments with the same torch version compile with different include paths,
+    # and sharing a directory made each rebuild the other's binary
+    for part in (source.read_bytes(), torch.__version__.encode(), str(Path(torch.__file__).parent).encode(),
+                 str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(), sys.version.encode(), sys.executable.encode(),
                  " ".join(cflags).encode(), cpu_flags().encode()):
         key.update(part)
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -64,13 +86,45 @@ def _ensure_ninja_on_path() -> None:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
 
+@contextmanager
+def build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold the build directory exclusively; the lock dies with its holder, unlike torch's lock file."""
+    with open(build_dir / "edgellm.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"edgellm: waiting for another process that is building native kernels in {build_dir}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        # No live edgellm builder holds the directory now: a torch lock file left there belongs to a dead one, and
+        # torch would wait on it forever.
+        (build_dir / "lock").unlink(missing_ok=True)
+        yield
+
+
+def _compile(name: str, source: Path, cflags: list[str], build_dir: Path) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    built = (build_dir / f"edgellm_{name}.so").exists()
+    if not built:  # a new user's first command would otherwise look frozen for a minute or more
+        print(f"edgellm: compiling native kernels '{name}' (once per machine and environment, about "
+              f"{BUILD_SECONDS.get(name, 40)} s on 2 cores; cached in {build_dir.parent})",
+              file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    module = cpp_extension.load(name=f"edgellm_{name}", sources=[str(source)], extra_cflags=cflags,
+                                extra_ldflags=[f for f in cflags if f == "-fopenmp"],
+                                build_directory=str(build_dir), verbose=False)
+    if not built:
+        print(f"edgellm: native kernels '{name}' built in {time.perf_counter() - start:.0f} s", file=sys.stderr,
+              flush=True)
+    return module
+
+
 @cache
 def _build(name: str) -> ModuleType | None:
     if os.environ.get("EDGELLM_NO_NATIVE") == "1":
         log.info("EDGELLM_NO_NATIVE=1: using PyTorch kernels")
         return None
-    from torch.utils import cpp_extension
-
     _ensure_ninja_on_path()
     source = CSRC / f"{name}.cpp"
     errors = []
@@ -78,9 +132,8 @@ def _build(name: str) -> ModuleType | None:
         build_dir = cache_dir(source, cflags)
         try:
             build_dir.mkdir(parents=True, exist_ok=True)  # a read-only HOME means no native kernel, not a crash
-            return cpp_extension.load(name=f"edgellm_{name}", sources=[str(source)], extra_cflags=cflags,
-                                      extra_ldflags=[f for f in cflags if f == "-fopenmp"],
-                                      build_directory=str(build_dir), verbose=False)
+            with build_lock(build_dir):
+                return _compile(name, source, cflags, build_dir)
         except Exception as e:  # the build fails through many exception types; all mean "no native kernel"
             lines = str(e).strip().splitlines()
             errors.append(f"{' '.join(cflags)}: {lines[0] if lines else type(e).__name__}")
