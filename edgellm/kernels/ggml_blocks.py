@@ -1,12 +1,15 @@
-"""GEMV straight on GGUF Q8_0 / Q4_0 / MXFP4 blocks with int8 activations (AVX512-VNNI), plus the same math in PyTorch.
+"""GEMV straight on GGUF blocks with int8 activations (AVX512-VNNI), plus the same math in PyTorch.
 
-Activations are quantized per 32-block as llama.cpp does for its q8_0 dot products (d = amax / 127, q = round(x / d),
-then d stored in fp16); each block contributes d_w * d_x * (integer dot), summed in fp32.
+Q8_0 / Q4_0 / MXFP4: activations are quantized per 32-block as llama.cpp does for its q8_0 dot products (d = amax /
+127, q = round(x / d), then d stored in fp16); each block contributes d_w * d_x * (integer dot), summed in fp32.
+
+k-quants (Q2_K..Q6_K, 256-element super-blocks): activations are quantized to Q8_K as llama.cpp does (per 256-block,
+d = max / -127 in fp32 for the signed value of largest magnitude, with per-16 sums of q), see csrc/kquants.cpp.
 """
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -14,7 +17,7 @@ import torch
 from edgellm.errors import EdgeLLMError
 from edgellm.kernels.lut import LutWeight
 from edgellm.kernels.native import load_extension
-from edgellm.quant.formats import MXFP4_LEVELS, e8m0_to_fp32_half
+from edgellm.quant.formats import KQUANT_BLOCK_BYTES, MXFP4_LEVELS, QK_K, e8m0_to_fp32_half
 
 BLOCK = 32
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "mxfp4": 17}
@@ -123,3 +126,123 @@ def q4_0_lut_weight(blocks: torch.Tensor, k: int) -> LutWeight:
     codes = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).view(n, k)
     d = block_scales(blocks, "q4_0")
     return LutWeight.prepare(codes, d, -8 * d, 4, BLOCK)
+
+
+@cache
+def _kext() -> Any:
+    return load_extension("kquants")
+
+
+def _check_kquant(blocks: torch.Tensor, k: int, kind: str) -> None:
+    width = k // QK_K * KQUANT_BLOCK_BYTES[kind]
+    if k % QK_K or blocks.dim() != 2 or blocks.dtype != torch.uint8 or blocks.shape[1] != width:
+        raise BlockFormatError(f"{kind} blocks must be uint8 (N, K / {QK_K} * {KQUANT_BLOCK_BYTES[kind]}) for K "
+                               f"a multiple of {QK_K}, got {tuple(blocks.shape)} {blocks.dtype} for K={k}")
+
+
+def quantize_activations_q8k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) fp32 -> llama.cpp's Q8_K: int-valued fp32 q (M, K/256, 256), fp32 d (M, K/256) and the per-16 sums
+    of q (M, K/256, 16). The signed value of largest magnitude (first wins) maps to -127: iscale = -127 / max, q =
+    min(127, round-half-even(iscale * x)), d = 1 / iscale, all in fp32 as quantize_row_q8_K_ref."""
+    xb = x.view(x.shape[0], -1, QK_K)
+    peak = xb.gather(-1, xb.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    # full_like: torch computes `scalar / tensor` as scalar * (1 / tensor), a rounding apart from C's division
+    iscale = torch.where(peak != 0, torch.full_like(peak, -127.0) / peak, 0.0)
+    q = torch.round(xb * iscale[..., None]).clamp(max=127)
+    d = torch.where(peak != 0, torch.ones_like(peak) / iscale, 0.0)
+    return q, d, q.view(*q.shape[:2], 16, 16).sum(-1)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _bits(b: torch.Tensor, shifts: list[int], mask: int) -> torch.Tensor:
+    """(b >> s) & mask for each shift s, stacked on a new axis before the last: (..., len(shifts), b.shape[-1])."""
+    return (b.unsqueeze(-2) >> torch.tensor(shifts, dtype=torch.uint8)[:, None]) & mask
+
+
+def kquant_parts(blocks: torch.Tensor, kind: str) -> tuple[torch.Tensor, ...]:
+    """Super-blocks decoded as w = (d * sc) * (u - offset) - dmin * m per 16 weights (Q4_K/Q5_K's scales and mins,
+    per 32, repeated): codes u uint8 (N, B, 256), sc and m int32 (N, B, 16), d and dmin fp32 (N, B), offset as a
+    0-d tensor. The layouts are ggml's (gguf.quants reads them the same way)."""
+    n = blocks.shape[0]
+    b = blocks.view(n, -1, KQUANT_BLOCK_BYTES[kind])
+    zero, no_mins = torch.zeros(b.shape[:2]), torch.zeros(*b.shape[:2], 16, dtype=torch.int32)
+    offset = {"q6_k": 32, "q3_k": 4}.get(kind, 0)
+    if kind in ("q4_k", "q5_k"):
+        s = b[..., 4:16]
+        lo, mlo, hi = s[..., :4], s[..., 4:8], s[..., 8:]
+        sc = torch.cat([lo & 63, (hi & 15) | ((lo >> 6) << 4)], -1).repeat_interleave(2, -1)
+        m = torch.cat([mlo & 63, (hi >> 4) | ((mlo >> 6) << 4)], -1).repeat_interleave(2, -1)
+        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        qs = b[..., 16:144] if kind == "q4_k" else b[..., 48:176]
+        u = _bits(qs.reshape(n, -1, 4, 32), [0, 4], 15).reshape(n, -1, QK_K)  # 64j + 32 * high + l
+        if kind == "q5_k":
+            u = u | (_bits(b[..., 16:48], list(range(8)), 1).reshape(n, -1, QK_K) << 4)  # bit t: 32t + l
+    elif kind == "q6_k":
+        low = _bits(b[..., :128].reshape(n, -1, 2, 64), [0, 4], 15)  # 128h + 64 * high + i
+        high = _bits(b[..., 128:192].reshape(n, -1, 2, 32), [0, 2, 4, 6], 3)  # 128h + 32t + l
+        u = (low.reshape(n, -1, QK_K) | (high.reshape(n, -1, QK_K) << 4))
+        sc, m, d, dmin = b[..., 192:208].contiguous().view(torch.int8), no_mins, _f16(b[..., 208:210]), zero
+    elif kind == "q2_k":
+        u = _bits(b[..., 16:80].reshape(n, -1, 2, 32), [0, 2, 4, 6], 3).reshape(n, -1, QK_K)  # 128h + 32s + l
+        sc, m, d, dmin = b[..., :16] & 15, b[..., :16] >> 4, _f16(b[..., 80:82]), _f16(b[..., 82:84])
+    else:
+        low2 = _bits(b[..., 32:96].reshape(n, -1, 2, 32), [0, 2, 4, 6], 3).reshape(n, -1, QK_K)
+        u = low2 | (_bits(b[..., :32], list(range(8)), 1).reshape(n, -1, QK_K) << 2)
+        s = b[..., 96:108]
+        sc = (torch.cat([s[..., :8] & 15, s[..., :8] >> 4], -1)
+              | (_bits(s[..., 8:], [0, 2, 4, 6], 3).reshape(n, -1, 16) << 4)).int() - 32
+        m, d, dmin = no_mins, _f16(b[..., 108:110]), zero
+    return u, sc.int(), m.int(), d, dmin, torch.tensor(offset)
+
+
+def kquant_dequantize_reference(blocks: torch.Tensor, k: int, kind: str) -> torch.Tensor:
+    """fp32 (N, K) from k-quant blocks in PyTorch, rounding as gguf's dequantize: (d * sc) * (u - offset) - dmin * m,
+    one rounding per operation."""
+    _check_kquant(blocks, k, kind)
+    u, sc, m, d, dmin, offset = kquant_parts(blocks, kind)
+    n = blocks.shape[0]
+    w = (d[..., None] * sc.float())[..., None] * (u.int() - offset).float().view(n, -1, 16, 16)
+    if kind in ("q4_k", "q5_k", "q2_k"):
+        w = w - (dmin[..., None] * m.float())[..., None]
+    return w.view(n, k)
+
+
+def kquant_dequantize(blocks: torch.Tensor, k: int, kind: str) -> torch.Tensor:
+    """fp32 (N, K) from k-quant blocks, bit-identical to gguf.quants.dequantize (natively where built)."""
+    _check_kquant(blocks, k, kind)
+    ext = _kext()
+    return kquant_dequantize_reference(blocks, k, kind) if ext is None else ext.dequantize(blocks, k, kind)
+
+
+def kquant_linear_reference(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: str) -> torch.Tensor:
+    """The native k-quant GEMV's math in PyTorch, exactly (float64): x quantized to Q8_K, then per super-block
+    d_x * (d * sum_j sc_j * (u_j . q_j - offset * bsum_j) - dmin * sum_j m_j * bsum_j)."""
+    _check_kquant(blocks, k, kind)
+    xq, dx, bsums = quantize_activations_q8k(x.reshape(-1, k).float())
+    u, sc, m, d, dmin, offset = kquant_parts(blocks, kind)
+    n = blocks.shape[0]
+    dots = torch.einsum("mbji,nbji->mnbj", xq.double().view(*xq.shape[:2], 16, 16),
+                        u.double().view(n, -1, 16, 16))
+    isum = (sc.double() * (dots - offset.double() * bsums.double()[:, None])).sum(-1)
+    msum = (m.double() * bsums.double()[:, None]).sum(-1)
+    y = (dx.double()[:, None] * (d.double() * isum - dmin.double() * msum)).sum(-1)
+    return y.view(*x.shape[:-1], n).to(x.dtype)
+
+
+def kquant_linear(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: str, portable: bool = False) -> torch.Tensor:
+    """y = x @ W.T for W as GGUF k-quant blocks uint8 (N, K/256 * bytes), x quantized to Q8_K; y has x's dtype.
+    `portable` runs the plain C++ path even where AVX-512 VNNI was compiled in (to test it)."""
+    _check_kquant(blocks, k, kind)
+    if x.shape[-1] != k:
+        raise BlockFormatError(f"x has {x.shape[-1]} features but the weight has K={k}")
+    ext = _kext()
+    if ext is None:
+        return kquant_linear_reference(x, blocks, k, kind)
+    y = ext.gemm(x.reshape(-1, k).float(), blocks, k, kind, portable)
+    return y.view(*x.shape[:-1], blocks.shape[0]).to(x.dtype)
+
+
+KQUANT_LINEAR = {kind: partial(kquant_linear, kind=kind) for kind in KQUANT_BLOCK_BYTES}

@@ -1,4 +1,4 @@
-"""Weight formats: llama.cpp's Q8_0/Q4_0 and MXFP4 block layouts, group-affine intN and BitNet-style ternary.
+"""Weight formats: llama.cpp's Q8_0/Q4_0, MXFP4 and k-quant block layouts, group-affine intN and BitNet-style ternary.
 
 Every format stores a row-major weight [N, K] as per-row tensors (`QuantizedTensor.data`), so rows can be sliced
 for block-wise dequantization, and every format can be read as integer codes with a per-group affine map
@@ -22,6 +22,9 @@ class QuantFormatError(EdgeLLMError):
 GROUPS = (32, 64, 128)
 GGML_BLOCK = 32
 GGML_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "mxfp4": 17}
+# llama.cpp's k-quants: 256-element super-blocks, read from GGUF files as stored (edgellm does not quantize to them).
+QK_K = 256
+KQUANT_BLOCK_BYTES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}
 # E2M1 values doubled, indexed by the 4-bit code (sign bit 3), as gguf.quants.MXFP4.kvalues / ggml's kvalues_mxfp4.
 MXFP4_LEVELS = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 METHODS = ("rtn", "mse")
@@ -62,16 +65,28 @@ class WeightFormat:
             return cls(key, "affine", int(m[1]), int(m[2]))
         raise QuantFormatError(f"unknown weight format {name!r}; use one of {', '.join(format_names())}")
 
+    @classmethod
+    def gguf(cls, name: str) -> WeightFormat:
+        """A block format a GGUF file can hold kept quantized: `parse`'s, plus the k-quants (q2_k..q6_k), which
+        `parse` refuses because edgellm cannot quantize to them (its names are what `quantize` accepts)."""
+        key = name.strip().lower()
+        return cls(key, key, int(key[1]), QK_K) if key in KQUANT_BLOCK_BYTES else cls.parse(key)
+
     @property
     def block_layout(self) -> bool:
-        """True for the llama.cpp-style formats stored as one byte string of fixed-size blocks per row."""
-        return self.kind in GGML_BLOCK_BYTES
+        """True for the llama.cpp-style formats stored as one byte string of fixed-size blocks per row (of `group`
+        weights each)."""
+        return self.kind in GGML_BLOCK_BYTES or self.kind in KQUANT_BLOCK_BYTES
+
+    @property
+    def block_bytes(self) -> int:
+        return GGML_BLOCK_BYTES.get(self.kind) or KQUANT_BLOCK_BYTES[self.kind]
 
     @property
     def bits_per_weight(self) -> float:
-        """Storage cost including scales (and biases): q4_0 = 4.5, int4-g64 = 4.5, ternary = 2.5, mxfp4 = 4.25."""
+        """Storage cost including scales (and biases): q4_0 = 4.5, int4-g64 = 4.5, ternary = 2.5, q4_k = 4.5."""
         if self.block_layout:
-            return GGML_BLOCK_BYTES[self.kind] * 8 / GGML_BLOCK
+            return self.block_bytes * 8 / self.group
         return self.bits + 32 / self.group
 
     def padded(self, k: int) -> int:
@@ -81,15 +96,15 @@ class WeightFormat:
     def check_shape(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 2:
             raise QuantFormatError(f"{self.name} stores 2-D weights [out, in], got shape {tuple(shape)}")
-        if self.block_layout and shape[1] % GGML_BLOCK:
-            raise QuantFormatError(f"{self.name} needs the input dimension to be a multiple of {GGML_BLOCK}, "
+        if self.block_layout and shape[1] % self.group:
+            raise QuantFormatError(f"{self.name} needs the input dimension to be a multiple of {self.group}, "
                                    f"got a weight of shape {tuple(shape)}; use an intN-gXX or ternary format")
 
     def data_shapes(self, n: int, k: int) -> dict[str, tuple[tuple[int, int], torch.dtype]]:
         """Name → (shape, dtype) of each stored tensor for an [n, k] weight."""
         self.check_shape((n, k))
         if self.block_layout:
-            return {"blocks": ((n, k // GGML_BLOCK * GGML_BLOCK_BYTES[self.kind]), torch.uint8)}
+            return {"blocks": ((n, k // self.group * self.block_bytes), torch.uint8)}
         kp, groups = self.padded(k), self.padded(k) // self.group
         return {"codes": ((n, kp * self.bits // 8), torch.uint8), "scales": ((n, groups), torch.float16),
                 "biases": ((n, groups), torch.float16)}
@@ -131,6 +146,8 @@ class QuantizedTensor:
     def unpacked_codes(self) -> UnpackedCodes:
         """Integer codes [N, K_padded] and float32 per-group scales/biases (see UnpackedCodes)."""
         fmt, n = self.fmt, self.shape[0]
+        if fmt.kind in KQUANT_BLOCK_BYTES:  # affine per 16/32 weights, but no kernel reads them as plain codes
+            raise QuantFormatError(f"{fmt.name} weights have no unpacked-code form; dequantize them")
         if fmt.block_layout:
             blocks = self.data["blocks"].reshape(n, -1, GGML_BLOCK_BYTES[fmt.kind])
             if fmt.kind == "mxfp4":  # low nibbles hold elements 0..15 of the block, high nibbles 16..31
@@ -164,6 +181,10 @@ class QuantizedTensor:
         elif fmt.kind == "mxfp4":
             u = self.unpacked_codes()
             w = u.levels[u.codes.int()].view(n, -1, GGML_BLOCK).mul_(u.scales.unsqueeze(-1))
+        elif fmt.kind in KQUANT_BLOCK_BYTES:
+            from edgellm.kernels.ggml_blocks import kquant_dequantize  # that module imports this one: import late
+
+            w = kquant_dequantize(self.data["blocks"], k, fmt.kind)
         else:
             g = self.data["scales"].shape[1]
             codes = unpack_codes(self.data["codes"], fmt.bits).view(n, g, -1)
@@ -308,6 +329,9 @@ def quantize(weight: torch.Tensor, fmt: str | WeightFormat, method: str = "rtn")
     ranges per group and keeps the one with the least squared error.
     """
     fmt = WeightFormat.parse(fmt)
+    if fmt.kind in KQUANT_BLOCK_BYTES:
+        raise QuantFormatError(f"edgellm reads {fmt.name} from GGUF files but does not quantize to it; use one of "
+                               f"{', '.join(format_names())}")
     fmt.check_shape(tuple(weight.shape))
     check_method(fmt, method)
     n, k = weight.shape

@@ -1,9 +1,9 @@
 """Load a llama.cpp GGUF file (llama, qwen2, qwen3) as an edgellm model and tokenizer.
 
-Q8_0, Q4_0 and MXFP4 tensors stay quantized: their raw GGUF blocks are edgellm's block layout, memory-mapped
-without a copy. K-quants and the older 32-blocks (Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, Q4_1, Q5_0, Q5_1) have no
-edgellm kernel, so they are dequantized at load into the model dtype with gguf's reference code (more memory,
-same logits as llama.cpp up to rounding). Anything else is refused by name.
+Q8_0, Q4_0, MXFP4 and k-quant (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) projections stay quantized: their raw GGUF blocks
+are edgellm's block layout, memory-mapped without a copy. The older 32-blocks (Q4_1, Q5_0, Q5_1) have no edgellm
+kernel, so they are dequantized at load into the model dtype with gguf's reference code (more memory, same logits as
+llama.cpp up to rounding). Anything else is refused by name.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from edgellm.quant.gguf import (
 from edgellm.quant.linear import PROJECTIONS, QuantizedLinear, prepare_quantized, quantize_lm_head
 from edgellm.tokenizer import Tokenizer
 
-KEPT_QUANTIZED = {GT.Q8_0: "q8_0", GT.Q4_0: "q4_0", GT.MXFP4: "mxfp4"}
-DEQUANTIZED = (GT.Q4_K, GT.Q5_K, GT.Q6_K, GT.Q2_K, GT.Q3_K, GT.Q4_1, GT.Q5_0, GT.Q5_1)
+KEPT_QUANTIZED = {GT.Q8_0: "q8_0", GT.Q4_0: "q4_0", GT.MXFP4: "mxfp4", GT.Q4_K: "q4_k", GT.Q5_K: "q5_k",
+                  GT.Q6_K: "q6_k", GT.Q2_K: "q2_k", GT.Q3_K: "q3_k"}
+DEQUANTIZED = (GT.Q4_1, GT.Q5_0, GT.Q5_1)
 FLOATS = {GT.F32: torch.float32, GT.F16: torch.float16, GT.BF16: torch.bfloat16}
 SUPPORTED = ", ".join(t.name for t in (*FLOATS, *KEPT_QUANTIZED, *DEQUANTIZED))
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
@@ -205,7 +206,7 @@ def read_tensor(t: GGUFTensor, dtype: torch.dtype, path: Path, keep_quantized: b
         return torch.from_numpy(t.data).view(FLOATS[t.tensor_type]).reshape(shape).to(dtype)
     if t.tensor_type in KEPT_QUANTIZED and keep_quantized and len(shape) == 2:
         blocks = torch.from_numpy(t.data).reshape(shape[0], -1)
-        return QuantizedTensor(WeightFormat.parse(KEPT_QUANTIZED[t.tensor_type]), shape, {"blocks": blocks})
+        return QuantizedTensor(WeightFormat.gguf(KEPT_QUANTIZED[t.tensor_type]), shape, {"blocks": blocks})
     if t.tensor_type in KEPT_QUANTIZED or t.tensor_type in DEQUANTIZED:
         return torch.from_numpy(dequantize(t.data, t.tensor_type)).reshape(shape).to(dtype)
     raise UnsupportedModelError(f"{path}: tensor {t.name} has GGUF type {t.tensor_type.name}, which edgellm cannot "

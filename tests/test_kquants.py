@@ -1,0 +1,207 @@
+"""GGUF k-quants kept quantized: block dequantization against gguf's reference (bit for bit), Q8_K activations
+against llama.cpp's rounding, and the native GEMV (AVX-512 VNNI and portable paths) against the same integer math in
+PyTorch and against fp32 activations within the activation quantization error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as GT
+from gguf.quants import dequantize as gguf_dequantize
+
+from edgellm.kernels import ggml_blocks
+from edgellm.kernels import quant as quant_kernels
+from edgellm.kernels.ggml_blocks import (
+    BlockFormatError,
+    kquant_dequantize,
+    kquant_dequantize_reference,
+    kquant_linear,
+    kquant_linear_reference,
+    kquant_parts,
+    quantize_activations_q8k,
+    vnni_available,
+)
+from edgellm.quant import QuantFormatError, QuantizedLinear, QuantizedTensor, WeightFormat, quantize
+from edgellm.quant.formats import KQUANT_BLOCK_BYTES
+
+KINDS = list(KQUANT_BLOCK_BYTES)
+SCALE_OFFSETS = {"q2_k": (80, 82), "q3_k": (108,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}  # fp16 d, dmin
+MIN_RATIO = {"q2_k": 1.5, "q4_k": 7.5, "q5_k": 15.5}  # dmin / d that centres (u - dmin/d) on zero when m == sc
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+def gguf_type(kind: str) -> GT:
+    return GT[kind.upper()]
+
+
+def random_blocks(kind: str, n: int, k: int, seed: int = 0, scale: float | None = None) -> np.ndarray:
+    """Valid k-quant blocks uint8 (n, k/256 * bytes): random codes and sub-block scales; the fp16 d (and dmin) any
+    finite value (scale None) or about `scale`, with each sub-block's min equal to its scale and dmin chosen so the
+    weights centre on zero (gguf cannot quantize to k-quants, and random blocks are as valid as quantized ones)."""
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, (n, k // 256, KQUANT_BLOCK_BYTES[kind]), dtype=np.uint8)
+    if scale is None:
+        bits = rng.integers(0, 0x7C00, (*b.shape[:2], len(SCALE_OFFSETS[kind])), dtype=np.uint16)  # finite, >= 0
+        bits |= rng.integers(0, 2, bits.shape, dtype=np.uint16) << 15
+        for i, off in enumerate(SCALE_OFFSETS[kind]):
+            b[..., off:off + 2] = bits[..., i:i + 1].view(np.uint8)
+        return b.reshape(n, -1)
+    d = (scale * rng.uniform(0.5, 1.5, b.shape[:2])).astype(np.float16)
+    b[..., SCALE_OFFSETS[kind][0]:SCALE_OFFSETS[kind][0] + 2] = d[..., None].view(np.uint8)
+    if kind in MIN_RATIO:  # m_j = sc_j: equal nibbles (Q2_K) or equal scale and min fields (Q4_K, Q5_K)
+        if kind == "q2_k":
+            b[..., :16] = (b[..., :16] & 15) * 17
+        else:  # the 12 scale bytes s = b[4:16]: s[4:8] = s[0:4], and s[8:12] with equal nibbles
+            b[..., 8:12] = b[..., 4:8]
+            b[..., 12:16] = (b[..., 12:16] & 15) * 17
+        dmin = (d.astype(np.float32) * MIN_RATIO[kind]).astype(np.float16)
+        b[..., SCALE_OFFSETS[kind][1]:SCALE_OFFSETS[kind][1] + 2] = dmin[..., None].view(np.uint8)
+    return b.reshape(n, -1)
+
+
+def reference_weight(blocks: np.ndarray, kind: str, k: int) -> torch.Tensor:
+    return torch.from_numpy(gguf_dequantize(blocks, gguf_type(kind))).reshape(-1, k)
+
+
+def magnitude(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """The GEMV's sum of absolute terms (float64), what its fp32 rounding error is relative to."""
+    xq, dx, bsums = quantize_activations_q8k(x)
+    u, sc, m, d, dmin, offset = kquant_parts(blocks, kind)
+    n = blocks.shape[0]
+    dots = torch.einsum("mbji,nbji->mnbj", xq.abs().double().view(*xq.shape[:2], 16, 16),
+                        u.double().view(n, -1, 16, 16))
+    isum = (sc.abs().double() * (dots + offset * bsums.abs().double()[:, None])).sum(-1)
+    msum = (m.double() * bsums.abs().double()[:, None]).sum(-1)
+    return (dx.abs().double()[:, None] * (d.abs().double() * isum + dmin.abs().double() * msum)).sum(-1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dequantize_is_bit_exact_against_gguf(kind):
+    k = 768
+    blocks = random_blocks(kind, 40, k, seed=1)
+    want = reference_weight(blocks, kind, k).numpy().view(np.uint32)
+    b = torch.from_numpy(blocks)
+    assert np.array_equal(kquant_dequantize_reference(b, k, kind).numpy().view(np.uint32), want)
+    assert np.array_equal(kquant_dequantize(b, k, kind).numpy().view(np.uint32), want)  # native where built
+    qt = QuantizedTensor(WeightFormat.gguf(kind), (40, k), {"blocks": b})
+    assert np.array_equal(qt.rows(3, 9).dequantize().numpy().view(np.uint32), want[3:9])
+
+
+def test_formats_are_registered_for_reading_only():
+    fmt = WeightFormat.gguf("Q4_K")
+    assert (fmt.kind, fmt.bits, fmt.group, fmt.bits_per_weight) == ("q4_k", 4, 256, 4.5)
+    assert WeightFormat.gguf("q6_k").bits_per_weight == 6.5625 and WeightFormat.gguf("q8_0").group == 32
+    with pytest.raises(QuantFormatError, match="unknown weight format 'q4_k'"):  # not a format to quantize to
+        WeightFormat.parse("q4_k")
+    assert fmt.data_shapes(8, 512) == {"blocks": ((8, 288), torch.uint8)}
+    with pytest.raises(QuantFormatError, match="multiple of 256"):
+        fmt.check_shape((8, 320))
+    with pytest.raises(QuantFormatError, match="does not quantize to it"):
+        quantize(torch.randn(8, 256), fmt)
+
+
+def selection_blocks(k: int) -> torch.Tensor:
+    """Q2_K rows e = 0..k-1 with w[e] = 1 and every other weight 0 (d = 1, sc = 1, m = 0), so y = d_x * q_x."""
+    b = np.zeros((k, k // 256, 84), dtype=np.uint8)
+    b[..., :16] = 1
+    b[..., 80:82] = np.frombuffer(np.float16(1).tobytes(), np.uint8)
+    for e in range(k):
+        i = e % 256
+        b[e, e // 256, 16 + 32 * (i // 128) + i % 32] = 1 << (2 * (i // 32 % 4))
+    return torch.from_numpy(b.reshape(k, -1))
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_q8k_activations_round_as_llama_cpp(portable):
+    k = 512
+    x = torch.randn(6, k)
+    x[1, :256] = torch.arange(256) % 9 - 4.5  # iscale = -127 / -4.5 ...
+    x[1, 256:] = torch.arange(256) % 5 + 0.5
+    x[1, 300] = -127.0  # ... and -127 / -127 = 1: every x.5 is a tie, rounded to even
+    x[2, 10], x[2, 20] = 7.0, -7.0  # equal magnitudes: the first one's sign sets d's
+    x[3, :256] = 0.0  # an all-zero block
+    x[4, 255], x[4, 511] = -50.0, 60.0  # the peak at a block's last element
+    x[5] *= 1e-30  # tiny values, huge iscale
+    xq, dx, _ = quantize_activations_q8k(x)
+    assert xq[1, 1, 44] == -127 and xq[1, 1, 0] == 0 and xq[1, 1, 1] == 2 and xq[1, 1, 2] == 2
+    assert dx[2, 0] < 0 and dx[3, 0] == 0
+    y = kquant_linear(x, selection_blocks(k), k, "q2_k", portable=portable)
+    assert torch.equal(y, (xq * dx[..., None]).view(6, k))
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gemv_matches_the_integer_reference(kind, portable):
+    k, n = 512, 37
+    blocks = torch.from_numpy(random_blocks(kind, n, k, seed=2))
+    for m in (1, 2, 3, 4, 6):  # every row tile of the kernel, and more rows than one tile
+        x = torch.randn(m, k)
+        y = kquant_linear(x, blocks, k, kind, portable=portable)
+        want = kquant_linear_reference(x.double(), blocks, k, kind)
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        assert ((y.double() - want).abs() <= 1e-6 * magnitude(x, blocks, kind)).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gemv_is_within_the_activation_rounding_of_fp32(kind):
+    """Against fp32 x times gguf's own dequantization: each x moves by at most half its block's step |d_x| / 2."""
+    k, n = 768, 29
+    blocks = random_blocks(kind, n, k, seed=3, scale=1e-3)
+    w = reference_weight(blocks, kind, k).double()
+    x = torch.randn(3, k) * torch.logspace(-2, 2, k)  # blocks of very different ranges
+    y = kquant_linear(x, torch.from_numpy(blocks), k, kind).double()
+    _, dx, _ = quantize_activations_q8k(x)
+    step = dx.abs().double().repeat_interleave(256, -1)
+    bound = 0.5 * step @ w.abs().T + 1e-5 * x.abs().double() @ w.abs().T
+    err = (y - x.double() @ w.T).abs()
+    assert (err <= bound).all()
+    assert err.max() > 0.01 * bound.max()  # the bound is not vacuous
+
+
+def test_bf16_activations_and_shape_errors():
+    k = 256
+    blocks = torch.from_numpy(random_blocks("q4_k", 8, k, scale=1e-3))
+    x = torch.randn(2, 3, k, dtype=torch.bfloat16)
+    y = kquant_linear(x, blocks, k, "q4_k")
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 8)
+    torch.testing.assert_close(y, kquant_linear_reference(x.float(), blocks, k, "q4_k").bfloat16())
+    with pytest.raises(BlockFormatError, match="multiple of 256"):
+        kquant_linear(torch.randn(1, 128), blocks[:, :72], 128, "q4_k")
+    with pytest.raises(BlockFormatError, match="features"):
+        kquant_linear(torch.randn(1, 512), blocks, k, "q4_k")
+    with pytest.raises(BlockFormatError, match=r"\(N, K / 256 \* 210\)"):
+        kquant_dequantize(blocks, k, "q6_k")
+
+
+def test_without_the_native_build_the_pytorch_paths_run(monkeypatch):
+    k = 512
+    blocks = torch.from_numpy(random_blocks("q6_k", 5, k, scale=1e-3))
+    x = torch.randn(2, k)
+    native = kquant_linear(x, blocks, k, "q6_k")
+    monkeypatch.setattr(ggml_blocks, "_kext", lambda: None)
+    torch.testing.assert_close(kquant_linear(x, blocks, k, "q6_k"), native, rtol=1e-5, atol=1e-5)
+    assert torch.equal(kquant_dequantize(blocks, k, "q6_k"), reference_weight(blocks.numpy(), "q6_k", k))
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q6_k"])
+def test_quantized_linear_runs_gemv_for_decode_and_dequant_gemm_for_prefill(kind):
+    k, n = 512, 48
+    blocks = random_blocks(kind, n, k, seed=4, scale=1e-3)
+    qt = QuantizedTensor(WeightFormat.gguf(kind), (n, k), {"blocks": torch.from_numpy(blocks)})
+    bias = torch.randn(n)
+    layer = QuantizedLinear.from_quantized(qt, bias)
+    layer.prepare()
+    assert layer.lut is None  # nothing repacked: decode reads the blocks as stored
+    w = reference_weight(blocks, kind, k)
+    x = torch.randn(1, k)
+    assert quant_kernels.kernel_for(qt, 1, None) == ("vnni" if vnni_available() else "dequant")
+    torch.testing.assert_close(layer(x), kquant_linear(x, qt.data["blocks"], k, kind) + bias)
+    xs = torch.randn(100, k)
+    assert quant_kernels.kernel_for(qt, 100, None) == "dequant"
+    torch.testing.assert_close(layer(xs), F.linear(xs, w, bias), rtol=1e-5, atol=1e-5)
