@@ -4,11 +4,61 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from edgellm.errors import EdgeLLMError, InvalidRequestError
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes -2**63..2**64-1; negative seeds only alias positive ones
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (and its subcommands', which inherit the class) use the house format."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, error_line(f"{message} (see `{self.prog} --help`)"))
+
+
+def error_line(message: str) -> str:
+    """The one stderr line every failure prints; newlines inside `message` would break the one-line contract."""
+    return f"edgellm: error: {' '.join(message.splitlines())}\n"
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], refused at parse time instead of deep in torch or a socket."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {text!r}")
+        return value
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number; float() also takes 'inf' and 'nan', which no sampling knob means."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def agent_name(text: str) -> str:
+    """An argparse type: an agent name that is safe as a file name in the store."""
+    from edgellm.agents import check_agent_name
+    try:
+        return check_agent_name(text)
+    except InvalidRequestError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -18,12 +68,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temp", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--temp", type=finite_float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=finite_float, default=1.0)
+    p.add_argument("--min-p", type=finite_float, default=0.0)
+    p.add_argument("--repetition-penalty", type=finite_float, default=1.0)
+    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=None, help="0 to 2**64-1 (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -34,7 +84,8 @@ def _sampling(args: argparse.Namespace):
 
 
 def _agent_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--agent", default=None, help="agent name: reuse and update its persistent KV memory")
+    p.add_argument("--agent", type=agent_name, default=None,
+                   help="agent name: reuse and update its persistent KV memory")
     p.add_argument("--store", default="edgellm-agents", help="directory of agent memories (with --agent)")
     p.add_argument("--kv-format", default=None,
                    help="agent KV format: fp16, bf16, fp32, q8, q4, q2 (+ -kivi, -h); default: the model's dtype")
@@ -127,7 +178,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_agents(args: argparse.Namespace) -> None:
-    from edgellm.agents import check_agent_name, list_agents
+    from edgellm.agents import list_agents
     from edgellm.kv.persist import read_metadata
     root = Path(args.store)
     if args.action == "list":
@@ -140,7 +191,7 @@ def cmd_agents(args: argparse.Namespace) -> None:
         return
     if not args.name:
         raise InvalidRequestError(f"`edgellm agents {args.action}` needs an agent name")
-    path = root / f"{check_agent_name(args.name)}.safetensors"
+    path = root / f"{args.name}.safetensors"
     if not path.exists():
         raise InvalidRequestError(f"no agent {args.name!r} in {root}")
     if args.action == "show":
@@ -186,8 +237,24 @@ def cmd_kvpred(args: argparse.Namespace) -> None:
     run_kvpred(args)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Bind once before loading the model: uvicorn reports a busy port as log lines and exit 3, not one line.
+
+    The port can still be taken between this check and uvicorn's bind; only serve() binding its own socket
+    would close that window.
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise InvalidRequestError(f"cannot listen on {host}:{port} ({e.strerror or e}); stop the process "
+                                      "holding it or pick another --port") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from edgellm.serve import serve
+    check_port_free(args.host, args.port)
     serve(args.model, args.host, args.port, args.store, args.kv_format, args.memory_budget, args.max_concurrency,
           args.max_queue, args.api_key, args.dtype, args.prefill_chunk, args.kv_predictor)
 
@@ -198,7 +265,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgellm", description="On-device LLM inference")
+    parser = ArgumentParser(prog="edgellm", description="On-device LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
@@ -221,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("agents", help="list, show or remove saved agent memories")
     p.add_argument("action", choices=["list", "show", "rm"])
-    p.add_argument("name", nargs="?", default=None)
+    p.add_argument("name", nargs="?", type=agent_name, default=None)
     p.add_argument("--store", default="edgellm-agents")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_agents)
@@ -258,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible server with continuous batching and persistent agents")
     _model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address; non-loopback needs --api-key")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int_in(1, 65535), default=8000)
     p.add_argument("--store", default="edgellm-agents", help="directory of agent memories")
     p.add_argument("--kv-format", default=None,
                    help="KV format: fp16, bf16, fp32, q8, q4, q2 (+ -kivi, -h); default: the model's dtype")
@@ -290,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         func(args)
     except (EdgeLLMError, OSError) as e:  # OSError: unwritable --store, full disk, missing permissions
-        print(f"edgellm: error: {e}", file=sys.stderr)
+        sys.stderr.write(error_line(str(e)))
         return 2
     except KeyboardInterrupt:
         return 130

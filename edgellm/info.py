@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from edgellm.errors import CheckpointError
 from edgellm.loader import quant_format, read_config, weight_files
 from edgellm.models import family_for
 
@@ -33,13 +34,16 @@ def model_info(path: str | Path | None) -> dict:
     params = 0
     files = weight_files(path)
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                module, _, key = name.rpartition(".")
-                if fmt is not None and key in ("blocks", "codes"):  # count the weights a quantized tensor stands for
-                    params += meta.get_submodule(module).weight.numel()
-                elif fmt is None or key not in ("scales", "biases"):
-                    params += _numel(f.get_slice(name).get_shape())
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    module, _, key = name.rpartition(".")
+                    if fmt is not None and key in ("blocks", "codes"):  # count the weights a quantized one stands for
+                        params += meta.get_submodule(module).weight.numel()
+                    elif fmt is None or key not in ("scales", "biases"):
+                        params += _numel(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as e:  # the damage load() reports the same way
+            raise CheckpointError(f"{file} is damaged or truncated ({e}); re-download or re-save it") from e
     stored = ({"quantization": f"{fmt.name} ({fmt.bits_per_weight} bits/weight)",
                "file_size": _gib(sum(f.stat().st_size for f in files))} if fmt is not None else {})
     return _summary(path, (config.get("architectures") or ["?"])[0], args, params, stored)

@@ -53,9 +53,12 @@ def read_config(path: Path) -> dict:
     if not file.exists():
         raise CheckpointError(f"no config.json in {path}; pass a Hugging Face model directory")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        config = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} must hold a JSON object of hyper-parameters, not a {type(config).__name__}")
+    return config
 
 
 def weight_files(path: Path) -> list[Path]:

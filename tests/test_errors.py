@@ -16,7 +16,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("edgellm: error:"), result.stderr
@@ -91,3 +91,41 @@ def test_prompt_longer_than_context(llama_dir):
 def test_invalid_sampling_values(llama_dir, flag):
     assert_one_line_error(run_cli("generate", "--model", str(llama_dir), "--prompt", "x", *flag),
                           flag[0].lstrip("-").replace("-", "_").replace("temp", "temperature"))
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", "64"), ("hidden_size", True), ("hidden_size", -64),
+                                        ("num_hidden_layers", 2.5), ("rope_theta", "x"), ("rms_norm_eps", 0),
+                                        ("rope_scaling", 3), ("tie_word_embeddings", "no"),
+                                        ("max_position_embeddings", None), ("vocab_size", ...),
+                                        ("architectures", "LlamaForCausalLM")])
+def test_config_value_types_are_checked_naming_the_key(llama_dir, tmp_path, key, value):
+    from edgellm.errors import CheckpointError
+    from edgellm.info import model_info
+    from edgellm.loader import load_model
+
+    d = copy_ckpt(llama_dir, tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    if value is ...:
+        del config[key]
+    else:
+        config[key] = value
+    (d / "config.json").write_text(json.dumps(config))
+    for read in (model_info, load_model):
+        with pytest.raises(CheckpointError, match=key):
+            read(d)
+
+
+def test_config_accepts_ints_for_floats_and_nulls_for_optional_keys(llama_dir, tmp_path):
+    from edgellm.info import model_info
+
+    d = copy_ckpt(llama_dir, tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "rope_theta": 10000, "head_dim": None,
+                                               "rope_scaling": None, "sliding_window": None}))
+    assert model_info(d)["hidden_size"] == config["hidden_size"]
+
+
+def test_config_that_is_not_an_object(llama_dir, tmp_path):
+    d = copy_ckpt(llama_dir, tmp_path / "m")
+    (d / "config.json").write_text("[]")
+    assert_one_line_error(run_cli("info", str(d)), "JSON object")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from edgellm.errors import UnsupportedModelError
+from edgellm.errors import CheckpointError, UnsupportedModelError
 from edgellm.models import llama
 
 ARCHITECTURES: dict[str, ModuleType] = {
@@ -18,6 +18,9 @@ ARCHITECTURES: dict[str, ModuleType] = {
 def family_for(config: dict) -> ModuleType:
     """The module implementing the checkpoint's architecture, or a one-line error listing what is supported."""
     archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f"config.json: architectures must be a list of names, e.g. [\"LlamaForCausalLM\"], "
+                              f"got {archs!r}")
     for arch in archs:
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]

@@ -5,14 +5,17 @@ Module names equal the checkpoint's tensor names, so loading is a plain state-di
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from functools import partial
+from typing import get_args, get_type_hints
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgellm.errors import CheckpointError
 from edgellm.kernels import Linear, fuse_linears, linear
 from edgellm.kernels.decode import decode_attention, rms_norm
 from edgellm.kv import DenseKVCache, KVCache, KVFormat, causal_mask, make_caches
@@ -48,6 +51,7 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: dict) -> ModelArgs:
+        cls.check_config(config)
         names = {f.name for f in fields(cls)} - {"extra"}
         args = cls(**{k: v for k, v in config.items() if k in names},
                    extra={k: v for k, v in config.items() if k not in names})
@@ -65,6 +69,33 @@ class ModelArgs:
             if params.get("rope_type", "default") != "default":
                 args.rope_scaling = params
         return args
+
+    @classmethod
+    def check_config(cls, config: dict) -> None:
+        """config.json is hand-edited: a missing key or a wrong value type must fail here, naming the key, rather
+        than as a TypeError deep in torch. Every number here is a size, a count, an epsilon or a base: > 0."""
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            if f.name == "extra":
+                continue
+            if f.name not in config:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise CheckpointError(f"config.json has no {f.name!r}; add it (see the model's original config)")
+                continue
+            value, kinds = config[f.name], get_args(hints[f.name]) or (hints[f.name],)
+            if value is None and type(None) in kinds:
+                continue
+            kind = kinds[0]
+            if kind in (int, float):  # `< inf` also refuses nan, and unlike isfinite() takes ints of any size
+                ok = (isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+                      and 0 < value < math.inf)
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                want = {int: "a positive integer", float: "a positive number", bool: "true or false", str: "a string",
+                        dict: "a JSON object"}[kind] + (" or null" if type(None) in kinds else "")
+                raise CheckpointError(f"config.json: {f.name} must be {want}, got {value!r}; fix the value in "
+                                      "config.json")
 
     @property
     def qk_norm(self) -> bool:
