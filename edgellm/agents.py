@@ -13,19 +13,13 @@ from pathlib import Path
 from torch import nn
 
 from edgellm.errors import EdgeLLMError, InvalidRequestError
-from edgellm.generate import (
-    GenerationResponse,
-    GenerationResult,
-    context_length,
-    generate,
-    prepare_prompt,
-    stream_generate,
-)
+from edgellm.generate import GenerationResponse, GenerationResult, generate, stream_generate
 from edgellm.kv.formats import KVFormat, dense_format
 from edgellm.kv.persist import RestoreError, read_metadata, remove_stale_temp_files, restore_memory, save_memory
 from edgellm.kv.pool import DEFAULT_BLOCK_TOKENS, BlockPool, PoolExhausted
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.sampling import SamplingParams
+from edgellm.sequence import context_length, prepare_prompt
 from edgellm.tokenizer import Tokenizer
 
 AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")

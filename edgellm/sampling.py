@@ -1,12 +1,21 @@
-"""Samplers: greedy, temperature, top-k, top-p, min-p and repetition penalty, seeded per request."""
+"""Sampling as a chain, in the spirit of mlx-lm's `make_logits_processors` / `make_sampler` and llama.cpp's chain.
+
+Logits processors (presence/frequency penalties, repetition penalty; later grammars) rewrite the logits given the
+tokens so far; the sampler then picks: greedy, or temperature → top-k → top-p → min-p → a seeded draw.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from edgellm.errors import InvalidRequestError
+
+# (tokens so far: prompt then generated, logits (vocab,)) -> logits
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -18,15 +27,25 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated tokens
     seed: int | None = None
 
     def validate(self) -> SamplingParams:
+        floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        for name in floats:
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidRequestError(f"{name} must be a finite number, got {getattr(self, name)}")
         checks = [
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.seed is None or -2**63 <= self.seed < 2**64,  # what torch.Generator.manual_seed takes
+             f"seed must be a 64-bit integer (-2**63 to 2**64-1), got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -42,6 +61,28 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     logits = logits.clone()
     logits.scatter_(-1, history, torch.where(seen < 0, seen * penalty, seen / penalty))
     return logits
+
+
+def apply_openai_penalties(logits: torch.Tensor, generated: torch.Tensor, presence: float,
+                           frequency: float) -> torch.Tensor:
+    """OpenAI's presence/frequency penalties over the generated tokens (the prompt is not penalised)."""
+    if generated.numel() == 0:
+        return logits
+    seen, counts = torch.unique(generated, return_counts=True)
+    logits = logits.clone()
+    logits[seen] -= presence + frequency * counts.to(logits.dtype)
+    return logits
+
+
+def make_logits_processors(params: SamplingParams, prompt_len: int) -> list[LogitsProcessor]:
+    """The processors `params` asks for, in the order they apply; `prompt_len` splits prompt from generated."""
+    processors: list[LogitsProcessor] = []
+    if params.presence_penalty or params.frequency_penalty:
+        processors.append(lambda tokens, logits: apply_openai_penalties(
+            logits, tokens[prompt_len:], params.presence_penalty, params.frequency_penalty))
+    if params.repetition_penalty != 1.0:
+        processors.append(lambda tokens, logits: apply_repetition_penalty(logits, tokens, params.repetition_penalty))
+    return processors
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
@@ -61,25 +102,38 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
     return logits
 
 
+def make_sampler(params: SamplingParams) -> Callable[[torch.Tensor], int]:
+    """A function from processed logits (vocab,) to a token id; it owns the request's seeded generator."""
+    if params.temperature == 0:
+        return lambda logits: int(logits.argmax())
+    generator = torch.Generator()
+    if params.seed is not None:
+        generator.manual_seed(params.seed)
+    else:
+        generator.seed()
+
+    def sample(logits: torch.Tensor) -> int:
+        logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+        return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+    return sample
+
+
 class Sampler:
-    """Picks token ids from last-position logits; owns the request's random generator."""
+    """The whole chain for one sequence: processors, then the sampler."""
 
-    def __init__(self, params: SamplingParams | None = None) -> None:
+    def __init__(self, params: SamplingParams | None = None, prompt_len: int = 0) -> None:
         self.params = (params or SamplingParams()).validate()
-        self.generator = torch.Generator()
-        if self.params.seed is not None:
-            self.generator.manual_seed(self.params.seed)
-        else:
-            self.generator.seed()
+        self.processors = make_logits_processors(self.params, prompt_len)
+        self.sample = make_sampler(self.params)
 
-    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
-        """Next token from `logits` (vocab,); `history` holds the ids the repetition penalty looks at."""
-        p = self.params
+    @property
+    def needs_history(self) -> bool:
+        return bool(self.processors)
+
+    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor | None = None) -> int:
+        """Next token from `logits` (vocab,); `tokens` (prompt then generated) feeds the processors."""
         logits = logits.float()
-        if history is not None:
-            logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
-        if p.temperature == 0:
-            return int(logits.argmax())
-        logits = filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p)
-        probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        for process in self.processors:
+            logits = process(tokens, logits)
+        return self.sample(logits)

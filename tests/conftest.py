@@ -20,6 +20,14 @@ SAMPLE_TEXT = [
 ] * 20
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_kernels() -> None:
+    """Build the native kernels once, up front: a cold cache (CI) then costs no test its timeout or its stderr."""
+    from edgellm.kernels.native import build_all
+
+    build_all()
+
+
 def build_tokenizer(out: Path) -> None:
     """A byte-level BPE like Llama 3's, with BOS added by its post-processor."""
     tok = Tokenizer(models.BPE())

@@ -15,9 +15,10 @@ import torch
 from edgellm import load
 from edgellm.agents import AgentStore
 from edgellm.errors import InvalidRequestError
-from edgellm.generate import generate, prefill
+from edgellm.generate import generate
 from edgellm.kv.persist import HEADER_CHECKSUM, RestoreError, header_checksum, restore_memory, tensor_crc32
 from edgellm.kv.prompt_cache import PromptCache
+from edgellm.runner import prefill_tokens
 
 FORMATS = ["fp32", "fp16", "q8", "q4", "q2", "q4-kivi"]
 PROMPT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)"
@@ -59,7 +60,7 @@ def test_round_trip_is_bit_identical_and_generation_continues_the_same(engine, t
 
 def logits_after(model, cache: PromptCache, ids: list[int]) -> torch.Tensor:
     keep = cache.reuse(ids)
-    return prefill(model, ids[keep:], cache)
+    return prefill_tokens(model, ids[keep:], cache)
 
 
 @pytest.mark.parametrize("case", ["identical", "extension", "divergence", "generated"])
@@ -79,7 +80,7 @@ def test_prefix_reuse_matches_full_prefill(engine, case):
         ids = base + result.tokens + tok.encode("\n", add_special_tokens=False)
     reused_before = len(cache.tokens)
     warm = logits_after(model, cache, ids)
-    cold = prefill(model, ids, PromptCache(model, 64))
+    cold = prefill_tokens(model, ids, PromptCache(model, 64))
     assert torch.allclose(warm, cold, atol=1e-4)
     assert cache.tokens == ids
     if case == "generated":

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from edgellm import PromptCache, SamplingParams, generate, load
-from edgellm.generate import batch_generate, prefill
+from edgellm.generate import batch_generate
 from edgellm.kv import KVFormat, batch_layers
+from edgellm.runner import prefill_tokens
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\nfor path in sys.path:", "The quick brown fox", "x"]
 
@@ -32,7 +33,7 @@ def test_batched_greedy_equals_one_at_a_time(engine, fmt):
 def test_batched_logits_match_per_sequence_logits(engine):
     model, tok = engine
     caches = [PromptCache(model, 32) for _ in PROMPTS]
-    last = [prefill(model, tok.encode(p), c) for p, c in zip(PROMPTS, caches, strict=True)]
+    last = [prefill_tokens(model, tok.encode(p), c) for p, c in zip(PROMPTS, caches, strict=True)]
     nxt = [int(x.argmax()) for x in last]
     alone = []
     for c, token in zip(caches, nxt, strict=True):

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import edgellm
 from edgellm.assets import default_model_path
-from edgellm.generate import prefill
 from edgellm.kv.prompt_cache import PromptCache
+from edgellm.runner import prefill_tokens
 from edgellm.train.corpus import load_corpus
 
 
@@ -36,7 +36,7 @@ def test_builtin_model_cached_decode_matches_full_forward():
     model, tok = edgellm.load(dtype="fp32")
     ids = tok.encode("import os\n\ndef main():\n    path = os.path.join(")
     cache = PromptCache(model, 64)
-    logits = prefill(model, ids, cache)
+    logits = prefill_tokens(model, ids, cache)
     seq = list(ids)
     for _ in range(8):
         seq.append(int(logits.argmax()))

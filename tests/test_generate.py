@@ -7,8 +7,8 @@ import torch
 
 from edgellm import PromptCache, SamplingParams, generate, load, stream_generate
 from edgellm.errors import InvalidRequestError
-from edgellm.generate import StopStringMatcher
 from edgellm.sampling import Sampler, apply_repetition_penalty, filter_logits
+from edgellm.sequence import StopStringMatcher
 from edgellm.tokenizer import Tokenizer
 
 

@@ -7,8 +7,8 @@ import torch
 import transformers
 
 from edgellm import load
-from edgellm.generate import prefill
 from edgellm.kv.prompt_cache import PromptCache
+from edgellm.runner import prefill_tokens
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
@@ -55,7 +55,7 @@ def test_greedy_generation_matches_transformers(checkpoint, case):
     prompt = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(2))
     ref = hf_model(path).generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 40:].tolist()
     cache = PromptCache(model, capacity=8)  # deliberately small: exercises in-place growth
-    logits = prefill(model, prompt[0].tolist(), cache, chunk=16)  # chunked prefill with an offset mask
+    logits = prefill_tokens(model, prompt[0].tolist(), cache, chunk=16)  # chunked prefill with an offset mask
     ours = []
     with torch.no_grad():
         for _ in range(32):

@@ -362,7 +362,7 @@ def test_engine_chunks_long_prefill_between_decode_steps_and_serialises_an_agent
         return GenerationRequest(tokenizer.encode(text), max_tokens, SamplingParams(), loop, agent=agent)
 
     def seq(req: GenerationRequest):
-        return next(s for s in engine.running if s.request is req)
+        return next(s.seq for s in engine.running if s.request is req)
 
     try:
         short = request("x", 100)

@@ -32,7 +32,7 @@ import edgellm
 from edgellm.bench.common import positive_int, positive_ints, write_report
 from edgellm.bench.speed import RANDOM_LLAMAS, build_random_llama
 from edgellm.errors import EdgeLLMError, InvalidRequestError
-from edgellm.generate import batch_generate, generate, prefill
+from edgellm.generate import batch_generate, generate
 from edgellm.kv.formats import KVFormat
 from edgellm.kv.persist import restore_memory, save_memory
 from edgellm.kv.prompt_cache import PromptCache
@@ -40,6 +40,7 @@ from edgellm.kv.quantized import measure_peak_bytes
 from edgellm.loader import load_model, resolve_dtype
 from edgellm.perf import measure_hardware
 from edgellm.perf.hardware import dtype_name
+from edgellm.runner import prefill_tokens
 from edgellm.tokenizer import Tokenizer
 
 SECTIONS = ("ttft", "capacity", "quality", "memory", "batch")
@@ -215,8 +216,8 @@ def _page_cache_state(resident: list[float | None]) -> str:
 def _warm_up(model: nn.Module, fmt: KVFormat) -> None:
     """One short prefill and decode step per format, so first-call allocations are not timed."""
     cache = PromptCache(model, 65, fmt)
-    prefill(model, list(range(64)), cache)
-    prefill(model, [0], cache)
+    prefill_tokens(model, list(range(64)), cache)
+    prefill_tokens(model, [0], cache)
 
 
 def _ttft(subject: Subject, fmt: KVFormat, prompt: list[int], new_token: int, reps: int, workdir: Path) -> dict:
@@ -227,14 +228,14 @@ def _ttft(subject: Subject, fmt: KVFormat, prompt: list[int], new_token: int, re
     for _ in range(reps if n <= LONG_PROMPT else 1):
         t0 = time.perf_counter()
         cache = PromptCache(model, n + 1, fmt)
-        int(prefill(model, prompt, cache).argmax())
+        int(prefill_tokens(model, prompt, cache).argmax())
         cold.append(time.perf_counter() - t0)
     path = save_memory(workdir / f"{fmt}-{n}.safetensors", cache, model, fingerprint)
     ram = []
     for _ in range(reps):
         t0 = time.perf_counter()
         cached = cache.reuse(turn)
-        ram_token = int(prefill(model, turn[cached:], cache).argmax())
+        ram_token = int(prefill_tokens(model, turn[cached:], cache).argmax())
         ram.append(time.perf_counter() - t0)
         for layer in cache.layers:  # forget the new token: the next rep returns to the same state
             layer.trim(1)
@@ -250,7 +251,7 @@ def _ttft(subject: Subject, fmt: KVFormat, prompt: list[int], new_token: int, re
         restored, _ = restore_memory(path, model, fingerprint, fmt)
         t1 = time.perf_counter()
         cached = restored.reuse(turn)
-        disk_token = int(prefill(model, turn[cached:], restored).argmax())
+        disk_token = int(prefill_tokens(model, turn[cached:], restored).argmax())
         disk.append(time.perf_counter() - t0)
         restore.append(t1 - t0)
     file_bytes = path.stat().st_size
@@ -369,7 +370,7 @@ def _batch(subject: Subject, fmt: KVFormat, sizes: list[int], longest: int, step
         agents = prompts[:n]
         caches = [PromptCache(model, len(p) + steps, fmt) for p in agents]
         for p, cache in zip(agents, caches, strict=True):
-            prefill(model, p[:-1], cache)  # live agents: only each one's newest token is left to prefill
+            prefill_tokens(model, p[:-1], cache)  # live agents: only each one's newest token is left to prefill
         copies = copy.deepcopy(caches)
         t0 = time.perf_counter()
         batched = batch_generate(model, tokenizer, agents, steps, prompt_caches=caches)

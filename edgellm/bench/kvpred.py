@@ -27,13 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import edgellm
+from edgellm import runner
 from edgellm.bench.common import non_negative_int, positive_int, positive_ints, write_report
-from edgellm.generate import prefill
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.kvpred.flops import base_ttft_flops, kvpred_ttft_flops
 from edgellm.kvpred.predictor import KVPredictor, load_predictor, prune_model
 from edgellm.kvpred.train import encode_stream, training_texts
 from edgellm.loader import load_model, resolve_dtype
+from edgellm.runner import prefill_tokens
+from edgellm.sequence import Sequence
 from edgellm.tokenizer import Tokenizer
 from edgellm.train.trainer import heldout_windows
 
@@ -74,8 +76,8 @@ class Method:
         cache = PromptCache(self.model, capacity=len(ids) + extra)
         if self.predictor is not None:
             self.predictor.prefill(self.model, ids[:-1], cache)
-            return prefill(self.model, ids[-1:], cache), cache
-        return prefill(self.model, ids, cache), cache
+            return prefill_tokens(self.model, ids[-1:], cache), cache
+        return prefill_tokens(self.model, ids, cache), cache
 
     def ttft_flops(self, prompt: int) -> float:
         if self.kind == "kvpred":
@@ -134,11 +136,12 @@ def _continuation(m: Method, prompt: list[int], target: list[int]) -> tuple[floa
 @torch.no_grad()
 def _greedy(m: Method, prompt: list[int], steps: int, stop_text: Any = None) -> list[int]:
     """Greedy tokens after `prompt` (stopping early once `stop_text(tokens)` says so)."""
-    logits, cache = m.start(prompt, steps)
-    tokens = [int(logits.argmax())]
-    while len(tokens) < steps and not (stop_text and stop_text(tokens)):
-        tokens.append(int(m.model(torch.tensor([[tokens[-1]]]), cache.layers, last_only=True)[0, -1].argmax()))
-    return tokens
+    seq = Sequence(m.model, None, prompt, PromptCache(m.model, capacity=len(prompt) + steps), steps,
+                   kv_predictor=m.predictor)
+    runner.prefill(m.model, [seq])
+    while not seq.finished and not (stop_text and stop_text(seq.generated)):
+        runner.decode(m.model, [seq])
+    return seq.generated
 
 
 def _code_examples(texts: list[str], tokenizer: Tokenizer, count: int, context: int,

@@ -123,24 +123,23 @@ def _dequant_seconds(model: torch.nn.Module, reps: int) -> float:
 def _edgellm_speed(path: str, dtype: str | None, threads: int, prompt: list[int], steps: int,
                    reps: int) -> dict[str, Any]:
     """Runs in a fresh process: TTFT, decode tok/s and dequant time of one checkpoint at `threads`."""
-    from edgellm.generate import prefill
+    from edgellm import runner
     from edgellm.kv.prompt_cache import PromptCache
     from edgellm.loader import load_model
+    from edgellm.sequence import Sequence
 
     torch.set_num_threads(threads)
     model = load_model(path, dtype)
     state = {}
 
-    @torch.inference_mode()
     def prefill_once() -> None:
-        state["cache"] = PromptCache(model, capacity=len(prompt) + steps + 1)
-        state["token"] = int(prefill(model, prompt, state["cache"]).argmax())
+        cache = PromptCache(model, capacity=len(prompt) + steps + 1)
+        state["seq"] = Sequence(model, None, prompt, cache, steps + 1)  # greedy, token ids only
+        runner.prefill(model, [state["seq"]])
 
-    @torch.inference_mode()
     def decode() -> None:
-        token, cache = state["token"], state["cache"]
-        for _ in range(steps):
-            token = int(model(torch.tensor([[token]]), cache.layers, last_only=True)[0, -1].argmax())
+        while not state["seq"].finished:
+            runner.decode(model, [state["seq"]])
 
     prefill_s, decode_s = _prefill_decode_seconds(prefill_once, decode, reps)
     with torch.inference_mode():

@@ -110,8 +110,9 @@ class Run(NamedTuple):
 
 
 def _edgellm_runner(path: str, dtype: torch.dtype):
-    from edgellm.generate import prefill
+    from edgellm import runner
     from edgellm.kv.prompt_cache import PromptCache
+    from edgellm.sequence import Sequence
 
     model = load_model(path, dtype)
 
@@ -119,13 +120,12 @@ def _edgellm_runner(path: str, dtype: torch.dtype):
     def run(ids: list[int], steps: int) -> Run:
         t0 = time.perf_counter()
         cache = PromptCache(model, capacity=len(ids) + steps)  # part of a cold start, as in stream_generate
-        token = int(prefill(model, ids, cache).argmax())
+        seq = Sequence(model, None, ids, cache, steps + 1, started_at=t0)  # greedy, token ids only
+        runner.prefill(model, [seq])
         t1 = time.perf_counter()
-        tokens = [token]
-        for _ in range(steps):
-            token = int(model(torch.tensor([[token]]), cache.layers, last_only=True)[0, -1].argmax())
-            tokens.append(token)
-        return Run(t1 - t0, time.perf_counter() - t1, tokens)
+        while not seq.finished:
+            runner.decode(model, [seq])
+        return Run(t1 - t0, time.perf_counter() - t1, seq.generated)
 
     return run
 

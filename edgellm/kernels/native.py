@@ -72,7 +72,7 @@ def cache_dir(source: Path, cflags: list[str]) -> Path:
     # torch's install path: two environments with the same torch version compile with different include paths,
     # and sharing a directory made each rebuild the other's binary
     for part in (source.read_bytes(), torch.__version__.encode(), str(Path(torch.__file__).parent).encode(),
-                 str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(), sys.version.encode(), sys.executable.encode(),
+                 str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(), sys.version.encode(),
                  " ".join(cflags).encode(), cpu_flags().encode()):
         key.update(part)
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -146,6 +146,11 @@ def load_extension(name: str) -> ModuleType | None:
     """The extension built from csrc/<name>.cpp, compiled on first call; None when it cannot be built."""
     with _BUILD_LOCK:  # concurrent first calls wait for one build; later calls hit the cache without the lock
         return _build(name)
+
+
+def build_all() -> dict[str, bool]:
+    """Build (or load from the cache) every native kernel now, so no later call pays a build; name → available."""
+    return {source.stem: load_extension(source.stem) is not None for source in sorted(CSRC.glob("*.cpp"))}
 
 
 @cache

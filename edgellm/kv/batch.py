@@ -8,7 +8,6 @@ agent's cache stays its own (it can be saved, restored or evicted between steps)
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from edgellm.kv.cache import KVCache, causal_mask
 
@@ -26,18 +25,14 @@ class SequenceBatch:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                scale: float) -> torch.Tensor:
-        """Store row i's new K/V in cache i and attend over it; rows are (1, heads, t, head_dim) each."""
+        """Store row i's new K/V in cache i and attend over it; rows are (1, heads, t, head_dim) each.
+
+        `mask` is ignored: each row is masked at its own position."""
         out = []
         for i, cache in enumerate(self.caches):
             qi, ki, vi = q[i:i + 1], k[i:i + 1], v[i:i + 1]
             row_mask = causal_mask(cache.offset, q.shape[2], self.window, q.device)
-            if hasattr(cache, "attend"):
-                out.append(cache.attend(qi, ki, vi, row_mask, scale))
-                continue
-            keys, values = cache.update_and_fetch(ki, vi)
-            out.append(F.scaled_dot_product_attention(
-                qi, keys.to(q.dtype), values.to(q.dtype), attn_mask=row_mask, scale=scale,
-                is_causal=row_mask is None and q.shape[2] > 1, enable_gqa=q.shape[1] != keys.shape[1]))
+            out.append(cache.attend(qi, ki, vi, row_mask, scale))
         return torch.cat(out)
 
 

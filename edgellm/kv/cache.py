@@ -1,25 +1,55 @@
-"""KV caches behind one seam: attention calls `update_and_fetch` and never knows the cache kind."""
+"""KV caches behind one seam: attention calls `cache.attend(q, k, v, mask, scale)` and never knows the cache kind.
+
+Two declared protocols: `AttentionCache` is all a model uses (positions and attention); `KVCache` is what every
+per-layer storage kind (dense, quantized, paged) also offers to the rest of the engine: size, trim, state.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 from edgellm.errors import InvalidRequestError
+from edgellm.kernels.decode import decode_attention
 
 
-class KVCache(Protocol):
-    """What attention needs from a cache: append this step's K/V, get back everything so far."""
+@runtime_checkable
+class AttentionCache(Protocol):
+    """What a model's attention needs: each batch row's position, and attention that stores the new K/V."""
+
+    @property
+    def offsets(self) -> list[int]:
+        """Tokens held per batch row: one entry when all rows share a position, else one per row."""
+        ...
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+        """Store `keys`/`values` (batch, kv_heads, new, head_dim), then attention of `q` over everything held.
+
+        `mask` is None (causal) or a boolean (new, all tokens) mask, True = attend; GQA heads share K/V.
+        """
+        ...
+
+
+@runtime_checkable
+class KVCache(AttentionCache, Protocol):
+    """One layer's K/V storage, whatever its kind."""
 
     offset: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, reservations included."""
+        ...
 
     def update_and_fetch(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `keys`/`values` (batch, kv_heads, new_tokens, head_dim) and return all K/V up to now."""
         ...
 
     def trim(self, n: int) -> None:
-        """Forget the last `n` tokens (used when a new prompt diverges from the cached one)."""
+        """Forget the last `n` tokens (a diverging prompt; rejected draft tokens)."""
         ...
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -31,7 +61,17 @@ class KVCache(Protocol):
         ...
 
 
-class DenseKVCache:
+class SingleOffset:
+    """Mixin for caches whose rows all sit at one position."""
+
+    offset: int
+
+    @property
+    def offsets(self) -> list[int]:
+        return [self.offset]
+
+
+class DenseKVCache(SingleOffset):
     """A preallocated K/V buffer written in place (gpt-fast style): no per-token concatenation.
 
     Capacity grows geometrically only when a sequence outlives its reservation (e.g. a long chat).
@@ -65,6 +105,14 @@ class DenseKVCache:
         self.values[:, :, start:end] = values
         self.offset = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+        keys, values = self.update_and_fetch(keys, values)
+        if q.shape[2] == 1 and mask is None:  # a decode step: one query sees every cached position
+            return decode_attention(q, keys, values, scale)
+        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale,
+                                              is_causal=mask is None, enable_gqa=q.shape[1] != keys.shape[1])
 
     def trim(self, n: int) -> None:
         self.offset = max(0, self.offset - n)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from edgellm.errors import InvalidRequestError
+from edgellm.kv.cache import SingleOffset
 from edgellm.kv.quant import QuantizedTensor, dequantize, hadamard, quantize
 from edgellm.kv.quantized import blockwise_attention
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from edgellm.kv.pool import BlockPool
 
 
-class PagedKVCache:
+class PagedKVCache(SingleOffset):
     """One layer's K/V for one sequence (batch 1): token i lives in block `table[i // block_tokens]`.
 
     Blocks are taken lazily as tokens arrive (or up front with `reserve`); a block shared with a fork is copied

@@ -16,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from edgellm.errors import InvalidRequestError
+from edgellm.kv.cache import SingleOffset
 from edgellm.kv.quant import BITS, QuantizedTensor, dequantize, hadamard, quantize
 
 SCHEMES = ("token", "kivi")
@@ -169,7 +170,7 @@ class _PackedBuffer:
         self.zeros[:, :, :scale_rows] = state[f"{prefix}.zeros"]
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(SingleOffset):
     """Packed low-bit K/V (8, 4 or 2 bits) behind the KVCache protocol, plus blockwise `attend`.
 
     Tokens [0, quantized) are held as codes; [quantized, offset) sit in a small full-precision window (empty for

@@ -3,7 +3,7 @@
 The aux model runs over the prompt; for every base layer j a linear map with bias (one for K, one for V, applied
 per token over the flattened KV heads) turns the K/V of aux layer `layer_map[j]` into base layer j's K/V. Keys
 are predicted before the base's key norm and RoPE, which the base applies itself at the cache positions
-(`Model.write_kv`). The base then runs only the last prompt token on top of the predicted cache.
+(`write_kv`). The base then runs only the last prompt token on top of the predicted cache.
 
 Layer map (default): the base layers are cut into `n_aux` contiguous blocks, one per aux layer in order; when
 `n_aux` does not divide `n_base`, the first `n_base % n_aux` blocks are one layer longer, so early aux layers
@@ -25,6 +25,7 @@ from torch import nn
 
 from edgellm.errors import EdgeLLMError
 from edgellm.kernels import Linear
+from edgellm.kv import KVCache
 from edgellm.models.llama import KVTap, Model, ModelArgs
 
 FORMAT_VERSION = 1
@@ -175,7 +176,7 @@ class KVPredictor(nn.Module):
         if start >= len(tokens):
             return
         keys, values = self.predict(tokens)
-        base.write_kv([k[:, start:] for k in keys], [v[:, start:] for v in values], cache.layers)
+        write_kv(base, [k[:, start:] for k in keys], [v[:, start:] for v in values], cache.layers)
         cache.tokens.extend(tokens[start:])
 
     def to_safetensors(self, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -271,3 +272,15 @@ def load_predictor(path: str | Path, base: Model, tokenizer_fingerprint: str | N
     predictor.aux.fuse()
     predictor.path = file
     return predictor.eval().requires_grad_(False)
+
+
+def write_kv(base: Model, keys: list[torch.Tensor], values: list[torch.Tensor], cache: list[KVCache]) -> None:
+    """Append predicted pre-RoPE K/V, one (batch, seq, kv_heads*head_dim) pair per layer, to `cache` at its offset:
+    the base's own key norm and RoPE are applied at those positions, as its forward would."""
+    b, t, _ = keys[0].shape
+    offset = cache[0].offset
+    positions = torch.arange(offset, offset + t, device=keys[0].device).unsqueeze(0).expand(b, t)
+    dtype = base.model.embed_tokens.weight.dtype
+    cos, sin = base.rope.cos_sin(positions, dtype)
+    for layer, k, v, layer_cache in zip(base.model.layers, keys, values, cache, strict=True):
+        layer_cache.update_and_fetch(*layer.self_attn.place_kv(k.to(dtype), v.to(dtype), cos, sin))

@@ -17,8 +17,8 @@ from torch import nn
 
 from edgellm.errors import CheckpointError
 from edgellm.kernels import Linear, fuse_linears, linear
-from edgellm.kernels.decode import decode_attention, rms_norm
-from edgellm.kv import DenseKVCache, KVCache, KVFormat, causal_mask, make_caches
+from edgellm.kernels.decode import rms_norm
+from edgellm.kv import AttentionCache, DenseKVCache, KVCache, KVFormat, causal_mask, make_caches
 from edgellm.models.rope import RotaryEmbedding, apply_rope
 
 # Called per layer as tap(layer, k, v) with the pre-norm, pre-RoPE K/V (batch, seq, kv_heads*head_dim); returns
@@ -146,7 +146,7 @@ class Attention(nn.Module):
         return k, v.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, kv_tap: Callable | None = None) -> torch.Tensor:
+                cache: AttentionCache | None, kv_tap: Callable | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         if self.qkv is not None:
             kv_dim = self.n_kv_heads * self.head_dim
@@ -160,16 +160,11 @@ class Attention(nn.Module):
             q = self.q_norm(q)
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k, v = self.place_kv(k, v, cos, sin)
-        if hasattr(cache, "attend"):  # the cache computes attention itself, e.g. blockwise over quantized K/V
+        if cache is not None:  # the cache stores K/V and attends, whatever its kind (dense, quantized, batched)
             out = cache.attend(q, k, v, mask, self.head_dim**-0.5)
         else:
-            if cache is not None:
-                k, v = cache.update_and_fetch(k, v)
-            if t == 1 and mask is None:  # a decode step: one query sees every cached position
-                out = decode_attention(q, k, v, self.head_dim**-0.5)
-            else:
-                out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                                     is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -202,7 +197,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, kv_tap: Callable | None = None) -> torch.Tensor:
+                cache: AttentionCache | None, kv_tap: Callable | None = None) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, kv_tap)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -250,7 +245,7 @@ class Model(nn.Module):
         return [DenseKVCache(batch, self.args.num_key_value_heads, self.args.head_dim, capacity, dtype, device)
                 for _ in range(self.args.num_hidden_layers)]
 
-    def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None, last_only: bool = False,
+    def forward(self, tokens: torch.Tensor, cache: list[AttentionCache] | None = None, last_only: bool = False,
                 kv_tap: KVTap | None = None, num_layers: int | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab) for `tokens` (batch, seq); with `last_only`, only the last position's.
 
@@ -259,14 +254,12 @@ class Model(nn.Module):
         """
         b, t = tokens.shape
         h = self.model.embed_tokens(tokens)
-        offsets = getattr(cache[0], "offsets", None) if cache else None
-        if offsets is not None:  # independent sequences (SequenceBatch), each at its own position and mask
-            positions = torch.tensor(offsets, device=tokens.device).unsqueeze(1) + torch.arange(t, device=tokens.device)
-            mask = None
-        else:
-            offset = cache[0].offset if cache else 0
-            positions = torch.arange(offset, offset + t, device=tokens.device).unsqueeze(0).expand(b, t)
-            mask = causal_mask(offset, t, self.args.sliding_window, tokens.device)
+        offsets = cache[0].offsets if cache else [0]
+        positions = torch.tensor(offsets, device=tokens.device).unsqueeze(1) + torch.arange(t, device=tokens.device)
+        # one position for every row: one mask for all layers; rows at their own positions mask themselves
+        mask = causal_mask(offsets[0], t, self.args.sliding_window, tokens.device) if len(offsets) == 1 else None
+        if len(offsets) == 1:
+            positions = positions.expand(b, t)
         cos, sin = self.rope.cos_sin(positions, h.dtype)
         for i, layer in enumerate(self.model.layers[:num_layers]):
             h = layer(h, cos, sin, mask, cache[i] if cache else None, partial(kv_tap, i) if kv_tap else None)
@@ -275,17 +268,6 @@ class Model(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h))
-
-    def write_kv(self, keys: list[torch.Tensor], values: list[torch.Tensor], cache: list[KVCache]) -> None:
-        """Append externally computed pre-RoPE K/V, one (batch, seq, kv_heads*head_dim) pair per layer, to `cache`
-        at its current offset: the key norm and RoPE are applied here, at those positions, as `forward` would."""
-        b, t, _ = keys[0].shape
-        offset = cache[0].offset
-        positions = torch.arange(offset, offset + t, device=keys[0].device).unsqueeze(0).expand(b, t)
-        dtype = self.model.embed_tokens.weight.dtype
-        cos, sin = self.rope.cos_sin(positions, dtype)
-        for layer, k, v, layer_cache in zip(self.model.layers, keys, values, cache, strict=True):
-            layer_cache.update_and_fetch(*layer.self_attn.place_kv(k.to(dtype), v.to(dtype), cos, sin))
 
     def sanitize(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Drop tensors HF saves but the model recomputes (rotary tables) and a tied lm_head."""

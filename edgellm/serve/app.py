@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 
-from edgellm.agents import AGENT_NAME, AgentStore, check_agent_name
+from edgellm.agents import AgentStore, check_agent_name, is_agent_name
 from edgellm.errors import EdgeLLMError
 from edgellm.sampling import SamplingParams
 from edgellm.serve import protocol as p
@@ -148,7 +148,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
             return check_agent_name(name)
         if not body.user:
             return None
-        if AGENT_NAME.match(body.user) and ".." not in body.user:
+        if is_agent_name(body.user):
             return body.user
         return "u-" + hashlib.sha256(body.user.encode()).hexdigest()[:16]
 
@@ -163,14 +163,14 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                messages: list[dict] | None = None) -> GenerationRequest:
         sampling = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                                   min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                                  presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                                   seed=body.seed).validate()
         agent = agent_name(request, body)
         if body.kv_prediction and kv_predictor is None:
             raise p.ServeError("kv_prediction needs a server started with --kv-predictor", param="kv_prediction")
         generation = GenerationRequest(
-            ids=ids, max_tokens=min(max_tokens or context, context - len(ids)), sampling=sampling,
-            loop=asyncio.get_running_loop(), stop=body.stop_list(), presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty, agent=agent, messages=messages if agent else None,
+            ids=ids, max_tokens=max_tokens or context, sampling=sampling,  # the sequence clamps it to the window
+            loop=asyncio.get_running_loop(), stop=body.stop_list(), agent=agent, messages=messages if agent else None,
             kv_prediction=body.kv_prediction)
         engine.submit(generation)
         return generation

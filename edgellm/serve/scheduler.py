@@ -16,14 +16,13 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
+from edgellm import runner
 from edgellm.agents import Agent, AgentStore
-from edgellm.generate import StopStringMatcher
-from edgellm.kv.batch import batch_layers
 from edgellm.kv.prompt_cache import PromptCache, common_prefix
-from edgellm.sampling import Sampler, SamplingParams
+from edgellm.sampling import SamplingParams
+from edgellm.sequence import Sequence, State, StepOutput
 from edgellm.serve.metrics import ServerMetrics
 from edgellm.serve.protocol import ServeError
 from edgellm.tokenizer import Tokenizer
@@ -50,8 +49,6 @@ class GenerationRequest:
     sampling: SamplingParams
     loop: asyncio.AbstractEventLoop
     stop: list[str] = field(default_factory=list)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     agent: str | None = None
     messages: list[dict] | None = None  # chat turns to remember with the agent (assistant reply appended)
     kv_prediction: bool = False  # predict the uncached prompt's K/V (all but the last token) with the KV predictor
@@ -71,19 +68,12 @@ class GenerationRequest:
 
 
 @dataclass
-class _Sequence:
+class Slot:
+    """A running request: its sequence, and the agent whose memory it uses (None for an anonymous cache)."""
+
     request: GenerationRequest
-    cache: PromptCache
-    sampler: Sampler
-    stops: StopStringMatcher
-    detok: object
+    seq: Sequence
     agent: Agent | None
-    cached: int
-    pending: list[int]  # prompt tokens still to prefill
-    history: torch.Tensor
-    logits: torch.Tensor | None = None
-    generated: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
     last_token_at: float = 0.0
 
 
@@ -99,7 +89,7 @@ class Engine:
         self.anonymous_caches = anonymous_caches
         self.context = int(model.args.max_position_embeddings)
         self.waiting: deque[GenerationRequest] = deque()
-        self.running: list[_Sequence] = []
+        self.running: list[Slot] = []
         self.anonymous: list[PromptCache] = []  # idle caches of agent-less requests, least recently used first
         self.busy_agents: set[str] = set()
         self.cond = threading.Condition()
@@ -116,7 +106,7 @@ class Engine:
             self.stopping = True
             self.cond.notify()
         self.thread.join()
-        for req in [*self.waiting, *(s.request for s in self.running)]:
+        for req in [*self.waiting, *(slot.request for slot in self.running)]:
             req.emit(Event(error=ServeError("server is shutting down", 503, "server_error")))
         self.waiting.clear()
         self.running.clear()
@@ -140,7 +130,7 @@ class Engine:
 
     def kv_bytes(self) -> int:
         anonymous = sum(layer.nbytes for cache in self.anonymous for layer in cache.layers)
-        running = sum(layer.nbytes for s in self.running if s.agent is None for layer in s.cache.layers)
+        running = sum(layer.nbytes for s in self.running if s.agent is None for layer in s.seq.cache.layers)
         return self.store.live_bytes() + anonymous + running
 
     def _loop(self) -> None:
@@ -157,9 +147,9 @@ class Engine:
                     self.metrics.kv_bytes.set(self.kv_bytes())
             except Exception as e:  # never leave a client hanging on an engine fault
                 log.exception("engine step failed")
-                for seq in self.running:
-                    self._discard(seq)
-                    seq.request.emit(Event(error=e))
+                for slot in self.running:
+                    self._discard(slot)
+                    slot.request.emit(Event(error=e))
                 self.running.clear()
 
     def _admissible(self) -> Iterator[GenerationRequest]:
@@ -185,7 +175,6 @@ class Engine:
         self.metrics.queue_depth.set(len(self.waiting))
         return taken
 
-    @torch.no_grad()
     def step(self) -> None:
         """Admit, prefill one chunk's worth, decode one token for every sequence past its prefill."""
         with self.cond:
@@ -200,13 +189,21 @@ class Engine:
                 with self.cond:
                     self.busy_agents.discard(req.agent)
                 req.emit(Event(error=e))
-        for seq in [s for s in self.running if s.request.cancelled]:
+        for slot in [s for s in self.running if s.request.cancelled]:
             self.metrics.cancelled.inc()
-            self._finish(seq, save=False)
-        self._prefill()
-        self._decode()
+            self._finish(slot, save=False)
+        by_seq = {id(slot.seq): slot for slot in self.running}
+        prefilling = [slot.seq for slot in self.running if slot.seq.state is State.PREFILL]
+        for seq, out in runner.prefill(self.model, prefilling, self.prefill_chunk):
+            self._prefilled(by_seq[id(seq)])
+            self._emit(by_seq[id(seq)], out)
+        batch = [slot for slot in self.running if slot.seq.state is State.DECODE]
+        if batch:
+            self.metrics.batch_size.observe(len(batch))
+            for slot, out in zip(batch, runner.decode(self.model, [slot.seq for slot in batch]), strict=True):
+                self._emit(slot, out)
 
-    def _start(self, req: GenerationRequest) -> _Sequence:
+    def _start(self, req: GenerationRequest) -> Slot:
         agent = None
         if req.agent is not None:
             with self.store_lock:
@@ -220,13 +217,15 @@ class Engine:
             cache = agent.cache
         else:
             cache = self._anonymous_cache(req.ids, req.max_tokens)
-        cached = cache.reuse(req.ids)
+        predictor = self.kv_predictor if req.kv_prediction else None
+        seq = Sequence(self.model, self.tokenizer, req.ids, cache, req.max_tokens, req.sampling, req.stop, predictor,
+                       started_at=req.submitted)
+        seq.begin()
         self.metrics.prompt_tokens.inc(len(req.ids))
-        self.metrics.cached_tokens.inc(cached)
-        if cached:
+        self.metrics.cached_tokens.inc(seq.cached)
+        if seq.cached:
             self.metrics.cache_hits.inc()
-        return _Sequence(req, cache, Sampler(req.sampling), StopStringMatcher(req.stop), self.tokenizer.detokenizer(),
-                         agent, cached, req.ids[cached:], torch.tensor(req.ids, dtype=torch.long))
+        return Slot(req, seq, agent)
 
     def _anonymous_cache(self, ids: list[int], max_tokens: int) -> PromptCache:
         """The idle anonymous cache sharing the longest prefix with `ids` (taken out of the pool), or a new one."""
@@ -237,95 +236,42 @@ class Engine:
         # reserve modestly: max_tokens defaults to the whole context window, and the cache grows when needed
         return PromptCache(self.model, capacity=len(ids) + min(max_tokens, 1024), kv_format=self.store.kv_format)
 
-    def _prefill(self) -> None:
-        budget = self.prefill_chunk
-        for seq in list(self.running):  # a one-token request can finish (and leave `running`) right here
-            if budget <= 0:
-                break
-            if not seq.pending:
-                continue
-            if seq.request.kv_prediction and self.kv_predictor is not None and len(seq.pending) > 1:
-                self._predict(seq)
-            piece, seq.pending = seq.pending[:budget], seq.pending[budget:]
-            logits = self.model(torch.tensor([piece], dtype=torch.long), seq.cache.layers, last_only=True)
-            seq.cache.tokens.extend(piece)
-            budget -= len(piece)
-            if not seq.pending:
-                self._advance(seq, logits[0, -1])
+    def _prefilled(self, slot: Slot) -> None:
+        """The prompt is in the cache: an agent remembers whether its memory now holds predicted K/V."""
+        if slot.agent is not None:
+            slot.agent.note_prediction(slot.seq.cached, slot.seq.predicted)
 
-    def _predict(self, seq: _Sequence) -> None:
-        """Fill the cache with predicted K/V for every pending prompt token but the last, in one go: the aux pass
-        costs a fraction of a base prefill, so it is not split across steps."""
-        ids = seq.request.ids
-        self.kv_predictor.prefill(self.model, ids[:-1], seq.cache, start=len(seq.cache.tokens))
-        seq.pending = ids[len(seq.cache.tokens):]
-        if seq.agent is not None:
-            seq.agent.note_prediction(seq.cached, len(ids) - 1 - seq.cached)
-
-    def _decode(self) -> None:
-        batch = [s for s in self.running if not s.pending and s.generated]
-        if not batch:
-            return
-        self.metrics.batch_size.observe(len(batch))
-        tokens = torch.tensor([[s.generated[-1]] for s in batch])
-        layers = batch_layers([s.cache.layers for s in batch], self.model.args.sliding_window)
-        logits = self.model(tokens, layers, last_only=True)[:, -1]
-        for seq, row in zip(batch, logits, strict=True):
-            seq.cache.tokens.append(seq.generated[-1])
-            self._advance(seq, row)
-
-    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Sample the next token, stream its text, and finish the sequence on EOS, a stop string or the limit."""
-        req = seq.request
-        if seq.generated and (req.presence_penalty or req.frequency_penalty):
-            seen, counts = torch.unique(torch.tensor(seq.generated), return_counts=True)
-            logits = logits.float().clone()
-            logits[seen] -= req.presence_penalty + req.frequency_penalty * counts.float()
-        history = seq.history if req.sampling.repetition_penalty != 1.0 else None
-        token = seq.sampler(logits, history)
-        now = time.perf_counter()
-        if seq.generated:
-            self.metrics.inter_token.observe(now - seq.last_token_at)
+    def _emit(self, slot: Slot, out: StepOutput) -> None:
+        """Send a step's text to the client and record its metrics; on the last step, finish the request."""
+        seq, req = slot.seq, slot.request
+        if len(seq.generated) == 1:
+            self.metrics.ttft.observe(seq.ttft_s)
         else:
-            self.metrics.ttft.observe(now - req.submitted)
-        seq.last_token_at = now
-        seq.generated.append(token)
+            self.metrics.inter_token.observe(seq.last_token_at - slot.last_token_at)
+        slot.last_token_at = seq.last_token_at
         self.metrics.generated_tokens.inc()
-        if history is not None:
-            seq.history = torch.cat([seq.history, torch.tensor([token])])
-        limit = min(req.max_tokens, self.context - len(req.ids))
-        finish = None
-        if token in self.tokenizer.eos_token_ids:
-            text, finish = seq.stops.flush() + seq.detok.flush(), "stop"
-        else:
-            text, hit = seq.stops.feed(seq.detok.add(token))
-            if hit:
-                finish = "stop"
-            elif len(seq.generated) >= limit:
-                text, finish = text + seq.stops.feed(seq.detok.flush())[0] + seq.stops.flush(), "length"
-        seq.text.append(text)
-        if finish is None:
-            if text:
-                req.emit(Event(text=text))
+        if out.finish_reason is None:
+            if out.text:
+                req.emit(Event(text=out.text))
             return
-        req.emit(Event(text=text, finish=finish, usage=(len(req.ids), len(seq.generated), seq.cached)))
-        self._finish(seq, save=True)
+        req.emit(Event(text=out.text, finish=out.finish_reason, usage=(len(req.ids), len(seq.generated), seq.cached)))
+        self._finish(slot, save=True)
 
-    def _finish(self, seq: _Sequence, save: bool) -> None:
-        self.running.remove(seq)
-        self._release(seq, save)
+    def _finish(self, slot: Slot, save: bool) -> None:
+        self.running.remove(slot)
+        self._release(slot, save)
 
-    def _release(self, seq: _Sequence, save: bool) -> None:
+    def _release(self, slot: Slot, save: bool) -> None:
         """Give the sequence's cache back: persist an agent's memory, or return an anonymous cache to the pool."""
-        agent = seq.agent
+        agent = slot.agent
         if agent is None:
-            if seq.request.kv_prediction:  # predicted K/V must not leak into requests that did not ask for them
+            if slot.request.kv_prediction:  # predicted K/V must not leak into requests that did not ask for them
                 return
-            self.anonymous.append(seq.cache)
+            self.anonymous.append(slot.seq.cache)
             del self.anonymous[:-self.anonymous_caches]
             return
-        if save and seq.request.messages is not None:
-            agent.messages = [*seq.request.messages, {"role": "assistant", "content": "".join(seq.text)}]
+        if save and slot.request.messages is not None:
+            agent.messages = [*slot.request.messages, {"role": "assistant", "content": "".join(slot.seq.text)}]
         try:
             with self.store_lock:
                 agent.pinned = False
@@ -338,15 +284,15 @@ class Engine:
             with self.cond:
                 self.busy_agents.discard(agent.name)
 
-    def _discard(self, seq: _Sequence) -> None:
+    def _discard(self, slot: Slot) -> None:
         """After an engine fault the cache may hold K/V its token list does not: drop it rather than reuse it."""
-        if seq.agent is None:
+        if slot.agent is None:
             return
         with self.store_lock:
-            if self.store.live.get(seq.agent.name) is seq.agent:
-                del self.store.live[seq.agent.name]  # the next request restores the last good save
+            if self.store.live.get(slot.agent.name) is slot.agent:
+                del self.store.live[slot.agent.name]  # the next request restores the last good save
         with self.cond:
-            self.busy_agents.discard(seq.agent.name)
+            self.busy_agents.discard(slot.agent.name)
 
     def delete_agent(self, name: str) -> bool:
         """Forget an agent in RAM and on disk; refused (409) while one of its requests is queued or running."""

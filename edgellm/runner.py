@@ -1,0 +1,90 @@
+"""The model runner: the only forward loops. `prefill` runs prompts (chunked, under a token budget), `decode` runs
+one batched step for sequences past their prefill; each hands the last logits to `Sequence.advance`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from edgellm.errors import InvalidRequestError
+from edgellm.kv.batch import batch_layers
+from edgellm.kv.prompt_cache import PromptCache
+from edgellm.sequence import Sequence, State, StepOutput
+
+PREFILL_CHUNK = 2048  # bounds attention scratch memory on long prompts
+
+
+@torch.no_grad()
+def prefill_tokens(model: nn.Module, tokens: list[int], cache: PromptCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Run `tokens` through the model into `cache`, `chunk` at a time; returns the last position's logits (vocab,)."""
+    if not tokens:
+        raise InvalidRequestError("nothing to prefill: the prompt adds no token past the cached ones")
+    logits = None
+    for start in range(0, len(tokens), chunk):
+        piece = tokens[start:start + chunk]
+        logits = model(torch.tensor([piece], dtype=torch.long), cache.layers, last_only=True)
+        cache.tokens.extend(piece)
+    return logits[0, -1]
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, sequences: list[Sequence], token_budget: int | None = None,
+            chunk: int = PREFILL_CHUNK) -> list[tuple[Sequence, StepOutput]]:
+    """Prefill waiting sequences in order, at most `token_budget` tokens in all (a long prompt resumes next call).
+
+    A sequence whose prompt is done samples its first token; returns those (sequence, output) pairs.
+    """
+    budget = math.inf if token_budget is None else token_budget
+    done = []
+    for seq in sequences:
+        if budget <= 0:
+            break
+        if seq.state is State.WAITING:
+            seq.begin()
+        if seq.state is not State.PREFILL:
+            continue
+        if seq.kv_predictor is not None and len(seq.pending) > 1:
+            _predict(model, seq)
+        piece = seq.pending[:int(min(budget, len(seq.pending)))]
+        logits = prefill_tokens(model, piece, seq.cache, chunk)
+        seq.pending = seq.pending[len(piece):]
+        budget -= len(piece)
+        if not seq.pending:
+            done.append((seq, seq.advance(logits)))
+    return done
+
+
+def _predict(model: nn.Module, seq: Sequence) -> None:
+    """Fill the cache with predicted K/V for every pending prompt token but the last, in one go: the aux pass
+    costs a fraction of a base prefill, so it is not split under the budget."""
+    start = len(seq.cache.tokens)
+    seq.kv_predictor.prefill(model, seq.ids[:-1], seq.cache, start=start)
+    seq.predicted += len(seq.cache.tokens) - start
+    seq.pending = seq.ids[len(seq.cache.tokens):]
+
+
+@torch.no_grad()
+def decode(model: nn.Module, sequences: list[Sequence]) -> list[StepOutput]:
+    """One token for each sequence, in one forward pass: linear layers run once for the batch, attention per
+    sequence over its own cache (one sequence uses its cache directly)."""
+    tokens = torch.tensor([[seq.last_token] for seq in sequences])
+    if len(sequences) == 1:
+        layers = sequences[0].cache.layers
+    else:
+        layers = batch_layers([seq.cache.layers for seq in sequences], model.args.sliding_window)
+    logits = model(tokens, layers, last_only=True)[:, -1]
+    outputs = []
+    for seq, row in zip(sequences, logits, strict=True):
+        seq.cache.tokens.append(seq.last_token)
+        outputs.append(seq.advance(row))
+    return outputs
+
+
+def run_to_completion(model: nn.Module, sequences: list[Sequence]) -> None:
+    """Prefill every sequence, then decode the unfinished ones together until all are done."""
+    prefill(model, sequences)
+    while active := [seq for seq in sequences if not seq.finished]:
+        decode(model, active)
