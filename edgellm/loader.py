@@ -12,10 +12,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from edgellm.errors import CheckpointError
-from edgellm.kernels.decode import decode_ops_available
-from edgellm.kernels.native import cpu_has_native_bf16, native_available
+from edgellm.kernels.runtime import resolve_dtype, warm_kernels
 from edgellm.models import family_for
 from edgellm.quant.formats import QuantFormatError, WeightFormat
+from edgellm.quant.gguf_read import load_gguf
 from edgellm.quant.linear import (
     QuantizedLinear,
     prepare_quantized,
@@ -24,26 +24,6 @@ from edgellm.quant.linear import (
     quantize_structure,
 )
 from edgellm.tokenizer import Tokenizer
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-def default_dtype(device: str = "cpu") -> torch.dtype:
-    """bf16 where the hardware runs it natively, fp32 otherwise (emulated bf16 GEMM is ~4x slower than fp32)."""
-    if device.startswith("cuda") or cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu") -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        return default_dtype(device)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16 or auto")
-    return DTYPES[dtype]
 
 
 def read_config(path: Path) -> dict:
@@ -177,14 +157,6 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     return model.eval().requires_grad_(False)
 
 
-def warm_kernels(dtype: torch.dtype, device: str) -> None:
-    """Build or load the native kernels a CPU model calls now, not inside the first token's latency."""
-    if device == "cpu":
-        decode_ops_available()
-        if dtype == torch.bfloat16:
-            native_available()
-
-
 def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
     """Model and tokenizer from a HF directory or a .gguf file; with no path, edgellm's built-in default model."""
@@ -192,6 +164,5 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype | None = None,
         from edgellm.assets import default_model_path
         path = default_model_path()
     if str(path).lower().endswith(".gguf"):
-        from edgellm.quant.gguf_read import load_gguf  # lazy: gguf_read imports this module
         return load_gguf(path, dtype, device)
     return load_model(path, dtype, device), Tokenizer(path)

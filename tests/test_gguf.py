@@ -17,9 +17,9 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trai
 import edgellm
 from edgellm.cli import main
 from edgellm.errors import UnsupportedModelError
-from edgellm.kernels import quant as quant_kernels
 from edgellm.kernels.ggml_blocks import quantize_activations, quantize_activations_q8k
 from edgellm.loader import load_model, read_weights
+from edgellm.quant import qmatmul
 from edgellm.quant.convert import quantize_checkpoint
 from edgellm.quant.formats import QuantizedTensor
 from edgellm.quant.gguf import LLAMA3_REGEX, GGUFError, gguf_name, hf_name, permute_qk, qk_heads, unpermute_qk
@@ -101,7 +101,7 @@ def test_f16_gguf_matches_safetensors_model(checkpoint, tmp_path, tokens, arch):
 @pytest.fixture
 def exact_kernels(monkeypatch):
     """Quantized matmuls by dequant + GEMM (the int8 decode kernels round), so equal weights give equal logits."""
-    monkeypatch.setattr(quant_kernels, "kernel_for", lambda *_: "dequant")
+    monkeypatch.setattr(qmatmul, "kernel_for", lambda *_: "dequant")
 
 
 @pytest.mark.parametrize("ftype", ["q8_0", "q4_0"])
@@ -121,7 +121,7 @@ def test_quantized_gguf_matches_reference_dequantized_weights(checkpoint, tmp_pa
     got, want = logits(model, tokens), logits(reference_with(path, replace), tokens)
     # decode kernels (VNNI / LUT) round activations or tables to int8; dequant + GEMM must match exactly
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
-    monkeypatch.setattr(quant_kernels, "kernel_for", lambda *_: "dequant")
+    monkeypatch.setattr(qmatmul, "kernel_for", lambda *_: "dequant")
     torch.testing.assert_close(logits(model, tokens), want, atol=1e-4, rtol=1e-4)
     exact = logits(load_model(path, "fp32"), tokens)
     assert (got - exact).norm() < (0.02 if ftype == "q8_0" else 0.2) * exact.norm()
@@ -192,10 +192,10 @@ def test_affine_quantized_checkpoint_exports_dequantized(checkpoint, tmp_path, t
 
 
 def test_gguf_from_package_writer_with_k_quants_and_bf16(checkpoint, tmp_path, tokens, monkeypatch):
-    """Q4_K_M-style projections (Q4_K, with Q6_K for attn_v and ffn_down) in layer 0 and Q5_K/Q3_K/Q2_K in layer 1,
-    as random valid blocks (gguf cannot quantize k-quants), stay quantized as the file's bytes; their logits match the
-    model with gguf's dequantization of the same blocks (exactly through dequant + GEMM, within the Q8_K activation
-    rounding through the decode GEMV)."""
+    """Q4_K_M-style projections (Q4_K, with Q6_K for attn_v and ffn_down) in layer 0, Q5_K/Q3_K/Q2_K in layer 1 and a
+    Q6_K output head, as random valid blocks (gguf cannot quantize k-quants), stay quantized as the file's bytes; their
+    logits match the model with gguf's dequantization of the same blocks (exactly through dequant + GEMM, within the
+    Q8_K activation rounding through the decode GEMV)."""
     path = checkpoint("llama", hidden_size=256, intermediate_size=512)  # k-quant rows are 256-blocks
     base = export_gguf(path, tmp_path / "f32.gguf", "f32")
     types = {0: {"attn_v": GT.Q6_K, "ffn_down": GT.Q6_K}, 1: {"attn_q": GT.Q3_K, "attn_v": GT.Q2_K}}
@@ -215,8 +215,9 @@ def test_gguf_from_package_writer_with_k_quants_and_bf16(checkpoint, tmp_path, t
     w_up = read_weights(path)["model.layers.0.mlp.up_proj.weight"].float()
     replace["blk.0.ffn_up.weight"] = (ref_quantize(w_up.numpy(), GT.BF16), GT.BF16)
     expected["model.layers.0.mlp.up_proj.weight"] = w_up.bfloat16().float()
-    head = read_weights(path)["lm_head.weight"].float()
-    expected["lm_head.weight"] = roundtrip(head, GT.Q8_0)  # quantized projections: the head runs as Q8_0
+    head = random_blocks("q6_k", *stored["output.weight"].data.shape, seed=99, scale=1e-3)
+    replace["output.weight"] = (head, GT.Q6_K)  # run on the file's blocks, as llama.cpp does
+    expected["lm_head.weight"] = torch.from_numpy(dequantize(head, GT.Q6_K)).reshape(stored["output.weight"].data.shape)
     model, _ = load_gguf(rewrite(base, tmp_path / "k.gguf", replace=replace), "fp32")
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert isinstance(attn.v_proj, QuantizedLinear) and attn.v_proj.fmt.name == "q6_k"
@@ -226,17 +227,18 @@ def test_gguf_from_package_writer_with_k_quants_and_bf16(checkpoint, tmp_path, t
     assert isinstance(mlp.up_proj, torch.nn.Linear)  # the BF16 tensor, as a float weight
     assert not [n for n, _ in model.named_parameters() if "layers" in n and "proj" in n and "up_proj" not in n]
     assert np.array_equal(mlp.down_proj.blocks.numpy(), replace["blk.0.ffn_down.weight"][0])  # the file's bytes
+    assert isinstance(model.lm_head, QuantizedLinear) and np.array_equal(model.lm_head.blocks.numpy(), head)
     ref = logits(reference_with(path, lambda name, w: expected.get(name, w)), tokens)
-    got = logits(model, tokens)  # 24 rows: the Q8_K GEMV (Q8_0 for the head)
-    monkeypatch.setattr(quant_kernels, "kernel_for", lambda *_: "dequant")
+    got = logits(model, tokens)  # 24 rows: the Q8_K GEMV
+    monkeypatch.setattr(qmatmul, "kernel_for", lambda *_: "dequant")
     torch.testing.assert_close(logits(model, tokens), ref, atol=1e-5, rtol=1e-5)  # the same weights
-    dequant_linear = quant_kernels.dequant_linear
+    dequant_linear = qmatmul.dequant_linear
 
     def rounded_activations(x2: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
         q, d = (quantize_activations(x2) if qt.fmt.kind == "q8_0" else quantize_activations_q8k(x2)[:2])
         return dequant_linear((q * d[..., None]).view_as(x2), qt)
 
-    monkeypatch.setattr(quant_kernels, "dequant_linear", rounded_activations)
+    monkeypatch.setattr(qmatmul, "dequant_linear", rounded_activations)
     rounded = logits(model, tokens)
     # All the GEMV's departure from the exact logits is the activations' rounding: it lands nearer the model with
     # rounded activations than that model is to the exact one (not at it: this random network is sensitive enough
@@ -340,9 +342,9 @@ def test_sentencepiece_vocabulary_matches_sentencepiece(tmp_path):
 
 def test_unsupported_tensor_type_is_named(checkpoint, tmp_path):
     base = export_gguf(checkpoint("llama"), tmp_path / "m.gguf", "f16")
-    iq = np.zeros((128, 2 * 18), dtype=np.uint8)  # IQ4_NL: 18-byte blocks of 32
-    bad = rewrite(base, tmp_path / "iq.gguf", replace={"blk.0.ffn_up.weight": (iq, GT.IQ4_NL)})
-    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.ffn_up\.weight has GGUF type IQ4_NL.*Q4_K"):
+    q8_1 = np.zeros((128, 2 * gguf.GGML_QUANT_SIZES[GT.Q8_1][1]), dtype=np.uint8)  # llama.cpp's activation type
+    bad = rewrite(base, tmp_path / "q8_1.gguf", replace={"blk.0.ffn_up.weight": (q8_1, GT.Q8_1)})
+    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.ffn_up\.weight has GGUF type Q8_1.*Q4_K"):
         load_gguf(bad)
 
 

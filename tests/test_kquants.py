@@ -12,7 +12,6 @@ from gguf import GGMLQuantizationType as GT
 from gguf.quants import dequantize as gguf_dequantize
 
 from edgellm.kernels import ggml_blocks
-from edgellm.kernels import quant as quant_kernels
 from edgellm.kernels.ggml_blocks import (
     BlockFormatError,
     kquant_dequantize,
@@ -23,7 +22,7 @@ from edgellm.kernels.ggml_blocks import (
     quantize_activations_q8k,
     vnni_available,
 )
-from edgellm.quant import QuantFormatError, QuantizedLinear, QuantizedTensor, WeightFormat, quantize
+from edgellm.quant import QuantFormatError, QuantizedLinear, QuantizedTensor, WeightFormat, qmatmul, quantize
 from edgellm.quant.formats import KQUANT_BLOCK_BYTES
 
 KINDS = list(KQUANT_BLOCK_BYTES)
@@ -200,8 +199,8 @@ def test_quantized_linear_runs_gemv_for_decode_and_dequant_gemm_for_prefill(kind
     assert layer.lut is None  # nothing repacked: decode reads the blocks as stored
     w = reference_weight(blocks, kind, k)
     x = torch.randn(1, k)
-    assert quant_kernels.kernel_for(qt, 1, None) == ("vnni" if vnni_available() else "dequant")
+    assert qmatmul.kernel_for(qt, 1, None) == ("vnni" if vnni_available() else "dequant")
     torch.testing.assert_close(layer(x), kquant_linear(x, qt.data["blocks"], k, kind) + bias)
     xs = torch.randn(100, k)
-    assert quant_kernels.kernel_for(qt, 100, None) == "dequant"
+    assert qmatmul.kernel_for(qt, 100, None) == "dequant"
     torch.testing.assert_close(layer(xs), F.linear(xs, w, bias), rtol=1e-5, atol=1e-5)

@@ -200,8 +200,8 @@ def test_choose_kernel_follows_the_measured_table(monkeypatch):
 
 
 def test_mxfp4_decodes_on_its_blocks():
-    from edgellm.kernels.quant import kernel_for, prepare_lut, quantized_linear
     from edgellm.quant.formats import quantize
+    from edgellm.quant.qmatmul import kernel_for, prepare_lut, quantized_linear
 
     qt = quantize(torch.randn(48, 96, generator=torch.Generator().manual_seed(1)), "mxfp4")
     x = torch.randn(2, 96)

@@ -11,8 +11,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from edgellm.errors import EdgeLLMError
-from edgellm.kernels import quant as quant_kernels
-from edgellm.quant import QuantFormatError, QuantizedLinear, WeightFormat, quantize, quantize_model
+from edgellm.quant import QuantFormatError, QuantizedLinear, WeightFormat, qmatmul, quantize, quantize_model
 from edgellm.quant.formats import pack_codes, unpack_codes
 
 GGUF_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0,
@@ -153,11 +152,11 @@ def test_quantized_linear_matches_f_linear_on_dequantized_weight(name, rows, mon
     ref = F.linear(x, layer.quantized.dequantize(), bias)
     # the decode kernels (LUT / VNNI) round activations or their tables to int8: within 2% of the output's scale
     assert (layer(x) - ref).abs().max() <= 0.02 * ref.abs().max()
-    monkeypatch.setattr(quant_kernels, "kernel_for", lambda *_: "dequant")  # the same weights, other sum orders
+    monkeypatch.setattr(qmatmul, "kernel_for", lambda *_: "dequant")  # the same weights, other sum orders
     w_exact = layer.quantized.dequantize()
     tol = summation_tolerance(x, w_exact, bias)
     assert ((layer(x) - ref).abs() <= tol).all()
-    monkeypatch.setattr(quant_kernels, "DEQUANT_CHUNK_ELEMENTS", 128 * 10)  # row chunks, last one partial
+    monkeypatch.setattr(qmatmul, "DEQUANT_CHUNK_ELEMENTS", 128 * 10)  # row chunks, last one partial
     assert ((layer(x) - ref).abs() <= tol).all()
     w_bug = w_exact.clone()
     w_bug[50, :32] *= 1.001  # a scale 0.1% off in one block still fails the bound (by ~40x)

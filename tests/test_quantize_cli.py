@@ -12,8 +12,7 @@ from safetensors import safe_open
 from edgellm import load
 from edgellm.cli import main
 from edgellm.errors import CheckpointError
-from edgellm.kernels import quant as quant_kernels
-from edgellm.quant import quantize
+from edgellm.quant import qmatmul, quantize
 from edgellm.quant.convert import quantize_checkpoint
 from edgellm.quant.linear import QuantizedLinear
 from tests.conftest import build_checkpoint
@@ -67,7 +66,7 @@ def test_quantized_checkpoint_loads_and_matches(src, tmp_path, fmt, monkeypatch)
     assert (logits - ref).norm() <= TOLERANCE[fmt] * ref.norm()
     # the decode kernels round activations (VNNI) or lookup tables (LUT) to int8; dequant + GEMM is exact
     assert (logits - dequantized).abs().max() <= 0.02 * dequantized.abs().max()
-    monkeypatch.setattr(quant_kernels, "kernel_for", lambda *_: "dequant")
+    monkeypatch.setattr(qmatmul, "kernel_for", lambda *_: "dequant")
     assert torch.allclose(model(TOKENS), dequantized, rtol=1e-4, atol=1e-4)
 
 

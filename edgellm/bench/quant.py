@@ -112,8 +112,8 @@ def _bits_per_weight(model: torch.nn.Module) -> float:
 def _dequant_seconds(model: torch.nn.Module, reps: int) -> float:
     """Time to dequantize the projections that decode runs through dequant + GEMM (0 when kernels read the packed
     weights directly): what one decode step pays for dequantization."""
-    from edgellm.kernels.quant import kernel_for
     from edgellm.quant.linear import QuantizedLinear
+    from edgellm.quant.qmatmul import kernel_for
 
     slow = [m.quantized for m in model.modules()
             if isinstance(m, QuantizedLinear) and kernel_for(m.quantized, 1, m.lut) == "dequant"]

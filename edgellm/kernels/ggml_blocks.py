@@ -1,7 +1,9 @@
 """GEMV straight on GGUF blocks with int8 activations (AVX512-VNNI), plus the same math in PyTorch.
 
-Q8_0 / Q4_0 / MXFP4: activations are quantized per 32-block as llama.cpp does for its q8_0 dot products (d = amax /
-127, q = round(x / d), then d stored in fp16); each block contributes d_w * d_x * (integer dot), summed in fp32.
+32-blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, MXFP4): activations are quantized per 32-block as llama.cpp does for
+its q8_0 dot products (d = amax / 127, q = round(x / d), then d stored in fp16); each block contributes d_w * d_x *
+(integer dot), summed in fp32. Q4_1 and Q5_1 (w = d * q + m) take q8_1 activations as llama.cpp does: also s =
+sum(q) * d in fp16, so the min adds m * s per block.
 
 k-quants (Q2_K..Q6_K, 256-element super-blocks): activations are quantized to Q8_K as llama.cpp does (per 256-block,
 d = max / -127 in fp32 for the signed value of largest magnitude, with per-16 sums of q), see csrc/kquants.cpp.
@@ -15,12 +17,24 @@ from typing import Any
 import torch
 
 from edgellm.errors import EdgeLLMError
+from edgellm.kernels.ggml_layout import (
+    GGML_BLOCK_BYTES,
+    GGUF_ONLY_BLOCK_BYTES,
+    IQ4_NL_LEVELS,
+    KQUANT_BLOCK_BYTES,
+    MXFP4_LEVELS,
+    QK_K,
+    e8m0_to_fp32_half,
+)
 from edgellm.kernels.lut import LutWeight
 from edgellm.kernels.native import load_extension
-from edgellm.quant.formats import KQUANT_BLOCK_BYTES, MXFP4_LEVELS, QK_K, e8m0_to_fp32_half
 
 BLOCK = 32
-BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "mxfp4": 17}
+BLOCK_BYTES = {**GGML_BLOCK_BYTES, **GGUF_ONLY_BLOCK_BYTES}
+# Nibble blocks: offsets of the 16 code bytes and of the 32-bit word of fifth bits (None: 4-bit codes), and the
+# excess the unsigned codes carry (w = d * (code - excess)).
+NIBBLES = {"q4_0": (2, None, 8), "q4_1": (4, None, 0), "q5_0": (6, 2, 16), "q5_1": (8, 4, 0), "iq4_nl": (2, None, 0)}
+WITH_MINS = ("q4_1", "q5_1")  # w = d * q + m: a fp16 min after d
 
 
 class BlockFormatError(EdgeLLMError):
@@ -37,6 +51,12 @@ def vnni_available() -> bool:
     return _ext() is not None
 
 
+def gemv_simd(kind: str) -> bool:
+    """True when `kind`'s native GEMV was compiled with its AVX-512 VNNI path, not only the plain C++ one."""
+    ext = _kext() if kind in KQUANT_BLOCK_BYTES else _ext()
+    return ext is not None and ext.simd()
+
+
 def _check(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: str) -> None:
     if k % BLOCK:
         raise BlockFormatError(f"{kind} weights need K to be a multiple of {BLOCK}, got {k}")
@@ -47,13 +67,26 @@ def _check(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: str) -> None:
                                f"got {tuple(blocks.shape)} {blocks.dtype}")
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) fp32 -> int8-valued fp32 q (M, K/32, 32) and d (M, K/32), rounding half to even; q is computed
-    with the exact 1/d and d then rounded to fp16, as llama.cpp's quantize_row_q8_0 does."""
+def _activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8-valued fp32 q (M, K/32, 32) and the unrounded fp32 d (M, K/32): d = amax / 127, q = round-half-even(x / d)
+    with the exact 1/d, as llama.cpp's quantize_row_q8_0."""
     xb = x.view(x.shape[0], -1, BLOCK)
     d = xb.abs().amax(-1) / 127.0
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    return torch.round(xb * inv[..., None]), d.half().float()
+    return torch.round(xb * inv[..., None]), d
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) fp32 -> int8-valued fp32 q (M, K/32, 32) and d (M, K/32), rounding half to even; q is computed
+    with the exact 1/d and d then rounded to fp16, as llama.cpp's quantize_row_q8_0 does."""
+    q, d = _activations(x)
+    return q, d.half().float()
+
+
+def quantize_activations_q8_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_activations` plus llama.cpp q8_1's s (M, K/32) = sum(q) * d from the unrounded d, rounded to fp16."""
+    q, d = _activations(x)
+    return q, d.half().float(), (q.sum(-1) * d).half().float()
 
 
 def block_scales(blocks: torch.Tensor, kind: str) -> torch.Tensor:
@@ -61,27 +94,49 @@ def block_scales(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     b = blocks.view(blocks.shape[0], -1, BLOCK_BYTES[kind])
     if kind == "mxfp4":
         return e8m0_to_fp32_half(b[..., 0])
-    return b[..., :2].contiguous().view(torch.float16).squeeze(-1).float()
+    return _f16(b[..., :2])
+
+
+def block_mins(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """Q4_1/Q5_1's fp16 min m of every block, as fp32 (N, K/32)."""
+    return _f16(blocks.view(blocks.shape[0], -1, BLOCK_BYTES[kind])[..., 2:4])
 
 
 def block_quants(blocks: torch.Tensor, kind: str) -> torch.Tensor:
-    """The integer weights q of every block (w = d * q; MXFP4's doubled E2M1 levels), as fp32 (N, K/32, 32)."""
+    """The integer weights q of every block (w = d * q (+ m); MXFP4's doubled E2M1 levels, IQ4_NL's int8 levels), as
+    fp32 (N, K/32, 32)."""
     b = blocks.view(blocks.shape[0], -1, BLOCK_BYTES[kind])
     if kind == "mxfp4":
         codes = torch.cat([b[..., 1:] & 15, b[..., 1:] >> 4], dim=-1)
         return torch.tensor(MXFP4_LEVELS, dtype=torch.float32)[codes.long()]
-    b = b[..., 2:]
     if kind == "q8_0":
-        return b.contiguous().view(torch.int8).float()
-    return torch.cat([b & 15, b >> 4], dim=-1).float() - 8
+        return b[..., 2:].contiguous().view(torch.int8).float()
+    qs, qh, excess = NIBBLES[kind]
+    codes = torch.cat([b[..., qs:qs + 16] & 15, b[..., qs:qs + 16] >> 4], dim=-1)
+    if qh is not None:  # bit t of byte j of the word is element 8j + t's fifth bit
+        high = (b[..., qh:qh + 4, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+        codes = codes | (high.flatten(-2) << 4)
+    if kind == "iq4_nl":
+        return torch.tensor(IQ4_NL_LEVELS, dtype=torch.float32)[codes.long()]
+    return codes.float() - excess
+
+
+def blocks_dequantize(blocks: torch.Tensor, k: int, kind: str) -> torch.Tensor:
+    """fp32 (N, K) from 32-blocks, bit-identical to gguf.quants.dequantize: d * q, then + m (one rounding each)."""
+    w = block_quants(blocks, kind) * block_scales(blocks, kind)[..., None]
+    if kind in WITH_MINS:
+        w = w + block_mins(blocks, kind)[..., None]
+    return w.view(blocks.shape[0], k)
 
 
 def blocks_linear_reference(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: str) -> torch.Tensor:
-    """The native kernels' math in PyTorch (integer dots are exact in fp32: |dot| < 2^24); the fallback path."""
+    """The native kernels' math in PyTorch, in float64: sum over blocks of d_w * d_x * (integer dot) (+ m_w * s_x)."""
     _check(x, blocks, k, kind)
-    xq, dx = quantize_activations(x.reshape(-1, k).float())
-    dot = torch.einsum("mbi,nbi->mnb", xq, block_quants(blocks, kind))
-    y = (dot * (block_scales(blocks, kind)[None] * dx[:, None])).sum(-1)
+    xq, dx, sx = quantize_activations_q8_1(x.reshape(-1, k).float())
+    dot = torch.einsum("mbi,nbi->mnb", xq.double(), block_quants(blocks, kind).double())
+    y = (dot * (block_scales(blocks, kind).double()[None] * dx.double()[:, None])).sum(-1)
+    if kind in WITH_MINS:
+        y = y + sx.double() @ block_mins(blocks, kind).double().T
     return y.view(*x.shape[:-1], blocks.shape[0]).to(x.dtype)
 
 
@@ -90,8 +145,7 @@ def _linear(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: str) -> torch.T
     ext = _ext()
     if ext is None:
         return blocks_linear_reference(x, blocks, k, kind)
-    op = {"q8_0": ext.q8_0_gemm, "q4_0": ext.q4_0_gemm, "mxfp4": ext.mxfp4_gemm}[kind]
-    y = op(x.reshape(-1, k).float(), blocks, k)
+    y = getattr(ext, f"{kind}_gemm")(x.reshape(-1, k).float(), blocks, k)
     return y.view(*x.shape[:-1], blocks.shape[0]).to(x.dtype)
 
 
@@ -110,11 +164,14 @@ def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, k: int) -> torch.Tensor:
     return _linear(x, blocks, k, "mxfp4")
 
 
+# y = x @ W.T for W as GGUF Q4_1 / Q5_0 / Q5_1 / IQ4_NL blocks: GGUF_ONLY_LINEAR[kind](x, blocks, k)
+GGUF_ONLY_LINEAR = {kind: partial(_linear, kind=kind) for kind in GGUF_ONLY_BLOCK_BYTES}
+
+
 def dequant_blocks_linear(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: str) -> torch.Tensor:
     """The baseline: dequantize the blocks to fp32 and F.linear (no activation quantization)."""
     _check(x, blocks, k, kind)
-    w = (block_quants(blocks, kind) * block_scales(blocks, kind)[..., None]).view(blocks.shape[0], k)
-    return torch.nn.functional.linear(x.float(), w).to(x.dtype)
+    return torch.nn.functional.linear(x.float(), blocks_dequantize(blocks, k, kind)).to(x.dtype)
 
 
 def q4_0_lut_weight(blocks: torch.Tensor, k: int) -> LutWeight:

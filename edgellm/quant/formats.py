@@ -1,4 +1,4 @@
-"""Weight formats: llama.cpp's Q8_0/Q4_0, MXFP4 and k-quant block layouts, group-affine intN and BitNet-style ternary.
+"""Weight formats: llama.cpp's 32-block (Q8_0, Q4_0, MXFP4, ...) and k-quant layouts, group-affine intN and ternary.
 
 Every format stores a row-major weight [N, K] as per-row tensors (`QuantizedTensor.data`), so rows can be sliced
 for block-wise dequantization, and every format can be read as integer codes with a per-group affine map
@@ -13,6 +13,16 @@ from dataclasses import dataclass
 import torch
 
 from edgellm.errors import EdgeLLMError
+from edgellm.kernels.ggml_blocks import blocks_dequantize, kquant_dequantize
+from edgellm.kernels.ggml_layout import (
+    GGML_BLOCK,
+    GGML_BLOCK_BYTES,
+    GGUF_ONLY_BLOCK_BYTES,
+    KQUANT_BLOCK_BYTES,
+    MXFP4_LEVELS,
+    QK_K,
+    e8m0_to_fp32_half,
+)
 
 
 class QuantFormatError(EdgeLLMError):
@@ -20,13 +30,7 @@ class QuantFormatError(EdgeLLMError):
 
 
 GROUPS = (32, 64, 128)
-GGML_BLOCK = 32
-GGML_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "mxfp4": 17}
-# llama.cpp's k-quants: 256-element super-blocks, read from GGUF files as stored (edgellm does not quantize to them).
-QK_K = 256
-KQUANT_BLOCK_BYTES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}
-# E2M1 values doubled, indexed by the 4-bit code (sign bit 3), as gguf.quants.MXFP4.kvalues / ggml's kvalues_mxfp4.
-MXFP4_LEVELS = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+GGUF_ONLY_BITS = {"q4_1": 4, "q5_0": 5, "q5_1": 5, "iq4_nl": 4}
 METHODS = ("rtn", "mse")
 MSE_RATIOS = tuple(1 - 0.025 * i for i in range(1, 21))  # range shrink factors tried by method="mse"
 CHUNK_ELEMENTS = 1 << 20  # weights quantized per pass; bounds the fp32 temporaries (MXFP4's search holds 16 per weight)
@@ -67,20 +71,30 @@ class WeightFormat:
 
     @classmethod
     def gguf(cls, name: str) -> WeightFormat:
-        """A block format a GGUF file can hold kept quantized: `parse`'s, plus the k-quants (q2_k..q6_k), which
-        `parse` refuses because edgellm cannot quantize to them (its names are what `quantize` accepts)."""
+        """A block format a GGUF file can hold kept quantized: `parse`'s, plus q4_1, q5_0, q5_1, iq4_nl and the
+        k-quants (q2_k..q6_k), which `parse` refuses because edgellm cannot quantize to them (its names are what
+        `quantize` accepts)."""
         key = name.strip().lower()
-        return cls(key, key, int(key[1]), QK_K) if key in KQUANT_BLOCK_BYTES else cls.parse(key)
+        if key in KQUANT_BLOCK_BYTES:
+            return cls(key, key, int(key[1]), QK_K)
+        if key in GGUF_ONLY_BLOCK_BYTES:
+            return cls(key, key, GGUF_ONLY_BITS[key], GGML_BLOCK)
+        return cls.parse(key)
+
+    @property
+    def read_only(self) -> bool:
+        """True for the GGUF block formats edgellm reads but does not quantize to."""
+        return self.kind in GGUF_ONLY_BLOCK_BYTES or self.kind in KQUANT_BLOCK_BYTES
 
     @property
     def block_layout(self) -> bool:
         """True for the llama.cpp-style formats stored as one byte string of fixed-size blocks per row (of `group`
         weights each)."""
-        return self.kind in GGML_BLOCK_BYTES or self.kind in KQUANT_BLOCK_BYTES
+        return self.kind in GGML_BLOCK_BYTES or self.read_only
 
     @property
     def block_bytes(self) -> int:
-        return GGML_BLOCK_BYTES.get(self.kind) or KQUANT_BLOCK_BYTES[self.kind]
+        return {**GGML_BLOCK_BYTES, **GGUF_ONLY_BLOCK_BYTES, **KQUANT_BLOCK_BYTES}[self.kind]
 
     @property
     def bits_per_weight(self) -> float:
@@ -146,7 +160,7 @@ class QuantizedTensor:
     def unpacked_codes(self) -> UnpackedCodes:
         """Integer codes [N, K_padded] and float32 per-group scales/biases (see UnpackedCodes)."""
         fmt, n = self.fmt, self.shape[0]
-        if fmt.kind in KQUANT_BLOCK_BYTES:  # affine per 16/32 weights, but no kernel reads them as plain codes
+        if fmt.read_only:  # affine (or IQ4_NL's levels) per 16/32 weights, but no kernel reads them as plain codes
             raise QuantFormatError(f"{fmt.name} weights have no unpacked-code form; dequantize them")
         if fmt.block_layout:
             blocks = self.data["blocks"].reshape(n, -1, GGML_BLOCK_BYTES[fmt.kind])
@@ -181,23 +195,15 @@ class QuantizedTensor:
         elif fmt.kind == "mxfp4":
             u = self.unpacked_codes()
             w = u.levels[u.codes.int()].view(n, -1, GGML_BLOCK).mul_(u.scales.unsqueeze(-1))
-        elif fmt.kind in KQUANT_BLOCK_BYTES:
-            from edgellm.kernels.ggml_blocks import kquant_dequantize  # that module imports this one: import late
-
-            w = kquant_dequantize(self.data["blocks"], k, fmt.kind)
+        elif fmt.read_only:
+            decode = kquant_dequantize if fmt.kind in KQUANT_BLOCK_BYTES else blocks_dequantize
+            w = decode(self.data["blocks"], k, fmt.kind)
         else:
             g = self.data["scales"].shape[1]
             codes = unpack_codes(self.data["codes"], fmt.bits).view(n, g, -1)
             w = codes.float().mul_(self.data["scales"].float().unsqueeze(-1)).add_(
                 self.data["biases"].float().unsqueeze(-1))
         return w.view(n, -1)[:, :k].to(dtype)
-
-
-def e8m0_to_fp32_half(e: torch.Tensor) -> torch.Tensor:
-    """2**(e - 128) as float32, ggml's ggml_e8m0_to_fp32_half (the doubled E2M1 levels take the other half)."""
-    e = e.to(torch.int32)
-    bits = torch.where(e < 2, torch.tensor(0x00200000, dtype=torch.int32) << e, (e - 1) << 23)
-    return bits.view(torch.float32)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -329,7 +335,7 @@ def quantize(weight: torch.Tensor, fmt: str | WeightFormat, method: str = "rtn")
     ranges per group and keeps the one with the least squared error.
     """
     fmt = WeightFormat.parse(fmt)
-    if fmt.kind in KQUANT_BLOCK_BYTES:
+    if fmt.read_only:
         raise QuantFormatError(f"edgellm reads {fmt.name} from GGUF files but does not quantize to it; use one of "
                                f"{', '.join(format_names())}")
     fmt.check_shape(tuple(weight.shape))

@@ -1,9 +1,9 @@
 """Load a llama.cpp GGUF file (llama, qwen2, qwen3) as an edgellm model and tokenizer.
 
-Q8_0, Q4_0, MXFP4 and k-quant (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) projections stay quantized: their raw GGUF blocks
-are edgellm's block layout, memory-mapped without a copy. The older 32-blocks (Q4_1, Q5_0, Q5_1) have no edgellm
-kernel, so they are dequantized at load into the model dtype with gguf's reference code (more memory, same logits as
-llama.cpp up to rounding). Anything else is refused by name.
+Q8_0, Q4_0, MXFP4, Q4_1, Q5_0, Q5_1, IQ4_NL and k-quant (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) projections and output
+heads stay quantized: their raw GGUF blocks are edgellm's block layout, memory-mapped without a copy. Where a type's
+native GEMV lacks its SIMD path, that type is dequantized at load into the model dtype with gguf's reference code
+instead (more memory, same logits as llama.cpp up to rounding). Anything else is refused by name.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from torch import nn
 
 from edgellm.errors import UnsupportedModelError
-from edgellm.loader import resolve_dtype, warm_kernels
+from edgellm.kernels.ggml_blocks import gemv_simd
+from edgellm.kernels.runtime import resolve_dtype, warm_kernels
 from edgellm.models import family_for
 from edgellm.quant.formats import QuantizedTensor, WeightFormat
 from edgellm.quant.gguf import (
@@ -42,11 +43,14 @@ from edgellm.quant.gguf import (
 from edgellm.quant.linear import PROJECTIONS, QuantizedLinear, prepare_quantized, quantize_lm_head
 from edgellm.tokenizer import Tokenizer
 
-KEPT_QUANTIZED = {GT.Q8_0: "q8_0", GT.Q4_0: "q4_0", GT.MXFP4: "mxfp4", GT.Q4_K: "q4_k", GT.Q5_K: "q5_k",
-                  GT.Q6_K: "q6_k", GT.Q2_K: "q2_k", GT.Q3_K: "q3_k"}
-DEQUANTIZED = (GT.Q4_1, GT.Q5_0, GT.Q5_1)
+KEPT_QUANTIZED = {GT.Q8_0: "q8_0", GT.Q4_0: "q4_0", GT.MXFP4: "mxfp4", GT.Q4_1: "q4_1", GT.Q5_0: "q5_0",
+                  GT.Q5_1: "q5_1", GT.IQ4_NL: "iq4_nl", GT.Q4_K: "q4_k", GT.Q5_K: "q5_k", GT.Q6_K: "q6_k",
+                  GT.Q2_K: "q2_k", GT.Q3_K: "q3_k"}
+# Blocks only with the SIMD GEMV: without it, decoding from their blocks (the portable GEMV, or dequantizing per call)
+# measured 3-6x slower than the float weight these types were loaded as before it existed.
+NEED_SIMD = (GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.IQ4_NL, GT.Q4_K, GT.Q5_K, GT.Q6_K, GT.Q2_K, GT.Q3_K)
 FLOATS = {GT.F32: torch.float32, GT.F16: torch.float16, GT.BF16: torch.bfloat16}
-SUPPORTED = ", ".join(t.name for t in (*FLOATS, *KEPT_QUANTIZED, *DEQUANTIZED))
+SUPPORTED = ", ".join(t.name for t in (*FLOATS, *KEPT_QUANTIZED))
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
 GGUF_MAGIC = 0x46554747  # b"GGUF" read as little-endian uint32
 STRING, ARRAY = 8, 9
@@ -199,15 +203,20 @@ def gguf_config(reader: GGUFFile, path: Path) -> dict:
     return config
 
 
+def kept_as_blocks(qtype: GT) -> bool:
+    """Whether a 2-D weight of a kept type stays as its blocks here (see NEED_SIMD)."""
+    return qtype not in NEED_SIMD or gemv_simd(KEPT_QUANTIZED[qtype])
+
+
 def read_tensor(t: GGUFTensor, dtype: torch.dtype, path: Path, keep_quantized: bool) -> torch.Tensor | QuantizedTensor:
     """One GGUF tensor: kept as blocks, viewed as floats, or dequantized; anything else is a one-line error."""
     shape = t.shape
     if t.tensor_type in FLOATS:  # a view of the mapped bytes; `.to` copies only if the dtype differs
         return torch.from_numpy(t.data).view(FLOATS[t.tensor_type]).reshape(shape).to(dtype)
-    if t.tensor_type in KEPT_QUANTIZED and keep_quantized and len(shape) == 2:
+    if t.tensor_type in KEPT_QUANTIZED and keep_quantized and len(shape) == 2 and kept_as_blocks(t.tensor_type):
         blocks = torch.from_numpy(t.data).reshape(shape[0], -1)
         return QuantizedTensor(WeightFormat.gguf(KEPT_QUANTIZED[t.tensor_type]), shape, {"blocks": blocks})
-    if t.tensor_type in KEPT_QUANTIZED or t.tensor_type in DEQUANTIZED:
+    if t.tensor_type in KEPT_QUANTIZED:
         return torch.from_numpy(dequantize(t.data, t.tensor_type)).reshape(shape).to(dtype)
     raise UnsupportedModelError(f"{path}: tensor {t.name} has GGUF type {t.tensor_type.name}, which edgellm cannot "
                                 f"load; supported types: {SUPPORTED} (requantize the model, e.g. to Q4_K_M or Q8_0)")
@@ -228,9 +237,10 @@ def read_weights(reader: GGUFFile, config: dict, dtype: torch.dtype,
         if name is None:
             raise UnsupportedModelError(f"{path}: GGUF tensor {t.name} is not part of a {config['model_type']} "
                                         "model edgellm implements")
-        # Only the projections stay quantized as stored (as quantize_model does): the embedding is a lookup, and
-        # lm_head is read as a plain Linear, then run as Q8_0 by quantize_lm_head (whatever type the file used).
-        w = read_tensor(t, dtype, path, keep_quantized=name.rsplit(".", 2)[-2] in PROJECTIONS)
+        # The projections and the head stay quantized as stored (as llama.cpp runs them); the embedding is a
+        # lookup. A head read as floats (a float or tied one) is run as Q8_0 by quantize_lm_head.
+        kept = name == "lm_head.weight" or name.rsplit(".", 2)[-2] in PROJECTIONS
+        w = read_tensor(t, dtype, path, keep_quantized=kept)
         n = qk_heads(name, heads, kv_heads) if permuted else None
         if n is not None:
             if isinstance(w, QuantizedTensor):

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from edgellm.kernels.lut import LutWeight
-from edgellm.kernels.quant import prepare_lut, quantized_linear
 from edgellm.quant.formats import QuantizedTensor, WeightFormat, quantize
+from edgellm.quant.qmatmul import prepare_lut, quantized_linear
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

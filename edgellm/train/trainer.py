@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from edgellm.errors import EdgeLLMError
-from edgellm.loader import default_dtype
+from edgellm.kernels.runtime import default_dtype
 from edgellm.models.llama import Model, ModelArgs
 from edgellm.train.corpus import CorpusError, load_corpus, token_stream
 from edgellm.train.tokenizer import (

@@ -428,7 +428,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", [](const torch::Tensor& blocks, int64_t K, const std::string& kind) {
     return dispatch(kind, [&](auto f) { return dequantize<decltype(f)>(blocks, K); });
   }, "GGUF k-quant blocks (N, K / 256 * bytes) to fp32 (N, K)");
-  m.def("avx512", []() {
+  m.def("simd", []() {
 #ifdef EDGELLM_KQ_AVX512
     return true;
 #else

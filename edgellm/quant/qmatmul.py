@@ -1,11 +1,11 @@
 """Matmul against quantized weights: the one seam where the native LUT / VNNI kernels plug in.
 
 Few rows of x (decode) go to a kernel that reads the packed weights directly: the T-MAC table lookup for 1-4 bit
-linear codes (intN, ternary, Q4_0 repacked), VNNI int8 dot products for Q8_0, MXFP4 and k-quant blocks (MXFP4's levels
-are not linear, so no bit-plane lookup: a byte shuffle maps its codes to int8 levels). Many rows (prefill) or a build
-without the native kernels dequantize a few rows of the weight at a time to fp32 and run F.linear on them (this
-CPU emulates bf16), so the full-precision weight never exists in memory at once. `choose_kernel` holds the
-measured crossovers.
+linear codes (intN, ternary, Q4_0 repacked), VNNI int8 dot products for Q8_0, MXFP4, GGUF's other 32-blocks and
+k-quant blocks (MXFP4's and IQ4_NL's levels are not linear, so no bit-plane lookup: a byte shuffle maps codes to int8
+levels). Many rows (prefill) or a build without the native kernels dequantize a few rows of the weight at a time to
+fp32 and run F.linear on them (this CPU emulates bf16), so the full-precision weight never exists in memory at once.
+`choose_kernel` holds the measured crossovers.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from edgellm.kernels.ggml_blocks import KQUANT_LINEAR, mxfp4_linear, q4_0_lut_weight, q8_0_linear
+from edgellm.kernels.ggml_blocks import GGUF_ONLY_LINEAR, KQUANT_LINEAR, mxfp4_linear, q4_0_lut_weight, q8_0_linear
 from edgellm.kernels.lut import GROUPS, LutWeight, lut_available, lut_linear
 from edgellm.kernels.select import choose_kernel
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # typing only: formats imports nothing of this module
     from edgellm.quant.formats import QuantizedTensor
 
-VNNI_LINEAR = {"q8_0": q8_0_linear, "mxfp4": mxfp4_linear, **KQUANT_LINEAR}
+VNNI_LINEAR = {"q8_0": q8_0_linear, "mxfp4": mxfp4_linear, **GGUF_ONLY_LINEAR, **KQUANT_LINEAR}
 DEQUANT_CHUNK_ELEMENTS = 1 << 21  # fp32 weights dequantized per step: 8 MiB, about an L2-to-L3-sized tile
 
 
