@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from edgellm import load
+from edgellm.bench.memory import measure_peak_bytes
 from edgellm.errors import InvalidRequestError
 from edgellm.kv import KVFormat, QuantizedKVCache, dequantize, hadamard, make_caches, quantize
-from edgellm.kv.quant import unpack
-from edgellm.kv.quantized import measure_peak_bytes
+from edgellm.kv.codec import unpack
 
 QUANT_FORMATS = [f"{kind}{opts}" for kind in ("q8", "q4", "q2") for opts in ("", "-h", "-kivi", "-kivi-h")]
 

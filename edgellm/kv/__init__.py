@@ -2,11 +2,10 @@
 
 from edgellm.kv.batch import SequenceBatch, batch_layers
 from edgellm.kv.cache import AttentionCache, DenseKVCache, KVCache, causal_mask
+from edgellm.kv.codec import QuantizedTensor, dequantize, hadamard, quantize
 from edgellm.kv.formats import KVFormat, make_caches
-from edgellm.kv.paged import PagedKVCache
-from edgellm.kv.pool import BlockPool, PoolExhausted
-from edgellm.kv.quant import QuantizedTensor, dequantize, hadamard, quantize
-from edgellm.kv.quantized import QuantizedKVCache
+from edgellm.kv.pool import BlockPool, PagedKVCache, PoolExhausted
+from edgellm.kv.quantized_cache import QuantizedKVCache
 
 __all__ = ["AttentionCache", "BlockPool", "DenseKVCache", "KVCache", "KVFormat", "PagedKVCache", "PoolExhausted",
            "QuantizedKVCache", "QuantizedTensor", "SequenceBatch", "batch_layers", "causal_mask", "dequantize",

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from edgellm.errors import InvalidRequestError
 from edgellm.kv.cache import DenseKVCache, KVCache
-from edgellm.kv.quantized import SCHEMES, QuantizedKVCache, bytes_per_token
-
-if TYPE_CHECKING:
-    from edgellm.kv.pool import BlockPool
+from edgellm.kv.quantized_cache import SCHEMES, QuantizedKVCache, bytes_per_token
 
 DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZED = {"q8": 8, "q4": 4, "q2": 2}
@@ -120,19 +117,13 @@ def dense_format(dtype: torch.dtype) -> KVFormat:
     return KVFormat(kinds[dtype])
 
 
-def make_caches(model: nn.Module, fmt: KVFormat, capacity: int, batch: int = 1,
-                pool: BlockPool | None = None) -> list[KVCache]:
-    """One cache per layer of `model` in format `fmt`, reserved for `capacity` tokens.
+def make_caches(model: nn.Module, fmt: KVFormat, capacity: int, batch: int = 1) -> list[KVCache]:
+    """One contiguous cache per layer of `model` in format `fmt`, reserved for `capacity` tokens.
 
     Quantized caches keep their window and return K/V in the model's dtype; a dense cache holds `fmt`'s dtype.
-    With `pool`, paged caches (one sequence each) whose blocks come from the pool as tokens arrive.
+    Paged caches come from a BlockPool instead (`pool.make_caches`), so formats need not know about pools.
     """
     args, weight = model.args, model.model.embed_tokens.weight
-    if pool is not None:
-        if pool.fmt != fmt or batch != 1:
-            raise InvalidRequestError(f"a {pool.fmt} block pool gives batch-1 {pool.fmt} caches, not batch-{batch} "
-                                      f"{fmt} ones")
-        return pool.make_caches(args.num_hidden_layers)
     heads, head_dim = args.num_key_value_heads, args.head_dim
     if fmt.kind in DENSE:
         return [DenseKVCache(batch, heads, head_dim, capacity, DENSE[fmt.kind], weight.device)

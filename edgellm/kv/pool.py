@@ -1,7 +1,11 @@
-"""One preallocated arena of fixed-size KV blocks shared by every agent's cache, under a byte budget.
+"""One preallocated arena of fixed-size KV blocks shared by every agent's cache, and the paged cache drawn from it.
 
 A block holds what one layer needs for `block_tokens` tokens in one KV format (dense K/V, or packed codes plus
 fp16 scales/zeros). Blocks are reference counted so caches can share a common prefix (copy-on-write).
+The pool and PagedKVCache live together because the cache indexes the pool's field layout directly.
+
+A PagedKVCache's `state()` returns exactly the tensors (names, dtypes, shapes) of the contiguous cache of the same
+format, so a memory file saved from a paged cache restores into a contiguous one and back, bit for bit.
 """
 
 from __future__ import annotations
@@ -10,13 +14,16 @@ import ctypes
 import ctypes.util
 import mmap
 import sys
+import weakref
+from collections.abc import Iterator
 
 import torch
 
 from edgellm.errors import EdgeLLMError, InvalidRequestError
+from edgellm.kv.cache import SingleOffset
+from edgellm.kv.codec import QuantizedTensor, dequantize, hadamard, quantize
 from edgellm.kv.formats import DENSE, QUANTIZED, KVFormat, ModelShape
-from edgellm.kv.paged import PagedKVCache
-from edgellm.kv.quantized import head_group
+from edgellm.kv.quantized_cache import blockwise_attention, head_group
 
 DEFAULT_BLOCK_TOKENS = 256  # the seed paper's block size
 ALIGN = 64  # every field starts on a cache line, which also satisfies any dtype's alignment
@@ -128,3 +135,158 @@ class BlockPool:
     def make_caches(self, layers: int) -> list[PagedKVCache]:
         """One empty paged cache per layer; blocks are taken from the pool as tokens arrive."""
         return [PagedKVCache(self) for _ in range(layers)]
+
+
+class PagedKVCache(SingleOffset):
+    """One layer's K/V for one sequence (batch 1): token i lives in block `table[i // block_tokens]`.
+
+    Blocks are taken lazily as tokens arrive (or up front with `reserve`); a block shared with a fork is copied
+    before its first write. Blocks still held when the cache is garbage collected go back to the pool.
+    """
+
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        self.table: list[int] = []  # mutated in place: the finalizer below frees whatever it holds at the end
+        self.offset = 0
+        self._finalizer = weakref.finalize(self, pool.free, self.table)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks this cache holds (a block shared with a fork counts in both)."""
+        return len(self.table) * self.pool.block_bytes
+
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.pool.block_tokens)
+
+    def blocks_needed(self, tokens: int) -> int:
+        """Fresh blocks that holding `tokens` tokens needs: new table entries plus a copy of a shared tail."""
+        if tokens <= self.offset:
+            return 0
+        tail = self.offset // self.pool.block_tokens
+        cow = tail < len(self.table) and self.pool.shared(self.table[tail])
+        return max(0, self._blocks_for(tokens) - len(self.table)) + cow
+
+    def reserve(self, tokens: int) -> None:
+        """Take every block that writing up to `tokens` tokens needs now, so a forward pass cannot run out midway.
+
+        Raises PoolExhausted, with nothing changed, when the pool has too few free blocks.
+        """
+        fresh = self.pool.alloc(self.blocks_needed(tokens))
+        if not fresh:
+            return
+        tail = self.offset // self.pool.block_tokens
+        if tail < len(self.table) and self.pool.shared(self.table[tail]):  # copy-on-write of a shared tail
+            new = fresh.pop()
+            self.pool.copy(self.table[tail], new)
+            self.pool.free([self.table[tail]])
+            self.table[tail] = new
+        self.table.extend(fresh)
+
+    def _append(self, fields: dict[str, torch.Tensor]) -> None:
+        """Write (kv_heads, n, width) tensors per pool field at tokens offset..offset+n, all blocks in one scatter."""
+        n = next(iter(fields.values())).shape[1]
+        end = self.offset + n
+        self.reserve(end)
+        bt = self.pool.block_tokens
+        pos = torch.arange(self.offset, end)
+        blocks = torch.tensor(self.table, dtype=torch.long)[pos // bt]
+        for name, x in fields.items():
+            field = self.pool.fields[name]
+            field.permute(0, 2, 1, 3)[blocks, pos % bt] = x.transpose(0, 1).to(field.dtype)
+        self.offset = end
+
+    def _encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This step's K/V (1, kv_heads, n, D) as the pool's fields hold them (quantized exactly as the
+        contiguous QuantizedKVCache does: rotated, cast to the model dtype, then quantized)."""
+        if keys.shape[0] != 1:
+            raise InvalidRequestError(f"a paged KV cache holds one sequence, got a batch of {keys.shape[0]}")
+        pool = self.pool
+        if not pool.fmt.quantized:
+            return {"keys": keys[0], "values": values[0]}
+        keys = (hadamard(keys.float()) if pool.hadamard else keys).to(pool.dtype)
+        fields = {}
+        for name, x in (("keys", keys), ("values", values.to(pool.dtype))):
+            q = quantize(x[0], pool.bits, pool.group)
+            fields |= {f"{name}.data": q.data, f"{name}.scales": q.scales, f"{name}.zeros": q.zeros}
+        return fields
+
+    def _gather(self, name: str) -> torch.Tensor:
+        """Field `name` of tokens 0..offset as one (1, kv_heads, offset, width) tensor (a copy)."""
+        used = torch.tensor(self.table[: self._blocks_for(self.offset)], dtype=torch.long)
+        blocks = self.pool.fields[name][used]  # (blocks, heads, block_tokens, width)
+        return blocks.transpose(0, 1).flatten(1, 2)[:, : self.offset].unsqueeze(0)
+
+    def _read(self, name: str, block: int, n: int) -> torch.Tensor:
+        """The first `n` tokens of K or V in `block`, as fp32 (1, kv_heads, n, D)."""
+        pool = self.pool
+        if not pool.fmt.quantized:
+            return pool.fields[name][block, :, :n].unsqueeze(0).float()
+        parts = [pool.fields[f"{name}.{p}"][block, :, :n].unsqueeze(0) for p in ("data", "scales", "zeros")]
+        return dequantize(QuantizedTensor(*parts, pool.bits, pool.group, (1, pool.kv_heads, n, pool.head_dim)))
+
+    def _blocks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(first token, K, V) in fp32, one pool block at a time."""
+        bt = self.pool.block_tokens
+        for i, block in enumerate(self.table[: self._blocks_for(self.offset)]):
+            n = min(bt, self.offset - i * bt)
+            yield i * bt, self._read("keys", block, n), self._read("values", block, n)
+
+    def update_and_fetch(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store, then return every token's K/V (materialises the cache; `attend` does not)."""
+        self._append(self._encode(keys, values))
+        pool = self.pool
+        if not pool.fmt.quantized:
+            return self._gather("keys"), self._gather("values")
+        shape = (1, pool.kv_heads, self.offset, pool.head_dim)
+        k, v = (dequantize(QuantizedTensor(*(self._gather(f"{name}.{p}") for p in ("data", "scales", "zeros")),
+                                           pool.bits, pool.group, shape)) for name in ("keys", "values"))
+        return (hadamard(k) if pool.hadamard else k).to(pool.dtype), v.to(pool.dtype)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+        """Store `keys`/`values`, then attention over the cache one pool block at a time (online softmax)."""
+        start = self.offset
+        self._append(self._encode(keys, values))
+        return blockwise_attention(q, self._blocks(), self.pool.kv_heads, start, mask, scale, self.pool.hadamard)
+
+    def trim(self, n: int) -> None:
+        """Forget the last `n` tokens and give back whole blocks past the new end (`trim(0)` drops reservations)."""
+        self.offset = max(0, self.offset - n)
+        keep = self._blocks_for(self.offset)
+        self.pool.free(self.table[keep:])
+        del self.table[keep:]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The contiguous cache's tensors for tokens 0..offset: same names, dtypes and shapes (batch 1)."""
+        return {name: self._gather(name) for name in self.pool.fields}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the contents with a `state()` of a paged or contiguous cache of the same format; all or nothing."""
+        pool = self.pool
+        if set(state) != set(pool.fields):
+            raise InvalidRequestError(f"saved state holds {sorted(state)}, a {pool.fmt} cache holds "
+                                      f"{sorted(pool.fields)}")
+        tokens = next(iter(state.values())).shape[2] if next(iter(state.values())).dim() == 4 else -1
+        for name, t in state.items():
+            field = pool.fields[name]
+            if tuple(t.shape) != (1, pool.kv_heads, tokens, field.shape[3]) or t.dtype != field.dtype:
+                raise InvalidRequestError(f"saved {name} {tuple(t.shape)} {t.dtype} does not match this {pool.fmt} "
+                                          f"cache (kv_heads {pool.kv_heads}, width {field.shape[3]}, {field.dtype})")
+        fresh = pool.alloc(self._blocks_for(tokens))
+        self.release()
+        self.table.extend(fresh)
+        self._append({name: t[0] for name, t in state.items()})
+
+    def fork(self, tokens: int | None = None) -> PagedKVCache:
+        """A cache holding this one's first `tokens` tokens (all by default) by sharing its blocks, copy-on-write."""
+        tokens = self.offset if tokens is None else min(tokens, self.offset)
+        child = PagedKVCache(self.pool)
+        child.table.extend(self.pool.share(b) for b in self.table[: self._blocks_for(tokens)])
+        child.offset = tokens
+        return child
+
+    def release(self) -> None:
+        """Give every block back to the pool; the cache is empty afterwards."""
+        self.pool.free(self.table)
+        self.table.clear()
+        self.offset = 0

@@ -9,12 +9,10 @@ from torch import nn
 
 from edgellm.errors import InvalidRequestError
 from edgellm.kv.cache import KVCache
-from edgellm.kv.formats import make_caches
-from edgellm.kv.pool import PoolExhausted
+from edgellm.kv.pool import BlockPool, PoolExhausted
 
 if TYPE_CHECKING:
     from edgellm.kv.formats import KVFormat
-    from edgellm.kv.pool import BlockPool
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -33,8 +31,11 @@ class PromptCache:
 
     def __init__(self, model: nn.Module, capacity: int = 256, kv_format: KVFormat | None = None,
                  pool: BlockPool | None = None) -> None:
-        self.kv_format, self.pool = (kv_format or pool.fmt, pool) if pool is not None else (kv_format, None)
-        self.layers: list[KVCache] = (make_caches(model, self.kv_format, capacity, pool=pool) if pool is not None
+        if pool is not None and kv_format not in (None, pool.fmt):
+            raise InvalidRequestError(f"a {pool.fmt} block pool gives batch-1 {pool.fmt} caches, not batch-1 "
+                                      f"{kv_format} ones")
+        self.kv_format, self.pool = (pool.fmt, pool) if pool is not None else (kv_format, None)
+        self.layers: list[KVCache] = (pool.make_caches(model.args.num_hidden_layers) if pool is not None
                                       else model.make_cache(capacity, kv_format=kv_format))
         self.tokens: list[int] = []
 

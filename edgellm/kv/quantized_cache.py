@@ -9,15 +9,13 @@ With `hadamard`, keys are rotated before quantizing; attention rotates the queri
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from edgellm.errors import InvalidRequestError
 from edgellm.kv.cache import SingleOffset
-from edgellm.kv.quant import BITS, QuantizedTensor, dequantize, hadamard, quantize
+from edgellm.kv.codec import BITS, QuantizedTensor, dequantize, hadamard, quantize
 
 SCHEMES = ("token", "kivi")
 ATTENTION_BLOCK = 256  # tokens dequantized at a time: bounds attention's float scratch memory
@@ -301,13 +299,3 @@ class QuantizedKVCache(SingleOffset):
         self.recent_values[:, :, :held] = windows[1]
         self.quantized, self.offset = quantized, quantized + held
 
-
-def measure_peak_bytes(fn: Callable[[], object]) -> int:
-    """Largest amount of tensor memory `fn` holds allocated at once (CPU allocator events, via torch.profiler).
-
-    Used to show that `attend` over a quantized cache never allocates what materialising its K/V would.
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    return max(itertools.accumulate((e.self_cpu_memory_usage for e in events), initial=0))
