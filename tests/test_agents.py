@@ -186,6 +186,7 @@ def _save_repeatedly(root: str, model_dir: str, n: int, seed: int) -> None:
         agent.save()
 
 
+@pytest.mark.slow
 def test_concurrent_saves_never_tear_the_file(engine, llama_dir, tmp_path):
     model, tok = engine
     ctx = mp.get_context("spawn")

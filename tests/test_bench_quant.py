@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from edgellm.cli import main
 
 
+@pytest.mark.slow
 def test_bench_quant_reports_size_bits_and_quality(checkpoint, tmp_path, capsys):
     path = checkpoint("llama", hidden_size=128, intermediate_size=256, max_position_embeddings=512)
     out, png = tmp_path / "q.json", tmp_path / "q.png"
     assert main(["bench", "quant", "--model", str(path), "--formats", "fp32,q8_0,int2-g64", "--threads", "1",
           "--prompt-len", "16", "--decode-tokens", "4", "--reps", "1", "--ppl-tokens", "200", "--ppl-window", "64",
-          "--json", str(out), "--plot", str(png)]) == 0
+          "--op-split", "--json", str(out), "--plot", str(png)]) == 0
     report = json.loads(out.read_text())
     rows = {r["format"]: r for r in report["rows"]}
     assert set(rows) == {"fp32", "q8_0", "int2-g64"} and all(r["engine"] == "edgellm" for r in rows.values())
@@ -25,7 +28,10 @@ def test_bench_quant_reports_size_bits_and_quality(checkpoint, tmp_path, capsys)
     assert abs(kl["fp32"]) < 1e-4 and kl["fp32"] < kl["q8_0"] < kl["int2-g64"]
     speed = rows["q8_0"]["speed"]["1"]
     assert {"decode_tok_s", "prefill_tok_s", "decode_pct_bandwidth", "dequant_share_pct"} <= set(speed)
-    assert png.stat().st_size > 0 and "int2-g64" in capsys.readouterr().out
+    # --op-split: every format's decode step, split by kind of op (the accounting is tested in test_threads)
+    assert all(set(r["speed"]["1"]["op_split"]["ops"]) >= {"mlp_down", "attention", "other"} for r in rows.values())
+    printed = capsys.readouterr().out
+    assert png.stat().st_size > 0 and "int2-g64" in printed and "int2-g64 1T" in printed
 
 
 def test_bench_quant_rejects_unknown_format(capsys):

@@ -51,6 +51,7 @@ def house_error(returncode: int, stderr: str, needle: str) -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_every_subcommand_reports_bad_arguments_in_one_line(llama_dir: Path, tmp_path: Path):
     truncated = Path(shutil.copytree(llama_dir, tmp_path / "truncated"))
     data = (truncated / "model.safetensors").read_bytes()

@@ -35,6 +35,7 @@ def run_build(src: Path, env: dict, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_killed_build_does_not_block_the_next_process(tmp_path):
     src = tmp_path / "csrc"
     src.mkdir()
