@@ -172,6 +172,42 @@ class AgentStore:
         self.enforce_budget(keep=name)
         return agent
 
+    def acquire(self, name: str) -> tuple[Agent, bool]:
+        """The agent, pinned (never evicted) until `release`; and whether its memory was just read from disk."""
+        from_disk = name not in self.live
+        agent = self.agent(name)
+        agent.pinned = True
+        return agent, from_disk and agent.restore_note is None and bool(agent.cache.tokens)
+
+    def release(self, agent: Agent, save: bool) -> None:
+        """Unpin an agent after a turn, writing its memory to disk if asked; the budget applies again."""
+        agent.pinned = False
+        if save:
+            self.save(agent)
+        self.enforce_budget(keep=agent.name)
+
+    def forget(self, agent: Agent) -> None:
+        """Drop a live agent without saving (its cache may be inconsistent): the next use restores the last save."""
+        if self.live.get(agent.name) is agent:
+            del self.live[agent.name]
+
+    def describe(self, name: str, saved: dict[str, AgentInfo] | None = None) -> dict | None:
+        """What is known of an agent, on disk and in RAM; None when it exists in neither."""
+        saved = {i.name: i for i in self.list()} if saved is None else saved
+        info, live = saved.get(name), self.live.get(name)
+        if info is None and live is None:
+            return None
+        out = {"name": name, "tokens": 0, "file_bytes": 0, "kv_format": str(self.kv_format), "live": False}
+        out |= info.to_json() if info else {}
+        if live is not None:
+            out |= {"tokens": len(live.cache.tokens), "live": True, "live_bytes": live.nbytes,
+                    "messages": len(live.messages)}
+        return out
+
+    def describe_all(self) -> list[dict]:
+        saved = {i.name: i for i in self.list()}
+        return [self.describe(name, saved) for name in sorted(set(saved) | set(self.live))]
+
     def fork(self, source: str, name: str) -> Agent:
         """A new agent starting from `source`'s memory (e.g. a shared system prompt), its blocks shared in the pool."""
         if name in self.live or self.path(name).exists():

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import http.client
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +23,7 @@ import uvicorn
 
 from edgellm import SamplingParams, load
 from edgellm.agents import AgentStore
-from edgellm.serve import create_app, is_loopback, parse_bytes
+from edgellm.serve import ShutdownNotifyingServer, create_app, is_loopback, parse_bytes
 from edgellm.serve.metrics import ServerMetrics
 from edgellm.serve.scheduler import Engine, GenerationRequest
 from tests.conftest import build_checkpoint
@@ -32,11 +38,13 @@ class Server:
         model, tokenizer = load(model_dir, "fp32")
         tokenizer.eos_token_ids = set()  # a random model may say EOS at any step; tests want fixed lengths
         store = AgentStore(store_dir, model, tokenizer, "fp16", budget)
+        self.store_dir = Path(store_dir)
         self.app = create_app(model, tokenizer, store, **options)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = ShutdownNotifyingServer(config, self.app.state.begin_shutdown)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 20
@@ -429,3 +437,176 @@ def test_engine_stop_fails_in_flight_requests_and_flushes_agent_memory(model_dir
         assert {a.name: a.tokens for a in store.list()}["keeper"] >= 8
     finally:
         loop.close()
+
+
+def _post_raw(server: Server, path: str, body: str) -> httpx.Response:
+    """POST a JSON text as is: json.dumps would not write Infinity the way a client bug might, nor keep escapes."""
+    return httpx.post(f"{server.url}{path}", content=body.encode(), headers={"content-type": "application/json"})
+
+
+def test_out_of_range_seed_is_400_and_keeps_the_connection(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        for seed in ("1180591620717411303424", str(-2**63 - 1), str(2**63)):
+            conn.request("POST", "/v1/completions", f'{{"model": "{server.model}", "prompt": "x", "seed": {seed}}}',
+                         {"content-type": "application/json"})
+            sock = conn.sock
+            response = conn.getresponse()
+            body = json.loads(response.read())
+            assert response.status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
+            assert body["error"]["param"] == "seed"
+            conn.request("GET", "/v1/models")  # on the same keep-alive connection: it was not dropped
+            assert conn.getresponse().read() and conn.sock is sock is not None
+    finally:
+        conn.close()
+    for seed in (2**63 - 1, -2**63):  # the int64 range OpenAI documents is accepted
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": server.model, "prompt": "x", "max_tokens": 1,
+                                                              "seed": seed, "temperature": 1})
+        assert r.status_code == 200, r.text
+
+
+def test_lone_surrogates_are_400(server):
+    model, chat_ = server.model, "/v1/chat/completions"
+    message = '[{"role": "user", "content": "hi"}]'
+    cases = [
+        ("/v1/completions", f'{{"model": "{model}", "prompt": "a\\ud800b"}}', "prompt"),
+        ("/v1/completions", f'{{"model": "{model}", "prompt": ["\\udfff"]}}', "prompt.0"),
+        ("/v1/completions", f'{{"model": "{model}", "prompt": "\\ud800", "stream": true}}', "prompt"),
+        ("/v1/completions", f'{{"model": "{model}", "prompt": "x", "stop": ["\\ud800"]}}', "stop.0"),
+        (chat_, f'{{"model": "{model}", "messages": [{{"role": "user", "content": "\\ud800"}}]}}',
+         "messages.0.content"),
+        (chat_, f'{{"model": "{model}", "messages": [{{"role": "user", "content": "\\ud800"}}], "stream": true}}',
+         "messages.0.content"),
+        (chat_, f'{{"model": "{model}", "messages": [{{"role": "user", "content": [{{"type": "text", '
+                f'"text": "\\ud800"}}]}}]}}', "messages.0.content.0.text"),
+        (chat_, f'{{"model": "{model}", "messages": {message}, "user": "\\ud800"}}', "user"),
+    ]
+    for path, body, param in cases:
+        r = _post_raw(server, path, body)
+        assert r.status_code == 400, (body, r.text)
+        err = _error(r)
+        assert err["param"] == param and "surrogate" in err["message"], (body, err)
+
+
+def test_types_are_strict_and_numbers_finite(server):
+    model = server.model
+    base = f'"model": "{model}", "prompt": "x"'
+    refused = [('"max_tokens": "5"', "max_tokens"), ('"max_tokens": true', "max_tokens"),
+               ('"max_tokens": 2.0', "max_tokens"), ('"stream": "yes"', "stream"), ('"stream": 1', "stream"),
+               ('"n": true', "n"), ('"temperature": true', "temperature"), ('"temperature": "1"', "temperature"),
+               ('"repetition_penalty": Infinity', "repetition_penalty"), ('"top_p": NaN', "top_p"),
+               ('"temperature": 1e999', "temperature"), ('"seed": "7"', "seed"), ('"top_k": 1.5', "top_k"),
+               ('"stream_options": {"include_usage": "true"}', "stream_options.include_usage"),
+               ('"stop": ["a", "b", "c", "d", "e"]', "stop")]
+    for fields, param in refused:
+        r = _post_raw(server, "/v1/completions", f"{{{base}, {fields}}}")
+        assert r.status_code == 400, (fields, r.text)
+        assert _error(r)["param"] == param, (fields, r.text)
+    r = _post_raw(server, "/v1/completions", f'{{"model": "{model}", "prompt": [true]}}')
+    assert r.status_code == 400 and _error(r)["param"] == "prompt"
+    r = _post_raw(server, "/v1/completions", f'{{"model": "{model}", "prompt": [[1, 2], [3]]}}')
+    assert r.status_code == 400 and "one prompt" in _error(r)["message"]
+    accepted = ['"temperature": 1', '"top_p": 1', '"presence_penalty": 0', '"max_tokens": 2, "seed": 3',
+                '"temperature": 1e-300', '"top_p": 1e-300, "temperature": 1']
+    for fields in accepted:  # OpenAI takes an int where a number is due; tiny values must not break sampling
+        r = _post_raw(server, "/v1/completions", f'{{{base}, "max_tokens": 2, {fields}}}')
+        assert r.status_code == 200, (fields, r.text)
+    for prompt in ("import os", ["import os"], [5, 6, 7], [[5, 6, 7]]):  # OpenAI's four prompt forms
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, (prompt, r.text)
+
+
+def test_body_limit_and_early_length_check(server):
+    limit, chars = server.app.state.max_body_bytes, server.app.state.max_prompt_chars
+    assert httpx.get(f"{server.url}/health").json()["max_body_bytes"] == limit
+    big = json.dumps({"model": server.model, "prompt": "import os\n" * (2 * limit // 10)}).encode()
+    r = httpx.post(f"{server.url}/v1/completions", content=big)
+    assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
+    r = httpx.post(f"{server.url}/v1/completions", content=iter([big[:limit], big[limit:]]))  # chunked: no length
+    assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
+    for path, key, param in (("/v1/completions", "prompt", "prompt"), ("/v1/chat/completions", "messages", "messages")):
+        text = "x" * (chars + 1)
+        value = text if key == "prompt" else [{"role": "user", "content": text}]
+        r = httpx.post(f"{server.url}{path}", json={"model": server.model, key: value})
+        err = _error(r)
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == param
+        assert f"{chars + 1} characters" in err["message"]  # refused before tokenizing, by its length in characters
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": server.model, "prompt": "x" * chars})
+    assert r.status_code == 400 and "tokens" in _error(r)["message"]  # within the bound: tokenized, then refused
+
+
+def test_agent_names_with_a_newline_never_reach_the_store(server):
+    good = {"model": server.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**good, "user": "alice\n"})
+    assert r.status_code == 200
+    hashed = "u-" + hashlib.sha256(b"alice\n").hexdigest()[:16]
+    assert httpx.get(f"{server.url}/v1/agents/{hashed}").status_code == 200
+    deadline = time.time() + 10
+    while not (server.store_dir / f"{hashed}.safetensors").exists():  # saved just after the reply
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert not any("\n" in p.name for p in server.store_dir.iterdir())
+    assert all("\n" not in a["id"] for a in httpx.get(f"{server.url}/v1/agents").json()["data"])
+
+    async def with_header() -> httpx.Response:
+        # no HTTP/1.1 client or server lets a raw newline into a header value; over ASGI (a proxy, HTTP/2) it can
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app), base_url="http://t") as client:
+            return await client.post("/v1/chat/completions", json=good, headers={"X-Agent-Id": "a\n"})
+
+    r = asyncio.run(with_header())
+    assert r.status_code == 400 and "invalid agent name" in _error(r)["message"]
+    assert not (server.store_dir / "a\n.safetensors").exists()
+
+
+def test_health_details_need_the_api_key(model_dir, tmp_path):
+    srv = Server(model_dir, tmp_path, api_key="sekret")
+    try:
+        assert httpx.get(f"{srv.url}/health").json() == {"status": "ok"}
+        assert httpx.get(f"{srv.url}/health", headers={"Authorization": "Bearer wrong"}).json() == {"status": "ok"}
+        full = httpx.get(f"{srv.url}/health", headers={"Authorization": "Bearer sekret"}).json()
+        assert full["status"] == "ok" and "agents" in full and full["context"] == CONTEXT
+    finally:
+        srv.stop()
+
+
+def test_sigterm_ends_a_running_stream_with_an_error_event(tmp_path):
+    model = build_checkpoint(tmp_path / "model", "llama", max_position_embeddings=4096)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    del config["eos_token"]  # a random model may say EOS at any step: the stream must still run at SIGTERM
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "generation_config.json").unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "edgellm", "serve", "--model", str(model), "--port", str(port),
+                             "--store", str(tmp_path / "agents"), "--dtype", "fp32"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.time() < deadline, "server did not start"
+                time.sleep(0.2)
+        body = {"model": name, "prompt": "import os", "max_tokens": 4000, "stream": True}
+        lines = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():  # a cut-off chunked body would raise RemoteProtocolError here
+                lines.append(line)
+                if len(lines) == 6:
+                    proc.send_signal(signal.SIGTERM)
+        events = [line.removeprefix("data: ") for line in lines if line]
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "server_error"
+        assert "shutting down" in error["message"]
+        assert len(events) < 100  # ended at SIGTERM, not after the 4000 tokens
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+        assert b"graceful shutdown exceeded" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()

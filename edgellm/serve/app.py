@@ -4,11 +4,21 @@ Agents: a request names its agent with the `X-Agent-Id` header or, failing that,
 header wins). The agent's KV memory is reused (only new tokens are prefilled), saved after every request and
 restored after a restart. A second request for an agent that is already generating waits in the queue.
 Requests without an agent reuse the longest matching prefix among a few anonymous caches.
+
+Size limits keep one huge request from stalling the others (tokenizing runs in a worker thread, but parsing
+JSON runs on the event loop): a token stands for at most `token_chars` characters of text (its longest vocab
+entry, counted once per byte for byte-level BPE, which over-counts SentencePiece's '<0x0A>' or '▁'), so a prompt
+longer than `context * token_chars` characters cannot fit and is refused before it is tokenized. A Unicode
+normalizer (NFC) may merge up to 4 code points into one, so with one the bound is 4x wider. A chat template only
+adds text to the messages (unless it trims them, when an over-long message of blanks is refused too). JSON
+escapes a text byte into at most 6 bytes (a control character as \u0001), so a body that can hold a prompt that
+fits is at most 6x that bound plus the message structure and the other fields (`max_body_bytes`, else 413).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import hmac
 import json
@@ -27,19 +37,33 @@ from torch import nn
 from edgellm.agents import AgentStore, check_agent_name, is_agent_name
 from edgellm.errors import EdgeLLMError
 from edgellm.sampling import SamplingParams
+from edgellm.sequence import check_prompt
 from edgellm.serve import protocol as p
 from edgellm.serve.metrics import ServerMetrics
 from edgellm.serve.scheduler import Engine, Event, GenerationRequest
 from edgellm.tokenizer import Tokenizer
 
 AGENT_HEADER = "x-agent-id"
-OPEN_PATHS = {"/health"}  # reachable without the API key (liveness probes)
+OPEN_PATHS = {"/health"}  # reachable without the API key (liveness probes); details only with the key
+AUTHORIZED = "edgellm.authorized"  # scope key: the request carried the API key (or none is configured)
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+GREEDY_BELOW = 1e-5  # sampling at a lower temperature is greedy in all but ties, and overflows float32 logits
+MIN_TOP_P = 1e-8  # keeps only the top token for any vocabulary; a smaller top_p rounds to 0 in float32
+# glibc keeps the heap pages a prefill's activations freed; malloc_trim hands them back (absent elsewhere: None)
+MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
+
+
+def token_chars(tokenizer: Tokenizer) -> int:
+    """The most characters of input text one token can stand for (see the module docstring)."""
+    longest = max(map(len, tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
+    return longest * (4 if tokenizer.backend.normalizer is not None else 1)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One readable line and the offending field from pydantic's error list."""
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # a union reports each member's complaint: a bad value (too long, lone surrogate) says more than a type mismatch
+    err = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
     if err.get("type") == "json_invalid":
         return "request body is not valid JSON", None
     if tuple(err.get("loc", ())) == ("body",):
@@ -51,26 +75,42 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 class _Gate:
-    """Plain ASGI middleware (BaseHTTPMiddleware would hide client disconnects): API key, JSON body, counting."""
+    """Plain ASGI middleware (BaseHTTPMiddleware would hide client disconnects): API key, body size limit, JSON
+    body, counting."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: ServerMetrics, max_body_bytes: int) -> None:
+        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
         self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def refuse(self, scope: Scope, receive: Receive, send: Send, status: int, body: dict, endpoint: str) -> None:
+        self.metrics.errors.labels(body["error"]["type"]).inc()
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        # close the connection: the unread rest of a refused body must not be parsed as the next request
+        await JSONResponse(body, status_code=status, headers={"Connection": "close"})(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.expected and scope["path"] not in OPEN_PATHS and \
-                not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
-            self.metrics.errors.labels("authentication_error").inc()
-            self.metrics.requests.labels("unauthorized", "401").inc()
+        authorized = not self.expected or hmac.compare_digest(headers.get(b"authorization", b""), self.expected)
+        scope[AUTHORIZED] = authorized
+        if not authorized and scope["path"] not in OPEN_PATHS:
             body = p.error_body("missing or wrong API key; send 'Authorization: Bearer <key>'",
                                 "authentication_error", code="invalid_api_key")
-            return await JSONResponse(body, status_code=401)(scope, receive, send)
+            return await self.refuse(scope, receive, send, 401, body, "unauthorized")
         if scope["method"] == "POST":  # like llama-server, read JSON whatever the Content-Type (curl -d sends a form)
             scope["headers"] = [*((k, v) for k, v in scope["headers"] if k != b"content-type"),
                                 (b"content-type", b"application/json")]
+            too_large = p.error_body(f"request body is larger than this server's limit of {self.max_body_bytes} "
+                                     "bytes; no prompt that large fits the model's context window",
+                                     code="request_too_large")
+            length = headers.get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_body_bytes:
+                return await self.refuse(scope, receive, send, 413, too_large, "too_large")
+            body = await self.read_body(receive)
+            if body is None:
+                return await self.refuse(scope, receive, send, 413, too_large, "too_large")
+            receive = self.replay(body, receive)
         status = 500
 
         async def send_and_note(message: Message) -> None:
@@ -84,19 +124,51 @@ class _Gate:
         finally:
             self.metrics.requests.labels(getattr(scope.get("route"), "path", "unmatched"), str(status)).inc()
 
+    async def read_body(self, receive: Receive) -> bytes | None:
+        """The whole body (a chunked one has no Content-Length to check up front), or None once over the limit."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    @staticmethod
+    def replay(body: bytes, receive: Receive) -> Receive:
+        """Hands the app the body already read, then the connection's own messages (a disconnect)."""
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive_again() -> Message:
+            return pending.pop() if pending else await receive()
+
+        return receive_again
+
 
 def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max_concurrency: int = 8,
                max_queue: int = 64, api_key: str | None = None, prefill_chunk: int = 512,
-               kv_predictor: nn.Module | None = None) -> FastAPI:
+               kv_predictor: nn.Module | None = None, max_body_bytes: int | None = None) -> FastAPI:
     """A FastAPI app serving `model`; the engine thread starts and stops with the app's lifespan.
 
     With `kv_predictor`, a request with `"kv_prediction": true` gets its prompt's KV cache predicted.
+    `max_body_bytes` defaults to the largest body a prompt that fits the context can need (module docstring).
+    Call `app.state.begin_shutdown()` on the event loop when the server starts shutting down: running responses
+    then end at once with an error (streams: an error event and [DONE]) instead of being cut off later.
     """
     metrics = ServerMetrics()
     engine = Engine(model, tokenizer, store, metrics, max_concurrency, max_queue, prefill_chunk,
                     kv_predictor=kv_predictor)
     model_id = getattr(model, "name", "edgellm")
     context = engine.context
+    max_prompt_chars = context * token_chars(tokenizer)
+    if max_body_bytes is None:  # escaped prompt text, then ~64 bytes of JSON per message/token and other fields
+        max_body_bytes = 6 * max_prompt_chars + 64 * context + 2**16
+    live: dict[int, GenerationRequest] = {}  # by id(): requests whose HTTP response is still being written
+    closing = False
+    trimmed = 0.0
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -107,13 +179,35 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
     app = FastAPI(title="edgellm", lifespan=lifespan)
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.max_body_bytes, app.state.max_prompt_chars = max_body_bytes, max_prompt_chars
+
+    def begin_shutdown() -> None:
+        nonlocal closing
+        closing = True
+        for generation in live.values():
+            generation.events.put_nowait(Event(error=p.ServeError("server is shutting down", 503, "server_error")))
+
+    app.state.begin_shutdown = begin_shutdown
+
+    def release_memory() -> None:
+        """Once the engine is idle, give freed heap back to the OS (at most once a second: it walks the heap)."""
+        nonlocal trimmed
+        if MALLOC_TRIM is None or engine.active or engine.waiting or time.monotonic() - trimmed < 1:
+            return
+        trimmed = time.monotonic()
+        asyncio.get_running_loop().run_in_executor(None, MALLOC_TRIM, 0)
+
+    def done(generation: GenerationRequest) -> None:
+        generation.cancel()  # a no-op once finished; frees the slot if the client left or the task was cancelled
+        live.pop(id(generation), None)
+        asyncio.get_running_loop().call_later(0.2, release_memory)  # the engine drops the sequence just after
 
     def error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
               code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
         metrics.errors.labels(type).inc()
         return JSONResponse(p.error_body(message, type, param, code), status_code=status, headers=headers)
 
-    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
+    app.add_middleware(_Gate, api_key=api_key, metrics=metrics, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(p.ServeError)
     async def on_serve_error(_: Request, e: p.ServeError) -> JSONResponse:
@@ -152,16 +246,26 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
             return body.user
         return "u-" + hashlib.sha256(body.user.encode()).hexdigest()[:16]
 
+    def check_chars(chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, a prompt too long for any tokenization to fit the context."""
+        if chars > max_prompt_chars:
+            raise p.ServeError(f"prompt has {chars} characters but the model's context window is {context} tokens "
+                               f"(at most {max_prompt_chars} characters); shorten it", param=param,
+                               code="context_length_exceeded")
+
     def check_ids(ids: list[int], param: str) -> None:
-        if not ids:
-            raise p.ServeError("prompt is empty; give at least one token", param=param)
-        if len(ids) >= context:
-            raise p.ServeError(f"prompt has {len(ids)} tokens but the model's context window is {context}; "
-                               "shorten it", param=param, code="context_length_exceeded")
+        """The engine's prompt check, answered in OpenAI's shape before the request is queued."""
+        try:
+            check_prompt(ids, context)
+        except EdgeLLMError as e:
+            raise p.ServeError(str(e), param=param, code="context_length_exceeded" if ids else None) from e
 
     def submit(request: Request, body: p.SamplingFields, ids: list[int], max_tokens: int | None,
                messages: list[dict] | None = None) -> GenerationRequest:
-        sampling = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+        if closing:
+            raise p.ServeError("server is shutting down", 503, "server_error")
+        temperature = body.temperature if body.temperature >= GREEDY_BELOW else 0.0
+        sampling = SamplingParams(temperature=temperature, top_k=body.top_k, top_p=max(body.top_p, MIN_TOP_P),
                                   min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                                   presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                                   seed=body.seed).validate()
@@ -173,6 +277,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
             loop=asyncio.get_running_loop(), stop=body.stop_list(), agent=agent, messages=messages if agent else None,
             kv_prediction=body.kv_prediction)
         engine.submit(generation)
+        live[id(generation)] = generation
         return generation
 
     async def next_event(generation: GenerationRequest, request: Request | None = None) -> Event:
@@ -203,7 +308,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                 if event.finish:
                     return "".join(pieces), event
         finally:
-            generation.cancel()  # a no-op once finished; frees the slot if the client left or this task was cancelled
+            done(generation)
 
     def stream(generation: GenerationRequest, chunk: Callable[..., dict], include_usage: bool,
                first: dict | None = None) -> StreamingResponse:
@@ -227,7 +332,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                         break
                 yield "data: [DONE]\n\n"
             finally:
-                generation.cancel()  # the client went away (or we are done): free the batch slot
+                done(generation)  # the client went away (or we are done): free the batch slot
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -235,11 +340,15 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
     # Handlers that take the store lock are plain `def`: FastAPI runs them in a worker thread, so a long save on
     # the engine thread never stalls the event loop (and every stream with it).
     @app.get("/health")
-    def health() -> dict:
+    def health(request: Request) -> dict:
+        """Liveness for anyone; the load and agent details only for holders of the API key."""
+        if not request.scope.get(AUTHORIZED):
+            return {"status": "ok"}
         with engine.store_lock:
             agents = store.stats()
         return {"status": "ok", "model": model_id, "active": engine.active, "queued": len(engine.waiting),
                 "max_concurrency": max_concurrency, "max_queue": max_queue, "context": context, "agents": agents,
+                "max_body_bytes": max_body_bytes,
                 "kv_predictor": str(getattr(kv_predictor, "path", "loaded")) if kv_predictor is not None else None}
 
     @app.get("/metrics")
@@ -257,7 +366,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
     async def chat_completions(request: Request, body: p.ChatCompletionRequest) -> Response:
         check_model(body.model)
         messages = [m.as_template_message() for m in body.messages]
-        ids = tokenizer.encode_chat(messages)
+        check_chars(sum(len(m["content"]) for m in messages), "messages")
+        ids = await asyncio.to_thread(tokenizer.encode_chat, messages)  # a long prompt must not stall other requests
         check_ids(ids, "messages")
         generation = submit(request, body, ids, body.max_completion_tokens or body.max_tokens, messages)
         id_, created = p.new_id("chatcmpl"), int(time.time())
@@ -275,12 +385,13 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
     async def completions(request: Request, body: p.CompletionRequest) -> Response:
         check_model(body.model)
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):  # a batch of prompts
             if len(prompt) != 1:
                 raise p.ServeError("only one prompt per request is supported (n=1)", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt) if prompt else []
+            check_chars(len(prompt), "prompt")
+            ids = await asyncio.to_thread(tokenizer.encode, prompt) if prompt else []
         else:
             ids = list(prompt)
             vocab = int(model.args.vocab_size)
@@ -297,26 +408,16 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         text, last = await collect(request, generation)
         return JSONResponse(p.completion_response(id_, model_id, text, last.finish, p.usage(*last.usage)))
 
-    def agent_json(name: str, listed: dict[str, dict] | None = None) -> dict | None:
+    def agent_json(name: str) -> dict | None:
         with engine.store_lock:
-            if listed is None:
-                listed = {i.name: i.to_json() for i in store.list()}
-            saved = listed.get(name)
-            live = store.live.get(name)
-            if saved is None and live is None:
-                return None
-            info = saved or {"name": name, "tokens": 0, "file_bytes": 0, "kv_format": str(store.kv_format)}
-            if live is not None:
-                info.update(tokens=len(live.cache.tokens), live=True, live_bytes=live.nbytes,
-                            messages=len(live.messages))
-            return {"id": name, "object": "agent", "live": False, **info}
+            info = store.describe(name)
+        return None if info is None else {"id": name, "object": "agent", **info}
 
     @app.get("/v1/agents")
     def list_agents() -> dict:
         with engine.store_lock:
-            listed = {i.name: i.to_json() for i in store.list()}
-            names = sorted(set(listed) | set(store.live))
-        return {"object": "list", "data": [a for n in names if (a := agent_json(n, listed))]}
+            agents = store.describe_all()
+        return {"object": "list", "data": [{"id": a["name"], "object": "agent", **a} for a in agents]}
 
     @app.get("/v1/agents/{name}")
     def get_agent(name: str) -> dict:

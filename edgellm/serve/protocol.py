@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from edgellm.errors import EdgeLLMError
 
@@ -27,53 +27,73 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-class StreamOptions(BaseModel):
+def _valid_unicode(text: str) -> str:
+    """JSON can escape a lone surrogate ("\\ud800"), which no tokenizer, file name or UTF-8 reply can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"lone surrogate at position {e.start}; send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+TokenIds = list[int]
+INT64 = 2**63
+
+
+class _Body(BaseModel):
+    """Strict like OpenAI: no "5" or true for an int, no "yes" for a bool, no Infinity/NaN (ints stay fine as
+    floats); unknown fields are ignored so newer clients keep working."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(_Body):
     """Sampling fields shared by both endpoints; top_k, min_p and repetition_penalty are extensions (as vLLM),
     as is kv_prediction."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
+    model: Text
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)
     min_p: float = Field(default=0.0, ge=0, lt=1)
-    repetition_penalty: float = Field(default=1.0, gt=0)
+    # useful values are 1-2; the bounds keep logits x or / the penalty finite in float32
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=100)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: Literal[1] = 1
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None  # OpenAI's limit: each is checked per token
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)  # OpenAI's int64; torch refuses wider seeds
+    n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     kv_prediction: bool = False  # extension: predict the prompt's KV cache (server started with --kv-predictor)
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-class TextPart(BaseModel):
+class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) or self.content is None else \
+            "".join(p.text for p in self.content)
 
     def as_template_message(self) -> dict:
         """The {role, content} dict chat templates expect; multi-part text is joined."""
-        content = self.content if isinstance(self.content, str) or self.content is None else \
-            "".join(p.text for p in self.content)
-        return {"role": self.role, "content": content or ""}
+        return {"role": self.role, "content": self.text() or ""}
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -82,7 +102,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str]
+    prompt: Text | TokenIds | list[Text] | list[TokenIds]  # OpenAI's four forms; a list must hold one prompt (n=1)
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for /v1/completions
 
 

@@ -207,12 +207,10 @@ class Engine:
         agent = None
         if req.agent is not None:
             with self.store_lock:
-                was_live = req.agent in self.store.live
-                agent = self.store.agent(req.agent)
-                agent.pinned = True  # never evicted while it is generating
+                agent, restored = self.store.acquire(req.agent)  # pinned: never evicted while it is generating
             if agent.restore_note:
                 log.warning("agent %s: saved memory not used (%s)", req.agent, agent.restore_note)
-            elif not was_live:
+            elif restored:
                 self.metrics.restored_tokens.inc(len(agent.cache.tokens))
             cache = agent.cache
         else:
@@ -274,10 +272,7 @@ class Engine:
             agent.messages = [*slot.request.messages, {"role": "assistant", "content": "".join(slot.seq.text)}]
         try:
             with self.store_lock:
-                agent.pinned = False
-                if save:
-                    self.store.save(agent)
-                self.store.enforce_budget(keep=agent.name)
+                self.store.release(agent, save)
         except OSError as e:  # a full or read-only disk must not wedge the agent or stop other streams
             log.error("could not persist agent %r: %s", agent.name, e)
         finally:
@@ -289,8 +284,7 @@ class Engine:
         if slot.agent is None:
             return
         with self.store_lock:
-            if self.store.live.get(slot.agent.name) is slot.agent:
-                del self.store.live[slot.agent.name]  # the next request restores the last good save
+            self.store.forget(slot.agent)  # the next request restores the last good save
         with self.cond:
             self.busy_agents.discard(slot.agent.name)
 
