@@ -62,8 +62,17 @@ def agent_name(text: str) -> str:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
+    from edgellm.bench.common import add_threads_argument
     p.add_argument("--model", default=None, help="HF model directory (default: edgellm's built-in model)")
     p.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 where the CPU has it natively)")
+    add_threads_argument(p)
+
+
+def _use_threads(threads: int) -> None:
+    """Size torch's thread pool before the model first runs. The setting is process-wide: a thread started later
+    (serve's engine) picks it up on its first torch call."""
+    import torch
+    torch.set_num_threads(threads)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -109,6 +118,7 @@ def _kv_predictor(args: argparse.Namespace, model, tokenizer):
 def cmd_generate(args: argparse.Namespace) -> None:
     from edgellm import load, stream_generate
     sampling = _sampling(args)
+    _use_threads(args.threads)
     model, tokenizer = load(args.model, args.dtype)
     predictor = _kv_predictor(args, model, tokenizer)
     agent = _open_agent(args, model, tokenizer) if args.agent else None
@@ -129,7 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     stats = {"prompt_tokens": last.prompt_tokens, "cached_tokens": last.cached_tokens,
              "generation_tokens": len(tokens), "ttft_s": round(last.ttft_s, 4),
              "prefill_tok_s": round(last.prefill_tok_s, 1), "decode_tok_s": round(last.decode_tok_s, 1),
-             "finish_reason": last.finish_reason, "predicted_tokens": last.predicted_tokens}
+             "finish_reason": last.finish_reason, "predicted_tokens": last.predicted_tokens, "threads": args.threads}
     if args.json:
         print(json.dumps({"text": "".join(pieces), "tokens": tokens, **stats}))
     else:
@@ -142,6 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from edgellm import PromptCache, load, stream_generate
     sampling = _sampling(args)
+    _use_threads(args.threads)
     model, tokenizer = load(args.model, args.dtype)
     predictor = _kv_predictor(args, model, tokenizer)
     agent = _open_agent(args, model, tokenizer) if args.agent else None
@@ -255,6 +266,7 @@ def check_port_free(host: str, port: int) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from edgellm.serve import serve
     check_port_free(args.host, args.port)
+    _use_threads(args.threads)
     serve(args.model, args.host, args.port, args.store, args.kv_format, args.memory_budget, args.max_concurrency,
           args.max_queue, args.api_key, args.dtype, args.prefill_chunk, args.kv_predictor)
 

@@ -93,9 +93,11 @@ def test_bench_speed_edgellm_alone_bf16(checkpoint, tmp_path):
     path = checkpoint("llama")
     out = tmp_path / "speed.json"
     assert main(["bench", "speed", "--model", str(path), "--dtype", "bf16", "--prompt-lens", "8",
-                 "--decode-tokens", "2", "--reps", "1", "--no-transformers", "--json", str(out)]) == 0
+                 "--decode-tokens", "2", "--reps", "1", "--no-transformers", "--threads", "1",
+                 "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["settings"]["engines"] == ["edgellm"]
+    assert report["settings"]["threads"] == 1
     row = report["results"][0]
     assert "transformers" not in row and "edgellm_over_transformers" not in row
     assert ("prefill_pct_fp32_peak" in row["edgellm"]) == (not report["hardware"]["native_bf16"])

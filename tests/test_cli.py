@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from edgellm.perf.hardware import physical_cores
 from tests.test_errors import run_cli
 
 
@@ -19,6 +20,15 @@ def test_generate_json_has_required_fields(llama_dir):
     for key in ("text", "tokens", "prompt_tokens", "ttft_s", "prefill_tok_s", "decode_tok_s"):
         assert key in out
     assert out["prompt_tokens"] > 1 and 1 <= len(out["tokens"]) <= 5
+    assert out["threads"] == physical_cores()  # llama.cpp's default: one thread per physical core
+
+
+def test_generate_on_one_thread(llama_dir):
+    result = run_cli("generate", "--model", str(llama_dir), "--prompt", "def f(x):", "--max-tokens", "3",
+                     "--threads", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["threads"] == 1 and 1 <= len(out["tokens"]) <= 3
 
 
 def test_chat_reuses_kv_cache_between_turns(llama_dir):

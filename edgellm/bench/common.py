@@ -1,12 +1,18 @@
-"""Pieces every benchmark shares: argument types and writing the report."""
+"""Pieces every benchmark (and the CLI's model commands) share: argument types and writing the report."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from edgellm.perf.hardware import physical_cores
 
 
 def _int_at_least(text: str, least: int, what: str) -> int:
@@ -29,6 +35,45 @@ def non_negative_int(text: str) -> int:
 
 def positive_ints(text: str) -> list[int]:
     return [positive_int(t) for t in text.split(",") if t.strip()]
+
+
+def thread_count(text: str) -> int:
+    """An argparse type: threads from 1 to the logical CPUs. More would oversubscribe them, and OpenMP's spinning
+    workers then wait on each other: a decode step gets several times slower, never faster."""
+    most = os.cpu_count() or 1
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= most:
+        raise argparse.ArgumentTypeError(f"expected a thread count from 1 to {most} (this machine's logical CPUs), "
+                                         f"got {text!r}")
+    return value
+
+
+def thread_counts(text: str) -> list[int]:
+    """An argparse type: comma-separated thread counts, at least one."""
+    values = [thread_count(t) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated thread counts, got {text!r}")
+    return values
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """`--threads N`, llama.cpp's `-t`: the size of torch's intra-op pool, which the native kernels share."""
+    p.add_argument("--threads", type=thread_count, default=physical_cores(),
+                   help="threads running the model (default: %(default)s, one per physical core)")
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's pool at `threads` inside the block only: a benchmark run in-process (tests) must not resize it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def write_report(report: dict[str, Any], json_path: Path | None, plot_path: Path | None = None,

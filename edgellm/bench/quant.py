@@ -4,7 +4,8 @@ Each weight format of one model is quantized into a temp dir, then measured in a
 per weight, prefill and decode tokens/s (each at every --threads), % of the measured memory bandwidth reached by
 decode, the share of a decode step spent dequantizing, and perplexity / KL divergence / top-1 agreement against
 the unquantized model on held-out stdlib text. With --vs-llama-cpp the same model goes through llama.cpp
-(llama-cpp-python) as GGUF in the same run, so every speed and quality figure gets a side-by-side ratio.
+(llama-cpp-python) as GGUF in the same run, so every speed and quality figure gets a side-by-side ratio. With
+--op-split one decode step is also timed op kind by op kind (GEMVs, attention, norms, RoPE + KV write, other).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import Any
 
 import torch
 
-from edgellm.bench.common import positive_int, positive_ints, write_report
+from edgellm.bench.common import positive_int, thread_counts, torch_threads, write_report
 from edgellm.errors import EdgeLLMError
 from edgellm.perf import measure_hardware
+from edgellm.perf.hardware import physical_cores
 
 DEFAULT_FORMATS = "bf16,q8_0,q4_0,int4-g64,int3-g128,int2-g64,ternary,mxfp4"
 UNQUANTIZED = ("bf16", "fp32")
@@ -45,12 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--random-llama", choices=["250m"], default=None,
                         help="a random-init Llama of this size (speed only: its perplexity means nothing)")
     p.add_argument("--formats", default=DEFAULT_FORMATS, help=f"comma-separated (default {DEFAULT_FORMATS})")
-    p.add_argument("--threads", type=positive_ints, default=[1, 2], help="thread counts to measure, e.g. 1,2")
+    p.add_argument("--threads", type=thread_counts, default=sorted({1, physical_cores()}),
+                   help="thread counts to measure, e.g. 1,2 (default: %(default)s, 1 and one per physical core)")
     p.add_argument("--prompt-len", type=positive_int, default=256, help="prefill length in tokens")
     p.add_argument("--decode-tokens", type=positive_int, default=32)
     p.add_argument("--reps", type=positive_int, default=2, help="timed repetitions (best kept)")
     p.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens scored for quality (0: skip)")
     p.add_argument("--ppl-window", type=positive_int, default=512, help="tokens per scored window")
+    p.add_argument("--op-split", action="store_true",
+                   help="also time one decode step per kind of op (GEMVs, attention, norms, RoPE + KV write, other)")
     p.add_argument("--vs-llama-cpp", action="store_true",
                    help="also run the same model as GGUF through llama.cpp (llama-cpp-python, installed on demand)")
     p.add_argument("--llama-cpp-wheel", type=Path, default=None,
@@ -121,8 +126,9 @@ def _dequant_seconds(model: torch.nn.Module, reps: int) -> float:
 
 
 def _edgellm_speed(path: str, dtype: str | None, threads: int, prompt: list[int], steps: int,
-                   reps: int) -> dict[str, Any]:
-    """Runs in a fresh process: TTFT, decode tok/s and dequant time of one checkpoint at `threads`."""
+                   reps: int, op_split: bool = False) -> dict[str, Any]:
+    """Runs in a fresh process: TTFT, decode tok/s and dequant time of one checkpoint at `threads`, and with
+    `op_split` the time of one decode step per kind of op."""
     from edgellm import runner
     from edgellm.kv.prompt_cache import PromptCache
     from edgellm.loader import load_model
@@ -144,9 +150,14 @@ def _edgellm_speed(path: str, dtype: str | None, threads: int, prompt: list[int]
     prefill_s, decode_s = _prefill_decode_seconds(prefill_once, decode, reps)
     with torch.inference_mode():
         dequant_s = _dequant_seconds(model, reps)
-    return {"prefill_tok_s": len(prompt) / prefill_s, "decode_tok_s": steps / decode_s,
-            "decode_bytes": _decode_bytes(model), "bits_per_weight": _bits_per_weight(model),
-            "dequant_share_pct": min(100.0, 100 * dequant_s * steps / decode_s)}
+    speed = {"prefill_tok_s": len(prompt) / prefill_s, "decode_tok_s": steps / decode_s,
+             "decode_bytes": _decode_bytes(model), "bits_per_weight": _bits_per_weight(model),
+             "dequant_share_pct": min(100.0, 100 * dequant_s * steps / decode_s)}
+    if op_split:
+        from edgellm.bench.opsplit import measure_op_split
+
+        speed["op_split"] = {**measure_op_split(model, prompt, steps), "untimed_step_ms": 1000 * decode_s / steps}
+    return speed
 
 
 def _score(log_probs, windows: list[list[int]], reference: str) -> dict[str, float]:
@@ -331,7 +342,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     formats = _parse_formats(args.formats)
     llama_version = ensure_llama_cpp(args.llama_cpp_wheel) if args.vs_llama_cpp else None
-    hw = measure_hardware()
+    with torch_threads(max(args.threads)):  # the bandwidth roof: with the most threads any run gets
+        hw = measure_hardware()
     generator = torch.Generator().manual_seed(0)
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
     rows: list[dict[str, Any]] = []
@@ -357,7 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    "speed": {}}
             for threads in args.threads:
                 speed = pool.submit(_edgellm_speed, str(target), dtype, threads, prompt, args.decode_tokens,
-                                    args.reps).result()
+                                    args.reps, args.op_split).result()
                 speed["decode_pct_bandwidth"] = 100 * speed["decode_bytes"] * speed["decode_tok_s"] / 1e9 / \
                     hw.mem_read_gbs
                 row["speed"][threads] = speed
@@ -383,6 +395,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "dequant_share_pct: time to dequantize every projection once / one decode step; 0 where "
                         "the kernel reads the packed weights directly (LUT / int8 dot products)"]}
     print_table(report)
+    if args.op_split:
+        _print_op_split(report)
     write_report(report, args.json, args.plot, plot)
     return report
 
@@ -455,6 +469,20 @@ def print_table(report: dict[str, Any]) -> None:
     if report["settings"]["llama_cpp"]:
         print("(x) on llama.cpp rows: edgellm / llama.cpp for the paired edgellm format, same thread count; "
               f"{report['settings']['llama_cpp']}")
+
+
+def _print_op_split(report: dict[str, Any]) -> None:
+    """A table per thread count, a column per edgellm format, with the paired llama.cpp step where measured."""
+    from edgellm.bench.opsplit import print_op_split
+
+    ours = [r for r in report["rows"] if r["engine"] == "edgellm"]
+    llama_cpp = {r["paired_with"]: r["speed"] for r in report["rows"] if r["engine"] == "llama.cpp"}
+    context = ours[0]["speed"][report["settings"]["threads"][0]]["op_split"]["context"]
+    for t in report["settings"]["threads"]:
+        splits = {r["format"]: r["speed"][t]["op_split"] for r in ours}
+        reference = {fmt: 1000 / speed[t]["decode_tok_s"] for fmt, speed in llama_cpp.items()}
+        print_op_split(f"one decode step by op, {t} thread(s): ms (% of the timed step), {context}-token prompt",
+                       splits, reference)
 
 
 def plot(report: dict[str, Any], out: Path) -> None:

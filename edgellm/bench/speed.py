@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import edgellm
-from edgellm.bench.common import positive_int, positive_ints, write_report
+from edgellm.bench.common import add_threads_argument, positive_int, positive_ints, torch_threads, write_report
 from edgellm.errors import EdgeLLMError, InvalidRequestError
 from edgellm.loader import load_model, read_config, resolve_dtype
 from edgellm.models import family_for
@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=positive_int, default=3, help="timed repetitions per prompt length (best kept)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
     p.add_argument("--no-transformers", action="store_true", help="benchmark edgellm alone")
+    add_threads_argument(p)
     p.add_argument("--json", type=Path, default=None, help="write every figure, the machine and versions here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart here")
 
@@ -180,8 +181,9 @@ def _peak_rss_bytes() -> int:
 
 
 def measure_engine(engine: str, path: str, dtype: str, prompts: dict[int, list[int]], steps: int,
-                   reps: int) -> dict[str, Any]:
+                   reps: int, threads: int) -> dict[str, Any]:
     """Run in a fresh process: load, warm up once on the shortest prompt, then `reps` timed runs per prompt."""
+    torch.set_num_threads(threads)  # a spawned process starts from torch's default, not the parent's setting
     t0 = time.perf_counter()
     run = {"edgellm": _edgellm_runner, "transformers": _transformers_runner}[engine](path, resolve_dtype(dtype))
     load_s = time.perf_counter() - t0
@@ -274,7 +276,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ids = torch.randint(0, int(config["vocab_size"]), (max(args.prompt_lens),), generator=generator).tolist()
     prompts = {n: ids[:n] for n in sorted(set(args.prompt_lens))}
     name = f"random-llama-{args.random_llama}" if args.random_llama else path.name
-    hw = measure_hardware()  # while no model and no other process of ours is alive
+    with torch_threads(args.threads):  # the roofs are measured with the threads the engines get
+        hw = measure_hardware()  # while no model and no other process of ours is alive
     # one fresh process per task: per-engine peak RSS, and never two models in memory at once
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
     with pool, tempfile.TemporaryDirectory(prefix="edgellm-bench-") as workdir:
@@ -286,7 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"[bench speed] {engine}: {name}, {dtype_name(dtype)}, prompts {list(prompts)}, "
                   f"{args.decode_tokens} decode tokens × {args.reps} reps", file=sys.stderr)
             measured[engine] = pool.submit(measure_engine, engine, str(path), args.dtype,
-                                           prompts, args.decode_tokens, args.reps).result()
+                                           prompts, args.decode_tokens, args.reps, args.threads).result()
     report = _report(args, name, path, config, cost, dtype, hw, versions, measured)
     print_table(report)
     write_report(report, args.json, args.plot, plot)
@@ -324,7 +327,7 @@ def _report(args: argparse.Namespace, name: str, path: Path, config: dict, cost:
         "settings": {"model": None if args.random_llama else str(path), "random_llama": args.random_llama,
                      "dtype": dtype_name(dtype), "prompt_lens": sorted(set(args.prompt_lens)),
                      "decode_tokens": args.decode_tokens, "reps": args.reps, "seed": args.seed,
-                     "engines": list(measured), "threads": torch.get_num_threads()},
+                     "engines": list(measured), "threads": args.threads},
         "model": {"name": name,
                   "model_type": config.get("model_type"),
                   "decode_weight_bytes": cost.decode_weight_params * dtype.itemsize,

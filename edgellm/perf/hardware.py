@@ -6,9 +6,10 @@ machine, with these threads, today (a busy neighbour or a VM's memory limits bot
 
 from __future__ import annotations
 
+import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -53,6 +54,29 @@ def cpu_model_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def physical_cores(cpuinfo: str | None = None, allowed: Iterable[int] | None = None) -> int:
+    """Physical cores this process may run on: distinct (physical id, core id) pairs of its allowed CPUs.
+
+    Decode streams weights, and a core's hyperthreads share its load units, so llama.cpp defaults to one thread
+    per physical core. `cpuinfo` (the text of /proc/cpuinfo) and `allowed` (CPU numbers; default: this process's
+    affinity) are parameters for tests. Without core ids (ARM, some VMs) every allowed CPU counts as a core.
+    """
+    if allowed is None:
+        allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    allowed = set(allowed)
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    cores = set()
+    for block in cpuinfo.split("\n\n"):
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines())}
+        if fields.get("processor", "").isdigit() and "core id" in fields and int(fields["processor"]) in allowed:
+            cores.add((fields.get("physical id", "0"), fields["core id"]))
+    return len(cores) or len(allowed) or 1
 
 
 def _best_seconds(fn: Callable[[], object], reps: int) -> float:
