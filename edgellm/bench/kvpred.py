@@ -28,7 +28,14 @@ from torch import nn
 
 import edgellm
 from edgellm import runner
-from edgellm.bench.common import non_negative_int, positive_int, positive_ints, write_report
+from edgellm.bench.common import (
+    add_threads_argument,
+    non_negative_int,
+    positive_int,
+    positive_ints,
+    torch_threads,
+    write_report,
+)
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.kvpred.flops import base_ttft_flops, kvpred_ttft_flops
 from edgellm.kvpred.predictor import KVPredictor, load_predictor, prune_model
@@ -43,6 +50,7 @@ MAX_LINE_TOKENS = 48  # a generated code line longer than this counts as a miss
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_threads_argument(p)
     p.add_argument("--base", default=None, help="base model directory (default: edgellm's built-in model)")
     p.add_argument("--predictors", default="", help="comma-separated predictor files or `kvpred train` directories")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
@@ -202,6 +210,12 @@ def _quality(methods: list[Method], windows: torch.Tensor, prompt_tokens: int, c
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark at `--threads` (torch's pool is restored afterwards)."""
+    with torch_threads(args.threads):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     """Load the base and predictors, measure every method, print the table, write --json/--plot."""
     dtype = resolve_dtype(args.dtype)
     if args.base is None:

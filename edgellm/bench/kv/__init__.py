@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import edgellm
-from edgellm.bench.common import positive_int, positive_ints, write_report
+from edgellm.bench.common import add_threads_argument, positive_int, positive_ints, torch_threads, write_report
 from edgellm.bench.kv import batch, capacity, memory, quality, ttft
 from edgellm.bench.kv.common import GIB, Subject, load_subjects
 from edgellm.bench.kv.quality import heldout_ids
@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                              "(no quality section: random weights)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="model dtype (auto: bf16 where the CPU has it natively, else fp32)")
+    add_threads_argument(p)
     p.add_argument("--formats", type=_formats, default="fp16,q8,q4,q2,q4-kivi-h,q2-kivi-h",
                    help="KV formats compared, comma-separated (e.g. q4-kivi-h)")
     p.add_argument("--contexts", type=positive_ints, default="1024,4096", help="TTFT prompt tokens")
@@ -100,6 +101,12 @@ def _model_json(subject: Subject) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark at `--threads` (torch's pool is restored afterwards)."""
+    with torch_threads(args.threads):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the chosen sections, print a table each, write --json/--plot; returns the report."""
     if args.budget_gib <= 0:
         raise InvalidRequestError(f"--budget-gib must be positive, got {args.budget_gib}")
