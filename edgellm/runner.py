@@ -12,6 +12,7 @@ from torch import nn
 from edgellm.errors import InvalidRequestError
 from edgellm.kv.batch import batch_layers
 from edgellm.kv.prompt_cache import PromptCache
+from edgellm.sampling import TokenLogprob, token_logprobs
 from edgellm.sequence import Sequence, State, StepOutput
 
 PREFILL_CHUNK = 2048  # bounds attention scratch memory on long prompts
@@ -28,6 +29,23 @@ def prefill_tokens(model: nn.Module, tokens: list[int], cache: PromptCache, chun
         logits = model(torch.tensor([piece], dtype=torch.long), cache.layers, last_only=True)
         cache.tokens.extend(piece)
     return logits[0, -1]
+
+
+@torch.no_grad()
+def score(model: nn.Module, tokens: list[int], top: int, chunk: int = PREFILL_CHUNK) -> list[TokenLogprob]:
+    """Logprobs of `tokens[1:]`, each given the tokens before it (echo): a forward of its own, in a fresh cache,
+    so every token is scored even when a cache holds the prefix; only a chunk's logits are held at a time."""
+    cache = PromptCache(model, capacity=len(tokens))
+    scored: list[TokenLogprob] = []
+    last = None  # the previous chunk's last row, which scores this chunk's first token
+    for start in range(0, len(tokens), chunk):
+        piece = tokens[start:start + chunk]
+        logits = model(torch.tensor([piece], dtype=torch.long), cache.layers)[0]
+        cache.tokens.extend(piece)
+        rows = logits[:-1] if last is None else torch.cat([last, logits[:-1]])
+        scored += token_logprobs(rows, tokens[max(start, 1):start + len(piece)], top)
+        last = logits[-1:]
+    return scored
 
 
 @torch.no_grad()

@@ -119,6 +119,26 @@ def make_sampler(params: SamplingParams) -> Callable[[torch.Tensor], int]:
     return sample
 
 
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model and the `top` most likely tokens' (token, logprob), best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Row i of `logits` (n, vocab) scores `tokens[i]`. Raw model logits, before processors and temperature: the
+    model's own distribution, as OpenAI and vLLM report it."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
+    k = min(top, logprobs.shape[-1])
+    values, ids = logprobs.topk(k, -1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    return [TokenLogprob(t, lp, list(zip(i, v, strict=True)))
+            for t, lp, i, v in zip(tokens, chosen, ids.tolist(), values.tolist(), strict=True)]
+
+
 class Sampler:
     """The whole chain for one sequence: processors, then the sampler."""
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from edgellm.errors import InvalidRequestError
 from edgellm.kv.prompt_cache import PromptCache
-from edgellm.sampling import Sampler, SamplingParams
+from edgellm.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from edgellm.tokenizer import Tokenizer
 
 
@@ -29,11 +29,13 @@ class State(enum.Enum):
 
 @dataclass
 class StepOutput:
-    """What one `advance` produced: the token, the text now safe to show, and why the sequence ended (if it did)."""
+    """What one `advance` produced: the token, the text now safe to show, why the sequence ended (if it did) and,
+    when the sequence asked for them, the token's logprobs (none for EOS, which is not part of the answer)."""
 
     token: int
     text: str
     finish_reason: str | None = None
+    logprob: TokenLogprob | None = None
 
 
 class StopStringMatcher:
@@ -94,13 +96,14 @@ class Sequence:
     `kv_predictor` (edgellm.kvpred), when given, supplies the K/V of the uncached prompt but its last token;
     the runner asks it once, before the base prefill. `started_at` is when the request arrived: TTFT counts
     from there (the server passes the submission time, so queueing counts too). Without a tokenizer (benchmarks
-    on random models) a sequence produces token ids only: no text, no EOS.
+    on random models) a sequence produces token ids only: no text, no EOS. With `logprobs` (the number of top
+    alternatives, 0 for none) each step also reports the token's logprob; None costs nothing.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None, ids: list[int], cache: PromptCache,
                  max_tokens: int, sampling: SamplingParams | None = None, stop: list[str] | None = None,
                  kv_predictor: nn.Module | None = None, started_at: float | None = None,
-                 ignore_eos: bool = False) -> None:
+                 ignore_eos: bool = False, logprobs: int | None = None) -> None:
         if max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
         context = context_length(model)
@@ -112,6 +115,7 @@ class Sequence:
         self.detok = tokenizer.detokenizer() if tokenizer is not None else None
         self.eos = set() if ignore_eos or tokenizer is None else set(tokenizer.eos_token_ids)
         self.kv_predictor = kv_predictor
+        self.logprobs = logprobs
         self.state = State.WAITING
         self.cached = 0  # prompt tokens whose K/V the cache already held
         self.predicted = 0  # prompt tokens whose K/V the KV predictor supplied
@@ -161,7 +165,10 @@ class Sequence:
         self.text.append(text)
         self.state = State.FINISHED if finish else State.DECODE
         self.finish_reason = finish
-        return StepOutput(token, text, finish)
+        logprob = None
+        if self.logprobs is not None and token not in self.eos:
+            logprob = token_logprobs(logits[None], [token], self.logprobs)[0]
+        return StepOutput(token, text, finish, logprob)
 
     @property
     def finished(self) -> bool:

@@ -25,6 +25,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import lru_cache
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,7 +37,7 @@ from torch import nn
 
 from edgellm.agents import AgentStore, check_agent_name, is_agent_name
 from edgellm.errors import EdgeLLMError
-from edgellm.sampling import SamplingParams
+from edgellm.sampling import SamplingParams, TokenLogprob
 from edgellm.sequence import check_prompt
 from edgellm.serve import protocol as p
 from edgellm.serve.metrics import ServerMetrics
@@ -260,8 +261,14 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         except EdgeLLMError as e:
             raise p.ServeError(str(e), param=param, code="context_length_exceeded" if ids else None) from e
 
+    @lru_cache(maxsize=2**16)
+    def token_text(token: int) -> str:
+        """A token's own text for logprobs; special tokens (BOS) show as themselves rather than vanish."""
+        return tokenizer.decode([token], skip_special_tokens=False)
+
     def submit(request: Request, body: p.SamplingFields, ids: list[int], max_tokens: int | None,
-               messages: list[dict] | None = None) -> GenerationRequest:
+               messages: list[dict] | None = None, logprobs: int | None = None,
+               echo: bool = False) -> GenerationRequest:
         if closing:
             raise p.ServeError("server is shutting down", 503, "server_error")
         temperature = body.temperature if body.temperature >= GREEDY_BELOW else 0.0
@@ -273,9 +280,9 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         if body.kv_prediction and kv_predictor is None:
             raise p.ServeError("kv_prediction needs a server started with --kv-predictor", param="kv_prediction")
         generation = GenerationRequest(
-            ids=ids, max_tokens=max_tokens or context, sampling=sampling,  # the sequence clamps it to the window
+            ids=ids, max_tokens=context if max_tokens is None else max_tokens, sampling=sampling,  # clamped later
             loop=asyncio.get_running_loop(), stop=body.stop_list(), agent=agent, messages=messages if agent else None,
-            kv_prediction=body.kv_prediction)
+            kv_prediction=body.kv_prediction, logprobs=logprobs, echo=echo)
         engine.submit(generation)
         live[id(generation)] = generation
         return generation
@@ -291,9 +298,9 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                 if request is not None and await request.is_disconnected():
                     return Event(error=p.ServeError("client disconnected", 499))
 
-    async def collect(request: Request, generation: GenerationRequest) -> tuple[str, Event]:
+    async def collect(request: Request, generation: GenerationRequest) -> list[Event]:
         """Wait for the whole answer, cancelling it if the client hangs up first."""
-        pieces = []
+        events = []
         checked = time.monotonic()
         try:
             while True:
@@ -304,9 +311,9 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                 event = await next_event(generation, request)
                 if event.error:
                     raise event.error
-                pieces.append(event.text)
+                events.append(event)
                 if event.finish:
-                    return "".join(pieces), event
+                    return events
         finally:
             done(generation)
 
@@ -323,8 +330,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                         body = p.error_body(str(e), getattr(e, "type", "server_error"), code=getattr(e, "code", None))
                         yield f"data: {json.dumps(body)}\n\n"
                         break
-                    if event.text:
-                        yield f"data: {json.dumps(chunk(event.text))}\n\n"
+                    if event.text or event.logprob:
+                        yield f"data: {json.dumps(chunk(event.text, logprob=event.logprob))}\n\n"
                     if event.finish:
                         yield f"data: {json.dumps(chunk(None, event.finish))}\n\n"
                         if include_usage:
@@ -369,17 +376,24 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         check_chars(sum(len(m["content"]) for m in messages), "messages")
         ids = await asyncio.to_thread(tokenizer.encode_chat, messages)  # a long prompt must not stall other requests
         check_ids(ids, "messages")
-        generation = submit(request, body, ids, body.max_completion_tokens or body.max_tokens, messages)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise p.ServeError("top_logprobs needs logprobs: true", param="top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        generation = submit(request, body, ids, body.max_completion_tokens or body.max_tokens, messages, logprobs)
         id_, created = p.new_id("chatcmpl"), int(time.time())
         if body.stream:
-            def chunk(text: str | None, finish: str | None = None, usage: dict | None = None) -> dict:
+            def chunk(text: str | None, finish: str | None = None, usage: dict | None = None,
+                      logprob: TokenLogprob | None = None) -> dict:
                 delta = {} if text is None else {"content": text}
-                return p.chat_chunk(id_, model_id, created, delta, finish, usage)
+                scores = None if logprob is None else p.chat_logprobs([logprob], token_text)
+                return p.chat_chunk(id_, model_id, created, delta, finish, usage, scores)
             first = p.chat_chunk(id_, model_id, created, {"role": "assistant", "content": ""})
             include = bool(body.stream_options and body.stream_options.include_usage)
             return stream(generation, chunk, include, first)
-        text, last = await collect(request, generation)
-        return JSONResponse(p.chat_response(id_, model_id, text, last.finish, p.usage(*last.usage)))
+        events = await collect(request, generation)
+        text, last = "".join(e.text for e in events), events[-1]
+        scores = None if logprobs is None else p.chat_logprobs([e.logprob for e in events if e.logprob], token_text)
+        return JSONResponse(p.chat_response(id_, model_id, text, last.finish, p.usage(*last.usage), scores))
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: p.CompletionRequest) -> Response:
@@ -398,15 +412,38 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
             if any(not 0 <= t < vocab for t in ids):
                 raise p.ServeError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         check_ids(ids, "prompt")
-        generation = submit(request, body, ids, body.max_tokens)
+        if body.max_tokens == 0 and not body.echo:
+            raise p.ServeError("max_tokens must be >= 1 (0 only with echo: true, to score the prompt)",
+                               param="max_tokens")
+        if body.echo and body.stream:
+            raise p.ServeError("echo is not supported with stream: true", param="echo")
+        generation = submit(request, body, ids, body.max_tokens, logprobs=body.logprobs, echo=body.echo)
         id_, created = p.new_id("cmpl"), int(time.time())
         if body.stream:
-            def chunk(text: str | None, finish: str | None = None, usage: dict | None = None) -> dict:
-                return p.completion_chunk(id_, model_id, created, text or "", finish, usage)
+            offset = 0  # characters streamed so far: where the next chunk's text_offset starts
+
+            def chunk(text: str | None, finish: str | None = None, usage: dict | None = None,
+                      logprob: TokenLogprob | None = None) -> dict:
+                nonlocal offset
+                scores = None if logprob is None else p.completion_logprobs([(logprob.token, logprob)], token_text,
+                                                                             offset)
+                offset += len(text or "")
+                return p.completion_chunk(id_, model_id, created, text or "", finish, usage, scores)
             include = bool(body.stream_options and body.stream_options.include_usage)
             return stream(generation, chunk, include)
-        text, last = await collect(request, generation)
-        return JSONResponse(p.completion_response(id_, model_id, text, last.finish, p.usage(*last.usage)))
+        events = await collect(request, generation)
+        text, last = "".join(e.text for e in events), events[-1]
+        echoed = (prompt if isinstance(prompt, str) else tokenizer.decode(ids)) if body.echo else ""
+        scores = None
+        if body.logprobs is not None:
+            # echo: the prompt's tokens first (the first has nothing to be scored against), then the answer's
+            scored = [(ids[0], None), *((i.token, i) for i in events[0].prompt_logprobs)] if body.echo else []
+            parts = [p.completion_logprobs(scored, token_text),
+                     p.completion_logprobs([(e.logprob.token, e.logprob) for e in events if e.logprob], token_text,
+                                           len(echoed))]
+            scores = {key: parts[0][key] + parts[1][key] for key in parts[0]}
+        return JSONResponse(p.completion_response(id_, model_id, echoed + text, last.finish, p.usage(*last.usage),
+                                                  scores))
 
     def agent_json(name: str) -> dict | None:
         with engine.store_lock:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
+from itertools import accumulate
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from edgellm.errors import EdgeLLMError
+from edgellm.sampling import TokenLogprob
 
 
 class ServeError(EdgeLLMError):
@@ -99,11 +102,15 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)  # OpenAI's range; needs logprobs: true
 
 
 class CompletionRequest(SamplingFields):
     prompt: Text | TokenIds | list[Text] | list[TokenIds]  # OpenAI's four forms; a list must hold one prompt (n=1)
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for /v1/completions
+    max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for /v1/completions; 0 only with echo
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # OpenAI's range: top alternatives per token
+    echo: bool = False
 
 
 def new_id(prefix: str) -> str:
@@ -116,31 +123,65 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+TokenText = Callable[[int], str]  # a token id's text, as logprobs show it
+
+
+def _token(text: TokenText, token: int, logprob: float) -> dict:
+    s = text(token)
+    return {"token": s, "logprob": logprob, "bytes": list(s.encode())}
+
+
+def chat_logprobs(items: list[TokenLogprob], text: TokenText) -> dict:
+    """A chat choice's `logprobs`: one entry per generated token, each with its top alternatives."""
+    return {"content": [{**_token(text, i.token, i.logprob), "top_logprobs": [_token(text, t, lp) for t, lp in i.top]}
+                        for i in items]}
+
+
+def completion_logprobs(items: list[tuple[int, TokenLogprob | None]], text: TokenText, offset: int = 0) -> dict:
+    """A completion choice's legacy `logprobs` for (token, scores) pairs, None for echo's unscored first token;
+    `text_offset` counts characters into the returned text from `offset` (a stream's earlier chunks)."""
+    pieces = [text(t) for t, _ in items]
+    offsets = list(accumulate(map(len, pieces), initial=offset))[:len(pieces)]
+    return {"tokens": pieces, "token_logprobs": [i and i.logprob for _, i in items],
+            "top_logprobs": [i and _top_dict(i, text) for _, i in items], "text_offset": offsets}
+
+
+def _top_dict(item: TokenLogprob, text: TokenText) -> dict[str, float]:
+    """The legacy token→logprob map, best first; ids sharing a text (lone UTF-8 bytes) keep the best one's."""
+    top: dict[str, float] = {}
+    for token, logprob in item.top:
+        top.setdefault(text(token), logprob)
+    return top
+
+
 def _chunk(object_: str, id: str, model: str, created: int, choice: dict, usage_: dict | None) -> dict:
     """One SSE chunk: a choice, or (the last chunk with include_usage) no choice and the usage."""
     chunk: dict[str, Any] = {"id": id, "object": object_, "created": created, "model": model,
-                             "choices": [] if usage_ is not None else [{"index": 0, **choice, "logprobs": None}]}
+                             "choices": [] if usage_ is not None else [{"index": 0, "logprobs": None, **choice}]}
     if usage_ is not None:
         chunk["usage"] = usage_
     return chunk
 
 
 def chat_chunk(id: str, model: str, created: int, delta: dict, finish: str | None = None,
-               usage_: dict | None = None) -> dict:
-    return _chunk("chat.completion.chunk", id, model, created, {"delta": delta, "finish_reason": finish}, usage_)
+               usage_: dict | None = None, logprobs: dict | None = None) -> dict:
+    return _chunk("chat.completion.chunk", id, model, created,
+                  {"delta": delta, "finish_reason": finish, "logprobs": logprobs}, usage_)
 
 
 def completion_chunk(id: str, model: str, created: int, text: str, finish: str | None = None,
-                     usage_: dict | None = None) -> dict:
-    return _chunk("text_completion", id, model, created, {"text": text, "finish_reason": finish}, usage_)
+                     usage_: dict | None = None, logprobs: dict | None = None) -> dict:
+    return _chunk("text_completion", id, model, created,
+                  {"text": text, "finish_reason": finish, "logprobs": logprobs}, usage_)
 
 
-def chat_response(id: str, model: str, text: str, finish: str, usage_: dict) -> dict:
+def chat_response(id: str, model: str, text: str, finish: str, usage_: dict, logprobs: dict | None = None) -> dict:
     return {"id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                          "finish_reason": finish}], "usage": usage_}
 
 
-def completion_response(id: str, model: str, text: str, finish: str, usage_: dict) -> dict:
+def completion_response(id: str, model: str, text: str, finish: str, usage_: dict,
+                        logprobs: dict | None = None) -> dict:
     return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": usage_}
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}], "usage": usage_}

@@ -21,7 +21,7 @@ from torch import nn
 from edgellm import runner
 from edgellm.agents import Agent, AgentStore
 from edgellm.kv.prompt_cache import PromptCache, common_prefix
-from edgellm.sampling import SamplingParams
+from edgellm.sampling import SamplingParams, TokenLogprob
 from edgellm.sequence import Sequence, State, StepOutput
 from edgellm.serve.metrics import ServerMetrics
 from edgellm.serve.protocol import ServeError
@@ -38,6 +38,8 @@ class Event:
     finish: str | None = None  # "stop" | "length" once the sequence is done
     usage: tuple[int, int, int] | None = None  # prompt, completion, cached tokens (with `finish`)
     error: Exception | None = None
+    logprob: TokenLogprob | None = None  # the step's token, when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprob] | None = None  # echo: the prompt's tokens but the first (first event only)
 
 
 @dataclass
@@ -52,6 +54,8 @@ class GenerationRequest:
     agent: str | None = None
     messages: list[dict] | None = None  # chat turns to remember with the agent (assistant reply appended)
     kv_prediction: bool = False  # predict the uncached prompt's K/V (all but the last token) with the KV predictor
+    logprobs: int | None = None  # top alternatives per token (0: the token's own logprob only); None: off
+    echo: bool = False  # with logprobs, score the prompt too; max_tokens 0 then only scores it
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
@@ -75,6 +79,7 @@ class Slot:
     seq: Sequence
     agent: Agent | None
     last_token_at: float = 0.0
+    prompt_logprobs: list[TokenLogprob] | None = None  # echo: sent with the first token, then dropped
 
 
 class Engine:
@@ -184,7 +189,10 @@ class Engine:
                 self.metrics.cancelled.inc()
                 continue
             try:
-                self.running.append(self._start(req))
+                if req.max_tokens == 0:
+                    self._score_only(req)
+                else:
+                    self.running.append(self._start(req))
             except Exception as e:
                 with self.cond:
                     self.busy_agents.discard(req.agent)
@@ -203,7 +211,20 @@ class Engine:
             for slot, out in zip(batch, runner.decode(self.model, [slot.seq for slot in batch]), strict=True):
                 self._emit(slot, out)
 
+    def _prompt_logprobs(self, req: GenerationRequest) -> list[TokenLogprob] | None:
+        """Echo's prompt scores, from a forward of their own: a cached prefix has no logits to score it with."""
+        return runner.score(self.model, req.ids, req.logprobs) if req.echo and req.logprobs is not None else None
+
+    def _score_only(self, req: GenerationRequest) -> None:
+        """max_tokens 0 (echo): score the prompt and finish; nothing is generated and no cache is touched."""
+        try:
+            req.emit(Event(finish="length", usage=(len(req.ids), 0, 0), prompt_logprobs=self._prompt_logprobs(req)))
+        finally:
+            with self.cond:
+                self.busy_agents.discard(req.agent)
+
     def _start(self, req: GenerationRequest) -> Slot:
+        prompt_logprobs = self._prompt_logprobs(req)  # before the agent is acquired: a failure leaves nothing held
         agent = None
         if req.agent is not None:
             with self.store_lock:
@@ -217,13 +238,13 @@ class Engine:
             cache = self._anonymous_cache(req.ids, req.max_tokens)
         predictor = self.kv_predictor if req.kv_prediction else None
         seq = Sequence(self.model, self.tokenizer, req.ids, cache, req.max_tokens, req.sampling, req.stop, predictor,
-                       started_at=req.submitted)
+                       started_at=req.submitted, logprobs=req.logprobs)
         seq.begin()
         self.metrics.prompt_tokens.inc(len(req.ids))
         self.metrics.cached_tokens.inc(seq.cached)
         if seq.cached:
             self.metrics.cache_hits.inc()
-        return Slot(req, seq, agent)
+        return Slot(req, seq, agent, prompt_logprobs=prompt_logprobs)
 
     def _anonymous_cache(self, ids: list[int], max_tokens: int) -> PromptCache:
         """The idle anonymous cache sharing the longest prefix with `ids` (taken out of the pool), or a new one."""
@@ -248,11 +269,13 @@ class Engine:
             self.metrics.inter_token.observe(seq.last_token_at - slot.last_token_at)
         slot.last_token_at = seq.last_token_at
         self.metrics.generated_tokens.inc()
+        prompt_logprobs, slot.prompt_logprobs = slot.prompt_logprobs, None
         if out.finish_reason is None:
-            if out.text:
-                req.emit(Event(text=out.text))
+            if out.text or out.logprob or prompt_logprobs:
+                req.emit(Event(text=out.text, logprob=out.logprob, prompt_logprobs=prompt_logprobs))
             return
-        req.emit(Event(text=out.text, finish=out.finish_reason, usage=(len(req.ids), len(seq.generated), seq.cached)))
+        req.emit(Event(text=out.text, finish=out.finish_reason, usage=(len(req.ids), len(seq.generated), seq.cached),
+                       logprob=out.logprob, prompt_logprobs=prompt_logprobs))
         self._finish(slot, save=True)
 
     def _finish(self, slot: Slot, save: bool) -> None:
