@@ -1,7 +1,8 @@
 """Sampling as a chain, in the spirit of mlx-lm's `make_logits_processors` / `make_sampler` and llama.cpp's chain.
 
-Logits processors (presence/frequency penalties, repetition penalty; later grammars) rewrite the logits given the
-tokens so far; the sampler then picks: greedy, or temperature → top-k → top-p → min-p → a seeded draw.
+Logits processors (presence/frequency penalties, repetition penalty, a grammar) rewrite the logits given the
+tokens so far; the sampler then picks: greedy, or temperature → top-k → top-p → min-p → a seeded draw. A processor
+with state (a grammar) also has `accept(token) -> bool`, told the picked token, True when that token ends the output.
 """
 
 from __future__ import annotations
@@ -9,10 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from edgellm.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from edgellm.grammar import Grammar
 
 # (tokens so far: prompt then generated, logits (vocab,)) -> logits
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -30,6 +35,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated tokens
     seed: int | None = None
+    grammar: Grammar | None = None  # constrained decoding (response_format); each sequence gets its own matcher
 
     def validate(self) -> SamplingParams:
         floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
@@ -82,6 +88,8 @@ def make_logits_processors(params: SamplingParams, prompt_len: int) -> list[Logi
             logits, tokens[prompt_len:], params.presence_penalty, params.frequency_penalty))
     if params.repetition_penalty != 1.0:
         processors.append(lambda tokens, logits: apply_repetition_penalty(logits, tokens, params.repetition_penalty))
+    if params.grammar is not None:  # last: nothing after it may revive a masked token
+        processors.append(params.grammar.processor())
     return processors
 
 
@@ -157,3 +165,7 @@ class Sampler:
         for process in self.processors:
             logits = process(tokens, logits)
         return self.sample(logits)
+
+    def accept(self, token: int) -> bool:
+        """Tell the stateful processors the picked token; True when one says it ends the output."""
+        return any([accept(token) for p in self.processors if (accept := getattr(p, "accept", None))])

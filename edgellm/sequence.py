@@ -143,6 +143,7 @@ class Sequence:
         """Pick the next token from the last position's `logits` (vocab,), stream its text, decide whether to stop."""
         n = len(self.ids) + len(self.generated)
         token = self.sampler(logits, None if self._tokens is None else self._tokens[:n])
+        end = token in self.eos or self.sampler.accept(token)  # EOS, or the grammar's end (even when EOS is ignored)
         now = time.perf_counter()
         if not self.generated:
             self.first_token_at = now
@@ -153,7 +154,7 @@ class Sequence:
         finish = None
         if self.detok is None:
             text, finish = "", "length" if len(self.generated) >= self.max_tokens else None
-        elif token in self.eos:
+        elif end:
             text, finish = self.stops.flush() + self.detok.flush(), "stop"
         else:
             text, hit = self.stops.feed(self.detok.add(token))
@@ -166,7 +167,7 @@ class Sequence:
         self.state = State.FINISHED if finish else State.DECODE
         self.finish_reason = finish
         logprob = None
-        if self.logprobs is not None and token not in self.eos:
+        if self.logprobs is not None and not end:
             logprob = token_logprobs(logits[None], [token], self.logprobs)[0]
         return StepOutput(token, text, finish, logprob)
 

@@ -14,7 +14,7 @@ LAYERS = [
     ["edgellm.errors"],
     ["edgellm.kernels"],
     ["edgellm.quant.formats", "edgellm.quant.qmatmul", "edgellm.quant.linear", "edgellm.quant.gguf", "edgellm.kv",
-     "edgellm.tokenizer", "edgellm.sampling", "edgellm.assets", "edgellm.perf"],
+     "edgellm.tokenizer", "edgellm.grammar", "edgellm.sampling", "edgellm.assets", "edgellm.perf"],
     ["edgellm.models"],
     ["edgellm.loader", "edgellm.quant", "edgellm.info"],
     ["edgellm.sequence", "edgellm.runner"],

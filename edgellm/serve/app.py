@@ -25,18 +25,20 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from llguidance import LLTokenizer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 
 from edgellm.agents import AgentStore, check_agent_name, is_agent_name
-from edgellm.errors import EdgeLLMError
+from edgellm.errors import EdgeLLMError, InvalidRequestError
+from edgellm.grammar import Grammar, llg_tokenizer
 from edgellm.sampling import SamplingParams, TokenLogprob
 from edgellm.sequence import check_prompt
 from edgellm.serve import protocol as p
@@ -266,16 +268,38 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         """A token's own text for logprobs; special tokens (BOS) show as themselves rather than vanish."""
         return tokenizer.decode([token], skip_special_tokens=False)
 
+    @cache
+    def grammar_tokenizer() -> LLTokenizer:
+        """Built on the first structured request: plain-text servers never pay for the token trie."""
+        return llg_tokenizer(tokenizer, int(model.args.vocab_size))
+
+    def response_grammar(response_format: p.ResponseFormat | None) -> Grammar | None:
+        """The grammar `response_format` asks for: none for free text (blocks; run it off the event loop)."""
+        if response_format is None or response_format.type == "text":
+            return None
+        if response_format.type == "json_object":
+            return Grammar.json(grammar_tokenizer())
+        if response_format.type == "json_schema":
+            if response_format.json_schema is None:
+                raise p.ServeError("response_format type json_schema needs a json_schema object",
+                                   param="response_format.json_schema")
+            try:
+                return Grammar.json(grammar_tokenizer(), response_format.json_schema.schema_)
+            except InvalidRequestError as e:
+                raise p.ServeError(str(e), param="response_format.json_schema.schema") from e
+        raise p.ServeError(f"response_format type {response_format.type!r} is not supported; use text, json_object "
+                           "or json_schema", param="response_format.type")
+
     def submit(request: Request, body: p.SamplingFields, ids: list[int], max_tokens: int | None,
                messages: list[dict] | None = None, logprobs: int | None = None,
-               echo: bool = False) -> GenerationRequest:
+               echo: bool = False, grammar: Grammar | None = None) -> GenerationRequest:
         if closing:
             raise p.ServeError("server is shutting down", 503, "server_error")
         temperature = body.temperature if body.temperature >= GREEDY_BELOW else 0.0
         sampling = SamplingParams(temperature=temperature, top_k=body.top_k, top_p=max(body.top_p, MIN_TOP_P),
                                   min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                                   presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                                  seed=body.seed).validate()
+                                  seed=body.seed, grammar=grammar).validate()
         agent = agent_name(request, body)
         if body.kv_prediction and kv_predictor is None:
             raise p.ServeError("kv_prediction needs a server started with --kv-predictor", param="kv_prediction")
@@ -379,7 +403,9 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         if body.top_logprobs is not None and not body.logprobs:
             raise p.ServeError("top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        generation = submit(request, body, ids, body.max_completion_tokens or body.max_tokens, messages, logprobs)
+        grammar = await asyncio.to_thread(response_grammar, body.response_format)
+        generation = submit(request, body, ids, body.max_completion_tokens or body.max_tokens, messages, logprobs,
+                            grammar=grammar)
         id_, created = p.new_id("chatcmpl"), int(time.time())
         if body.stream:
             def chunk(text: str | None, finish: str | None = None, usage: dict | None = None,
@@ -417,7 +443,9 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                                param="max_tokens")
         if body.echo and body.stream:
             raise p.ServeError("echo is not supported with stream: true", param="echo")
-        generation = submit(request, body, ids, body.max_tokens, logprobs=body.logprobs, echo=body.echo)
+        grammar = await asyncio.to_thread(response_grammar, body.response_format)
+        generation = submit(request, body, ids, body.max_tokens, logprobs=body.logprobs, echo=body.echo,
+                            grammar=grammar)
         id_, created = p.new_id("cmpl"), int(time.time())
         if body.stream:
             offset = 0  # characters streamed so far: where the next chunk's text_offset starts

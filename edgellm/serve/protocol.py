@@ -55,6 +55,22 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    """OpenAI's `response_format.json_schema`; `strict` is accepted but decoding always follows the schema."""
+
+    name: Text
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {} allows any JSON value
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """`type` is checked by the server (not a Literal) so an unknown one gets a 400 naming the supported ones."""
+
+    type: Text
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(_Body):
     """Sampling fields shared by both endpoints; top_k, min_p and repetition_penalty are extensions (as vLLM),
     as is kv_prediction."""
@@ -76,6 +92,7 @@ class SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     user: Text | None = None
     kv_prediction: bool = False  # extension: predict the prompt's KV cache (server started with --kv-predictor)
+    response_format: ResponseFormat | None = None
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
