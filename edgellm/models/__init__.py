@@ -5,13 +5,17 @@ from __future__ import annotations
 from types import ModuleType
 
 from edgellm.errors import CheckpointError, UnsupportedModelError
-from edgellm.models import llama
+from edgellm.models import llama, moe
 
 ARCHITECTURES: dict[str, ModuleType] = {
     "LlamaForCausalLM": llama,
     "MistralForCausalLM": llama,
+    "MixtralForCausalLM": moe,
+    "OlmoeForCausalLM": moe,
     "Qwen2ForCausalLM": llama,
+    "Qwen2MoeForCausalLM": moe,
     "Qwen3ForCausalLM": llama,
+    "Qwen3MoeForCausalLM": moe,
 }
 
 
