@@ -105,9 +105,12 @@ class Tokenizer:
         except jinja2.exceptions.TemplateError as e:
             raise InvalidRequestError(f"the model's chat template does not compile: {e}") from e
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a rendered chat; the template already holds any BOS, so none is added again."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a rendered chat; the template already holds any BOS, so none is added again. `tools`
+        (OpenAI function tools) reach the template as transformers' `tools=` does."""
+        text = self.apply_chat_template(messages, add_generation_prompt, tools=tools)
+        return self.encode(text, add_special_tokens=False)
 
     def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self)

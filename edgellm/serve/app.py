@@ -42,6 +42,7 @@ from edgellm.grammar import Grammar, llg_tokenizer
 from edgellm.sampling import SamplingParams, TokenLogprob
 from edgellm.sequence import check_prompt
 from edgellm.serve import protocol as p
+from edgellm.serve import tools as t
 from edgellm.serve.metrics import ServerMetrics
 from edgellm.serve.scheduler import Engine, Event, GenerationRequest
 from edgellm.tokenizer import Tokenizer
@@ -341,7 +342,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         finally:
             done(generation)
 
-    def stream(generation: GenerationRequest, chunk: Callable[..., dict], include_usage: bool,
+    def stream(generation: GenerationRequest, chunk: Callable[..., dict | None], include_usage: bool,
                first: dict | None = None) -> StreamingResponse:
         async def events() -> AsyncIterator[str]:
             try:
@@ -354,8 +355,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                         body = p.error_body(str(e), getattr(e, "type", "server_error"), code=getattr(e, "code", None))
                         yield f"data: {json.dumps(body)}\n\n"
                         break
-                    if event.text or event.logprob:
-                        yield f"data: {json.dumps(chunk(event.text, logprob=event.logprob))}\n\n"
+                    if (event.text or event.logprob) and (data := chunk(event.text, logprob=event.logprob)):
+                        yield f"data: {json.dumps(data)}\n\n"
                     if event.finish:
                         yield f"data: {json.dumps(chunk(None, event.finish))}\n\n"
                         if include_usage:
@@ -398,19 +399,43 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         check_model(body.model)
         messages = [m.as_template_message() for m in body.messages]
         check_chars(sum(len(m["content"]) for m in messages), "messages")
-        ids = await asyncio.to_thread(tokenizer.encode_chat, messages)  # a long prompt must not stall other requests
+        forced = t.forced_tool(body)
+        use_tools = bool(body.tools) and body.tool_choice != "none"  # "none": the model is not told of the tools
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []] if use_tools else None
+        # a long prompt must not stall other requests
+        ids = await asyncio.to_thread(tokenizer.encode_chat, messages, tools=tools)
         check_ids(ids, "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise p.ServeError("top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        grammar = await asyncio.to_thread(response_grammar, body.response_format)
+        if forced is None:
+            grammar = await asyncio.to_thread(response_grammar, body.response_format)
+        else:
+            grammar = await asyncio.to_thread(lambda: t.tool_grammar(body.tools or [], forced, grammar_tokenizer()))
         generation = submit(request, body, ids, body.max_completion_tokens or body.max_tokens, messages, logprobs,
                             grammar=grammar)
         id_, created = p.new_id("chatcmpl"), int(time.time())
+        limit = 1 if body.parallel_tool_calls is False else None
         if body.stream:
+            parser = t.ToolCallParser(limit) if use_tools else None
+            calls_sent = 0
+
             def chunk(text: str | None, finish: str | None = None, usage: dict | None = None,
-                      logprob: TokenLogprob | None = None) -> dict:
-                delta = {} if text is None else {"content": text}
+                      logprob: TokenLogprob | None = None) -> dict | None:
+                """A chunk, or None while the text so far may be part of a tool call (and carries no logprob)."""
+                nonlocal calls_sent
+                delta: dict = {} if text is None else {"content": text}
+                if parser is not None and usage is None:
+                    content, calls = parser.feed(text or "")
+                    content += parser.flush() if finish else ""
+                    delta = {"content": content} if content else {}
+                    if calls:
+                        delta["tool_calls"] = t.stream_delta(calls, calls_sent)
+                        calls_sent += len(calls)
+                    if finish and calls_sent:
+                        finish = "tool_calls"
+                    if not delta and not finish and logprob is None:
+                        return None
                 scores = None if logprob is None else p.chat_logprobs([logprob], token_text)
                 return p.chat_chunk(id_, model_id, created, delta, finish, usage, scores)
             first = p.chat_chunk(id_, model_id, created, {"role": "assistant", "content": ""})
@@ -418,8 +443,10 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
             return stream(generation, chunk, include, first)
         events = await collect(request, generation)
         text, last = "".join(e.text for e in events), events[-1]
+        content, calls = t.parse(text, limit) if use_tools else (text, [])
         scores = None if logprobs is None else p.chat_logprobs([e.logprob for e in events if e.logprob], token_text)
-        return JSONResponse(p.chat_response(id_, model_id, text, last.finish, p.usage(*last.usage), scores))
+        return JSONResponse(p.chat_response(id_, model_id, content, "tool_calls" if calls else last.finish,
+                                            p.usage(*last.usage), scores, calls))
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: p.CompletionRequest) -> Response:

@@ -103,21 +103,63 @@ class TextPart(_Body):
     text: Text
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule for function names
+
+
+class FunctionDef(_Body):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None  # accepted; a forced call always follows the schema
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ChosenFunction(_Body):
+    name: FunctionName
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+class FunctionCall(_Body):
+    name: Text
+    arguments: Text  # JSON, as the model wrote it
+
+
+class ToolCall(_Body):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool message: the call it answers
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) or self.content is None else \
             "".join(p.text for p in self.content)
 
     def as_template_message(self) -> dict:
-        """The {role, content} dict chat templates expect; multi-part text is joined."""
-        return {"role": self.role, "content": self.text() or ""}
+        """The dict chat templates expect (as transformers passes it): multi-part text joined, tool fields kept."""
+        extra = self.model_dump(include={"tool_calls", "tool_call_id", "name"}, exclude_none=True)
+        return {"role": self.role, "content": self.text() or "", **extra}
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)  # OpenAI's range; needs logprobs: true
@@ -192,10 +234,12 @@ def completion_chunk(id: str, model: str, created: int, text: str, finish: str |
                   {"text": text, "finish_reason": finish, "logprobs": logprobs}, usage_)
 
 
-def chat_response(id: str, model: str, text: str, finish: str, usage_: dict, logprobs: dict | None = None) -> dict:
+def chat_response(id: str, model: str, text: str | None, finish: str, usage_: dict, logprobs: dict | None = None,
+                  tool_calls: list[dict] | None = None) -> dict:
+    message = {"role": "assistant", "content": text, **({"tool_calls": tool_calls} if tool_calls else {})}
     return {"id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                         "finish_reason": finish}], "usage": usage_}
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}],
+            "usage": usage_}
 
 
 def completion_response(id: str, model: str, text: str, finish: str, usage_: dict,
