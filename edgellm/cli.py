@@ -117,6 +117,8 @@ def _kv_predictor(args: argparse.Namespace, model, tokenizer):
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from edgellm import load, stream_generate
+    if args.agent and args.speculate:
+        raise InvalidRequestError("--speculate does not combine with --agent yet; drop one of them")
     sampling = _sampling(args)
     _use_threads(args.threads)
     model, tokenizer = load(args.model, args.dtype)
@@ -126,7 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         steps = agent.stream(args.prompt, args.max_tokens, sampling, args.stop, kv_predictor=predictor)
     else:
         steps = stream_generate(model, tokenizer, args.prompt, args.max_tokens, sampling, args.stop,
-                                kv_predictor=predictor)
+                                kv_predictor=predictor, speculate=args.speculate)
     pieces, tokens, last = [], [], None
     for last in steps:
         if last.token is not None:
@@ -139,7 +141,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     stats = {"prompt_tokens": last.prompt_tokens, "cached_tokens": last.cached_tokens,
              "generation_tokens": len(tokens), "ttft_s": round(last.ttft_s, 4),
              "prefill_tok_s": round(last.prefill_tok_s, 1), "decode_tok_s": round(last.decode_tok_s, 1),
-             "finish_reason": last.finish_reason, "predicted_tokens": last.predicted_tokens, "threads": args.threads}
+             "finish_reason": last.finish_reason, "predicted_tokens": last.predicted_tokens, "threads": args.threads,
+             "drafted_tokens": last.drafted_tokens, "accepted_tokens": last.accepted_tokens}
     if args.json:
         print(json.dumps({"text": "".join(pieces), "tokens": tokens, **stats}))
     else:
@@ -287,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--kv-predictor", default=None,
                    help="KV predictor (from `edgellm kvpred train`): predict the prompt's KV cache to cut TTFT")
+    p.add_argument("--speculate", type=int_in(0, 64), default=0, metavar="K",
+                   help="greedy only: check up to K prompt-lookup drafted tokens per forward pass (0 = off); "
+                        "same output, faster when the answer re-quotes the prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
     p.set_defaults(func=cmd_generate)
 

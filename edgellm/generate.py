@@ -15,6 +15,7 @@ from edgellm.errors import InvalidRequestError
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.sampling import SamplingParams
 from edgellm.sequence import Sequence, StepOutput, context_length, prepare_prompt
+from edgellm.speculative import NGramProposer
 from edgellm.tokenizer import Tokenizer
 
 
@@ -32,6 +33,8 @@ class GenerationResponse:
     decode_tok_s: float
     finish_reason: str | None = None
     predicted_tokens: int = 0  # prompt tokens whose K/V a KV predictor supplied
+    drafted_tokens: int = 0  # speculative decoding: draft tokens checked so far
+    accepted_tokens: int = 0  # ... and those the model kept
 
 
 @dataclass
@@ -51,16 +54,32 @@ class GenerationResult:
                                               "prefill_tok_s", "decode_tok_s", "finish_reason")}
 
 
-def _response(seq: Sequence, out: StepOutput) -> GenerationResponse:
+def _response(seq: Sequence, out: StepOutput, generated: int | None = None) -> GenerationResponse:
+    """`generated`: the token count at `out` when one step produced several (speculative decoding)."""
     return GenerationResponse(
         text=out.text, token=out.token, prompt_tokens=len(seq.ids), cached_tokens=seq.cached,
-        generation_tokens=len(seq.generated), ttft_s=seq.ttft_s, prefill_tok_s=seq.prefill_tok_s,
-        decode_tok_s=seq.decode_tok_s, finish_reason=out.finish_reason, predicted_tokens=seq.predicted)
+        generation_tokens=len(seq.generated) if generated is None else generated, ttft_s=seq.ttft_s,
+        prefill_tok_s=seq.prefill_tok_s, decode_tok_s=seq.decode_tok_s, finish_reason=out.finish_reason,
+        predicted_tokens=seq.predicted, drafted_tokens=seq.drafted, accepted_tokens=seq.accepted)
+
+
+def _decode(model: nn.Module, seq: Sequence, speculate: int) -> list[StepOutput]:
+    """One decode step: plain, or with up to `speculate` n-gram drafted tokens checked in the same pass."""
+    if speculate:
+        return runner.speculative_decode(model, seq, NGramProposer(), speculate)
+    return runner.decode(model, [seq])
+
+
+def _check_speculate(speculate: int) -> None:
+    if speculate < 0:
+        raise InvalidRequestError(f"speculate is a draft length (0 = off), got {speculate}")
 
 
 def _result(seq: Sequence, **stats) -> GenerationResult:
     if seq.predicted:
         stats["predicted_tokens"] = seq.predicted
+    if seq.drafted:
+        stats["drafted_tokens"], stats["accepted_tokens"] = seq.drafted, seq.accepted
     return GenerationResult(text="".join(seq.text), tokens=list(seq.generated), prompt_tokens=len(seq.ids),
                             cached_tokens=seq.cached, ttft_s=seq.ttft_s, prefill_tok_s=seq.prefill_tok_s,
                             decode_tok_s=seq.decode_tok_s, finish_reason=seq.finish_reason or "length", stats=stats)
@@ -68,13 +87,16 @@ def _result(seq: Sequence, **stats) -> GenerationResult:
 
 def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int = 256,
                     sampling: SamplingParams | None = None, stop: list[str] | None = None,
-                    prompt_cache: PromptCache | None = None,
-                    kv_predictor: nn.Module | None = None) -> Iterator[GenerationResponse]:
+                    prompt_cache: PromptCache | None = None, kv_predictor: nn.Module | None = None,
+                    speculate: int = 0) -> Iterator[GenerationResponse]:
     """Yield text pieces as tokens are generated; with `prompt_cache`, reuse and extend its KV memory.
 
     With `kv_predictor` (edgellm.kvpred), the uncached prompt tokens but the last get predicted K/V instead of a
-    base prefill; the base runs the last prompt token on top of them, then decodes alone.
+    base prefill; the base runs the last prompt token on top of them, then decodes alone. With `speculate` > 0,
+    greedy decoding checks up to that many prompt-lookup drafted tokens per forward pass (same output, fewer
+    passes when the answer re-quotes its context); sampled requests decode plainly.
     """
+    _check_speculate(speculate)
     started = time.perf_counter()
     ids = prepare_prompt(tokenizer, prompt, model)
     if prompt_cache is None:
@@ -83,19 +105,29 @@ def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[i
     (_, out), = runner.prefill(model, [seq])
     yield _response(seq, out)
     while not seq.finished:
-        yield _response(seq, runner.decode(model, [seq])[0])
+        outs = _decode(model, seq, speculate)
+        base = len(seq.generated) - len(outs)
+        for i, out in enumerate(outs, 1):
+            yield _response(seq, out, base + i)
 
 
 def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int = 256,
              sampling: SamplingParams | None = None, stop: list[str] | None = None,
-             prompt_cache: PromptCache | None = None, kv_predictor: nn.Module | None = None) -> GenerationResult:
-    """Generate to completion and return the text with timing statistics."""
+             prompt_cache: PromptCache | None = None, kv_predictor: nn.Module | None = None,
+             speculate: int = 0) -> GenerationResult:
+    """Generate to completion and return the text with timing statistics (`speculate`: see `stream_generate`)."""
+    _check_speculate(speculate)
     started = time.perf_counter()
     ids = prepare_prompt(tokenizer, prompt, model)
     if prompt_cache is None:
         prompt_cache = PromptCache(model, capacity=len(ids) + max(1, min(max_tokens, context_length(model))))
     seq = Sequence(model, tokenizer, ids, prompt_cache, max_tokens, sampling, stop, kv_predictor, started)
-    runner.run_to_completion(model, [seq])
+    if not speculate:
+        runner.run_to_completion(model, [seq])
+        return _result(seq)
+    runner.prefill(model, [seq])
+    while not seq.finished:
+        _decode(model, seq, speculate)
     return _result(seq)
 
 

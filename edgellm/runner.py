@@ -1,5 +1,6 @@
 """The model runner: the only forward loops. `prefill` runs prompts (chunked, under a token budget), `decode` runs
-one batched step for sequences past their prefill; each hands the last logits to `Sequence.advance`.
+one batched step for sequences past their prefill, `speculative_decode` checks drafted tokens in one pass; each
+hands its logits to `Sequence.advance`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from edgellm.kv.batch import batch_layers
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.sampling import TokenLogprob, token_logprobs
 from edgellm.sequence import Sequence, State, StepOutput
+from edgellm.speculative import Proposer
 
 PREFILL_CHUNK = 2048  # bounds attention scratch memory on long prompts
 
@@ -98,6 +100,37 @@ def decode(model: nn.Module, sequences: list[Sequence]) -> list[StepOutput]:
     for seq, row in zip(sequences, logits, strict=True):
         seq.cache.tokens.append(seq.last_token)
         outputs.append(seq.advance(row))
+    return outputs
+
+
+@torch.no_grad()
+def speculative_decode(model: nn.Module, seq: Sequence, proposer: Proposer, k: int) -> list[StepOutput]:
+    """One to k + 1 tokens for `seq` from one forward pass over its last token and up to `k` proposed ones.
+
+    Each position's logits go through `Sequence.advance` in order (so EOS, stop strings, the length limit and
+    penalties act exactly as in `decode`); drafts are kept while the picked token equals them, and the token picked
+    at the first mismatch is the model's own, so it is kept too. The cache then forgets the rejected positions.
+    Greedy only: a sampled request would need rejection sampling to keep its distribution, so it decodes plainly.
+    """
+    room = seq.max_tokens - len(seq.generated) - 1  # the step's own token always fits; drafts only in what is left
+    greedy = seq.sampler.params.temperature == 0
+    draft = proposer.propose(seq.ids + seq.generated, min(k, room)) if greedy and room > 0 and k > 0 else []
+    if not draft:
+        return decode(model, [seq])
+    tokens = [seq.last_token, *draft]
+    logits = model(torch.tensor([tokens]), seq.cache.layers)[0]
+    outputs = []
+    for i, row in enumerate(logits):
+        seq.cache.tokens.append(tokens[i])
+        outputs.append(seq.advance(row))
+        if seq.finished or i == len(draft) or outputs[-1].token != draft[i]:
+            break
+    rejected = len(tokens) - len(outputs)
+    if rejected:
+        for layer in seq.cache.layers:
+            layer.trim(rejected)
+    seq.drafted += len(draft)
+    seq.accepted += sum(out.token == guess for out, guess in zip(outputs, draft, strict=False))
     return outputs
 
 

@@ -119,6 +119,7 @@ class Sequence:
         self.state = State.WAITING
         self.cached = 0  # prompt tokens whose K/V the cache already held
         self.predicted = 0  # prompt tokens whose K/V the KV predictor supplied
+        self.drafted = self.accepted = 0  # speculative decoding: draft tokens verified, and those the model kept
         self.pending: list[int] = []  # prompt tokens still to prefill
         self.generated: list[int] = []
         self.text: list[str] = []

@@ -17,7 +17,7 @@ LAYERS = [
      "edgellm.tokenizer", "edgellm.grammar", "edgellm.sampling", "edgellm.assets", "edgellm.perf"],
     ["edgellm.models"],
     ["edgellm.loader", "edgellm.quant", "edgellm.info"],
-    ["edgellm.sequence", "edgellm.runner"],
+    ["edgellm.sequence", "edgellm.speculative", "edgellm.runner"],
     ["edgellm.generate", "edgellm.train", "edgellm.kvpred"],
     ["edgellm.agents"],
     ["edgellm.serve"],
