@@ -50,6 +50,16 @@ class Grammar:
             raise InvalidRequestError(f"the JSON schema is not supported: {e}") from e
         return cls(grammar, tokenizer)
 
+    @classmethod
+    def raw(cls, tokenizer: llguidance.LLTokenizer, kind: str, text: str) -> Grammar:
+        """A client's own grammar (`kind` "lark" or "regex"), for output no JSON schema describes."""
+        compile_ = llguidance.LLMatcher.grammar_from_lark if kind == "lark" else llguidance.LLMatcher.grammar_from_regex
+        try:
+            grammar = compile_(text)
+        except ValueError as e:
+            raise InvalidRequestError(f"the {kind} grammar is not supported: {e}") from e
+        return cls(grammar, tokenizer)
+
     def processor(self) -> GrammarProcessor:
         return GrammarProcessor(self)
 

@@ -291,6 +291,19 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         raise p.ServeError(f"response_format type {response_format.type!r} is not supported; use text, json_object "
                            "or json_schema", param="response_format.type")
 
+    def request_grammar(body: p.SamplingFields, forced: bool = False) -> Grammar | None:
+        """The edgellm `grammar` if given (alone: it cannot be combined with other constraints), else what
+        `response_format` asks for (blocks; run it off the event loop)."""
+        if body.grammar is None:
+            return response_grammar(body.response_format)
+        if forced or (body.response_format is not None and body.response_format.type != "text"):
+            raise p.ServeError("grammar cannot be combined with a JSON response_format or a forced tool_choice",
+                               param="grammar")
+        try:
+            return Grammar.raw(grammar_tokenizer(), body.grammar.type, body.grammar.value)
+        except InvalidRequestError as e:
+            raise p.ServeError(str(e), param="grammar") from e
+
     def submit(request: Request, body: p.SamplingFields, ids: list[int], max_tokens: int | None,
                messages: list[dict] | None = None, logprobs: int | None = None,
                echo: bool = False, grammar: Grammar | None = None) -> GenerationRequest:
@@ -397,6 +410,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: p.ChatCompletionRequest) -> Response:
         check_model(body.model)
+        body.check_refused()
         messages = [m.as_template_message() for m in body.messages]
         check_chars(sum(len(m["content"]) for m in messages), "messages")
         forced = t.forced_tool(body)
@@ -408,8 +422,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         if body.top_logprobs is not None and not body.logprobs:
             raise p.ServeError("top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        if forced is None:
-            grammar = await asyncio.to_thread(response_grammar, body.response_format)
+        if forced is None or body.grammar is not None:
+            grammar = await asyncio.to_thread(request_grammar, body, forced is not None)
         else:
             grammar = await asyncio.to_thread(lambda: t.tool_grammar(body.tools or [], forced, grammar_tokenizer()))
         generation = submit(request, body, ids, body.max_completion_tokens or body.max_tokens, messages, logprobs,
@@ -451,6 +465,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
     @app.post("/v1/completions")
     async def completions(request: Request, body: p.CompletionRequest) -> Response:
         check_model(body.model)
+        body.check_refused()
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):  # a batch of prompts
             if len(prompt) != 1:
@@ -470,7 +485,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                                param="max_tokens")
         if body.echo and body.stream:
             raise p.ServeError("echo is not supported with stream: true", param="echo")
-        grammar = await asyncio.to_thread(response_grammar, body.response_format)
+        grammar = await asyncio.to_thread(request_grammar, body)
         generation = submit(request, body, ids, body.max_tokens, logprobs=body.logprobs, echo=body.echo,
                             grammar=grammar)
         id_, created = p.new_id("cmpl"), int(time.time())

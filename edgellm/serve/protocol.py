@@ -6,7 +6,7 @@ import time
 import uuid
 from collections.abc import Callable
 from itertools import accumulate
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -71,9 +71,23 @@ class ResponseFormat(_Body):
     json_schema: JsonSchemaFormat | None = None
 
 
+class RawGrammar(_Body):
+    """Extension (as llama-server's `grammar`, vLLM's `guided_regex`): decoding follows a Lark or regex grammar."""
+
+    type: Literal["lark", "regex"]
+    value: Text
+
+
 class SamplingFields(_Body):
     """Sampling fields shared by both endpoints; top_k, min_p and repetition_penalty are extensions (as vLLM),
-    as is kv_prediction."""
+    as are kv_prediction and grammar.
+
+    REFUSED lists OpenAI fields this server cannot honour, with the values that ask for nothing (unset, OpenAI's
+    default): they are typed `Any` so any other value gets a 400 naming the field rather than a silent ignore."""
+
+    REFUSED: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
+        "logit_bias": ((None, {}), "token biases are not implemented"),
+    }
 
     model: Text
     max_tokens: int | None = Field(default=None, ge=1)
@@ -93,6 +107,15 @@ class SamplingFields(_Body):
     user: Text | None = None
     kv_prediction: bool = False  # extension: predict the prompt's KV cache (server started with --kv-predictor)
     response_format: ResponseFormat | None = None
+    grammar: RawGrammar | None = None
+    logit_bias: Any = None
+
+    def check_refused(self) -> None:
+        """A 400 naming the first REFUSED field set to a value that asks for something."""
+        for name, (harmless, why) in self.REFUSED.items():
+            value = getattr(self, name)
+            if not any(value == h and type(value) is type(h) for h in harmless):
+                raise ServeError(f"{name} is not supported by this server ({why}); omit it", param=name)
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -156,6 +179,19 @@ class ChatMessage(_Body):
 
 
 class ChatCompletionRequest(SamplingFields):
+    REFUSED = {
+        **SamplingFields.REFUSED,
+        "audio": ((None,), "text output only"),
+        "modalities": ((None, ["text"]), "text output only"),
+        "functions": ((None, []), "deprecated; use tools"),
+        "function_call": ((None,), "deprecated; use tool_choice"),
+        "prediction": ((None,), "no predicted outputs"),
+        "web_search_options": ((None,), "no web search"),
+        "moderation": ((None,), "no moderation model"),
+        "reasoning_effort": ((None,), "no reasoning-effort control"),
+        "verbosity": ((None, "medium"), "no verbosity control"),
+    }
+
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
@@ -163,13 +199,26 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)  # OpenAI's range; needs logprobs: true
+    audio: Any = None
+    modalities: Any = None
+    functions: Any = None
+    function_call: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
 
 
 class CompletionRequest(SamplingFields):
+    REFUSED = {**SamplingFields.REFUSED, "best_of": ((None, 1), "n=1 only"), "suffix": ((None, ""), "no insertion")}
+
     prompt: Text | TokenIds | list[Text] | list[TokenIds]  # OpenAI's four forms; a list must hold one prompt (n=1)
     max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for /v1/completions; 0 only with echo
     logprobs: int | None = Field(default=None, ge=0, le=5)  # OpenAI's range: top alternatives per token
     echo: bool = False
+    best_of: Any = None
+    suffix: Any = None
 
 
 def new_id(prefix: str) -> str:
