@@ -177,6 +177,7 @@ class AgentStore:
         from_disk = name not in self.live
         agent = self.agent(name)
         agent.pinned = True
+        agent.last_used = time.monotonic()
         return agent, from_disk and agent.restore_note is None and bool(agent.cache.tokens)
 
     def release(self, agent: Agent, save: bool) -> None:
@@ -190,6 +191,7 @@ class AgentStore:
         """Drop a live agent without saving (its cache may be inconsistent): the next use restores the last save."""
         if self.live.get(agent.name) is agent:
             del self.live[agent.name]
+            agent.cache.release()  # pool blocks go back; a contiguous cache is simply dropped
 
     def describe(self, name: str, saved: dict[str, AgentInfo] | None = None) -> dict | None:
         """What is known of an agent, on disk and in RAM; None when it exists in neither."""
@@ -278,7 +280,7 @@ class AgentStore:
         """Write back and drop idle agents: expired ones first, then least recently used; never pinned ones."""
         now = time.monotonic()
         for name, agent in list(self.live.items()):
-            if name != keep and agent.ttl_s is not None and now - agent.last_used > agent.ttl_s:
+            if name != keep and not agent.pinned and agent.ttl_s is not None and now - agent.last_used > agent.ttl_s:
                 self.evict(name)
         if self.budget_bytes is None:
             return

@@ -56,6 +56,8 @@ class GenerationResult:
 
 def _response(seq: Sequence, out: StepOutput, generated: int | None = None) -> GenerationResponse:
     """`generated`: the token count at `out` when one step produced several (speculative decoding)."""
+    if seq.error is not None:  # the sequence failed in its own step (e.g. its grammar): the caller hears why
+        raise seq.error
     return GenerationResponse(
         text=out.text, token=out.token, prompt_tokens=len(seq.ids), cached_tokens=seq.cached,
         generation_tokens=len(seq.generated) if generated is None else generated, ttft_s=seq.ttft_s,
@@ -76,6 +78,8 @@ def _check_speculate(speculate: int) -> None:
 
 
 def _result(seq: Sequence, **stats) -> GenerationResult:
+    if seq.error is not None:
+        raise seq.error
     if seq.predicted:
         stats["predicted_tokens"] = seq.predicted
     if seq.drafted:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgellm.errors import InvalidRequestError
+from edgellm.errors import EdgeLLMError, InvalidRequestError
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from edgellm.tokenizer import Tokenizer
@@ -123,7 +123,8 @@ class Sequence:
         self.pending: list[int] = []  # prompt tokens still to prefill
         self.generated: list[int] = []
         self.text: list[str] = []
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # "stop" | "length" | "error" (then `error` says why)
+        self.error: Exception | None = None
         self.started_at = time.perf_counter() if started_at is None else started_at
         self.first_token_at = self.last_token_at = 0.0
         # prompt then generated ids for the logits processors, preallocated: no concatenation per token
@@ -143,8 +144,12 @@ class Sequence:
     def advance(self, logits: torch.Tensor) -> StepOutput:
         """Pick the next token from the last position's `logits` (vocab,), stream its text, decide whether to stop."""
         n = len(self.ids) + len(self.generated)
-        token = self.sampler(logits, None if self._tokens is None else self._tokens[:n])
-        end = token in self.eos or self.sampler.accept(token)  # EOS, or the grammar's end (even when EOS is ignored)
+        try:
+            token = self.sampler(logits, None if self._tokens is None else self._tokens[:n])
+            end = token in self.eos or self.sampler.accept(token)  # EOS, or the grammar's end (even if EOS is ignored)
+        except (EdgeLLMError, RuntimeError) as e:  # e.g. a grammar in an error state: this sequence fails, not a batch
+            self.error, self.state, self.finish_reason = e, State.FINISHED, "error"
+            return StepOutput(-1, "", "error")
         now = time.perf_counter()
         if not self.generated:
             self.first_token_at = now

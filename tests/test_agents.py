@@ -325,12 +325,14 @@ def test_reinterpreted_tensor_dtype_is_refused(engine, tmp_path):
 def test_stale_temp_files_are_removed_on_open(engine, tmp_path):
     model, tok = engine
     saved_agent(engine, tmp_path)
-    dead = tmp_path / ".bob.safetensors.999999999.abc123.tmp"  # no such PID
+    dead = tmp_path / ".bob.safetensors.999999999.abc123.tmp"  # no such PID, two minutes old
+    fresh = tmp_path / ".bob.safetensors.999999998.jkl012.tmp"  # no such PID here, but just written: kept
     live = tmp_path / f".bob.safetensors.{os.getpid()}.def456.tmp"  # a writer still running
-    old = tmp_path / f".bob.safetensors.{os.getpid()}.ghi789.tmp"
-    for p in (dead, live, old):
+    old = tmp_path / f".bob.safetensors.{os.getpid()}.ghi789.tmp"  # two hours old: stale whatever its PID
+    for p in (dead, fresh, live, old):
         p.write_bytes(b"partial")
+    os.utime(dead, (time.time() - 120, time.time() - 120))
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     store = AgentStore(tmp_path, model, tok, "q4")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bob.safetensors", live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bob.safetensors", fresh.name, live.name])
     assert store.agent("bob").restore_note is None

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from edgellm import load
+from edgellm import load, runner
 from edgellm.agents import AgentStore
-from edgellm.generate import batch_generate, generate, stream_generate
+from edgellm.errors import InvalidRequestError
+from edgellm.generate import _result, batch_generate, generate, stream_generate
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.kvpred import KVPredictor
 from edgellm.kvpred.train import trainable_copy
@@ -176,3 +177,28 @@ def test_stop_matcher_holds_back_a_partial_stop():
     assert stops.feed("abcE") == ("abc", False)
     assert stops.feed("N") == ("", False)
     assert stops.feed("D tail") == ("", True)
+
+
+def test_a_failing_step_ends_only_its_own_sequence(engine_parts):
+    """A sequence whose sampling chain raises (e.g. a grammar in an error state) finishes with "error"; the other
+    sequences of the same batched step carry on exactly as without it, and `generate` reports the error."""
+    model, tok, _ = engine_parts
+    ids = tok.encode(PROMPT)
+    alone = generate(model, tok, ids, 6).tokens
+
+    def make() -> Sequence:
+        return Sequence(model, tok, ids, PromptCache(model, 64), 6)
+
+    good, bad = make(), make()
+    runner.prefill(model, [good, bad])
+
+    def broken(logits, tokens=None):
+        raise InvalidRequestError("grammar rejected every token")
+
+    bad.sampler = broken  # the chain is called as sampler(logits, tokens)
+    outputs = runner.decode(model, [bad, good])
+    assert outputs[0].finish_reason == "error" and bad.finished and isinstance(bad.error, InvalidRequestError)
+    runner.run_to_completion(model, [good])
+    assert good.generated == alone
+    with pytest.raises(InvalidRequestError, match="grammar rejected"):
+        _result(bad)  # what generate() returns for a finished sequence

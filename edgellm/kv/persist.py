@@ -32,6 +32,7 @@ FORMAT_VERSION = 2  # 2: metadata checksummed, tensor CRCs cover dtype and shape
 HEADER_CHECKSUM = "header_sha256"
 TMP_SUFFIX = ".tmp"
 STALE_TMP_S = 3600.0  # a save takes seconds: a temp file this old outlived its writer whatever its PID says
+DEAD_WRITER_GRACE_S = 60.0  # a dead local PID plus this age: the writer is gone, not a namesake in another namespace
 
 
 class RestoreError(EdgeLLMError):
@@ -51,7 +52,8 @@ def header_checksum(meta: dict[str, str]) -> str:
 
 
 def remove_stale_temp_files(directory: Path) -> list[Path]:
-    """Delete temp files left by writers that died mid-save (their PID is gone, or the file is over an hour old).
+    """Delete temp files left by writers that died mid-save: their PID is gone and the file is over a minute old,
+    or it is over an hour old whatever its name says (a PID means nothing to another host or PID namespace).
 
     Temp names carry the writer's PID (`.<name>.<pid>.<random>.tmp`); they never end in `.safetensors`, so a
     restore could not pick one up anyway, but each holds a whole cache's bytes.
@@ -61,8 +63,8 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
         parts = tmp.name.split(".")
         pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
         try:
-            old = time.time() - tmp.stat().st_mtime > STALE_TMP_S
-            if old or pid is None or not _pid_alive(pid):
+            age = time.time() - tmp.stat().st_mtime
+            if age > STALE_TMP_S or (age > DEAD_WRITER_GRACE_S and pid is not None and not _pid_alive(pid)):
                 tmp.unlink()
                 removed.append(tmp)
         except FileNotFoundError:  # its writer renamed or removed it meanwhile

@@ -237,9 +237,15 @@ class Engine:
         else:
             cache = self._anonymous_cache(req.ids, req.max_tokens)
         predictor = self.kv_predictor if req.kv_prediction else None
-        seq = Sequence(self.model, self.tokenizer, req.ids, cache, req.max_tokens, req.sampling, req.stop, predictor,
-                       started_at=req.submitted, logprobs=req.logprobs)
-        seq.begin()
+        try:
+            seq = Sequence(self.model, self.tokenizer, req.ids, cache, req.max_tokens, req.sampling, req.stop,
+                           predictor, started_at=req.submitted, logprobs=req.logprobs)
+            seq.begin()
+        except Exception:  # an agent acquired for a request that cannot start must not stay pinned
+            if agent is not None:
+                with self.store_lock:
+                    self.store.release(agent, save=False)
+            raise
         self.metrics.prompt_tokens.inc(len(req.ids))
         self.metrics.cached_tokens.inc(seq.cached)
         if seq.cached:
@@ -263,6 +269,10 @@ class Engine:
     def _emit(self, slot: Slot, out: StepOutput) -> None:
         """Send a step's text to the client and record its metrics; on the last step, finish the request."""
         seq, req = slot.seq, slot.request
+        if out.finish_reason == "error":  # this request's own step failed: only it ends, the batch goes on
+            req.emit(Event(error=seq.error))
+            self._finish(slot, save=False)
+            return
         if len(seq.generated) == 1:
             self.metrics.ttft.observe(seq.ttft_s)
         else:
