@@ -72,9 +72,17 @@ def _decode(model: nn.Module, seq: Sequence, speculate: int) -> list[StepOutput]
     return runner.decode(model, [seq])
 
 
-def _check_speculate(speculate: int) -> None:
+def _sequence(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int,
+              sampling: SamplingParams | None, stop: list[str] | None, prompt_cache: PromptCache | None,
+              kv_predictor: nn.Module | None, speculate: int) -> Sequence:
+    """One request as a Sequence (its cache reserved for prompt + answer when none is given); TTFT counts from here."""
     if speculate < 0:
         raise InvalidRequestError(f"speculate is a draft length (0 = off), got {speculate}")
+    started = time.perf_counter()
+    ids = prepare_prompt(tokenizer, prompt, model)
+    if prompt_cache is None:
+        prompt_cache = PromptCache(model, capacity=len(ids) + max(1, min(max_tokens, context_length(model))))
+    return Sequence(model, tokenizer, ids, prompt_cache, max_tokens, sampling, stop, kv_predictor, started)
 
 
 def _result(seq: Sequence, **stats) -> GenerationResult:
@@ -100,12 +108,7 @@ def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[i
     greedy decoding checks up to that many prompt-lookup drafted tokens per forward pass (same output, fewer
     passes when the answer re-quotes its context); sampled requests decode plainly.
     """
-    _check_speculate(speculate)
-    started = time.perf_counter()
-    ids = prepare_prompt(tokenizer, prompt, model)
-    if prompt_cache is None:
-        prompt_cache = PromptCache(model, capacity=len(ids) + max(1, min(max_tokens, context_length(model))))
-    seq = Sequence(model, tokenizer, ids, prompt_cache, max_tokens, sampling, stop, kv_predictor, started)
+    seq = _sequence(model, tokenizer, prompt, max_tokens, sampling, stop, prompt_cache, kv_predictor, speculate)
     (_, out), = runner.prefill(model, [seq])
     yield _response(seq, out)
     while not seq.finished:
@@ -120,12 +123,7 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], ma
              prompt_cache: PromptCache | None = None, kv_predictor: nn.Module | None = None,
              speculate: int = 0) -> GenerationResult:
     """Generate to completion and return the text with timing statistics (`speculate`: see `stream_generate`)."""
-    _check_speculate(speculate)
-    started = time.perf_counter()
-    ids = prepare_prompt(tokenizer, prompt, model)
-    if prompt_cache is None:
-        prompt_cache = PromptCache(model, capacity=len(ids) + max(1, min(max_tokens, context_length(model))))
-    seq = Sequence(model, tokenizer, ids, prompt_cache, max_tokens, sampling, stop, kv_predictor, started)
+    seq = _sequence(model, tokenizer, prompt, max_tokens, sampling, stop, prompt_cache, kv_predictor, speculate)
     if not speculate:
         runner.run_to_completion(model, [seq])
         return _result(seq)

@@ -142,6 +142,14 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)
         return k, v.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
+    def place_q(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Queries (batch, seq, heads*head_dim) → (batch, heads, seq, head_dim), with the query norm and RoPE."""
+        b, t, _ = q.shape
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q = self.q_norm(q)
+        return apply_rope(q.transpose(1, 2), cos, sin)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: AttentionCache | None, kv_tap: Callable | None = None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -152,10 +160,7 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if kv_tap is not None:
             k, v = kv_tap(k, v)
-        q = q.view(b, t, self.n_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q = self.q_norm(q)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
+        q = self.place_q(q, cos, sin)
         k, v = self.place_kv(k, v, cos, sin)
         if cache is not None:  # the cache stores K/V and attends, whatever its kind (dense, quantized, batched)
             out = cache.attend(q, k, v, mask, self.head_dim**-0.5)

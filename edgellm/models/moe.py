@@ -9,16 +9,13 @@ per-expert modules named as HF checkpoints store them, so loading stays a dict a
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgellm.errors import CheckpointError
-from edgellm.kernels import Linear, linear
-from edgellm.kv import AttentionCache
+from edgellm.kernels import Linear
 from edgellm.models import llama
 from edgellm.models.llama import MLP, RMSNorm
 from edgellm.models.rope import apply_rope
@@ -178,25 +175,10 @@ class OlmoeAttention(llama.Attention):
         return (apply_rope(k.transpose(1, 2), cos, sin),
                 self.clamp(v).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: AttentionCache | None, kv_tap: Callable | None = None) -> torch.Tensor:
-        b, t, _ = x.shape
-        if self.qkv is not None:
-            kv_dim = self.n_kv_heads * self.head_dim
-            q, k, v = linear(x, *self.qkv).split([self.n_heads * self.head_dim, kv_dim, kv_dim], -1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if kv_tap is not None:
-            k, v = kv_tap(k, v)
+    def place_q(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = q.shape
         q = self.clamp(self.q_norm(q)).view(b, t, self.n_heads, self.head_dim)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k, v = self.place_kv(k, v, cos, sin)
-        if cache is not None:
-            out = cache.attend(q, k, v, mask, self.head_dim**-0.5)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                 enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return apply_rope(q.transpose(1, 2), cos, sin)
 
 
 class DecoderLayer(llama.DecoderLayer):
