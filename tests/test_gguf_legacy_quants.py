@@ -94,7 +94,8 @@ def test_formats_are_registered_for_reading_only():
 def test_q8_1_sums_round_as_llama_cpp():
     """s = fp16(sum(q) * d) from the fp32 d, not the fp16 one; a Q4_1 weight of all ones (d = 0, m = 1) reads it."""
     k = 160  # four blocks in one SIMD step, then one in the plain C++ tail
-    x = torch.randn(2, k) * torch.logspace(-3, 3, k)
+    # seeded: about one draw in six has every fp16-d sum round like the fp32-d one, and the check below needs a miss
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, k)
     x[1, :32] = 0.0
     q, d, s = quantize_activations_q8_1(x)
     assert torch.equal(q, quantize_activations(x)[0]) and torch.equal(d, quantize_activations(x)[1])

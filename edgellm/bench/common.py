@@ -84,3 +84,15 @@ def write_report(report: dict[str, Any], json_path: Path | None, plot_path: Path
         json_path.write_text(json.dumps(report, indent=2))
     if plot_path and plot:
         plot(report, plot_path)
+@contextmanager
+def env_var(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the duration of a block (e.g. EDGELLM_FUSED_STEP=0)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from edgellm.bench.common import positive_int, thread_counts, torch_threads, write_report
+from edgellm.bench.common import env_var, positive_int, thread_counts, torch_threads, write_report
 from edgellm.errors import EdgeLLMError
 from edgellm.perf import measure_hardware
 from edgellm.perf.hardware import physical_cores
@@ -148,9 +148,12 @@ def _edgellm_speed(path: str, dtype: str | None, threads: int, prompt: list[int]
             runner.decode(model, [state["seq"]])
 
     prefill_s, decode_s = _prefill_decode_seconds(prefill_once, decode, reps)
+    with env_var("EDGELLM_FUSED_STEP", "0"):  # the same decode op at a time: what the fused native step gains
+        op_decode_s = _prefill_decode_seconds(prefill_once, decode, reps)[1]
     with torch.inference_mode():
         dequant_s = _dequant_seconds(model, reps)
     speed = {"prefill_tok_s": len(prompt) / prefill_s, "decode_tok_s": steps / decode_s,
+             "decode_tok_s_op_at_a_time": steps / op_decode_s,
              "decode_bytes": _decode_bytes(model), "bits_per_weight": _bits_per_weight(model),
              "dequant_share_pct": min(100.0, 100 * dequant_s * steps / decode_s)}
     if op_split:
@@ -447,7 +450,8 @@ def print_table(report: dict[str, Any]) -> None:
     threads = report["settings"]["threads"]
     table = Table(title=f"bench quant: {report['model']} (DRAM {report['hardware']['mem_read_gbs']:.1f} GB/s)")
     for col in ["engine", "format", "MiB", "bits/w", *[f"decode tok/s ({t}T)" for t in threads],
-                *[f"prefill tok/s ({t}T)" for t in threads], "% BW", "dequant %", "ppl", "KL", "top-1 %"]:
+                *[f"prefill tok/s ({t}T)" for t in threads], "fused gain", "% BW", "dequant %", "ppl", "KL",
+                "top-1 %"]:
         table.add_column(col, justify="right")
     for row in report["rows"]:
         first = row["speed"][threads[0]]
@@ -461,11 +465,14 @@ def print_table(report: dict[str, Any]) -> None:
         table.add_row(row["engine"], row["format"], f"{row['file_mib']:.1f}",
                       f"{row['bits_per_weight']:.2f}" if "bits_per_weight" in row else "-",
                       *[speed(t, "decode_tok_s") for t in threads], *[speed(t, "prefill_tok_s") for t in threads],
+                      f"{first['decode_tok_s'] / first['decode_tok_s_op_at_a_time']:.2f}x"
+                      if "decode_tok_s_op_at_a_time" in first else "-",
                       f"{first['decode_pct_bandwidth']:.0f}" if "decode_pct_bandwidth" in first else "-",
                       f"{first['dequant_share_pct']:.0f}" if "dequant_share_pct" in first else "-",
                       f"{q['perplexity']:.2f}" if q else "-", f"{q['mean_kl']:.4f}" if q else "-",
                       f"{q['top1_agreement_pct']:.1f}" if q else "-")
     Console(width=220).print(table)
+    print("fused gain: decode with the fused native step over the same decode op at a time, first thread count")
     if report["settings"]["llama_cpp"]:
         print("(x) on llama.cpp rows: edgellm / llama.cpp for the paired edgellm format, same thread count; "
               f"{report['settings']['llama_cpp']}")

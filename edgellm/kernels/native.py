@@ -34,7 +34,8 @@ CSRC = Path(__file__).parent / "csrc"
 # a toolchain without OpenMP.
 CFLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 _BUILD_LOCK = threading.Lock()
-BUILD_SECONDS = {"gemv": 30, "decode": 30, "ggml_blocks": 45, "kquants": 45, "lut": 40, "softmax": 25}  # 2 cores
+BUILD_SECONDS = {"gemv": 30, "decode": 30, "ggml_blocks": 45, "kquants": 45, "lut": 40, "softmax": 25,
+                 "kvattn": 40, "step": 90}  # 2 cores
 
 
 def _single_thread_after_fork() -> None:
@@ -71,7 +72,8 @@ def cache_dir(source: Path, cflags: list[str]) -> Path:
     key = hashlib.sha256()
     # torch's install path: two environments with the same torch version compile with different include paths,
     # and sharing a directory made each rebuild the other's binary
-    for part in (source.read_bytes(), torch.__version__.encode(), str(Path(torch.__file__).parent).encode(),
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the sources #include
+    for part in (source.read_bytes(), headers, torch.__version__.encode(), str(Path(torch.__file__).parent).encode(),
                  str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(), sys.version.encode(),
                  " ".join(cflags).encode(), cpu_flags().encode()):
         key.update(part)

@@ -19,6 +19,7 @@ from edgellm.errors import CheckpointError
 from edgellm.kernels import Linear, fuse_linears, linear
 from edgellm.kernels.decode import rms_norm
 from edgellm.kv import AttentionCache, DenseKVCache, KVCache, KVFormat, causal_mask, make_caches
+from edgellm.models import fused
 from edgellm.models.rope import RotaryEmbedding, apply_rope
 
 # Called per layer as tap(layer, k, v) with the pre-norm, pre-RoPE K/V (batch, seq, kv_heads*head_dim); returns
@@ -215,6 +216,8 @@ class LlamaModel(nn.Module):
 class Model(nn.Module):
     """Causal LM: `forward(tokens, cache)` → logits; `make_cache()` says which cache this model uses."""
 
+    FUSED_LAYER_TYPES = (DecoderLayer, Attention, MLP)  # the layer the fused native decode step computes
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
@@ -255,6 +258,10 @@ class Model(nn.Module):
         layers run and the hidden state is returned instead of logits (all the K/V a predictor needs).
         """
         b, t = tokens.shape
+        if t == 1 and cache and kv_tap is None and num_layers is None:
+            logits = fused.decode_step(self, tokens, cache)
+            if logits is not None:
+                return logits
         h = self.model.embed_tokens(tokens)
         offsets = cache[0].offsets if cache else [0]
         positions = torch.tensor(offsets, device=tokens.device).unsqueeze(1) + torch.arange(t, device=tokens.device)

@@ -1,0 +1,343 @@
+// GEMV and dequantization straight on llama.cpp's k-quant super-blocks (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) as stored in
+// GGUF files, with activations quantized to Q8_K as llama.cpp does for its k-quant dot products.
+//
+// Every format decodes to the same shape: 256 unsigned codes u, a signed int scale per 16-element sub-block (Q4_K and
+// Q5_K have 32-element sub-blocks, read through a different lane map), an int min per sub-block for the formats with
+// mins, and w = (d * sc) * (u - offset) - (dmin * m) (offset 32 for Q6_K, 4 for Q3_K, else 0). Q8_K activations are
+// 256-blocks with an fp32 d, int8 q and the per-16 sums of q (bsums), so the offset and the mins cost one multiply by
+// a bsum per sub-block instead of work per element:
+//   dot = d_x * (d * sum_j sc_j * (sum_i u_i q_i - offset * bsum_j) - dmin * sum_j m_j * bsum_j).
+// AVX-512 (BW + VNNI): vpmaddubsw multiplies 64 codes by 64 activations into int16 pairs (|pair| <= 2 * 63 * 127,
+// no saturation), vpdpwssd scales each pair by its sub-block's scale and accumulates in int32.
+
+// Shared by the op-at-a-time extension and the fused decode step (step.cpp).
+
+#pragma once
+
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "simd.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define EDGELLM_KQ_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace kq {
+
+constexpr int64_t kQK = 256;
+constexpr int kRowTile = 4;  // activation rows sharing one decode of each weight super-block
+
+using simd::half_to_float;
+
+// One row of x as Q8_K: int8 q, per-block fp32 d, per-16 sums of q and per-32 sums (8 per block, padded to 16).
+struct Q8K {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int16_t> bsums16, bsums32;
+};
+
+// llama.cpp's quantize_row_q8_K_ref: the signed value of largest magnitude (first wins) maps to -127.
+Q8K quantize_q8k(const float* x, int64_t nb) {
+  Q8K r{std::vector<int8_t>(nb * kQK), std::vector<float>(nb), std::vector<int16_t>(nb * 16),
+        std::vector<int16_t>(nb * 16, 0)};
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kQK;
+    float amax = 0.0f, max = 0.0f;
+    for (int i = 0; i < kQK; ++i)
+      if (std::fabs(xb[i]) > amax) amax = std::fabs(xb[i]), max = xb[i];
+    int8_t* q = r.q.data() + b * kQK;
+    if (amax == 0.0f) {
+      std::memset(q, 0, kQK);
+      r.d[b] = 0.0f;
+    } else {
+      const float iscale = -127.0f / max;
+      for (int i = 0; i < kQK; ++i) q[i] = static_cast<int8_t>(std::min(127.0f, std::nearbyint(iscale * xb[i])));
+      r.d[b] = 1.0f / iscale;
+    }
+    for (int j = 0; j < 16; ++j) {
+      int s = 0;
+      for (int i = 0; i < 16; ++i) s += q[16 * j + i];
+      r.bsums16[b * 16 + j] = static_cast<int16_t>(s);
+      r.bsums32[b * 16 + j / 2] = static_cast<int16_t>(r.bsums32[b * 16 + j / 2] + s);
+    }
+  }
+  return r;
+}
+
+// A super-block decoded for the portable path and for dequantization: scales and mins per 16 elements.
+struct Decoded {
+  uint8_t u[kQK];
+  int16_t sc[16], m[16];
+  float d, dmin;
+};
+
+// Q4_K/Q5_K's twelve bytes of 6-bit scales and mins, as ggml's get_scale_min_k4.
+inline void scale_min_k4(const uint8_t* s, uint8_t* sc, uint8_t* m) {
+  for (int j = 0; j < 8; ++j) {
+    sc[j] = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+    m[j] = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// Q3_K's twelve bytes of 6-bit scales (stored + 32): low nibbles in bytes 0..7, the top two bits in bytes 8..11.
+inline void scales_q3_k(const uint8_t* s, int16_t* sc) {
+  for (int j = 0; j < 16; ++j) {
+    const int low = j < 8 ? s[j] & 15 : s[j - 8] >> 4;
+    sc[j] = static_cast<int16_t>((low | (((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32);
+  }
+}
+
+// Per format: bytes per block, the offset subtracted from u, whether it has mins and 32-element sub-blocks, and the
+// scalar decode (the reference layout, as ggml's dequantize_row_*).
+struct Q4K {
+  static constexpr int kBytes = 144, kOffset = 0;
+  static constexpr bool kMins = true, kSub32 = true;
+  static void head(const uint8_t* b, Decoded& o) {  // d, dmin and the 6-bit scales and mins, shared with Q5_K
+    o.d = half_to_float(b), o.dmin = half_to_float(b + 2);
+    uint8_t sc[8], m[8];
+    scale_min_k4(b + 4, sc, m);
+    for (int j = 0; j < 16; ++j) o.sc[j] = sc[j / 2], o.m[j] = m[j / 2];
+  }
+  static void decode(const uint8_t* b, Decoded& o) {
+    head(b, o);
+    const uint8_t* qs = b + 16;
+    for (int j = 0; j < 4; ++j)
+      for (int l = 0; l < 32; ++l) o.u[64 * j + l] = qs[32 * j + l] & 15, o.u[64 * j + 32 + l] = qs[32 * j + l] >> 4;
+  }
+};
+
+struct Q5K {
+  static constexpr int kBytes = 176, kOffset = 0;
+  static constexpr bool kMins = true, kSub32 = true;
+  static void decode(const uint8_t* b, Decoded& o) {
+    Q4K::head(b, o);
+    const uint8_t *qh = b + 16, *qs = b + 48;
+    for (int j = 0; j < 4; ++j)
+      for (int l = 0; l < 32; ++l) {
+        o.u[64 * j + l] = (qs[32 * j + l] & 15) | (((qh[l] >> (2 * j)) & 1) << 4);
+        o.u[64 * j + 32 + l] = (qs[32 * j + l] >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4);
+      }
+  }
+};
+
+struct Q6K {
+  static constexpr int kBytes = 210, kOffset = 32;
+  static constexpr bool kMins = false, kSub32 = false;
+  static void decode(const uint8_t* b, Decoded& o) {
+    o.d = half_to_float(b + 208), o.dmin = 0.0f;
+    for (int j = 0; j < 16; ++j) o.sc[j] = static_cast<int8_t>(b[192 + j]), o.m[j] = 0;
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
+      uint8_t* u = o.u + 128 * h;
+      for (int l = 0; l < 32; ++l) {
+        u[l] = (ql[l] & 15) | ((qh[l] & 3) << 4);
+        u[32 + l] = (ql[32 + l] & 15) | (((qh[l] >> 2) & 3) << 4);
+        u[64 + l] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+        u[96 + l] = (ql[32 + l] >> 4) | (((qh[l] >> 6) & 3) << 4);
+      }
+    }
+  }
+};
+
+struct Q2K {
+  static constexpr int kBytes = 84, kOffset = 0;
+  static constexpr bool kMins = true, kSub32 = false;
+  static void decode(const uint8_t* b, Decoded& o) {
+    o.d = half_to_float(b + 80), o.dmin = half_to_float(b + 82);
+    for (int j = 0; j < 16; ++j) o.sc[j] = b[j] & 15, o.m[j] = b[j] >> 4;
+    for (int e = 0; e < kQK; ++e) o.u[e] = (b[16 + 32 * (e / 128) + e % 32] >> (2 * (e / 32 % 4))) & 3;
+  }
+};
+
+struct Q3K {
+  static constexpr int kBytes = 110, kOffset = 4;
+  static constexpr bool kMins = false, kSub32 = false;
+  static void decode(const uint8_t* b, Decoded& o) {
+    o.d = half_to_float(b + 108), o.dmin = 0.0f;
+    scales_q3_k(b + 96, o.sc);
+    std::fill(o.m, o.m + 16, 0);
+    for (int e = 0; e < kQK; ++e)
+      o.u[e] = ((b[32 + 32 * (e / 128) + e % 32] >> (2 * (e / 32 % 4))) & 3) | (((b[e % 32] >> (e / 32)) & 1) << 2);
+  }
+};
+
+// The portable dot of one decoded super-block with one Q8_K block: (integer dot, integer min sum).
+inline void dot_decoded(const Decoded& w, const int8_t* q, const int16_t* bsums, int offset, int32_t& isum,
+                        int32_t& msum) {
+  isum = msum = 0;
+  for (int j = 0; j < 16; ++j) {
+    int32_t s = 0;
+    for (int i = 0; i < 16; ++i) s += w.u[16 * j + i] * q[16 * j + i];
+    isum += w.sc[j] * (s - offset * bsums[j]);
+    msum += w.m[j] * bsums[j];
+  }
+}
+
+template <class F, int R>
+void rows_portable(const uint8_t* row, const Q8K* const* xs, int64_t nb, float* out) {
+  float acc[R] = {};
+  Decoded w;
+  for (int64_t b = 0; b < nb; ++b) {
+    F::decode(row + b * F::kBytes, w);
+    for (int r = 0; r < R; ++r) {
+      int32_t isum, msum;
+      dot_decoded(w, xs[r]->q.data() + b * kQK, xs[r]->bsums16.data() + b * 16, F::kOffset, isum, msum);
+      const float dx = xs[r]->d[b];
+      acc[r] += (w.d * dx) * static_cast<float>(isum) - (w.dmin * dx) * static_cast<float>(msum);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = acc[r];
+}
+
+#ifdef EDGELLM_KQ_AVX512
+// A super-block decoded into registers: four vectors of 64 codes (elements 64v..64v+63 in order), int16 scales (per
+// 16 elements, or per 32 for kSub32) and mins (per 16, or per 32 against bsums32) in the low lanes.
+struct Regs {
+  __m512i u[4];
+  __m256i sc, m;
+  float d, dmin;
+};
+
+// Bytes of `v` shifted right by `lo` in the low 256 bits and `hi` in the high 256, then masked.
+inline __m512i shift_mask(__m512i v, int lo, int hi, int mask) {
+  const __m512i counts = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(lo)), _mm256_set1_epi16(hi), 1);
+  return _mm512_and_si512(_mm512_srlv_epi16(v, counts), _mm512_set1_epi8(static_cast<char>(mask)));
+}
+
+inline __m512i broadcast32(const uint8_t* p) {
+  return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// The 6-bit fields as llama.cpp's SIMD code unpacks them, four at a time in 32-bit words (no trip through memory).
+constexpr uint32_t kLow6 = 0x3f3f3f3f, kLow4 = 0x0f0f0f0f, kLow2 = 0x03030303;
+
+inline void k4_head(const uint8_t* b, Regs& o) {
+  o.d = half_to_float(b), o.dmin = half_to_float(b + 2);
+  uint32_t a[3];
+  std::memcpy(a, b + 4, 12);
+  const __m128i sm = _mm_set_epi32(static_cast<int>(((a[2] >> 4) & kLow4) | (((a[1] >> 6) & kLow2) << 4)),
+                                   static_cast<int>(a[1] & kLow6),
+                                   static_cast<int>((a[2] & kLow4) | (((a[0] >> 6) & kLow2) << 4)),
+                                   static_cast<int>(a[0] & kLow6));  // scales 0..7, then mins 0..7
+  const __m256i v = _mm256_cvtepu8_epi16(sm);
+  o.sc = v;
+  o.m = _mm256_zextsi128_si256(_mm256_extracti128_si256(v, 1));
+}
+
+inline void regs(Q4K, const uint8_t* b, Regs& o) {
+  k4_head(b, o);
+  for (int v = 0; v < 4; ++v) o.u[v] = shift_mask(broadcast32(b + 16 + 32 * v), 0, 4, 15);
+}
+
+inline void regs(Q5K, const uint8_t* b, Regs& o) {
+  k4_head(b, o);
+  const __m512i qh = broadcast32(b + 16);
+  for (int v = 0; v < 4; ++v)
+    o.u[v] = _mm512_or_si512(shift_mask(broadcast32(b + 48 + 32 * v), 0, 4, 15),
+                             _mm512_slli_epi16(shift_mask(qh, 2 * v, 2 * v + 1, 1), 4));
+}
+
+inline void regs(Q6K, const uint8_t* b, Regs& o) {
+  o.d = half_to_float(b + 208), o.dmin = 0.0f;
+  o.sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
+  o.m = _mm256_setzero_si256();
+  const __m512i low = _mm512_set1_epi8(15);
+  for (int h = 0; h < 2; ++h) {
+    const __m512i ql = _mm512_loadu_si512(b + 64 * h), qh = broadcast32(b + 128 + 32 * h);
+    o.u[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, low), _mm512_slli_epi16(shift_mask(qh, 0, 2, 3), 4));
+    o.u[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low),
+                                     _mm512_slli_epi16(shift_mask(qh, 4, 6, 3), 4));
+  }
+}
+
+inline void regs(Q2K, const uint8_t* b, Regs& o) {
+  o.d = half_to_float(b + 80), o.dmin = half_to_float(b + 82);
+  const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  o.sc = _mm256_cvtepu8_epi16(_mm_and_si128(s, _mm_set1_epi8(15)));
+  o.m = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(15)));
+  for (int v = 0; v < 4; ++v) o.u[v] = shift_mask(broadcast32(b + 16 + 32 * (v / 2)), 4 * (v % 2), 4 * (v % 2) + 2, 3);
+}
+
+inline void regs(Q3K, const uint8_t* b, Regs& o) {
+  o.d = half_to_float(b + 108), o.dmin = 0.0f;
+  uint32_t a[3];
+  std::memcpy(a, b + 96, 12);
+  const __m128i s = _mm_set_epi32(static_cast<int>(((a[1] >> 4) & kLow4) | (((a[2] >> 6) & kLow2) << 4)),
+                                  static_cast<int>(((a[0] >> 4) & kLow4) | (((a[2] >> 4) & kLow2) << 4)),
+                                  static_cast<int>((a[1] & kLow4) | (((a[2] >> 2) & kLow2) << 4)),
+                                  static_cast<int>((a[0] & kLow4) | ((a[2] & kLow2) << 4)));
+  o.sc = _mm256_sub_epi16(_mm256_cvtepu8_epi16(s), _mm256_set1_epi16(32));
+  o.m = _mm256_setzero_si256();
+  const __m512i hm = broadcast32(b);
+  for (int v = 0; v < 4; ++v)
+    o.u[v] = _mm512_or_si512(shift_mask(broadcast32(b + 32 + 32 * (v / 2)), 4 * (v % 2), 4 * (v % 2) + 2, 3),
+                             _mm512_slli_epi16(shift_mask(hm, 2 * v, 2 * v + 1, 1), 2));
+}
+
+// vpermw indices taking each int16 pair lane of code vector v to its sub-block's scale.
+struct ScaleIndex {
+  alignas(64) int16_t idx[4][32];
+  explicit ScaleIndex(bool sub32) {
+    for (int v = 0; v < 4; ++v)
+      for (int i = 0; i < 32; ++i) idx[v][i] = static_cast<int16_t>(sub32 ? 2 * v + i / 16 : 4 * v + i / 8);
+  }
+};
+
+template <class F, int R>
+void rows_avx512(const uint8_t* row, const Q8K* const* xs, int64_t nb, float* out) {
+  static const ScaleIndex table(F::kSub32);
+  __m512i idx[4];
+  for (int v = 0; v < 4; ++v) idx[v] = _mm512_load_si512(table.idx[v]);
+  __m512 acc[R];
+  __m256 accm[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), accm[r] = _mm256_setzero_ps();
+  Regs w;
+  for (int64_t b = 0; b < nb; ++b) {
+    regs(F{}, row + b * F::kBytes, w);
+    const __m512i sc = _mm512_castsi256_si512(w.sc);
+    __m512i scale[4];
+    for (int v = 0; v < 4; ++v) scale[v] = _mm512_permutexvar_epi16(idx[v], sc);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* q = xs[r]->q.data() + b * kQK;
+      __m512i isum = _mm512_setzero_si512();
+      for (int v = 0; v < 4; ++v)
+        isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(w.u[v], _mm512_loadu_si512(q + 64 * v)), scale[v]);
+      const float dx = xs[r]->d[b];
+      if constexpr (F::kOffset != 0) {
+        const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs[r]->bsums16.data() + b * 16));
+        const __m256i corr = _mm256_mullo_epi32(_mm256_madd_epi16(w.sc, bs), _mm256_set1_epi32(F::kOffset));
+        isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(corr));
+      }
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(w.d * dx), acc[r]);
+      if constexpr (F::kMins) {
+        const int16_t* bsums = (F::kSub32 ? xs[r]->bsums32 : xs[r]->bsums16).data() + b * 16;
+        const __m256i msum = _mm256_madd_epi16(w.m, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsums)));
+        accm[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(w.dmin * dx), accm[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m256 m = accm[r];
+    const __m128 m4 = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    const __m128 m2 = _mm_add_ps(m4, _mm_movehl_ps(m4, m4));
+    out[r] = _mm512_reduce_add_ps(acc[r]) - _mm_cvtss_f32(_mm_add_ss(m2, _mm_movehdup_ps(m2)));
+  }
+}
+#endif
+
+template <class F, int R>
+void rows(bool portable, const uint8_t* row, const Q8K* const* xs, int64_t nb, float* out) {
+#ifdef EDGELLM_KQ_AVX512
+  if (!portable) return rows_avx512<F, R>(row, xs, nb, out);
+#endif
+  rows_portable<F, R>(row, xs, nb, out);
+}
+
+}  // namespace kq

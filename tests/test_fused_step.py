@@ -1,0 +1,180 @@
+"""The fused native decode step against the op-at-a-time PyTorch path (itself checked against transformers in
+test_models), teacher-forced over many positions, for every weight kind the step reads and the model variants it
+covers; and the cases it must hand back to the op-at-a-time path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as GT
+from gguf.quants import quantize as gguf_quantize
+
+from edgellm.kv import DenseKVCache
+from edgellm.loader import load
+from edgellm.models import fused
+from edgellm.quant import QuantizedLinear, QuantizedTensor, WeightFormat
+from edgellm.quant.linear import prepare_quantized, quantize_lm_head, quantize_model
+from tests.test_kquants import random_blocks
+
+pytestmark = pytest.mark.skipif(fused.load_extension("step") is None, reason="native step not built")
+
+PROMPT, STEPS = 6, 20
+
+
+def logits_per_step(model, ids: torch.Tensor, use_fused: bool, cache_dtype=torch.float32, capacity: int = 64,
+                    prefill: bool = True):
+    """Logits of every position after the prompt, fed one token at a time (teacher-forced); the prompt goes in as
+    one prefill, or also token by token (so a bf16 model's op-at-a-time prefill rounds nothing the step reads)."""
+    cache = [DenseKVCache(1, model.args.num_key_value_heads, model.args.head_dim, capacity, cache_dtype)
+             for _ in model.model.layers]
+    out = []
+    with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
+        mp.setenv("EDGELLM_FUSED_STEP", "1" if use_fused else "0")
+        if prefill:
+            model(ids[:, :PROMPT], cache)
+        for i in range(0 if not prefill else PROMPT, ids.shape[1]):
+            logits = model(ids[:, i:i + 1], cache)[0, -1].float()
+            if i >= PROMPT:
+                out.append(logits)
+    assert cache[0].offset == ids.shape[1]
+    return torch.stack(out)
+
+
+def tokens(model, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, model.args.vocab_size, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(seed))
+
+
+def ran_fused(model) -> bool:
+    return isinstance(model.__dict__.get("_fused"), fused.FusedStep)
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", {}),  # GQA 4/2
+    ("llama", {"num_key_value_heads": 4, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                          "original_max_position_embeddings": 64}}),
+    ("qwen2", {}),  # q/k/v bias
+    ("qwen3", {}),  # q/k RMS norms, head_dim 32 != hidden / heads
+    ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
+])
+def test_fp32_matches_op_path(checkpoint, arch, overrides):
+    model, _ = load(checkpoint(arch, **overrides), dtype="fp32")
+    ids = tokens(model)
+    ref = logits_per_step(model, ids, use_fused=False)
+    assert not ran_fused(model)
+    got = logits_per_step(model, ids, use_fused=True)
+    assert ran_fused(model)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+
+def test_bf16_weights_compute_in_fp32(checkpoint):
+    """bf16 weights are read as stored and everything else stays fp32: the op path on the same weights upcast (the
+    logits come back in the model's dtype, hence the bf16 rounding's relative error)."""
+    model, _ = load(checkpoint("qwen2"), dtype="bf16")
+    ids = tokens(model)
+    got = logits_per_step(model, ids, use_fused=True, prefill=False)
+    assert ran_fused(model)
+    ref = logits_per_step(model.float(), ids, use_fused=False, prefill=False)
+    torch.testing.assert_close(got, ref, rtol=2**-8, atol=1e-4)
+
+
+def test_bf16_cache_is_written_as_the_op_path_writes_it(checkpoint):
+    model, _ = load(checkpoint("llama"), dtype="bf16")
+    ids = tokens(model)
+    got = logits_per_step(model, ids, use_fused=True, cache_dtype=torch.bfloat16, prefill=False)
+    ref = logits_per_step(model.float(), ids, use_fused=False, cache_dtype=torch.bfloat16, prefill=False)
+    torch.testing.assert_close(got, ref, rtol=2**-8, atol=1e-4)
+
+
+def gguf_linear(module: torch.nn.Linear, kind: str, seed: int) -> QuantizedLinear:
+    """A projection in a format edgellm reads from GGUF files only: the gguf package's own quantizer for the
+    32-blocks, valid random blocks for the k-quants (gguf cannot quantize to them)."""
+    n, k = module.weight.shape
+    if kind.endswith("_k"):
+        blocks = random_blocks(kind, n, k, seed, scale=0.02 / 32)
+    else:
+        blocks = gguf_quantize(module.weight.detach().numpy(), GT[kind.upper()])
+    qt = QuantizedTensor(WeightFormat.gguf(kind), (n, k), {"blocks": torch.from_numpy(blocks.reshape(n, -1))})
+    return QuantizedLinear.from_quantized(qt)
+
+
+# Q4_0 alone runs op at a time through the T-MAC table lookup, whose activation rounding differs from the VNNI
+# kernels' int8 blocks: a looser bound. The others share the step's row kernels; what is left are ulp-level
+# differences (SiLU's exp) that can flip one int8 activation.
+@pytest.mark.parametrize("fmt,tol", [("q8_0", 5e-3), ("q4_0", 3e-2), ("mxfp4", 5e-3), ("q4_k", 5e-3),
+                                     ("q6_k", 5e-3), ("q2_k", 5e-3), ("q5_0", 5e-3), ("q4_1", 5e-3), ("q5_1", 5e-3)])
+def test_quantized_weights_match_op_path(checkpoint, fmt, tol):
+    model, _ = load(checkpoint("llama", hidden_size=256, intermediate_size=512), dtype="fp32")
+    if fmt in ("q8_0", "q4_0", "mxfp4"):
+        quantize_model(model, fmt)
+    else:
+        for i, layer in enumerate(model.model.layers):
+            for j, (part, name) in enumerate(fused.PROJECTIONS):
+                parent = getattr(layer, part)
+                setattr(parent, name, gguf_linear(getattr(parent, name), fmt, seed=10 * i + j))
+    quantize_lm_head(model)
+    prepare_quantized(model)
+    ids = tokens(model, seed=1)
+    ref = logits_per_step(model, ids, use_fused=False)
+    got = logits_per_step(model, ids, use_fused=True)
+    assert ran_fused(model)
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() <= tol * scale
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_two_threads_give_the_same_bits(checkpoint):
+    model, _ = load(checkpoint("llama", hidden_size=256, intermediate_size=512), dtype="fp32")
+    quantize_model(model, "q8_0")
+    prepare_quantized(model)
+    ids = tokens(model)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = logits_per_step(model, ids, use_fused=True)
+        torch.set_num_threads(2)
+        two = logits_per_step(model, ids, use_fused=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_cache_grows_past_its_reservation(checkpoint):
+    model, _ = load(checkpoint("llama"), dtype="fp32")
+    ids = tokens(model)
+    ref = logits_per_step(model, ids, use_fused=False)
+    got = logits_per_step(model, ids, use_fused=True, capacity=PROMPT)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+
+def test_swapped_modules_get_a_new_plan(checkpoint):
+    model, _ = load(checkpoint("llama", hidden_size=256, intermediate_size=512), dtype="fp32")
+    ids = tokens(model)
+    logits_per_step(model, ids, use_fused=True)
+    old = model.__dict__["_fused"]
+    quantize_model(model, "q8_0")
+    prepare_quantized(model)
+    got = logits_per_step(model, ids, use_fused=True)
+    assert model.__dict__["_fused"] is not old
+    ref = logits_per_step(model, ids, use_fused=False)
+    assert (got - ref).abs().max() <= 5e-3 * ref.abs().max()
+
+
+def test_what_the_step_does_not_cover_runs_op_at_a_time(checkpoint):
+    """A sliding window in reach, a batch of two, a quantized KV cache and a LUT weight format all fall back."""
+    model, _ = load(checkpoint("mistral", sliding_window=8), dtype="fp32")
+    ids = tokens(model)
+    ref = logits_per_step(model, ids, use_fused=False)
+    got = logits_per_step(model, ids, use_fused=True)  # positions past 8 fall back: same numbers either way
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+    model, _ = load(checkpoint("llama", hidden_size=128), dtype="fp32")
+    quantize_model(model, "int4-g64")
+    prepare_quantized(model)
+    logits_per_step(model, tokens(model), use_fused=True)
+    assert model.__dict__["_fused"] is False
+    batch = [DenseKVCache(2, model.args.num_key_value_heads, model.args.head_dim, 8, torch.float32)
+             for _ in model.model.layers]
+    assert fused.decode_step(model, torch.zeros(1, 1, dtype=torch.long), batch) is None
+    assert np.isfinite(model(torch.zeros(2, 1, dtype=torch.long), batch).numpy()).all()
