@@ -20,10 +20,18 @@ from collections.abc import Iterator
 import torch
 
 from edgellm.errors import EdgeLLMError, InvalidRequestError
+from edgellm.kernels.kvattn import PackedKV, packed_attention
 from edgellm.kv.cache import SingleOffset
 from edgellm.kv.codec import QuantizedTensor, dequantize, hadamard, quantize
 from edgellm.kv.formats import DENSE, QUANTIZED, KVFormat, ModelShape
-from edgellm.kv.quantized_cache import blockwise_attention, head_group
+from edgellm.kv.quantized_cache import (
+    PREFILL_SPAN,
+    STORED_CHUNK_MAX,
+    blockwise_attention,
+    head_group,
+    prefill_attention,
+    span_attention,
+)
 
 DEFAULT_BLOCK_TOKENS = 256  # the seed paper's block size
 ALIGN = 64  # every field starts on a cache line, which also satisfies any dtype's alignment
@@ -224,12 +232,37 @@ class PagedKVCache(SingleOffset):
         parts = [pool.fields[f"{name}.{p}"][block, :, :n].unsqueeze(0) for p in ("data", "scales", "zeros")]
         return dequantize(QuantizedTensor(*parts, pool.bits, pool.group, (1, pool.kv_heads, n, pool.head_dim)))
 
-    def _blocks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(first token, K, V) in fp32, one pool block at a time."""
+    def _blocks(self, per: int = 1) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(first token, K, V) in fp32, `per` pool blocks at a time."""
         bt = self.pool.block_tokens
-        for i, block in enumerate(self.table[: self._blocks_for(self.offset)]):
-            n = min(bt, self.offset - i * bt)
-            yield i * bt, self._read("keys", block, n), self._read("values", block, n)
+        used = self.table[: self._blocks_for(self.offset)]
+        for i in range(0, len(used), per):
+            span = [(block, min(bt, self.offset - j * bt)) for j, block in enumerate(used[i:i + per], i)]
+            k, v = (torch.cat([self._read(name, block, n) for block, n in span], 2) for name in ("keys", "values"))
+            yield i * bt, k, v
+
+    def _native(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(output fp32, lse) of q over every held token by the native kernel, reading the pool's blocks in
+        place; None where it does not apply (a dense pool, or the kernel's own limits)."""
+        pool = self.pool
+        if not pool.fmt.quantized:
+            return None
+        b, n_heads, t, d = q.shape
+        qf = q.float().reshape(b, pool.kv_heads, n_heads // pool.kv_heads * t, d)
+        packed = [PackedKV(*(pool.fields[f"{name}.{part}"] for part in ("data", "scales", "zeros")), pool.group)
+                  for name in ("keys", "values")]
+        table = torch.tensor(self.table[: self._blocks_for(self.offset)], dtype=torch.long).unsqueeze(0)
+        none = qf.new_zeros(b, pool.kv_heads, 0, d)
+        found = packed_attention(hadamard(qf) if pool.hadamard else qf, *packed, pool.bits, table, pool.block_tokens,
+                                 self.offset, none, none, scale)
+        return None if found is None else (found[0].view(b, n_heads, t, d), found[1].view(b, n_heads, t))
+
+    def _past(self, q: torch.Tensor, mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, lse) of a prefill chunk's queries over the tokens held before it, exactly as held."""
+        if mask is not None and bool(mask.all()):
+            mask = None
+        per = max(1, PREFILL_SPAN // self.pool.block_tokens)
+        return span_attention(q, self._blocks(per), mask, scale, self.pool.hadamard)
 
     def update_and_fetch(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store, then return every token's K/V (materialises the cache; `attend` does not)."""
@@ -244,9 +277,18 @@ class PagedKVCache(SingleOffset):
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                scale: float) -> torch.Tensor:
-        """Store `keys`/`values`, then attention over the cache one pool block at a time (online softmax)."""
-        start = self.offset
+        """Store `keys`/`values`, then attention over the cache, as QuantizedKVCache.attend does for a quantized
+        pool (native decode over the blocks in place; a prefill chunk attends to its own K/V exactly); a dense pool
+        attends one block at a time (online softmax)."""
+        start, t = self.offset, q.shape[2]
+        if t > STORED_CHUNK_MAX and self.pool.fmt.quantized:
+            past = self._past(q, None if mask is None else mask[:, :start], scale) if start else None
+            self._append(self._encode(keys, values))
+            return prefill_attention(q, keys, values, mask, scale, past)
         self._append(self._encode(keys, values))
+        found = self._native(q, scale) if t == 1 and (mask is None or bool(mask.all())) else None
+        if found is not None:
+            return found[0].to(q.dtype)
         return blockwise_attention(q, self._blocks(), self.pool.kv_heads, start, mask, scale, self.pool.hadamard)
 
     def trim(self, n: int) -> None:

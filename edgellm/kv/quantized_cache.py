@@ -14,11 +14,17 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from edgellm.errors import InvalidRequestError
+from edgellm.kernels.kvattn import PackedKV, packed_attention
 from edgellm.kv.cache import SingleOffset
 from edgellm.kv.codec import BITS, QuantizedTensor, dequantize, hadamard, quantize
 
 SCHEMES = ("token", "kivi")
+# Chunks up to this long (a speculative check of up to 64 drafts) store first and attend over what is stored, as
+# decode steps do, so each drafted position sees exactly the cache plain decoding would have; longer chunks (a
+# prefill) attend to their own K/V exactly and quantize on store, which keeps prefill into a quantized cache cheap.
+STORED_CHUNK_MAX = 65
 ATTENTION_BLOCK = 256  # tokens dequantized at a time: bounds attention's float scratch memory
+PREFILL_SPAN = 2048  # past tokens dequantized at a time for a prefill chunk: fewer, larger attention calls
 
 
 def head_group(group: int, head_dim: int) -> int:
@@ -74,6 +80,64 @@ def blockwise_attention(q: torch.Tensor, blocks: Iterable[tuple[int, torch.Tenso
         acc = acc.mul_(rescale).add_(probs @ v)
         run_max = new_max
     return acc.div_(run_sum).view(b, n_heads, t, d).to(q.dtype)
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, causal: bool,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's CPU flash kernel in q's dtype (GQA allowed), which also returns the log-sum-exp (B, H, t) in fp32.
+
+    It reads its inputs as if head_dim were contiguous, so the transposed per-channel keys are copied first; and
+    it reports lse 0 for a row that may see no key, which must weigh nothing when merged (-inf).
+    """
+    bias = None if allowed is None else torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
+    q, k, v = (x.to(q.dtype).contiguous() for x in (q, k, v))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
+                                                                           scale=scale)
+    return out, lse if allowed is None else lse.masked_fill_(~allowed.any(-1), float("-inf"))
+
+
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Attention over disjoint sets of keys from each set's (output, log-sum-exp), in fp32.
+
+    A row that saw no key of a set has lse -inf there (and maybe a NaN output): it weighs nothing.
+    """
+    if len(parts) == 1:
+        return parts[0][0].float()
+    lse = torch.stack([lse for _, lse in parts]).logsumexp(0).unsqueeze(-1)
+    out = torch.zeros(parts[0][0].shape, dtype=torch.float32, device=parts[0][0].device)
+    for o, part_lse in parts:
+        weight = (part_lse.unsqueeze(-1) - lse).exp_()
+        out += torch.where(weight > 0, o.float() * weight, 0.0)
+    return out
+
+
+def span_attention(q: torch.Tensor, spans: Iterable[tuple[int, torch.Tensor, torch.Tensor]], mask: torch.Tensor | None,
+                   scale: float, rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output fp32, lse) of q (B, H, t, D) over `spans` of (first token, K, V) all before the queries' positions.
+
+    `mask` is None (every token allowed) or a boolean (t, tokens) mask over absolute positions, True = attend;
+    each span runs through the flash kernel in q's dtype, so a long prefill chunk attends like a dense cache's.
+    """
+    qr = hadamard(q.float()).to(q.dtype) if rotate else q
+    parts = []
+    for k0, k, v in spans:
+        allowed = None if mask is None else mask[:, k0:k0 + k.shape[2]]
+        if allowed is None or allowed.any():
+            parts.append(_flash(qr, k, v, allowed, False, scale))
+    if not parts:
+        return q.new_zeros(q.shape, dtype=torch.float32), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+    return merge_attention(parts), torch.stack([lse for _, lse in parts]).logsumexp(0)
+
+
+def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float, past: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """A chunk of t new tokens attending to its own exact K/V (causal) merged with `past`, its (output, lse) over
+    the tokens held before it. `mask` is None (causal) or the boolean (t, all tokens) mask; returns q's dtype."""
+    t = q.shape[2]
+    allowed = None if mask is None else mask[:, mask.shape[1] - t:]
+    causal = allowed is None or torch.equal(allowed, torch.ones(t, t, dtype=torch.bool, device=q.device).tril())
+    own = _flash(q, keys, values, None if causal else allowed, causal, scale)
+    return merge_attention([own] if past is None else [past, own]).to(q.dtype)
 
 
 class _PackedBuffer:
@@ -136,6 +200,10 @@ class _PackedBuffer:
         q = QuantizedTensor(self.data[:, :, d0:d1], self.scales[:, :, s0:s1], self.zeros[:, :, s0:s1], self.bits,
                             self.group, (*self.shape[:2], end - start, self.shape[2]), 2 if self.per_channel else -1)
         return dequantize(q)
+
+    def packed(self) -> PackedKV:
+        """The buffers as the native attention reads them."""
+        return PackedKV(self.data, self.scales, self.zeros, self.group, self.per_channel)
 
     def state(self, tokens: int, prefix: str) -> dict[str, torch.Tensor]:
         data_rows, scale_rows = self._rows(tokens)
@@ -229,14 +297,32 @@ class QuantizedKVCache(SingleOffset):
             self.recent_values[:, :, : keys.shape[2] - close] = values[:, :, close:]
         self.offset += n
 
-    def _blocks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(first token, K, V) in fp32, `block` tokens at a time, then the full-precision window."""
-        for start in range(0, self.quantized, self.block):
-            end = min(start + self.block, self.quantized)
+    def _blocks(self, size: int | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(first token, K, V) in fp32, `size` tokens (default: `block`) at a time, then the full-precision window."""
+        size = self.block if size is None else max(size // self.unit, 1) * self.unit
+        for start in range(0, self.quantized, size):
+            end = min(start + size, self.quantized)
             yield start, self.keys.read(start, end), self.values.read(start, end)
         held = self.offset - self.quantized
         if held:
             yield (self.quantized, self.recent_keys[:, :, :held].float(), self.recent_values[:, :, :held].float())
+
+    def _native(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(output fp32 (B, H, t, D), lse (B, H, t)) of q over everything held, by the native kernel; None where
+        it does not apply."""
+        b, n_heads, t, d = q.shape
+        qf = q.float().reshape(b, self.kv_heads, n_heads // self.kv_heads * t, d)
+        held = self.offset - self.quantized
+        found = packed_attention(hadamard(qf) if self.hadamard else qf, self.keys.packed(), self.values.packed(),
+                                 self.bits, torch.arange(b, device=q.device).unsqueeze(1), self.keys.capacity,
+                                 self.quantized, self.recent_keys[:, :, :held], self.recent_values[:, :, :held], scale)
+        return None if found is None else (found[0].view(b, n_heads, t, d), found[1].view(b, n_heads, t))
+
+    def _past(self, q: torch.Tensor, mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, lse) of a prefill chunk's queries over the tokens held before it, exactly as held."""
+        if mask is not None and bool(mask.all()):
+            mask = None
+        return span_attention(q, self._blocks(PREFILL_SPAN), mask, scale, self.hadamard)
 
     def update_and_fetch(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store, then return every token's K/V dequantized (materialises the cache; `attend` does not)."""
@@ -250,14 +336,23 @@ class QuantizedKVCache(SingleOffset):
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                scale: float) -> torch.Tensor:
-        """Store `keys`/`values`, then softmax(q·Kᵀ·scale)·V over the whole cache, one block at a time.
+        """Store `keys`/`values`, then softmax(q·Kᵀ·scale)·V over the whole cache, never all of it in float.
 
         q is (B, n_rep·kv_heads, t, D), positions offset..offset+t-1. `mask` is None (causal) or a boolean
-        (t, all tokens) mask, True = attend. An online softmax (running max and sum) merges the blocks, so only
-        one block of K/V is ever in float.
+        (t, all tokens) mask, True = attend. A decode step runs the native kernel over the packed codes (the
+        blockwise PyTorch path where it does not apply); a prefill chunk (over STORED_CHUNK_MAX tokens) attends to
+        its own K/V exactly, merged by log-sum-exp with its attention over the tokens held before it, and is
+        quantized on store.
         """
-        start = self.offset
+        start, t = self.offset, q.shape[2]
+        if t > STORED_CHUNK_MAX:
+            past = self._past(q, None if mask is None else mask[:, :start], scale) if start else None
+            self._store(keys, values)
+            return prefill_attention(q, keys, values, mask, scale, past)
         self._store(keys, values)
+        found = self._native(q, scale) if t == 1 and (mask is None or bool(mask.all())) else None
+        if found is not None:
+            return found[0].to(q.dtype)
         return blockwise_attention(q, self._blocks(), self.kv_heads, start, mask, scale, self.hadamard)
 
     def trim(self, n: int) -> None:

@@ -1,0 +1,447 @@
+// Attention of a few queries (a decode step: the query heads sharing one KV head) straight over a KV cache held
+// as packed low-bit codes with fp16 scales/zeros (edgellm/kv/quantized_cache.py, edgellm/kv/pool.py).
+//
+// The PyTorch path dequantizes every block of K/V to fp32 and runs batched GEMMs of a few rows on it: 40-136 ms a
+// step. Here the codes are widened to floats a tile at a time in L1 and the scales are applied after the dot
+// products (dequantize in registers):
+//   per-token keys:   q.k = sum_g s_g (q_g . c_g) + z_g sum(q_g)
+//   per-channel keys: q.k = (q * s) . c + q . z           (s, z per channel, shared by a group of tokens)
+//   per-token values: sum_t p_t v_t = sum_t (p_t s_tg) c_t + sum_t p_t z_tg
+// with an online softmax in fp32, one task per (batch, kv head, span of tokens), the spans merged at the end by
+// their log-sum-exp. The PyTorch path stays the reference and the fallback.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+using simd::exp_and_sum;
+#if defined(__AVX512F__)
+using simd::hsum16;
+#endif
+
+constexpr int64_t kTile = 64;  // per-token tokens widened at a time: a tile of K and V codes stays in L1
+
+#if defined(__AVX512F__)
+// 16 consecutive codes packed lowest bits first (codec.pack) as fp32: each lane picks its byte, shifts, masks.
+template <int BITS>
+inline __m512 codes16(const uint8_t* p) {
+  if constexpr (BITS == 8)
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  __m128i bytes;
+  __m512i shifts;
+  if constexpr (BITS == 4) {
+    bytes = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
+                             _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7));
+    shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  } else {
+    int32_t word;
+    std::memcpy(&word, p, 4);
+    bytes = _mm_shuffle_epi8(_mm_cvtsi32_si128(word), _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
+    shifts = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6);
+  }
+  const __m512i codes = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(bytes), shifts);
+  return _mm512_cvtepi32_ps(_mm512_and_si512(codes, _mm512_set1_epi32((1 << BITS) - 1)));
+}
+#endif
+
+template <int BITS>
+inline float code_at(const uint8_t* p, int64_t i) {
+  constexpr int per = 8 / BITS;
+  return static_cast<float>((p[i / per] >> ((i % per) * BITS)) & ((1 << BITS) - 1));
+}
+
+// The n codes of one per-token row as fp32.
+template <int BITS>
+void unpack_row(const uint8_t* p, float* dst, int64_t n) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= n; d += 16) _mm512_storeu_ps(dst + d, codes16<BITS>(p + d * BITS / 8));
+#endif
+  for (; d < n; ++d) dst[d] = code_at<BITS>(p, d);
+}
+
+// One of codes, scales or zeros: base pointer and element strides of (page, kv head, row).
+inline float to_float(c10::Half h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h.x);  // one instruction; c10's portable conversion is a dozen
+#else
+  return static_cast<float>(h);
+#endif
+}
+
+struct Field {
+  const void* ptr;
+  int64_t s0, s1, s2;
+  template <typename T>
+  const T* row(int64_t page, int64_t head, int64_t r) const {
+    return static_cast<const T*>(ptr) + page * s0 + head * s1 + r * s2;
+  }
+};
+
+Field field(const torch::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+struct Side {  // K or V: group = elements per scale along head_dim, or tokens per scale for per-channel keys
+  Field data, scales, zeros;
+  int64_t group;
+};
+
+struct Problem {
+  const float* q;  // (B, Hkv, M, D) contiguous, already rotated for Hadamard keys
+  int64_t Hkv, M, D;
+  const int64_t* table;  // (B, pages): the page holding tokens [i * page_tokens, (i + 1) * page_tokens)
+  int64_t table_stride, page_tokens, tokens;
+  Side k, v;
+  bool per_channel;
+  const float* rk;  // full-precision recent K/V (B, Hkv, held, D) contiguous, after the packed tokens
+  const float* rv;
+  int64_t held;
+  float scale;
+};
+
+// The online-softmax state of one (batch, kv head)'s M query rows over one span of tokens, fed a tile at a time.
+class Worker {
+ public:
+  Worker(const Problem& p, int64_t b, int64_t h, float* m, float* l, float* acc)
+      : p_(p), b_(b), h_(h), M_(p.M), D_(p.D), cap_(std::max(kTile, p.per_channel ? p.k.group : kTile)),
+        m_(m), l_(l), acc_(acc), q_(p.q + (b * p.Hkv + h) * p.M * p.D), kbuf_(cap_ * D_), vbuf_(cap_ * D_),
+        ks_(cap_ * D_), kz_(cap_ * D_), vs_(cap_ * D_), vz_(cap_ * D_), scores_(M_ * cap_),
+        w_(std::max(M_ * cap_ * (D_ / p.v.group), D_)), zsum_(std::max(M_ * (D_ / p.v.group), D_)),
+        qs_(p.per_channel ? M_ * D_ : 0), bias_(M_), qsum_(M_ * D_) {
+    if (!p.per_channel) {  // sum(q_g) per key group, the factor of each group's zero
+      const int64_t kg = p.k.group, G = D_ / kg;
+      for (int64_t j = 0; j < M_; ++j)
+        for (int64_t g = 0; g < G; ++g) {
+          float s = 0.0f;
+          for (int64_t d = g * kg; d < (g + 1) * kg; ++d) s += q_[j * D_ + d];
+          qsum_[j * G + g] = s;
+        }
+    }
+  }
+
+  // Packed tokens [t0, t1): t0 a multiple of the tile (per-channel: of the key group).
+  template <int BITS>
+  void run(int64_t t0, int64_t t1) {
+    const int64_t step = p_.per_channel ? p_.k.group : kTile;
+    for (int64_t t = t0; t < t1; t += step) {
+      const int64_t n = std::min(step, t1 - t);
+      load_values<BITS>(t, n);
+      if (p_.per_channel) {
+        load_channel_keys<BITS>(t, n);
+        attend(n, kbuf_.data(), qs_.data(), bias_.data(), D_, false, vbuf_.data(), p_.v.group, true);
+      } else {
+        load_token_keys<BITS>(t, n);
+        attend(n, kbuf_.data(), q_, nullptr, p_.k.group, true, vbuf_.data(), p_.v.group, true);
+      }
+    }
+  }
+
+  // The full-precision recent tokens, read in place.
+  void run_window() {
+    const float* rk = p_.rk + (b_ * p_.Hkv + h_) * p_.held * D_;
+    const float* rv = p_.rv + (b_ * p_.Hkv + h_) * p_.held * D_;
+    std::fill(ks_.begin(), ks_.begin() + cap_, 1.0f);
+    std::fill(vs_.begin(), vs_.begin() + cap_, 1.0f);
+    for (int64_t t = 0; t < p_.held; t += cap_) {
+      const int64_t n = std::min(cap_, p_.held - t);
+      attend(n, rk + t * D_, q_, nullptr, D_, false, rv + t * D_, D_, false);
+    }
+  }
+
+ private:
+  // Codes of n per-token rows as fp32 into buf, their scales/zeros transposed to [group][token]. The page and row
+  // step along (an int64 division per token cost more than unpacking its codes).
+  template <int BITS>
+  void load_rows(const Side& side, int64_t t0, int64_t n, float* buf, float* sc, float* ze) {
+    const int64_t G = D_ / side.group, P = p_.page_tokens;
+    const int64_t* pages = p_.table + b_ * p_.table_stride + t0 / P;
+    int64_t r = t0 % P;
+    for (int64_t i = 0; i < n; ++i, ++r) {
+      if (r == P) r = 0, ++pages;
+      unpack_row<BITS>(side.data.row<uint8_t>(*pages, h_, r), buf + i * D_, D_);
+      const c10::Half* s = side.scales.row<c10::Half>(*pages, h_, r);
+      const c10::Half* z = side.zeros.row<c10::Half>(*pages, h_, r);
+      for (int64_t g = 0; g < G; ++g) {
+        sc[g * cap_ + i] = to_float(s[g]);
+        ze[g * cap_ + i] = to_float(z[g]);
+      }
+    }
+  }
+
+  template <int BITS>
+  void load_values(int64_t t0, int64_t n) { load_rows<BITS>(p_.v, t0, n, vbuf_.data(), vs_.data(), vz_.data()); }
+
+  template <int BITS>
+  void load_token_keys(int64_t t0, int64_t n) { load_rows<BITS>(p_.k, t0, n, kbuf_.data(), ks_.data(), kz_.data()); }
+
+  // One whole group of per-channel keys: byte row r holds tokens r * 8/BITS + i at bits i * BITS, every channel.
+  // The channel scales fold into the queries (qs = q * s) and the zeros into one bias per row (q . z).
+  template <int BITS>
+  void load_channel_keys(int64_t t0, int64_t n) {
+    constexpr int per = 8 / BITS;
+    constexpr int mask = (1 << BITS) - 1;
+    const int64_t page = p_.table[b_ * p_.table_stride];
+    const c10::Half* s = p_.k.scales.row<c10::Half>(page, h_, t0 / p_.k.group);
+    const c10::Half* z = p_.k.zeros.row<c10::Half>(page, h_, t0 / p_.k.group);
+    for (int64_t d = 0; d < D_; ++d) w_[d] = to_float(s[d]), zsum_[d] = to_float(z[d]);
+    for (int64_t j = 0; j < M_; ++j) {
+      float bias = 0.0f;
+      for (int64_t d = 0; d < D_; ++d) {
+        qs_[j * D_ + d] = q_[j * D_ + d] * w_[d];
+        bias += q_[j * D_ + d] * zsum_[d];
+      }
+      bias_[j] = bias;
+    }
+    std::fill(ks_.begin(), ks_.begin() + cap_, 1.0f);
+    for (int64_t r = 0; r < n / per; ++r) {
+      const uint8_t* row = p_.k.data.row<uint8_t>(page, h_, t0 * BITS / 8 + r);
+      float* out = kbuf_.data() + r * per * D_;
+      int64_t d = 0;
+#if defined(__AVX512F__)
+      for (; d + 16 <= D_; d += 16) {
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)));
+        for (int i = 0; i < per; ++i)
+          _mm512_storeu_ps(out + i * D_ + d, _mm512_cvtepi32_ps(_mm512_and_si512(
+                                                 _mm512_srlv_epi32(bytes, _mm512_set1_epi32(i * BITS)), _mm512_set1_epi32(mask))));
+      }
+#endif
+      for (; d < D_; ++d)
+        for (int i = 0; i < per; ++i) out[i * D_ + d] = static_cast<float>((row[d] >> (i * BITS)) & mask);
+    }
+  }
+
+  // One tile of n tokens: K rows in k (codes or values), scaled per [group][token] by ks_ (kg elements a group),
+  // plus kz_ * sum(q_g) when kzero; the same for V with vs_, vz_; bias (or nothing) added to every score of a row.
+  void attend(int64_t n, const float* k, const float* qk, const float* bias, int64_t kg, bool kzero,
+              const float* v, int64_t vg, bool vscaled) {
+    const int64_t D = D_, Gk = D / kg, Gv = D / vg;
+    for (int64_t j = 0; j < M_; ++j) {
+      const float* qj = qk + j * D;
+      float* sj = scores_.data() + j * cap_;
+      const float b0 = bias ? bias[j] : 0.0f;
+      int64_t t = 0;
+#if defined(__AVX512F__)
+      if (kg % 16 == 0) {  // 16 tokens at a time: 16 dot products per hsum16
+        for (; t + 16 <= n; t += 16) {
+          __m512 total = _mm512_set1_ps(b0);
+          for (int64_t g = 0; g < Gk; ++g) {
+            __m512 acc[16];
+            for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+            for (int64_t d = g * kg; d < (g + 1) * kg; d += 16) {
+              const __m512 qv = _mm512_loadu_ps(qj + d);
+              for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + (t + r) * D + d), acc[r]);
+            }
+            total = _mm512_fmadd_ps(hsum16(acc), _mm512_loadu_ps(ks_.data() + g * cap_ + t), total);
+            if (kzero)
+              total = _mm512_fmadd_ps(_mm512_loadu_ps(kz_.data() + g * cap_ + t),
+                                      _mm512_set1_ps(qsum_[j * Gk + g]), total);
+          }
+          _mm512_storeu_ps(sj + t, _mm512_mul_ps(total, _mm512_set1_ps(p_.scale)));
+        }
+      }
+#endif
+      for (; t < n; ++t) {
+        float total = b0;
+        for (int64_t g = 0; g < Gk; ++g) {
+          float dot = 0.0f;
+          for (int64_t d = g * kg; d < (g + 1) * kg; ++d) dot += qj[d] * k[t * D + d];
+          total += ks_[g * cap_ + t] * dot;
+          if (kzero) total += kz_[g * cap_ + t] * qsum_[j * Gk + g];
+        }
+        sj[t] = total * p_.scale;
+      }
+
+      const float new_max = std::max(m_[j], *std::max_element(sj, sj + n));
+      const float rescale = std::exp(m_[j] - new_max);  // 0 on a row's first tile (m = -inf)
+      l_[j] = l_[j] * rescale + exp_and_sum(sj, n, new_max);
+      m_[j] = new_max;
+      float* aj = acc_ + j * D;
+      if (rescale != 1.0f)
+        for (int64_t d = 0; d < D; ++d) aj[d] *= rescale;
+
+      // V weights p_t * s_tg per [row][group][token], and sum_t p_t z_tg per [row][group], added at the end.
+      for (int64_t g = 0; g < Gv; ++g) {
+        float* wg = w_.data() + (j * Gv + g) * cap_;
+        float zs = 0.0f;
+        for (int64_t i = 0; i < n; ++i) {
+          wg[i] = sj[i] * vs_[g * cap_ + i];
+          if (vscaled) zs += sj[i] * vz_[g * cap_ + i];
+        }
+        zsum_[j * Gv + g] = zs;
+      }
+    }
+    accumulate_values(n, v, vg);
+    if (vscaled)
+      for (int64_t j = 0; j < M_; ++j)
+        for (int64_t d = 0; d < D; ++d) acc_[j * D + d] += zsum_[j * Gv + d / vg];
+  }
+
+  // acc[j] += sum_t w[j][g(d)][t] v[t]: each V row is read once for all M rows, which stay in registers when few.
+  void accumulate_values(int64_t n, const float* v, int64_t vg) {
+    const int64_t D = D_, Gv = D / vg;
+#if defined(__AVX512F__)
+    const int64_t nc = D / 16;
+    if (vg % 16 == 0 && M_ * nc <= 24) {
+      __m512 a[24];
+      const float* wc[24];
+      for (int64_t j = 0; j < M_; ++j)
+        for (int64_t c = 0; c < nc; ++c) {
+          a[j * nc + c] = _mm512_loadu_ps(acc_ + j * D + 16 * c);
+          wc[j * nc + c] = w_.data() + (j * Gv + 16 * c / vg) * cap_;
+        }
+      for (int64_t i = 0; i < n; ++i) {
+        __m512 vv[16];
+        for (int64_t c = 0; c < nc; ++c) vv[c] = _mm512_loadu_ps(v + i * D + 16 * c);
+        for (int64_t j = 0; j < M_; ++j)
+          for (int64_t c = 0; c < nc; ++c)
+            a[j * nc + c] = _mm512_fmadd_ps(_mm512_set1_ps(wc[j * nc + c][i]), vv[c], a[j * nc + c]);
+      }
+      for (int64_t r = 0; r < M_ * nc; ++r) _mm512_storeu_ps(acc_ + r / nc * D + 16 * (r % nc), a[r]);
+      return;
+    }
+#endif
+    for (int64_t j = 0; j < M_; ++j) {
+      float* aj = acc_ + j * D;
+      int64_t d = 0;
+#if defined(__AVX512F__)
+      if (vg % 16 == 0)
+        for (; d + 16 <= D; d += 16) {
+          __m512 a = _mm512_loadu_ps(aj + d);
+          const float* wc = w_.data() + (j * Gv + d / vg) * cap_;
+          for (int64_t i = 0; i < n; ++i) a = _mm512_fmadd_ps(_mm512_set1_ps(wc[i]), _mm512_loadu_ps(v + i * D + d), a);
+          _mm512_storeu_ps(aj + d, a);
+        }
+#endif
+      for (; d < D; ++d) {
+        const float* wc = w_.data() + (j * Gv + d / vg) * cap_;
+        float a = aj[d];
+        for (int64_t i = 0; i < n; ++i) a += wc[i] * v[i * D + d];
+        aj[d] = a;
+      }
+    }
+  }
+
+  const Problem& p_;
+  const int64_t b_, h_, M_, D_, cap_;
+  float *m_, *l_, *acc_;
+  const float* q_;
+  std::vector<float> kbuf_, vbuf_, ks_, kz_, vs_, vz_, scores_, w_, zsum_, qs_, bias_, qsum_;
+};
+
+template <int BITS>
+void run_spans(const Problem& p, int64_t tasks, int64_t spans, int64_t span, float* pm, float* pl, float* pacc) {
+  const int64_t M = p.M, D = p.D;
+  at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bh = i / spans, c = i % spans;
+      Worker w(p, bh / p.Hkv, bh % p.Hkv, pm + i * M, pl + i * M, pacc + i * M * D);
+      if (c * span < p.tokens)
+        w.run<BITS>(c * span, std::min(p.tokens, (c + 1) * span));
+      else
+        w.run_window();
+    }
+  });
+}
+
+void check_side(const torch::Tensor& data, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t Hkv,
+                const char* name) {
+  TORCH_CHECK(data.dim() == 4 && scales.dim() == 4 && zeros.dim() == 4, "attend_packed: ", name, " must be 4-D");
+  TORCH_CHECK(data.scalar_type() == torch::kUInt8 && scales.scalar_type() == torch::kHalf &&
+                  zeros.scalar_type() == torch::kHalf, "attend_packed: ", name, " codes uint8, scales/zeros fp16");
+  TORCH_CHECK(data.stride(3) == 1 && scales.stride(3) == 1 && zeros.stride(3) == 1 && data.size(1) == Hkv &&
+                  scales.sizes() == zeros.sizes(), "attend_packed: ", name, " layout mismatch");
+}
+
+// q (B, Hkv, M, D) fp32: the M query rows of each kv head (GQA heads x positions). K/V: codes (pages, Hkv, rows,
+// width) uint8 and fp16 scales/zeros, token i of row b in page table[b, i / page_tokens]; per-channel keys in
+// one page per row. Then `held` full-precision tokens rk, rv (B, Hkv, held, D) fp32. No mask: every query sees
+// every token. Returns softmax(q k^T scale) v (B, Hkv, M, D) and its log-sum-exp (B, Hkv, M), both fp32.
+std::vector<torch::Tensor> attend_packed(const torch::Tensor& q, const torch::Tensor& kdata,
+                                         const torch::Tensor& kscales, const torch::Tensor& kzeros,
+                                         const torch::Tensor& vdata, const torch::Tensor& vscales,
+                                         const torch::Tensor& vzeros, const torch::Tensor& table, int64_t page_tokens,
+                                         int64_t tokens, int64_t bits, int64_t kgroup, int64_t vgroup,
+                                         bool per_channel, const torch::Tensor& rk, const torch::Tensor& rv,
+                                         double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kFloat && q.is_contiguous(),
+              "attend_packed: q must be contiguous fp32 (B, Hkv, M, D)");
+  const int64_t B = q.size(0), Hkv = q.size(1), M = q.size(2), D = q.size(3);
+  check_side(kdata, kscales, kzeros, Hkv, "keys");
+  check_side(vdata, vscales, vzeros, Hkv, "values");
+  TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "attend_packed: 8, 4 or 2 bits");
+  TORCH_CHECK(vgroup > 0 && D % vgroup == 0 && kgroup > 0 && kgroup % (8 / bits) == 0 &&
+                  (per_channel || D % kgroup == 0), "attend_packed: groups must divide head_dim");
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == B && table.scalar_type() == torch::kLong && table.is_contiguous(),
+              "attend_packed: table must be contiguous int64 (B, pages)");
+  TORCH_CHECK(page_tokens > 0 && tokens >= 0 && tokens <= table.size(1) * page_tokens &&
+                  (!per_channel || (table.size(1) == 1 && tokens % kgroup == 0)),
+              "attend_packed: tokens do not fit the table (per-channel keys: one page, whole groups)");
+  TORCH_CHECK(rk.scalar_type() == torch::kFloat && rv.scalar_type() == torch::kFloat && rk.is_contiguous() &&
+                  rv.is_contiguous() && rk.dim() == 4 && rk.sizes() == rv.sizes() && rk.size(0) == B &&
+                  rk.size(1) == Hkv && rk.size(3) == D, "attend_packed: recent K/V must be contiguous fp32");
+  if (tokens > 0) {
+    const int64_t* tp = table.data_ptr<int64_t>();
+    for (int64_t i = 0; i < table.numel(); ++i)
+      TORCH_CHECK(tp[i] >= 0 && tp[i] < kdata.size(0) && tp[i] < vdata.size(0), "attend_packed: page out of range");
+  }
+
+  const Problem p{q.data_ptr<float>(), Hkv, M, D, table.data_ptr<int64_t>(), table.size(1), page_tokens, tokens,
+                  {field(kdata), field(kscales), field(kzeros), kgroup}, {field(vdata), field(vscales), field(vzeros),
+                  vgroup}, per_channel, rk.data_ptr<float>(), rv.data_ptr<float>(), rk.size(2),
+                  static_cast<float>(scale)};
+  // Spans of tokens per (batch, kv head): enough tasks for every thread, whole tiles (key groups) each.
+  const int64_t BH = B * Hkv, align = per_channel ? kgroup : kTile;
+  const int64_t want = std::max<int64_t>(1, (2 * at::get_num_threads() + BH - 1) / std::max<int64_t>(BH, 1));
+  const int64_t span = std::max(align, (tokens + want - 1) / want + align - 1) / align * align;
+  const int64_t spans = (tokens + span - 1) / span + (p.held > 0);
+  auto pm = torch::full({BH, spans, M}, -INFINITY, q.options());
+  auto pl = torch::zeros({BH, spans, M}, q.options());
+  auto pacc = torch::zeros({BH, spans, M, D}, q.options());
+  float *pmp = pm.data_ptr<float>(), *plp = pl.data_ptr<float>(), *pap = pacc.data_ptr<float>();
+  switch (bits) {
+    case 8: run_spans<8>(p, BH * spans, spans, span, pmp, plp, pap); break;
+    case 4: run_spans<4>(p, BH * spans, spans, span, pmp, plp, pap); break;
+    default: run_spans<2>(p, BH * spans, spans, span, pmp, plp, pap); break;
+  }
+
+  auto out = torch::zeros({B, Hkv, M, D}, q.options());
+  auto lse = torch::full({B, Hkv, M}, -INFINITY, q.options());
+  float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  for (int64_t bh = 0; bh < BH; ++bh)
+    for (int64_t j = 0; j < M; ++j) {
+      float mx = -INFINITY;
+      for (int64_t c = 0; c < spans; ++c) mx = std::max(mx, pmp[(bh * spans + c) * M + j]);
+      if (mx == -INFINITY) continue;  // no token at all
+      float total = 0.0f;
+      float* o = op + (bh * M + j) * D;
+      for (int64_t c = 0; c < spans; ++c) {
+        const int64_t i = (bh * spans + c) * M + j;
+        if (plp[i] == 0.0f) continue;
+        const float w = std::exp(pmp[i] - mx);
+        total += plp[i] * w;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * pap[i * D + d];
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] /= total;
+      lp[bh * M + j] = mx + std::log(total);
+    }
+  return {out, lse};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attend_packed", &attend_packed,
+        "attention of a few fp32 queries over packed 8/4/2-bit K/V (per-token or per-channel keys) and a "
+        "full-precision window; returns (out, log-sum-exp)");
+}
