@@ -10,6 +10,8 @@ from safetensors.torch import load_file, save_file
 from edgellm import generate, load
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.models.moe import grouped_topk, imbalance, mix_experts
+from edgellm.quant.convert import quantize_checkpoint
+from edgellm.quant.linear import QuantizedLinear
 from edgellm.runner import prefill_tokens
 from tests.conftest import CONFIGS, build_checkpoint
 
@@ -137,3 +139,18 @@ def test_bf16_fused_experts_match_transformers(moe_checkpoint, arch):
     ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.allclose(model(ids).float(), hf_model(path).to(torch.bfloat16)(ids).logits.float(), atol=3e-2)
+
+
+def test_quantize_covers_mixtral_experts(moe_checkpoint, tmp_path):
+    """`edgellm quantize` finds Mixtral's `block_sparse_moe.experts.N.w1/w2/w3` projections, not only attention's."""
+    path = moe_checkpoint("mixtral")
+    report = quantize_checkpoint(path, tmp_path / "q8", "q8_0", dtype="fp32")
+    assert report.quantized_tensors == 2 * (4 + 4 * 3)  # per layer: q/k/v/o and each of 4 experts' w1/w2/w3
+    model, _ = load(tmp_path / "q8", "fp32")
+    experts = [e for layer in model.model.layers for e in layer.mlp.experts]
+    assert all(isinstance(getattr(e, p), QuantizedLinear) for e in experts for p in ("gate_proj", "up_proj",
+                                                                                      "down_proj"))
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = hf_model(path)(ids).logits
+        assert (model(ids) - ref).norm() <= 0.05 * ref.norm()

@@ -10,14 +10,17 @@ import pytest
 import torch
 
 from edgellm.bench import opsplit
-from edgellm.bench.opsplit import OP_KINDS, OpTimer, measure_op_split
+from edgellm.bench.opsplit import MOE_OP_KINDS, OP_KINDS, OpTimer, measure_op_split
 from edgellm.cli import main
 from edgellm.kernels import linear
 from edgellm.loader import load_model
-from edgellm.models import llama
+from edgellm.models import llama, moe
+from edgellm.models.moe import mix_experts, topk_softmax
 from edgellm.models.rope import apply_rope
 from edgellm.perf.hardware import physical_cores
+from tests.conftest import CONFIGS, build_checkpoint
 from tests.test_cli_errors import house_error
+from tests.test_moe import MOE_CONFIGS
 
 
 def cpuinfo(*cpus: tuple[int, int]) -> str:
@@ -112,3 +115,24 @@ def test_op_split_covers_the_step_once(llama_dir, dtype: str, fused: bool):
     assert "forward" not in vars(model.lm_head) and "cos_sin" not in vars(model.rope)
     with torch.no_grad():
         assert torch.equal(model(ids), before)
+
+
+@pytest.mark.parametrize("dtype, fused", [("fp32", False), ("bf16", True)])
+def test_op_split_times_moe_layers(tmp_path, monkeypatch, dtype: str, fused: bool):
+    """Qwen2-MoE: router, routed experts and their dispatch are kinds of their own; the shared expert is an MLP."""
+    monkeypatch.setitem(CONFIGS, "qwen2_moe", MOE_CONFIGS["qwen2_moe"])
+    model = load_model(build_checkpoint(tmp_path / "moe", "qwen2_moe"), dtype)
+    assert (model.model.layers[0].mlp.experts[0].gate_up is not None) == fused
+    split = measure_op_split(model, list(range(3, 19)), steps=3, warmup=1)
+    ops, layers, k = split["ops"], model.args.num_hidden_layers, model.args.num_experts_per_tok
+    assert tuple(ops) == OP_KINDS[:4] + MOE_OP_KINDS + OP_KINDS[4:]
+    assert all(ops[kind]["ms"] > 0 for kind in ops if kind != "other")
+    assert sum(op["ms"] for op in ops.values()) == pytest.approx(split["step_ms"], rel=1e-6)
+    calls = {kind: ops[kind]["calls"] for kind in ("mlp_gate_up", "mlp_down", "moe_router", "expert_gate_up",
+                                                   "expert_down", "expert_dispatch")}
+    assert calls == {"mlp_gate_up": layers * (1 if fused else 2), "mlp_down": layers,
+                     "moe_router": 3 * layers,  # gate, softmax/top-k, shared-expert gate
+                     "expert_gate_up": layers * k * (1 if fused else 2), "expert_down": layers * k,
+                     "expert_dispatch": layers}
+    assert moe.mix_experts is mix_experts and moe.topk_softmax is topk_softmax  # the timers are gone afterwards
+    assert "forward" not in vars(model.model.layers[0].mlp.gate)

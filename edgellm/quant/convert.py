@@ -51,21 +51,23 @@ def _check_out_dir(in_dir: Path, out_dir: Path, force: bool) -> None:
 
 def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, fmt: str | WeightFormat, dtype: str = "bf16",
                         force: bool = False, method: str = "rtn") -> ConvertReport:
-    """Quantize every q/k/v/o/gate/up/down projection to `fmt` (see `quantize` for `method`), store the other
-    tensors in `dtype`, copy the tokenizer and generation files; written to a temp dir and renamed, so a failure
-    leaves OUT_DIR untouched."""
+    """Quantize every q/k/v/o/gate/up/down projection (each MoE expert's too) to `fmt` (see `quantize` for
+    `method`), store the other tensors in `dtype`, copy the tokenizer and generation files; written to a temp dir and
+    renamed, so a failure leaves OUT_DIR untouched."""
     start = time.perf_counter()
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     fmt = WeightFormat.parse(fmt)
     check_method(fmt, method)
     config = read_config(in_dir)
-    family_for(config)  # an unsupported architecture fails here, before any work
+    family = family_for(config)  # an unsupported architecture fails here, before any work
     if quant_format(config, in_dir) is not None:
         raise CheckpointError(f"{in_dir} is already quantized ({config['quantization_config']['format']}); "
                               "quantize the full-precision checkpoint instead")
     _check_out_dir(in_dir, out_dir, force)
     store_dtype = resolve_dtype(dtype)
-    weights = read_weights(in_dir)
+    with torch.device("meta"):
+        model = family.Model(family.ModelArgs.from_config(config))
+    weights = model.sanitize(read_weights(in_dir))  # edgellm's names: Mixtral's w1/w2/w3 experts are projections too
     names = [n for n, t in weights.items() if is_projection(n, t)]
     if not names:
         raise CheckpointError(f"{in_dir} has no q/k/v/o/gate/up/down projection weights to quantize")

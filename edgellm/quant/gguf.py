@@ -17,7 +17,13 @@ ARCHITECTURES: dict[str, tuple[str, str, bool]] = {
     "llama": ("LlamaForCausalLM", "llama", True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe", False),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe", False),
+    "olmoe": ("OlmoeForCausalLM", "olmoe", False),
 }
+MIXTRAL = ("MixtralForCausalLM", "mixtral")  # llama.cpp stores Mixtral as arch llama with `llama.expert_count` > 0
+# Whether llama.cpp renormalises the top-k router probabilities: fixed per architecture, not read from the file.
+RENORMALIZED = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
 
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 LAYER_NAMES = {
@@ -25,6 +31,12 @@ LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    # all experts of a layer in one (n_expert, out, in) tensor; `expert_name` gives one expert's HF name
+    "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 HF_LAYER_NAMES = {v: k for k, v in LAYER_NAMES.items()}
 HF_GLOBAL_NAMES = {v: k for k, v in GLOBAL_NAMES.items()}
@@ -55,6 +67,11 @@ def gguf_name(name: str) -> str | None:
     if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in HF_LAYER_NAMES:
         return f"blk.{parts[2]}.{HF_LAYER_NAMES[parts[3]]}.{suffix}"
     return None
+
+
+def expert_name(stacked: str, expert: int) -> str:
+    """One expert's HF name from the stacked one (`...experts.up_proj.weight` → `...experts.3.up_proj.weight`)."""
+    return stacked.replace(".experts.", f".experts.{expert}.", 1)
 
 
 def qk_heads(name: str, n_heads: int, n_kv_heads: int) -> int | None:

@@ -1,9 +1,12 @@
-"""Load a llama.cpp GGUF file (llama, qwen2, qwen3) as an edgellm model and tokenizer.
+"""Load a llama.cpp GGUF file (llama, qwen2, qwen3 and the MoE qwen2moe, qwen3moe, olmoe and Mixtral as llama with
+experts) as an edgellm model and tokenizer.
 
 Q8_0, Q4_0, MXFP4, Q4_1, Q5_0, Q5_1, IQ4_NL and k-quant (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) projections and output
 heads stay quantized: their raw GGUF blocks are edgellm's block layout, memory-mapped without a copy. Where a type's
 native GEMV lacks its SIMD path, that type is dequantized at load into the model dtype with gguf's reference code
-instead (more memory, same logits as llama.cpp up to rounding). Anything else is refused by name.
+instead (more memory, same logits as llama.cpp up to rounding). Anything else is refused by name. A layer's experts,
+stored as one (n_expert, out, in) tensor per projection, become one weight per expert over its own run of blocks,
+so a decode step reads only the chosen experts' bytes.
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ from edgellm.models import family_for
 from edgellm.quant.formats import QuantizedTensor, WeightFormat
 from edgellm.quant.gguf import (
     ARCHITECTURES,
+    MIXTRAL,
     PRE_TOKENIZERS,
+    RENORMALIZED,
     ROPE_FREQS,
     GGUFError,
+    expert_name,
     gguf_name,
     hf_name,
     qk_heads,
@@ -194,12 +200,41 @@ def gguf_config(reader: GGUFFile, path: Path) -> dict:
         "vocab_size": vocab, "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names,
     }
+    if arch in RENORMALIZED:  # an architecture that may carry experts
+        config.update(moe_config(reader, arch, names, path))
+        if arch == "llama" and "num_experts" in config:
+            config["architectures"], config["model_type"] = [MIXTRAL[0]], MIXTRAL[1]
     scaling = field(reader, f"{arch}.rope.scaling.type", "none")
     if scaling == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
     elif scaling != "none":
         raise UnsupportedModelError(f"{path}: GGUF rope scaling {scaling!r} is not supported; supported: linear, "
                                     "llama3 (rope_freqs)")
+    return config
+
+
+def moe_config(reader: GGUFFile, arch: str, names: dict[str, GGUFTensor], path: Path) -> dict:
+    """The router's config.json keys from {arch}.expert_*; empty for a llama file without experts (a dense Llama)."""
+    experts = field(reader, f"{arch}.expert_count", 0)
+    if not experts:
+        if arch == "llama":
+            return {}
+        raise GGUFError(f"{path}: GGUF metadata {arch}.expert_count is missing; the file is incomplete")
+    gating = field(reader, f"{arch}.expert_gating_func", 1)
+    if gating != 1:  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
+        raise UnsupportedModelError(f"{path}: expert gating function {gating} is not supported; only softmax (1) is")
+    used = field(reader, f"{arch}.expert_used_count")
+    if used is None:
+        raise GGUFError(f"{path}: GGUF metadata {arch}.expert_used_count is missing; the file is incomplete")
+    gate = names.get("blk.0.ffn_gate_exps.weight")
+    config = {"num_experts": experts, "num_experts_per_tok": used, "norm_topk_prob": RENORMALIZED[arch],
+              "moe_intermediate_size": field(reader, f"{arch}.expert_feed_forward_length")
+              or (gate.shape[1] if gate is not None else None),
+              "qkv_bias": "blk.0.attn_q.bias" in names, "clip_qkv": field(reader, f"{arch}.attention.clamp_kqv")}
+    shared = names.get("blk.0.ffn_gate_shexp.weight")
+    if shared is not None:
+        config["shared_expert_intermediate_size"] = field(reader, f"{arch}.expert_shared_feed_forward_length",
+                                                          shared.shape[0])
     return config
 
 
@@ -240,7 +275,14 @@ def read_weights(reader: GGUFFile, config: dict, dtype: torch.dtype,
         # The projections and the head stay quantized as stored (as llama.cpp runs them); the embedding is a
         # lookup. A head read as floats (a float or tied one) is run as Q8_0 by quantize_lm_head.
         kept = name == "lm_head.weight" or name.rsplit(".", 2)[-2] in PROJECTIONS
+        if len(t.shape) == 3:  # stacked experts: each expert's rows are a contiguous run of whole blocks
+            for e in range(t.shape[0]):
+                expert = GGUFTensor(t.name, t.tensor_type, t.shape[1:], t.data[e])
+                weights[expert_name(name, e)] = read_tensor(expert, dtype, path, keep_quantized=kept)
+            continue
         w = read_tensor(t, dtype, path, keep_quantized=kept)
+        if name.endswith(".shared_expert_gate.weight"):  # llama.cpp reads it as a vector; HF's is one row
+            w = w.reshape(1, -1)
         n = qk_heads(name, heads, kv_heads) if permuted else None
         if n is not None:
             if isinstance(w, QuantizedTensor):

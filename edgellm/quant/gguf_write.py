@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -29,7 +30,9 @@ from edgellm.quant.formats import GGML_BLOCK, QuantizedTensor, quantize
 from edgellm.quant.gguf import (
     ARCHITECTURES,
     LLAMA3_REGEX,
+    MIXTRAL,
     QWEN2_REGEX,
+    RENORMALIZED,
     ROPE_FREQS,
     GGUFError,
     gguf_name,
@@ -43,31 +46,49 @@ EXPORT_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
 QUANT_TYPES = {"q8_0": GT.Q8_0, "q4_0": GT.Q4_0}
 QUANT_TYPES_BY_GT = {v: k for k, v in QUANT_TYPES.items()}
 CARRIED_FORMATS = {**QUANT_TYPES, "mxfp4": GT.MXFP4}  # edgellm formats whose blocks are GGUF's, byte for byte
-GGUF_ARCH = {model_type: arch for arch, (_, model_type, _) in ARCHITECTURES.items()} | {"mistral": "llama"}
+GGUF_ARCH = {model_type: arch for arch, (_, model_type, _) in ARCHITECTURES.items()} | {"mistral": "llama",
+                                                                                      MIXTRAL[1]: "llama"}
+EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight")  # one expert's projection, after Model.sanitize
+
+
+Source = torch.Tensor | QuantizedTensor
 
 
 @dataclass
 class TensorPlan:
-    """One tensor to write: its GGUF name, source and target type (decided before the header is written)."""
+    """One tensor to write: its GGUF name, source and target type (decided before the header is written). A list
+    source is a layer's experts, stacked only when written, so peak memory stays one tensor."""
 
     name: str
-    source: torch.Tensor | QuantizedTensor
+    source: Source | list[Source]
     qtype: GT
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if isinstance(self.source, list):
+            return (len(self.source), *self.source[0].shape)
+        return tuple(self.source.shape)
+
     def array(self) -> np.ndarray:
-        """The tensor's bytes as GGUF stores them (numpy shape [out, in], quantized rows as uint8 blocks)."""
-        if isinstance(self.source, QuantizedTensor):
-            return self.source.data["blocks"].contiguous().numpy()
+        """The tensor's bytes as GGUF stores them (numpy shape [out, in] or [n_expert, out, in], quantized rows as
+        uint8 blocks)."""
+        if isinstance(self.source, list):
+            return np.stack([self.convert(s) for s in self.source])
+        return self.convert(self.source)
+
+    def convert(self, source: Source) -> np.ndarray:
+        if isinstance(source, QuantizedTensor):
+            return source.data["blocks"].contiguous().numpy()
         if self.qtype in (GT.Q8_0, GT.Q4_0):
-            return quantize(self.source, QUANT_TYPES_BY_GT[self.qtype]).data["blocks"].numpy()
-        return self.source.to(torch.float16 if self.qtype == GT.F16 else torch.float32).contiguous().numpy()
+            return quantize(source, QUANT_TYPES_BY_GT[self.qtype]).data["blocks"].numpy()
+        return source.to(torch.float16 if self.qtype == GT.F16 else torch.float32).contiguous().numpy()
 
 
 def target_type(name: str, tensor: torch.Tensor, ftype: str, tied: bool) -> GT:
-    """llama.cpp's choice per tensor: 1-D tensors (norms, biases) in F32; with q4_0 the output projection (or the
-    tied embedding that serves as it) in Q8_0 — llama-quantize uses Q6_K there, which gguf cannot write; weights
-    whose rows are not whole 32-blocks in F16."""
-    if tensor.dim() == 1 or ftype == "f32":
+    """llama.cpp's choice per tensor: 1-D tensors (norms, biases) and MoE routers in F32; with q4_0 the output
+    projection (or the tied embedding that serves as it) in Q8_0 — llama-quantize uses Q6_K there, which gguf cannot
+    write; weights whose rows are not whole 32-blocks in F16."""
+    if tensor.dim() == 1 or ftype == "f32" or name.endswith(".ffn_gate_inp.weight"):
         return GT.F32
     if ftype == "f16" or tensor.shape[1] % GGML_BLOCK:
         return GT.F16
@@ -76,20 +97,42 @@ def target_type(name: str, tensor: torch.Tensor, ftype: str, tied: bool) -> GT:
     return QUANT_TYPES[ftype]
 
 
-def plan_tensors(weights: dict[str, torch.Tensor | QuantizedTensor], config: dict, arch: str, ftype: str,
-                 path: Path) -> list[TensorPlan]:
+def stack_experts(weights: dict[str, Source]) -> dict[str, Source | list[Source]]:
+    """Per-expert projections grouped into one list per layer and projection under llama.cpp's stacked name
+    (`...mlp.experts.3.up_proj.weight` → `...mlp.experts.up_proj.weight`, expert 3 at index 3)."""
+    out: dict[str, Source | list[Source]] = {}
+    experts: dict[str, dict[int, Source]] = {}
+    for name, tensor in weights.items():
+        if m := EXPERT.fullmatch(name):
+            experts.setdefault(f"{m[1]}.{m[3]}.weight", {})[int(m[2])] = tensor
+        else:
+            out[name] = tensor
+    for name, parts in experts.items():
+        out[name] = [parts[e] for e in sorted(parts)]
+    return out
+
+
+def plan_tensors(weights: dict[str, Source], config: dict, arch: str, ftype: str, path: Path) -> list[TensorPlan]:
     """GGUF names, Q/K rows in llama.cpp's order and target types for every tensor of the checkpoint."""
     permuted = ARCHITECTURES[arch][2]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     tied = bool(config.get("tie_word_embeddings"))
     plans = []
-    for hf, tensor in weights.items():
+    for hf, tensor in stack_experts(weights).items():
         if "rotary_emb.inv_freq" in hf or (tied and hf == "lm_head.weight"):
             continue
         name = gguf_name(hf)
         if name is None:
             raise UnsupportedModelError(f"{path}: tensor {hf} has no GGUF equivalent; cannot export it")
+        if isinstance(tensor, list):  # experts: blocks carried or float quantized as a 2-D weight would be
+            first = tensor[0]
+            qtype = CARRIED_FORMATS[first.fmt.name] if isinstance(first, QuantizedTensor) \
+                else target_type(name, first, ftype, tied)
+            plans.append(TensorPlan(name, tensor, qtype))
+            continue
+        if name.endswith(".ffn_gate_inp_shexp.weight"):  # HF's (1, hidden) row is the vector llama.cpp reads
+            tensor = tensor.reshape(-1)
         n = qk_heads(hf, heads, kv_heads) if permuted else None
         if isinstance(tensor, QuantizedTensor):
             if n is not None:
@@ -204,16 +247,36 @@ def add_hyperparameters(writer: gguf.GGUFWriter, args: Any, path: Path) -> torch
     return None
 
 
+def add_experts(writer: gguf.GGUFWriter, args: Any, arch: str, path: Path) -> None:
+    """{arch}.expert_* keys of an MoE model, refusing what llama.cpp's graph for `arch` cannot run as the model does."""
+    renormalize = args.norm_topk_prob or args.model_type == MIXTRAL[1]
+    if renormalize != RENORMALIZED[arch]:
+        raise UnsupportedModelError(f"{path}: llama.cpp's {arch} {'always' if RENORMALIZED[arch] else 'never'} "
+                                    f"renormalises the top-k expert weights, but this model's norm_topk_prob is "
+                                    f"{args.norm_topk_prob}; it cannot be exported to GGUF")
+    if not all(args.is_sparse(i) for i in range(args.num_hidden_layers)):
+        raise UnsupportedModelError(f"{path}: dense layers between MoE layers (mlp_only_layers, decoder_sparse_step) "
+                                    f"have no llama.cpp {arch} equivalent; it cannot be exported to GGUF")
+    writer.add_expert_count(args.num_experts)
+    writer.add_expert_used_count(args.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(args.expert_size)
+    if args.shared_expert_intermediate_size:
+        writer.add_expert_shared_feed_forward_length(args.shared_expert_intermediate_size)
+    if args.clip_qkv is not None:
+        writer.add_clamp_kqv(args.clip_qkv)
+
+
 def checkpoint_weights(src: Path, config: dict, family: ModuleType,
                        args: Any) -> dict[str, torch.Tensor | QuantizedTensor]:
-    """The checkpoint's tensors; an `edgellm quantize` checkpoint's projections become QuantizedTensors (kept
-    as they are where GGUF has the same blocks, dequantized to float for intN/ternary formats)."""
-    weights: dict[str, torch.Tensor | QuantizedTensor] = dict(read_weights(src))
+    """The checkpoint's tensors under edgellm's names (`Model.sanitize`: Mixtral's and fused experts become
+    `mlp.experts.N.*_proj`); an `edgellm quantize` checkpoint's projections become QuantizedTensors (kept as they
+    are where GGUF has the same blocks, dequantized to float for intN/ternary formats)."""
+    with torch.device("meta"):
+        model = family.Model(args)
+    weights: dict[str, torch.Tensor | QuantizedTensor] = dict(model.sanitize(read_weights(src)))
     fmt = quant_format(config, src)
     if fmt is None:
         return weights
-    with torch.device("meta"):
-        model = family.Model(args)
     for name in projection_names(model):
         layer = model.get_submodule(name)
         keys = [f"{name}.{key}" for key in fmt.data_shapes(layer.out_features, layer.in_features)]
@@ -246,6 +309,8 @@ def export_gguf(src: str | Path, out: str | Path, ftype: str = "f16") -> Path:
     writer = gguf.GGUFWriter(tmp, arch)
     try:
         rope_freqs = add_hyperparameters(writer, args, src)
+        if getattr(args, "num_experts", None):
+            add_experts(writer, args, arch, src)
         carried = quant_format(config, src)  # an edgellm-quantized checkpoint's blocks decide the file type
         writer.add_file_type(EXPORT_TYPES[carried.name if carried and carried.name in QUANT_TYPES else ftype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -255,7 +320,7 @@ def export_gguf(src: str | Path, out: str | Path, ftype: str = "f16") -> Path:
             plans.append(TensorPlan(ROPE_FREQS, rope_freqs, GT.F32))
         for plan in plans:
             block, size = gguf.GGML_QUANT_SIZES[plan.qtype]
-            shape = tuple(plan.source.shape)
+            shape = plan.shape
             nbytes = int(np.prod(shape)) * size // block
             if plan.qtype in (GT.F32, GT.F16):
                 writer.add_tensor_info(plan.name, shape, np.dtype(np.float32 if plan.qtype == GT.F32 else np.float16),
