@@ -78,6 +78,20 @@ def test_dequantize_is_bit_exact_against_gguf(kind):
     assert np.array_equal(qt.rows(3, 9).dequantize().numpy().view(np.uint32), want[3:9])
 
 
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "mxfp4", *KINDS])
+def test_native_dequantize_matches_the_pytorch_reference(kind):
+    """The native dequantize (prefill's dequant + GEMM reads it) in fp32, bit for bit, and in bf16 as its rounding."""
+    if ggml_blocks.native_dequantize(torch.zeros(1, 34, dtype=torch.uint8), 32, "q8_0", torch.float32) is None:
+        pytest.skip("native kernels not built")
+    k, n = 160, 12
+    blocks = torch.from_numpy(make_blocks(kind, n, k, seed=2)) if kind in KINDS else \
+        quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(2)), kind).data["blocks"]
+    want = ggml_blocks.blocks_dequantize_reference(blocks, k, kind)
+    assert torch.equal(ggml_blocks.native_dequantize(blocks, k, kind, torch.float32), want)
+    assert torch.equal(ggml_blocks.native_dequantize(blocks, k, kind, torch.bfloat16), want.bfloat16())
+    assert torch.equal(ggml_blocks.native_dequantize(blocks[3:9], k, kind, torch.float32), want[3:9])
+
+
 def test_formats_are_registered_for_reading_only():
     assert [WeightFormat.gguf(k).bits for k in KINDS] == [4, 5, 5, 4]
     fmt = WeightFormat.gguf("Q5_1")

@@ -121,8 +121,23 @@ def block_quants(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     return codes.float() - excess
 
 
+def native_dequantize(blocks: torch.Tensor, k: int, kind: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """(N, K) in fp32 (bit-identical to gguf.quants.dequantize) or bf16 from any 32-block kind, natively and in
+    parallel; None without the native build or for another dtype."""
+    ext = _ext()
+    if ext is None or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return ext.dequantize(blocks.reshape(blocks.shape[0], -1), k, kind, dtype == torch.bfloat16)
+
+
 def blocks_dequantize(blocks: torch.Tensor, k: int, kind: str) -> torch.Tensor:
-    """fp32 (N, K) from 32-blocks, bit-identical to gguf.quants.dequantize: d * q, then + m (one rounding each)."""
+    """fp32 (N, K) from 32-blocks, bit-identical to gguf.quants.dequantize (natively where built)."""
+    w = native_dequantize(blocks, k, kind, torch.float32)
+    return blocks_dequantize_reference(blocks, k, kind) if w is None else w
+
+
+def blocks_dequantize_reference(blocks: torch.Tensor, k: int, kind: str) -> torch.Tensor:
+    """fp32 (N, K) from 32-blocks in PyTorch, rounding as gguf.quants.dequantize: d * q, then + m."""
     w = block_quants(blocks, kind) * block_scales(blocks, kind)[..., None]
     if kind in WITH_MINS:
         w = w + block_mins(blocks, kind)[..., None]

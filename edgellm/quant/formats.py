@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from edgellm.errors import EdgeLLMError
-from edgellm.kernels.ggml_blocks import blocks_dequantize, kquant_dequantize
+from edgellm.kernels.ggml_blocks import blocks_dequantize, kquant_dequantize, native_dequantize
 from edgellm.kernels.ggml_layout import (
     GGML_BLOCK,
     GGML_BLOCK_BYTES,
@@ -183,6 +183,10 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The [N, K] weight the stored tensors represent (bit-identical to gguf's dequantize for block formats)."""
         fmt, (n, k) = self.fmt, self.shape
+        if fmt.block_layout and fmt.kind not in KQUANT_BLOCK_BYTES:  # the 32-block kinds: natively, in parallel
+            w = native_dequantize(self.data["blocks"], k, fmt.kind, dtype)
+            if w is not None:
+                return w
         if fmt.kind == "q8_0":
             blocks = self.data["blocks"].view(n, -1, 34)
             d = blocks[..., :2].contiguous().view(torch.float16).float()

@@ -3,8 +3,10 @@
 Few rows of x (decode) go to a kernel that reads the packed weights directly: the T-MAC table lookup for 1-4 bit
 linear codes (intN, ternary, Q4_0 repacked), VNNI int8 dot products for Q8_0, MXFP4, GGUF's other 32-blocks and
 k-quant blocks (MXFP4's and IQ4_NL's levels are not linear, so no bit-plane lookup: a byte shuffle maps codes to int8
-levels). Many rows (prefill) or a build without the native kernels dequantize a few rows of the weight at a time to
-fp32 and run F.linear on them (this CPU emulates bf16), so the full-precision weight never exists in memory at once.
+levels). Many rows (prefill) or a build without the native kernels dequantize a few rows of the weight at a time and run
+F.linear on them, so the full-precision weight never exists in memory at once: for a bf16 model on a CPU that
+computes bf16 natively (AMX or AVX512-BF16), in bf16 (the activations are bf16 already; AMX runs the GEMM several
+times faster than fp32), else in fp32 (emulated bf16 GEMM is ~4x slower; an fp32 model keeps fp32 exactness).
 `choose_kernel` holds the measured crossovers.
 """
 
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from edgellm.kernels.ggml_blocks import GGUF_ONLY_LINEAR, KQUANT_LINEAR, mxfp4_linear, q4_0_lut_weight, q8_0_linear
 from edgellm.kernels.lut import GROUPS, LutWeight, lut_available, lut_linear
+from edgellm.kernels.native import cpu_has_native_bf16
 from edgellm.kernels.select import choose_kernel
 
 if TYPE_CHECKING:  # typing only: formats imports nothing of this module
@@ -51,14 +54,16 @@ def kernel_for(qt: QuantizedTensor, rows: int, lut: LutWeight | None) -> str:
 
 
 def dequant_linear(x2: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
-    """fp32 x (M, K) @ W.T, dequantizing W in row chunks."""
+    """x (M, K) @ W.T in fp32, dequantizing W in row chunks (to bf16 for bf16 x where the CPU computes bf16)."""
     n, k = qt.shape
+    dtype = torch.bfloat16 if x2.dtype == torch.bfloat16 and x2.is_cpu and cpu_has_native_bf16() else torch.float32
+    x2 = x2.to(dtype)
     step = max(1, DEQUANT_CHUNK_ELEMENTS // k)
     if step >= n:
-        return F.linear(x2, qt.dequantize())
+        return F.linear(x2, qt.dequantize(dtype)).float()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x2.device)
     for start in range(0, n, step):
-        y[:, start:start + step] = F.linear(x2, qt.rows(start, start + step).dequantize())
+        y[:, start:start + step] = F.linear(x2, qt.rows(start, start + step).dequantize(dtype))
     return y
 
 
@@ -73,7 +78,7 @@ def quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | 
     elif kernel == "vnni":
         y = VNNI_LINEAR[qt.fmt.kind](x2, qt.data["blocks"], k).float()
     else:
-        y = dequant_linear(x2.to(torch.float32), qt)
+        y = dequant_linear(x2, qt)
     if bias is not None:
         y += bias.to(torch.float32)
     return y.to(x.dtype).view(*x.shape[:-1], n)
