@@ -32,8 +32,11 @@ from edgellm.perf.hardware import physical_cores
 
 DEFAULT_FORMATS = "bf16,q8_0,q4_0,int4-g64,int3-g128,int2-g64,ternary,mxfp4"
 UNQUANTIZED = ("bf16", "fp32")
+# GGUF types made by llama.cpp's own quantizer from the f16 export: both engines then run the very same file
+GGUF_FILE_FORMATS = ("q4_k_m", "q6_k", "q5_k_m", "q3_k_m", "q2_k")
 # edgellm format -> the llama.cpp type it is compared with (same bits; Q2_K is llama.cpp's 2-bit workhorse)
-LLAMA_CPP_PAIRS = {"bf16": "f16", "q8_0": "q8_0", "q4_0": "q4_0", "int2-g64": "q2_k"}
+LLAMA_CPP_PAIRS = {"bf16": "f16", "q8_0": "q8_0", "q4_0": "q4_0", "int2-g64": "q2_k",
+                   **{f: f for f in GGUF_FILE_FORMATS}}
 # Safe for CPUs without AMX or AVX512-BF16: a native build of llama.cpp dies in its AMX path on some of them.
 LLAMA_CPP_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
                         "-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16={bf16} "
@@ -44,9 +47,11 @@ MIB = 2**20
 def add_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", default=None, help="HF model directory (default: edgellm's built-in model)")
-    source.add_argument("--random-llama", choices=["250m"], default=None,
+    source.add_argument("--random-llama", choices=["250m", "smollm2-135m"], default=None,
                         help="a random-init Llama of this size (speed only: its perplexity means nothing)")
-    p.add_argument("--formats", default=DEFAULT_FORMATS, help=f"comma-separated (default {DEFAULT_FORMATS})")
+    p.add_argument("--formats", default=DEFAULT_FORMATS,
+                   help=f"comma-separated (default {DEFAULT_FORMATS}); {', '.join(GGUF_FILE_FORMATS)} are GGUF files "
+                        "quantized by llama.cpp that both engines load (needs --vs-llama-cpp)")
     p.add_argument("--threads", type=thread_counts, default=sorted({1, physical_cores()}),
                    help="thread counts to measure, e.g. 1,2 (default: %(default)s, 1 and one per physical core)")
     p.add_argument("--prompt-len", type=positive_int, default=256, help="prefill length in tokens")
@@ -125,17 +130,23 @@ def _dequant_seconds(model: torch.nn.Module, reps: int) -> float:
     return _timed(lambda: [qt.dequantize(torch.float32) for qt in slow], reps) if slow else 0.0
 
 
+def _load(path: str, dtype: str | None) -> torch.nn.Module:
+    """A checkpoint directory or a GGUF file, as the CLI loads it."""
+    from edgellm.loader import load
+
+    return load(path, dtype)[0]
+
+
 def _edgellm_speed(path: str, dtype: str | None, threads: int, prompt: list[int], steps: int,
                    reps: int, op_split: bool = False) -> dict[str, Any]:
     """Runs in a fresh process: TTFT, decode tok/s and dequant time of one checkpoint at `threads`, and with
     `op_split` the time of one decode step per kind of op."""
     from edgellm import runner
     from edgellm.kv.prompt_cache import PromptCache
-    from edgellm.loader import load_model
     from edgellm.sequence import Sequence
 
     torch.set_num_threads(threads)
-    model = load_model(path, dtype)
+    model = _load(path, dtype)
     state = {}
 
     def prefill_once() -> None:
@@ -180,9 +191,7 @@ def _score(log_probs, windows: list[list[int]], reference: str) -> dict[str, flo
 
 @torch.inference_mode()
 def _edgellm_quality(path: str, dtype: str | None, windows: list[list[int]], reference: str) -> dict[str, float]:
-    from edgellm.loader import load_model
-
-    model = load_model(path, dtype)
+    model = _load(path, dtype)
     return _score(lambda ids: model(torch.tensor([ids]))[0].float().log_softmax(-1), windows, reference)
 
 
@@ -288,7 +297,7 @@ def _parse_formats(text: str) -> list[str]:
 
     names = [t.strip() for t in text.split(",") if t.strip()]
     for name in names:
-        if name not in UNQUANTIZED:
+        if name not in UNQUANTIZED + GGUF_FILE_FORMATS:
             WeightFormat.parse(name)  # raises a one-line error naming the valid formats
     return names
 
@@ -305,15 +314,18 @@ def _source(args: argparse.Namespace, pool: ProcessPoolExecutor, workdir: Path) 
 
 
 def build_random_llama(size: str, out: str) -> str:
-    """A seeded random-init Llama of bench speed's shape in bf16, with the built-in model's byte-level BPE (and so
-    its 8192-token vocabulary): llama.cpp needs a real tokenizer in the GGUF, even when ids are fed directly."""
+    """A seeded random-init Llama of bench speed's shape in bf16, with the built-in model's byte-level BPE:
+    llama.cpp needs a real tokenizer in the GGUF, even when ids are fed directly. The 250m takes the built-in's
+    8192-token vocabulary (as in earlier runs); a shape named after a released model keeps its own, since its
+    embedding and head are a large share of its bytes (the GGUF export pads the token list)."""
     from edgellm.assets import default_model_path
     from edgellm.bench.speed import RANDOM_LLAMAS, import_transformers
     from edgellm.loader import read_config
 
     transformers = import_transformers()
     builtin = Path(default_model_path())
-    ids = {k: v for k, v in read_config(builtin).items() if k in ("bos_token_id", "eos_token_id", "vocab_size")}
+    keys = ("bos_token_id", "eos_token_id") + (("vocab_size",) if size == "250m" else ())
+    ids = {k: v for k, v in read_config(builtin).items() if k in keys}
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**{**RANDOM_LLAMAS[size], **ids})
     transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
@@ -365,6 +377,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"[bench quant] {name}: {fmt}", file=sys.stderr)
             if fmt in UNQUANTIZED:
                 target, dtype = path, fmt
+            elif fmt in GGUF_FILE_FORMATS:
+                if not args.vs_llama_cpp:
+                    raise EdgeLLMError(f"format {fmt} is made by llama.cpp's quantizer: add --vs-llama-cpp")
+                target, dtype = _llama_cpp_file(pool, path, workdir, fmt), None
             else:
                 target, dtype = workdir / fmt, None
                 quantize_checkpoint(path, target, fmt)
@@ -383,7 +399,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.vs_llama_cpp and fmt in LLAMA_CPP_PAIRS:
                 rows.append(_llama_cpp_row(pool, path, workdir, LLAMA_CPP_PAIRS[fmt], fmt, prompt, windows,
                                            reference, args))
-            if target != path:
+            if target != path and target.is_dir():
                 shutil.rmtree(target, ignore_errors=True)
     _add_ratios(rows)
     report = {"benchmark": "quant", "model": name,
@@ -407,16 +423,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _llama_cpp_row(pool: ProcessPoolExecutor, path: Path, workdir: Path, lc_type: str, paired: str,
                    prompt: list[int], windows: list[list[int]], reference: str,
                    args: argparse.Namespace) -> dict[str, Any]:
-    from edgellm.quant.gguf_write import export_gguf
-
-    gguf = workdir / f"{lc_type}.gguf"
-    if lc_type in ("f16", "q8_0", "q4_0"):
-        export_gguf(path, gguf, lc_type)
-    else:
-        f16 = workdir / "f16.gguf"
-        if not f16.exists():
-            export_gguf(path, f16, "f16")
-        pool.submit(_llama_cpp_quantize, str(f16), str(gguf), lc_type).result()
+    gguf = _llama_cpp_file(pool, path, workdir, lc_type)
     row: dict[str, Any] = {"engine": "llama.cpp", "format": lc_type, "paired_with": paired,
                            "file_mib": gguf.stat().st_size / MIB, "speed": {}}
     for threads in args.threads:
@@ -425,6 +432,24 @@ def _llama_cpp_row(pool: ProcessPoolExecutor, path: Path, workdir: Path, lc_type
     if windows:
         row["quality"] = pool.submit(_llama_cpp_quality, str(gguf), windows, reference).result()
     return row
+
+
+def _llama_cpp_file(pool: ProcessPoolExecutor, path: Path, workdir: Path, lc_type: str) -> Path:
+    """The GGUF llama.cpp runs for `lc_type`: edgellm's export for the types it writes, else llama.cpp's quantizer
+    applied to the f16 export (made once per run)."""
+    from edgellm.quant.gguf_write import export_gguf
+
+    gguf = workdir / f"{lc_type}.gguf"
+    if gguf.exists():
+        return gguf
+    if lc_type in ("f16", "q8_0", "q4_0"):
+        export_gguf(path, gguf, lc_type)
+    else:
+        f16 = workdir / "f16.gguf"
+        if not f16.exists():
+            export_gguf(path, f16, "f16")
+        pool.submit(_llama_cpp_quantize, str(f16), str(gguf), lc_type).result()
+    return gguf
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:

@@ -36,6 +36,9 @@ from edgellm.perf.hardware import dtype_name
 RANDOM_LLAMAS = {
     "250m": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
                  intermediate_size=2816, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False),
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, max_position_embeddings=4096,
+                         tie_word_embeddings=True),
 }
 ENGINES = ("edgellm", "transformers")
 WARMUP_DECODE = 4
