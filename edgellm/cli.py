@@ -9,9 +9,12 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from edgellm.errors import EdgeLLMError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from edgellm.sampling import SamplingParams
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes -2**63..2**64-1; negative seeds only alias positive ones
 
@@ -115,13 +118,41 @@ def _kv_predictor(args: argparse.Namespace, model, tokenizer):
     return load_predictor(args.kv_predictor, model, tokenizer.fingerprint)
 
 
+def _read_schema(path: str) -> dict:
+    """The JSON schema in the file `path`, read before the model loads so a bad file fails at once."""
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InvalidRequestError(f"--json-schema {path}: cannot read a JSON schema ({e})") from None
+    if not isinstance(schema, dict):
+        raise InvalidRequestError(f"--json-schema {path}: a JSON schema is an object, got {type(schema).__name__}")
+    return schema
+
+
+def _constrain(sampling: SamplingParams, args: argparse.Namespace, schema: dict | None, model,
+               tokenizer) -> SamplingParams:
+    """`sampling` with the grammar --json-schema or --json-object asks for (as the server's response_format)."""
+    if schema is None and not args.json_object:
+        return sampling
+    from dataclasses import replace
+
+    from edgellm.grammar import Grammar, llg_tokenizer
+    try:
+        grammar = Grammar.json(llg_tokenizer(tokenizer, int(model.args.vocab_size)), schema)
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"--json-schema {args.json_schema}: {e}") from None
+    return replace(sampling, grammar=grammar)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from edgellm import load, stream_generate
     if args.agent and args.speculate:
         raise InvalidRequestError("--speculate does not combine with --agent yet; drop one of them")
     sampling = _sampling(args)
+    schema = _read_schema(args.json_schema) if args.json_schema else None
     _use_threads(args.threads)
     model, tokenizer = load(args.model, args.dtype)
+    sampling = _constrain(sampling, args, schema, model, tokenizer)
     predictor = _kv_predictor(args, model, tokenizer)
     agent = _open_agent(args, model, tokenizer) if args.agent else None
     if agent:
@@ -294,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy only: check up to K prompt-lookup drafted tokens per forward pass (0 = off); "
                         "same output, faster when the answer re-quotes the prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
+    constrain = p.add_mutually_exclusive_group()
+    constrain.add_argument("--json-schema", default=None, metavar="FILE",
+                           help="constrain the output to JSON valid against the JSON schema in FILE (llguidance)")
+    constrain.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat that keeps its KV cache between turns")

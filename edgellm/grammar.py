@@ -3,7 +3,8 @@ every token the grammar cannot take next, and is told each accepted token so it 
 output is complete.
 
 llguidance computes the mask in Rust from the tokenizer's byte-level vocabulary (tens of µs per token) and needs
-no torch of its own; the bitmask is unpacked here with plain tensor ops (its torch helper uses torch.compile).
+no torch of its own; the bitmask is unpacked here with numpy (its torch helper uses torch.compile) into a 0/-inf
+row added to the logits.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import json
 
 import llguidance
+import numpy as np
 import torch
 
 from edgellm.errors import InvalidRequestError
 from edgellm.tokenizer import Tokenizer
 
-_BITS = torch.arange(32, dtype=torch.int32)
+_ADDEND = np.array([-np.inf, 0], dtype=np.float32)  # a disallowed token's logit goes to -inf, an allowed one's stays
 _JSON_LAYOUT: dict[str, object] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -70,12 +72,14 @@ class GrammarProcessor:
     def __init__(self, grammar: Grammar) -> None:
         self.matcher = llguidance.LLMatcher(grammar.tokenizer, grammar.grammar)
         self.eos = set(grammar.tokenizer.eos_tokens)
-        self.bitmask = torch.empty((grammar.tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
+        self.vocab = grammar.tokenizer.vocab_size
+        self.bitmask = np.empty((self.vocab + 31) // 32, dtype=np.int32)
 
     def __call__(self, tokens: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
-        self.matcher.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self.bitmask.numel() * 4)
-        allowed = ((self.bitmask[:, None] >> _BITS) & 1).flatten()[:logits.shape[-1]].bool()
-        return logits.masked_fill(~allowed, float("-inf"))
+        """Adding a 0/-inf row costs a few µs where a masked_fill on the logits took ~70."""
+        self.matcher.unsafe_compute_mask_ptr(self.bitmask.ctypes.data, self.bitmask.nbytes)
+        allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[:self.vocab]
+        return logits + torch.from_numpy(np.take(_ADDEND, allowed))
 
     def accept(self, token: int) -> bool:
         """Advance on `token`; True when it ends the output (the grammar is complete and this is EOS)."""

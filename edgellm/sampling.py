@@ -1,6 +1,6 @@
 """Sampling as a chain, in the spirit of mlx-lm's `make_logits_processors` / `make_sampler` and llama.cpp's chain.
 
-Logits processors (presence/frequency penalties, repetition penalty, a grammar) rewrite the logits given the
+Logits processors (presence/frequency penalties, repetition penalty, logit bias, a grammar) rewrite the logits given the
 tokens so far; the sampler then picks: greedy, or temperature → top-k → top-p → min-p → a seeded draw. A processor
 with state (a grammar) also has `accept(token) -> bool`, told the picked token, True when that token ends the output.
 """
@@ -35,6 +35,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated tokens
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> bias in [-100, 100] added to its logit
     grammar: Grammar | None = None  # constrained decoding (response_format); each sequence gets its own matcher
 
     def validate(self) -> SamplingParams:
@@ -56,6 +57,10 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise InvalidRequestError(message)
+        for token, bias in (self.logit_bias or {}).items():
+            if token < 0 or not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise InvalidRequestError(f"logit_bias maps token ids >= 0 to biases in [-100, 100], got "
+                                          f"{token}: {bias}")
         return self
 
 
@@ -80,6 +85,22 @@ def apply_openai_penalties(logits: torch.Tensor, generated: torch.Tensor, presen
     return logits
 
 
+class LogitBias:
+    """OpenAI's `logit_bias`: fixed amounts added to some tokens' logits (+100 all but forces a token, -100 all but
+    bans it). Token ids past the logits' width are refused here: the caller may not know the vocabulary."""
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+        self.largest = max(bias)
+
+    def __call__(self, tokens: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+        if self.largest >= logits.shape[-1]:
+            raise InvalidRequestError(f"logit_bias names token {self.largest} but the vocabulary has "
+                                      f"{logits.shape[-1]} tokens")
+        return logits.index_add(-1, self.ids, self.values.to(logits.dtype))
+
+
 def make_logits_processors(params: SamplingParams, prompt_len: int) -> list[LogitsProcessor]:
     """The processors `params` asks for, in the order they apply; `prompt_len` splits prompt from generated."""
     processors: list[LogitsProcessor] = []
@@ -88,6 +109,8 @@ def make_logits_processors(params: SamplingParams, prompt_len: int) -> list[Logi
             logits, tokens[prompt_len:], params.presence_penalty, params.frequency_penalty))
     if params.repetition_penalty != 1.0:
         processors.append(lambda tokens, logits: apply_repetition_penalty(logits, tokens, params.repetition_penalty))
+    if params.logit_bias:  # after the penalties: a +100 bias forces its token however often it was repeated
+        processors.append(LogitBias(params.logit_bias))
     if params.grammar is not None:  # last: nothing after it may revive a masked token
         processors.append(params.grammar.processor())
     return processors

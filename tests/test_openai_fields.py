@@ -1,6 +1,6 @@
 """OpenAI request fields through the real server and the official `openai` client: every field the client library
 defines is supported, refused with a 400 naming it, or ignored by design, as README's table says; and the
-`grammar` extension constrains decoding to a Lark or regex grammar."""
+`grammar` extension constrains decoding to a Lark or regex grammar; `logit_bias` forces and bans tokens."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 from openai.types import completion_create_params as completion_params
 from openai.types.chat import completion_create_params as chat_params
 
+from edgellm.errors import InvalidRequestError
+from edgellm.sampling import Sampler, SamplingParams
 from edgellm.serve import protocol as p
 from tests.conftest import build_checkpoint
 from tests.test_serve import CONTEXT, Server
@@ -21,9 +24,8 @@ ROW = re.compile(r"^\| `(\w+)` \| (chat|completions|both) \| (supported|refused|
 MESSAGES = [{"role": "user", "content": "Write a code."}]
 REFUSED_CHAT = {"audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"], "functions": [
     {"name": "f", "parameters": {}}], "function_call": "auto", "prediction": {"type": "content", "content": "x"},
-    "web_search_options": {}, "moderation": {"model": "x"}, "reasoning_effort": "high", "verbosity": "low",
-    "logit_bias": {"42": 5}}
-REFUSED_COMPLETIONS = {"best_of": 2, "suffix": "end", "logit_bias": {"42": -100}}
+    "web_search_options": {}, "moderation": {"model": "x"}, "reasoning_effort": "high", "verbosity": "low"}
+REFUSED_COMPLETIONS = {"best_of": 2, "suffix": "end"}
 IGNORED_CHAT = {"store": True, "metadata": {"k": "v"}, "service_tier": "flex", "prompt_cache_key": "k",
                 "prompt_cache_retention": "24h", "prompt_cache_options": {"mode": "x"}, "safety_identifier": "abc"}
 
@@ -133,3 +135,59 @@ def test_unknown_grammar_type_is_400(server):
     with pytest.raises(openai.BadRequestError) as e:
         chat(server, extra_body={"grammar": {"type": "ebnf", "value": "x"}})
     assert e.value.body["param"].startswith("grammar")
+
+
+def token_ids_by_text(server: Server) -> dict[str, list[int]]:
+    """Every token's text as logprobs show it, and the ids that share it (byte-level BPE: rarely more than one)."""
+    tokenizer = server.app.state.engine.tokenizer
+    texts: dict[str, list[int]] = {}
+    for token in range(tokenizer.backend.get_vocab_size()):
+        texts.setdefault(tokenizer.decode([token], skip_special_tokens=False), []).append(token)
+    return texts
+
+
+def test_logit_bias_plus_100_forces_a_token(server):
+    texts = token_ids_by_text(server)
+    forced = next(text for text, ids in texts.items() if len(ids) == 1 and len(text) > 2 and "<|" not in text)
+    bias = {str(texts[forced][0]): 100}
+    for seed in range(3):
+        choice = chat(server, max_tokens=6, seed=seed, temperature=1.0, logit_bias=bias).choices[0]
+        assert choice.message.content == forced * 6
+    assert complete(server, max_tokens=5, logit_bias=bias).choices[0].text == forced * 5
+
+
+def test_logit_bias_minus_100_bans_tokens(server):
+    """Ban every token of the greedy answer: none comes back, though the rest of the vocabulary stays open."""
+    texts = token_ids_by_text(server)
+    greedy = complete(server, max_tokens=8, temperature=0, logprobs=0).choices[0].logprobs.tokens
+    banned = {str(token): -100 for text in set(greedy) for token in texts[text]}
+    biased = complete(server, max_tokens=8, temperature=0, logprobs=0, logit_bias=banned).choices[0].logprobs.tokens
+    assert len(biased) == 8 and not set(biased) & set(greedy)
+
+
+def test_logit_bias_yields_to_the_grammar(server):
+    """The grammar masks last: a +100 bias cannot force a token the JSON cannot take."""
+    texts = token_ids_by_text(server)
+    bias = {str(token): 100 for token in texts[" fox"]}
+    choice = chat(server, max_tokens=CONTEXT // 2, seed=0, temperature=1.0, logit_bias=bias,
+                  extra_body={"grammar": {"type": "regex", "value": "[0-9]{4}"}}).choices[0]
+    assert re.fullmatch("[0-9]{4}", choice.message.content)
+
+
+@pytest.mark.parametrize("bias", [{"abc": 1}, {"-1": 1}, {"384": 1}, {"١": 1}, {"5": 100.5}, {"5": -101},
+                                  {"5": "1"}, {"5": True}, ["5"]])
+def test_bad_logit_bias_is_400(server, bias):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(server, logit_bias=bias)
+    assert e.value.body["param"].startswith("logit_bias")
+
+
+def test_logit_bias_in_the_sampler():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    assert Sampler(SamplingParams(logit_bias={3: 100}))(logits) == 3
+    assert Sampler(SamplingParams(logit_bias={0: -100}))(logits) == 1
+    with pytest.raises(InvalidRequestError, match="vocabulary has 4"):
+        Sampler(SamplingParams(logit_bias={4: 1}))(logits)
+    for bad in ({0: 100.5}, {0: float("nan")}, {-1: 1}):
+        with pytest.raises(InvalidRequestError, match="logit_bias"):
+            SamplingParams(logit_bias=bad).validate()

@@ -1,5 +1,6 @@
 """Structured outputs (`response_format`) through the real server and the official `openai` client: on a random
-model, whatever it samples, the answer must parse as JSON and follow the schema."""
+model, whatever it samples, the answer must parse as JSON and follow the schema. And the same from the command
+line: `edgellm generate --json-schema FILE` / `--json-object`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import openai
 import pydantic
 import pytest
 
+from edgellm.cli import main
 from tests.conftest import build_checkpoint
+from tests.test_cli_errors import house_error
 from tests.test_serve import CONTEXT, Server
 
 MESSAGES = [{"role": "user", "content": "Give me a colour and a count as JSON."}]
@@ -104,3 +107,42 @@ def test_parse_with_pydantic(server):
     message = completions.parse(model=server.model, messages=MESSAGES, seed=1, temperature=1.0, max_tokens=CONTEXT,
                                 response_format=Pick).choices[0].message
     assert isinstance(message.parsed, Pick)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_cli_json_schema(tmp_path, capsys, seed):
+    """The built-in model, sampled: the JSON closes ("stop") and validates."""
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    assert main(["generate", "--prompt", "def f():", "--json-schema", str(tmp_path / "schema.json"), "--temp", "1",
+                 "--seed", str(seed), "--max-tokens", "48", "--json", "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(out["text"]), SCHEMA)
+
+
+def test_cli_json_object(capsys):
+    assert main(["generate", "--prompt", "x", "--json-object", "--temp", "1", "--seed", "3", "--max-tokens", "48",
+                 "--json", "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["finish_reason"] == "stop"
+    assert isinstance(json.loads(out["text"]), dict)
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ('{"type": ', "cannot read a JSON schema"),
+    ("[1, 2]", "a JSON schema is an object"),
+    ('{"type": "nonsense"}', "nonsense"),
+    (None, "No such file"),
+])
+def test_cli_bad_schema_is_one_line(tmp_path, capsys, content, needle):
+    path = tmp_path / "schema.json"
+    if content is not None:
+        path.write_text(content)
+    code = main(["generate", "--prompt", "x", "--json-schema", str(path), "--threads", "1"])
+    assert house_error(code, capsys.readouterr().err, needle) is None
+
+
+def test_cli_schema_and_object_exclude_each_other(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "x", "--json-schema", str(tmp_path / "s.json"), "--json-object"])
+    assert house_error(e.value.code, capsys.readouterr().err, "not allowed with") is None

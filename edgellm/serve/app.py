@@ -313,7 +313,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         sampling = SamplingParams(temperature=temperature, top_k=body.top_k, top_p=max(body.top_p, MIN_TOP_P),
                                   min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                                   presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                                  seed=body.seed, grammar=grammar).validate()
+                                  seed=body.seed, logit_bias=body.token_bias(int(model.args.vocab_size)),
+                                  grammar=grammar).validate()
         agent = agent_name(request, body)
         if body.kv_prediction and kv_predictor is None:
             raise p.ServeError("kv_prediction needs a server started with --kv-predictor", param="kv_prediction")

@@ -85,9 +85,7 @@ class SamplingFields(_Body):
     REFUSED lists OpenAI fields this server cannot honour, with the values that ask for nothing (unset, OpenAI's
     default): they are typed `Any` so any other value gets a 400 naming the field rather than a silent ignore."""
 
-    REFUSED: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
-        "logit_bias": ((None, {}), "token biases are not implemented"),
-    }
+    REFUSED: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {}
 
     model: Text
     max_tokens: int | None = Field(default=None, ge=1)
@@ -108,7 +106,8 @@ class SamplingFields(_Body):
     kv_prediction: bool = False  # extension: predict the prompt's KV cache (server started with --kv-predictor)
     response_format: ResponseFormat | None = None
     grammar: RawGrammar | None = None
-    logit_bias: Any = None
+    # OpenAI's: token id (a JSON key, so a string) -> bias added to that token's logit before sampling
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
 
     def check_refused(self) -> None:
         """A 400 naming the first REFUSED field set to a value that asks for something."""
@@ -116,6 +115,16 @@ class SamplingFields(_Body):
             value = getattr(self, name)
             if not any(value == h and type(value) is type(h) for h in harmless):
                 raise ServeError(f"{name} is not supported by this server ({why}); omit it", param=name)
+
+    def token_bias(self, vocab: int) -> dict[int, float] | None:
+        """`logit_bias` keyed by token id, each checked against the model's `vocab`: a 400 naming the key if not."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit() and int(key) < vocab):
+                raise ServeError(f"logit_bias key {key!r} is not a token id of this model (0 to {vocab - 1})",
+                                 param="logit_bias")
+            bias[int(key)] = value
+        return bias or None
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -180,7 +189,6 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(SamplingFields):
     REFUSED = {
-        **SamplingFields.REFUSED,
         "audio": ((None,), "text output only"),
         "modalities": ((None, ["text"]), "text output only"),
         "functions": ((None, []), "deprecated; use tools"),
@@ -211,7 +219,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    REFUSED = {**SamplingFields.REFUSED, "best_of": ((None, 1), "n=1 only"), "suffix": ((None, ""), "no insertion")}
+    REFUSED = {"best_of": ((None, 1), "n=1 only"), "suffix": ((None, ""), "no insertion")}
 
     prompt: Text | TokenIds | list[Text] | list[TokenIds]  # OpenAI's four forms; a list must hold one prompt (n=1)
     max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for /v1/completions; 0 only with echo
