@@ -1,6 +1,6 @@
 """The fused native decode step against the op-at-a-time PyTorch path (itself checked against transformers in
-test_models), teacher-forced over many positions, for every weight kind the step reads and the model variants it
-covers; and the cases it must hand back to the op-at-a-time path."""
+test_models and test_moe), teacher-forced over many positions, for every weight kind the step reads and the model
+variants it covers (dense and MoE); and the cases it must hand back to the op-at-a-time path."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from edgellm.loader import load
 from edgellm.models import fused
 from edgellm.quant import QuantizedLinear, QuantizedTensor, WeightFormat
 from edgellm.quant.linear import prepare_quantized, quantize_lm_head, quantize_model
+from tests.conftest import CONFIGS
 from tests.test_kquants import random_blocks
+from tests.test_moe import MOE_CONFIGS
 
 pytestmark = pytest.mark.skipif(fused.load_extension("step") is None, reason="native step not built")
 
@@ -110,7 +112,8 @@ def test_quantized_weights_match_op_path(checkpoint, fmt, tol):
         quantize_model(model, fmt)
     else:
         for i, layer in enumerate(model.model.layers):
-            for j, (part, name) in enumerate(fused.PROJECTIONS):
+            projections = [("self_attn", name) for name in fused.ATTENTION] + [("mlp", name) for name in fused.MLP]
+            for j, (part, name) in enumerate(projections):
                 parent = getattr(layer, part)
                 setattr(parent, name, gguf_linear(getattr(parent, name), fmt, seed=10 * i + j))
     quantize_lm_head(model)
@@ -124,8 +127,14 @@ def test_quantized_weights_match_op_path(checkpoint, fmt, tol):
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
-def test_two_threads_give_the_same_bits(checkpoint):
-    model, _ = load(checkpoint("llama", hidden_size=256, intermediate_size=512), dtype="fp32")
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", {}),
+    ("qwen2_moe", {"num_experts": 8, "moe_intermediate_size": 96, "shared_expert_intermediate_size": 160}),
+])
+def test_two_threads_give_the_same_bits(moe_checkpoint, arch, overrides):
+    """Threads split rows, each computed whole by one thread: the same bits at any thread count (for MoE, across
+    the chosen experts' concatenated gate/up rows, then their downs)."""
+    model, _ = load(moe_checkpoint(arch, hidden_size=256, intermediate_size=512, **overrides), dtype="fp32")
     quantize_model(model, "q8_0")
     prepare_quantized(model)
     ids = tokens(model)
@@ -178,3 +187,65 @@ def test_what_the_step_does_not_cover_runs_op_at_a_time(checkpoint):
              for _ in model.model.layers]
     assert fused.decode_step(model, torch.zeros(1, 1, dtype=torch.long), batch) is None
     assert np.isfinite(model(torch.zeros(2, 1, dtype=torch.long), batch).numpy()).all()
+
+
+@pytest.fixture
+def moe_checkpoint(checkpoint, monkeypatch):
+    """checkpoint(), knowing test_moe's tiny MoE families (4 experts, top-2, unless overridden)."""
+    for name, entry in MOE_CONFIGS.items():
+        monkeypatch.setitem(CONFIGS, name, entry)
+    return checkpoint
+
+
+MOE_CASES = {
+    "mixtral": ("mixtral", {"num_local_experts": 8}),  # softmax, top-2, renormalised
+    "qwen2_moe": ("qwen2_moe", {"num_experts": 8}),  # q/k/v bias, shared expert behind a sigmoid gate
+    "qwen2_moe-dense-layers": ("qwen2_moe", {"num_hidden_layers": 3, "decoder_sparse_step": 2,
+                                             "mlp_only_layers": [2]}),
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 8, "num_experts_per_tok": 3}),  # per-head q/k norms, renormalised
+    "qwen3_moe-unnormalised": ("qwen3_moe", {"norm_topk_prob": False}),
+    "olmoe": ("olmoe", {"num_experts": 8}),  # q/k norms over the whole projection, weights not renormalised
+    "olmoe-clip": ("olmoe", {"clip_qkv": 0.5}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MOE_CASES))
+def test_moe_fp32_matches_op_path(moe_checkpoint, case):
+    arch, overrides = MOE_CASES[case]
+    model, _ = load(moe_checkpoint(arch, **overrides), dtype="fp32")
+    ids = tokens(model)
+    ref = logits_per_step(model, ids, use_fused=False)
+    assert not ran_fused(model)
+    got = logits_per_step(model, ids, use_fused=True)
+    assert ran_fused(model)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe"])
+def test_moe_quantized_experts_match_op_path(moe_checkpoint, arch):
+    """Q8_0 experts: the plan made over the fp32 weights is replaced, and the logits follow the op path's. The router
+    stays fp32, but its input comes from int8 dot products: where two experts' scores nearly tie, an ulp of
+    difference may pick the other one, so a few positions may differ by more than the bound, never many."""
+    experts = {"num_local_experts" if arch == "mixtral" else "num_experts": 8}
+    sizes = {"moe_intermediate_size": 96, "shared_expert_intermediate_size": 160} if arch == "qwen2_moe" else {}
+    model, _ = load(moe_checkpoint(arch, hidden_size=256, intermediate_size=128, **experts, **sizes), dtype="fp32")
+    ids = tokens(model, seed=1)
+    logits_per_step(model, ids, use_fused=True)
+    old = model.__dict__["_fused"]
+    quantize_model(model, "q8_0")
+    quantize_lm_head(model)
+    prepare_quantized(model)
+    ref = logits_per_step(model, ids, use_fused=False)
+    got = logits_per_step(model, ids, use_fused=True)
+    assert ran_fused(model) and model.__dict__["_fused"] is not old
+    off = (got - ref).abs().amax(-1) > 5e-3 * ref.abs().max()
+    assert off.float().mean() <= 0.1
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_moe_experts_in_a_format_the_step_does_not_read_run_op_at_a_time(moe_checkpoint):
+    model, _ = load(moe_checkpoint("qwen3_moe", hidden_size=128, moe_intermediate_size=64), dtype="fp32")
+    quantize_model(model, "int4-g64", skip=["*.self_attn.*"])
+    prepare_quantized(model)
+    logits_per_step(model, tokens(model), use_fused=True)
+    assert model.__dict__["_fused"] is False

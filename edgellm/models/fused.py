@@ -1,5 +1,8 @@
 """The fused native decode step for the Llama family: one native call runs every layer of one token.
 
+Layers are dense or sparse MoE (models/moe.py's SparseMoeBlock: router, softmax top-k, the chosen experts, Qwen2-MoE's
+gated shared expert), with Qwen3's per-head or OLMoE's whole-projection q/k norms and OLMoE's q/k/v clip.
+
 The PyTorch modules stay the reference and the fallback: the step is used only where it computes the same thing
 (one sequence, one token, dense fp32/bf16/fp16 K/V caches, no mask, no K/V tap, no autograd, weights it reads as
 stored), and a model whose modules were swapped since the plan was made gets a new plan.
@@ -19,8 +22,8 @@ from edgellm.kv import DenseKVCache
 
 # Weight formats the step reads as stored (the LUT formats, intN and ternary, run op at a time)
 BLOCK_KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "mxfp4", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
-PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
-               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def enabled() -> bool:
@@ -38,54 +41,91 @@ def _weight(module: nn.Module) -> tuple[str, torch.Tensor] | None:
     return None
 
 
+class NotCovered(Exception):
+    """A projection in a format the step does not read: the model runs op at a time."""
+
+
+def _slots(module: nn.Module, name: str) -> dict[str, Any]:
+    """The dict that holds `module.name`: a lookup there costs a tenth of nn.Module.__getattr__'s."""
+    return next((d for d in (module._parameters, module._buffers, module._modules) if name in d), module.__dict__)
+
+
 class FusedStep:
-    """A native plan over one model's weights, with the tensors it was made from, to notice a swap."""
+    """A native plan over one model's weights, with the tensors it was made from, to notice a swap.
+
+    An MoE model has hundreds of them (every expert's projections), checked before every step: each is looked up in
+    the dict nn.Module keeps it in, where a swap (setattr, a new buffer, a deleted attribute) shows."""
 
     def __init__(self, plan: Any, refs: list[tuple[nn.Module, str, Any]]) -> None:
-        self.plan, self.refs = plan, refs
+        self.plan = plan
+        self.refs = [(_slots(module, name), name, value) for module, name, value in refs]
 
     def current(self) -> bool:
-        return all(getattr(module, name) is value for module, name, value in self.refs)
+        return all(slots.get(name) is value for slots, name, value in self.refs)
+
+
+class _Reader:
+    """Hands projections to the plan as (kind, weight, bias, N, K) and records what it read in `refs`."""
+
+    def __init__(self) -> None:
+        self.refs: list[tuple[nn.Module, str, Any]] = []
+
+    def proj(self, parent: nn.Module, name: str) -> tuple:
+        module = getattr(parent, name)
+        weight = _weight(module)
+        if weight is None:
+            raise NotCovered(name)
+        attr = "weight" if weight[0] in ("f32", "bf16") else "blocks"
+        self.refs += [(parent, name, module), (module, attr, getattr(module, attr))]
+        bias = getattr(module, "bias", None)
+        return weight[0], weight[1], None if bias is None else bias.detach(), module.out_features, module.in_features
+
+    def norm(self, module: nn.Module) -> torch.Tensor:
+        self.refs.append((module, "weight", module.weight))
+        return module.weight.detach()
+
+
+def _add_layer(plan: Any, layer: nn.Module, read: _Reader) -> None:
+    """One decoder layer into the plan: its attention, then its dense or sparse MoE feed-forward block."""
+    attn, mlp = layer.self_attn, layer.mlp
+    q_norm, k_norm = ((read.norm(attn.q_norm), read.norm(attn.k_norm)) if hasattr(attn, "q_norm")
+                      else (None, None))  # per head (Qwen3) or over the projection (OLMoE): the widths tell
+    plan.add_layer(read.norm(layer.input_layernorm), read.norm(layer.post_attention_layernorm), q_norm, k_norm,
+                   getattr(attn, "clip", None), [read.proj(attn, name) for name in ATTENTION])
+    if not hasattr(mlp, "experts"):
+        plan.set_mlp([read.proj(mlp, name) for name in MLP])
+        return
+    shared = hasattr(mlp, "shared_expert")
+    plan.set_moe(read.proj(mlp, "gate"), [[read.proj(e, name) for name in MLP] for e in mlp.experts], mlp.top_k,
+                 mlp.renormalize, [read.proj(mlp.shared_expert, name) for name in MLP] if shared else [],
+                 read.proj(mlp, "shared_expert_gate") if shared else None)
 
 
 def build(model: Any) -> FusedStep | None:
-    """The plan for a Llama-family `model` (llama.Model, which hands over its layer types: this module is below it),
-    or None where the step does not cover it (a layer type, a weight format)."""
+    """The plan for a Llama-family `model` (llama.Model or a subclass, which hands over the layer types the step
+    computes: this module is below it), or None where the step does not cover it (a layer type, a weight format)."""
     ext = load_extension("step")
     args = model.args
     if ext is None or model.model.embed_tokens.weight.device.type != "cpu":
         return None
+    if any((type(layer), type(layer.self_attn), type(layer.mlp)) not in model.FUSED_LAYER_TYPES
+           for layer in model.model.layers):
+        return None  # another family's layer computes something else
     plan = ext.Plan(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
                     args.rms_norm_eps, model.model.norm.weight.detach(), args.vocab_size)
-    refs: list[tuple[nn.Module, str, Any]] = []
-    for layer in model.model.layers:
-        if (type(layer), type(layer.self_attn), type(layer.mlp)) != model.FUSED_LAYER_TYPES:
-            return None  # another family's layer (MoE, OLMoE's norms) computes something else
-        projs = []
-        for part, name in PROJECTIONS:
-            parent = getattr(layer, part)
-            module = getattr(parent, name)
-            weight = _weight(module)
-            if weight is None:
-                return None
-            bias = getattr(module, "bias", None)
-            projs.append((weight[0], weight[1], None if bias is None else bias.detach(), module.out_features,
-                          module.in_features))
-            refs += [(parent, name, module), (module, "weight" if weight[0] in ("f32", "bf16") else "blocks",
-                                              getattr(module, "weight" if weight[0] in ("f32", "bf16") else "blocks"))]
-        attn = layer.self_attn
-        q_norm, k_norm = (attn.q_norm.weight.detach(), attn.k_norm.weight.detach()) if args.qk_norm else (None, None)
-        plan.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                       q_norm, k_norm, projs)
-        refs += [(layer.input_layernorm, "weight", layer.input_layernorm.weight),
-                 (layer.post_attention_layernorm, "weight", layer.post_attention_layernorm.weight)]
+    read = _Reader()
+    try:
+        for layer in model.model.layers:
+            _add_layer(plan, layer, read)
+    except NotCovered:
+        return None
     head = _weight(model.lm_head)
     if head is None or getattr(model.lm_head, "bias", None) is not None:
         return None
     plan.set_head(head[0], head[1], args.vocab_size, args.hidden_size)
-    refs += [(model, "lm_head", model.lm_head), (model.model.norm, "weight", model.model.norm.weight),
-             (model.model.embed_tokens, "weight", model.model.embed_tokens.weight)]
-    return FusedStep(plan, refs)
+    read.refs += [(model, "lm_head", model.lm_head), (model.model.norm, "weight", model.model.norm.weight),
+                  (model.model.embed_tokens, "weight", model.model.embed_tokens.weight)]
+    return FusedStep(plan, read.refs)
 
 
 def decode_step(model: Any, tokens: torch.Tensor, cache: list) -> torch.Tensor | None:

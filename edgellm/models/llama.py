@@ -216,7 +216,7 @@ class LlamaModel(nn.Module):
 class Model(nn.Module):
     """Causal LM: `forward(tokens, cache)` → logits; `make_cache()` says which cache this model uses."""
 
-    FUSED_LAYER_TYPES = (DecoderLayer, Attention, MLP)  # the layer the fused native decode step computes
+    FUSED_LAYER_TYPES = frozenset({(DecoderLayer, Attention, MLP)})  # the layers the fused decode step computes
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()

@@ -141,6 +141,7 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert.fuse()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the fused decode step (fused.py, kernels/csrc/step.cpp) computes the same: change both together
         flat = x.reshape(-1, x.shape[-1])
         weights, index = topk_softmax(self.gate(flat), self.top_k, self.renormalize)
         out = mix_experts(flat, weights, index, self.experts)
@@ -192,6 +193,10 @@ class DecoderLayer(llama.DecoderLayer):
 
 class Model(llama.Model):
     """llama's causal LM with MoE decoder layers: the forward pass, caches and RoPE are llama's unchanged."""
+
+    # what the fused native decode step computes (fused.py mirrors SparseMoeBlock.forward and OlmoeAttention)
+    FUSED_LAYER_TYPES = frozenset((DecoderLayer, attn, mlp) for attn in (Attention, OlmoeAttention)
+                                  for mlp in (MLP, SparseMoeBlock))
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__(args)

@@ -4,6 +4,8 @@
 // on a small model that overhead outweighs reading the weights. Here one OpenMP region runs the whole step: threads
 // split the rows of every projection (q/k/v together, gate/up together) and meet at a barrier between ops, while the
 // small per-token work (norms, RoPE, the K/V write, preparing the activations for the weight format) runs on one.
+// A layer's feed-forward block is dense or a sparse mixture of experts (router, softmax top-k, the chosen experts
+// and an optional sigmoid-gated shared expert, as models/moe.py computes it); only the chosen experts are read.
 // Activations stay fp32 throughout, around weights in fp32, bf16, GGUF 32-blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
 // IQ4_NL, MXFP4) or k-quant super-blocks, with the same row kernels as the op-at-a-time path.
 
@@ -15,7 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <initializer_list>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -129,7 +131,7 @@ struct Proj {
 // Thread `tid` of `nth`'s share of the rows of some projections of one input, each into its own output: a slice of
 // their concatenation, rounded to 16 rows (the bf16 kernel's blocks). With `add`, the rows are added into the output
 // (a residual) instead of stored, through `scratch`.
-void split_rows(std::initializer_list<std::pair<Proj*, float*>> outs, int tid, int nth, float* scratch,
+void split_rows(const std::vector<std::pair<Proj*, float*>>& outs, int tid, int nth, float* scratch,
                 bool add = false) {
   int64_t total = 0;
   for (const auto& [proj, y] : outs) total += proj->N;
@@ -169,10 +171,100 @@ void rope(float* x, const float* cos, const float* sin, int64_t hd) {
 }
 #pragma GCC pop_options
 
+// OLMoE's clamp of q, k (after their norms) and v; a no-op at infinity.
+void clamp(float* x, int64_t n, float c) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::min(std::max(x[i], -c), c);
+}
+
+// The RMS norm of q or k: per head when the weight spans one head (Qwen3), else over the whole projection (OLMoE).
+void qk_norm(float* x, const torch::Tensor& w, int64_t heads, int64_t hd, float eps, float* sq) {
+  if (w.numel() == hd)
+    for (int64_t hh = 0; hh < heads; ++hh) rms_norm(x + hh * hd, w.data_ptr<float>(), hd, eps, x + hh * hd, sq);
+  else
+    rms_norm(x, w.data_ptr<float>(), heads * hd, eps, x, sq);
+}
+
+std::unique_ptr<Proj> make_proj(const py::tuple& t) {
+  return std::make_unique<Proj>(t[0].cast<std::string>(), t[1].cast<torch::Tensor>(),
+                                t[2].cast<c10::optional<torch::Tensor>>(), t[3].cast<int64_t>(), t[4].cast<int64_t>());
+}
+
+// A SwiGLU feed-forward block: down(silu(gate(x)) * up(x)).
+struct Mlp {
+  std::unique_ptr<Proj> gate, up, down;
+
+  explicit Mlp(const std::vector<py::tuple>& projs) {
+    TORCH_CHECK(projs.size() == 3, "fused step: an MLP has 3 projections (gate, up, down)");
+    gate = make_proj(projs[0]), up = make_proj(projs[1]), down = make_proj(projs[2]);
+  }
+};
+
+// A sparse MoE block: softmax over the router's logits, the top k (renormalised or not), Σ weight · expert(x) over
+// them, plus the shared expert scaled by sigmoid(shared_gate(x)) where there is one.
+struct Moe {
+  std::unique_ptr<Proj> router, shared_gate;
+  std::vector<Mlp> experts;
+  std::unique_ptr<Mlp> shared;
+  int64_t top_k = 0;
+  bool renormalize = false;
+};
+
 struct Layer {
   torch::Tensor in_norm, post_norm, q_norm, k_norm;  // fp32; q/k norms undefined without them
-  std::vector<std::unique_ptr<Proj>> p;  // q, k, v, o, gate, up, down
+  float clip = std::numeric_limits<float>::infinity();
+  std::vector<std::unique_ptr<Proj>> attn;  // q, k, v, o
+  std::unique_ptr<Mlp> mlp;  // the dense block, or
+  std::unique_ptr<Moe> moe;  // the sparse one
 };
+
+// Softmax of the router's logits, then the top k by probability (the lower index first on a tie, as torch.topk),
+// renormalised to sum 1 if asked; returns them in ascending expert order, the order mix_experts adds them in.
+std::vector<std::pair<int64_t, float>> route(const float* logits, int64_t E, int64_t k, bool renormalize) {
+  std::vector<float> probs(logits, logits + E);
+  const float mx = *std::max_element(probs.begin(), probs.end());
+  float sum = 0.0f;
+  for (auto& p : probs) sum += (p = std::exp(p - mx));
+  for (auto& p : probs) p /= sum;
+  std::vector<int64_t> order(E);
+  for (int64_t e = 0; e < E; ++e) order[e] = e;
+  std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                    [&](int64_t a, int64_t b) { return probs[a] > probs[b] || (probs[a] == probs[b] && a < b); });
+  float total = 0.0f;
+  for (int64_t j = 0; j < k; ++j) total += probs[order[j]];
+  std::vector<std::pair<int64_t, float>> chosen;
+  for (int64_t j = 0; j < k; ++j) {
+    const float p = probs[order[j]];
+    chosen.emplace_back(order[j], renormalize ? p / total : p);
+  }
+  std::sort(chosen.begin(), chosen.end());
+  return chosen;
+}
+
+// One token's routing in a MoE layer: the chosen experts (and the shared one last) and their projections' outputs.
+struct Routing {
+  std::vector<std::pair<int64_t, float>> chosen;
+  std::vector<Mlp*> blocks;
+  std::vector<std::pair<Proj*, float*>> outs;
+};
+
+void swiglu(const float* gate, const float* up, int64_t F, float* act) {
+  for (int64_t i = 0; i < F; ++i) act[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+// out = Σ_j y_j · w_j in the order given, then + sigmoid(g) · shared, then h += out: mix_experts' roundings.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+void mix(float* h, const std::vector<std::pair<int64_t, float>>& chosen, const float* y, const float* shared,
+         float shared_logit, int64_t D) {
+  const float s = 1.0f / (1.0f + std::exp(-shared_logit));
+  for (int64_t d = 0; d < D; ++d) {
+    float out = 0.0f;
+    for (size_t j = 0; j < chosen.size(); ++j) out += y[j * D + d] * chosen[j].second;
+    if (shared) out += s * shared[d];
+    h[d] += out;
+  }
+}
+#pragma GCC pop_options
 
 class Plan {
  public:
@@ -181,19 +273,53 @@ class Plan {
       : D_(hidden), H_(heads), Hkv_(kv_heads), hd_(head_dim), eps_(static_cast<float>(eps)),
         final_norm_(final_norm.to(torch::kFloat).contiguous()), vocab_(vocab) {}
 
+  // A layer's norms and attention; its feed-forward block follows by set_mlp or set_moe.
   void add_layer(torch::Tensor in_norm, torch::Tensor post_norm, c10::optional<torch::Tensor> q_norm,
-                 c10::optional<torch::Tensor> k_norm, const std::vector<py::tuple>& projs) {
-    TORCH_CHECK(projs.size() == 7, "fused step: a layer has 7 projections (q, k, v, o, gate, up, down)");
+                 c10::optional<torch::Tensor> k_norm, c10::optional<double> clip,
+                 const std::vector<py::tuple>& projs) {
+    TORCH_CHECK(projs.size() == 4, "fused step: attention has 4 projections (q, k, v, o)");
+    TORCH_CHECK(layers_.empty() || layers_.back().mlp || layers_.back().moe, "fused step: a layer without an MLP");
     Layer l;
     l.in_norm = in_norm.to(torch::kFloat).contiguous();
     l.post_norm = post_norm.to(torch::kFloat).contiguous();
-    if (q_norm) l.q_norm = q_norm->to(torch::kFloat).contiguous(), l.k_norm = k_norm->to(torch::kFloat).contiguous();
-    for (const auto& t : projs)
-      l.p.push_back(std::make_unique<Proj>(t[0].cast<std::string>(), t[1].cast<torch::Tensor>(),
-                                           t[2].cast<c10::optional<torch::Tensor>>(), t[3].cast<int64_t>(),
-                                           t[4].cast<int64_t>()));
-    ffn_ = std::max(ffn_, l.p[4]->N);
+    if (q_norm) {
+      l.q_norm = q_norm->to(torch::kFloat).contiguous(), l.k_norm = k_norm->to(torch::kFloat).contiguous();
+      TORCH_CHECK((l.q_norm.numel() == hd_ || l.q_norm.numel() == H_ * hd_) &&
+                      (l.k_norm.numel() == hd_ || l.k_norm.numel() == Hkv_ * hd_),
+                  "fused step: q/k norms span one head or the whole projection");
+    }
+    if (clip) l.clip = static_cast<float>(*clip);
+    for (const auto& t : projs) l.attn.push_back(make_proj(t));
     layers_.push_back(std::move(l));
+  }
+
+  void set_mlp(const std::vector<py::tuple>& projs) {
+    auto& l = open_layer();
+    l.mlp = std::make_unique<Mlp>(projs);
+    ffn_ = std::max(ffn_, l.mlp->gate->N);
+  }
+
+  void set_moe(const py::tuple& router, const std::vector<std::vector<py::tuple>>& experts, int64_t top_k,
+               bool renormalize, const std::vector<py::tuple>& shared, c10::optional<py::tuple> shared_gate) {
+    auto& layer = open_layer();
+    auto moe = std::make_unique<Moe>();
+    moe->router = make_proj(router);
+    TORCH_CHECK(moe->router->N == static_cast<int64_t>(experts.size()) && top_k >= 1 &&
+                    top_k <= moe->router->N && shared.empty() == !shared_gate,
+                "fused step: one router row per expert, 1 <= top_k <= experts, a shared expert with its gate");
+    for (const auto& e : experts) {
+      moe->experts.emplace_back(e);
+      ffn_ = std::max(ffn_, moe->experts.back().gate->N);
+    }
+    if (shared_gate) {
+      moe->shared = std::make_unique<Mlp>(shared);
+      moe->shared_gate = make_proj(*shared_gate);
+      ffn_ = std::max(ffn_, moe->shared->gate->N);
+    }
+    moe->top_k = top_k, moe->renormalize = renormalize;
+    slots_ = std::max(slots_, top_k + (shared_gate ? 1 : 0));
+    experts_ = std::max(experts_, moe->router->N);
+    layer.moe = std::move(moe);
   }
 
   void set_head(const std::string& kind, torch::Tensor w, int64_t n, int64_t k) {
@@ -205,8 +331,9 @@ class Plan {
   torch::Tensor forward(torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin,
                         const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
                         int64_t pos) {
-    TORCH_CHECK(head_ && keys.size() == layers_.size() && values.size() == layers_.size(),
-                "fused step: one K and one V tensor per layer, and a head");
+    TORCH_CHECK(head_ && keys.size() == layers_.size() && values.size() == layers_.size() &&
+                    (layers_.back().mlp || layers_.back().moe),
+                "fused step: one K and one V tensor per layer, an MLP per layer, and a head");
     TORCH_CHECK(h.scalar_type() == torch::kFloat && h.is_contiguous() && h.numel() == D_, "fused step: h");
     const auto kv_type = keys[0].scalar_type();
     for (size_t i = 0; i < keys.size(); ++i)
@@ -228,12 +355,21 @@ class Plan {
   }
 
  private:
+  Layer& open_layer() {
+    TORCH_CHECK(!layers_.empty() && !layers_.back().mlp && !layers_.back().moe,
+                "fused step: a feed-forward block follows add_layer, one per layer");
+    return layers_.back();
+  }
+
   template <typename KV>
   void run(torch::Tensor& h_t, const torch::Tensor& cos_t, const torch::Tensor& sin_t,
            const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values, int64_t pos,
            torch::Tensor& logits_t) {
     const int64_t qd = H_ * hd_, kvd = Hkv_ * hd_, group = H_ / Hkv_, T = pos + 1;
-    std::vector<float> xn(std::max(D_, qd)), q(qd), k(kvd), v(kvd), att(qd), gate(ffn_), up(ffn_), act(ffn_);
+    const int64_t slots = std::max<int64_t>(1, slots_);  // feed-forward blocks run at once: the chosen experts
+    std::vector<float> xn(std::max(D_, qd)), q(qd), k(kvd), v(kvd), att(qd), gate(slots * ffn_), up(slots * ffn_),
+        act(slots * ffn_), ys(slots * D_), router(experts_ + 1);
+    Routing routing;  // set by one thread, read by all
     float* h = h_t.data_ptr<float>();
     const float* cos = cos_t.data_ptr<float>();
     const float* sin = sin_t.data_ptr<float>();
@@ -242,7 +378,7 @@ class Plan {
 #pragma omp parallel num_threads(nth)
     {
       const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-      std::vector<float> scratch(D_), sq(std::max(D_, hd_));  // a projection's rows before they are added into h
+      std::vector<float> scratch(D_), sq(std::max(D_, qd));  // a projection's rows before they are added into h
       simd::AttentionScratch att_scratch(group, T, hd_);
       std::vector<const float*> qf(group);
       for (size_t li = 0; li < layers_.size(); ++li) {
@@ -253,21 +389,23 @@ class Plan {
 #pragma omp single
         {
           rms_norm(h, L.in_norm.data_ptr<float>(), D_, eps_, xn.data(), sq.data());
-          for (int i = 0; i < 3; ++i) L.p[i]->prepare(xn.data());
+          for (int i = 0; i < 3; ++i) L.attn[i]->prepare(xn.data());
         }
-        split_rows({{L.p[0].get(), q.data()}, {L.p[1].get(), k.data()}, {L.p[2].get(), v.data()}}, tid, n,
+        split_rows({{L.attn[0].get(), q.data()}, {L.attn[1].get(), k.data()}, {L.attn[2].get(), v.data()}}, tid, n,
                    scratch.data());
 #pragma omp barrier
 #pragma omp single
         {
-          for (int64_t hh = 0; hh < H_; ++hh) {
-            float* qh = q.data() + hh * hd_;
-            if (L.q_norm.defined()) rms_norm(qh, L.q_norm.data_ptr<float>(), hd_, eps_, qh, sq.data());
-            rope(qh, cos, sin, hd_);
+          if (L.q_norm.defined()) {
+            qk_norm(q.data(), L.q_norm, H_, hd_, eps_, sq.data());
+            qk_norm(k.data(), L.k_norm, Hkv_, hd_, eps_, sq.data());
           }
+          if (std::isfinite(L.clip)) {
+            clamp(q.data(), qd, L.clip), clamp(k.data(), kvd, L.clip), clamp(v.data(), kvd, L.clip);
+          }
+          for (int64_t hh = 0; hh < H_; ++hh) rope(q.data() + hh * hd_, cos, sin, hd_);
           for (int64_t g = 0; g < Hkv_; ++g) {
             float* kh = k.data() + g * hd_;
-            if (L.k_norm.defined()) rms_norm(kh, L.k_norm.data_ptr<float>(), hd_, eps_, kh, sq.data());
             rope(kh, cos, sin, hd_);
             simd::narrow(kh, kc + (g * cap + pos) * hd_, hd_);
             simd::narrow(v.data() + g * hd_, vc + (g * cap + pos) * hd_, hd_);
@@ -280,25 +418,68 @@ class Plan {
         }
 #pragma omp barrier
 #pragma omp single
-        L.p[3]->prepare(att.data());
-        split_rows({{L.p[3].get(), h}}, tid, n, scratch.data(), true);
+        L.attn[3]->prepare(att.data());
+        split_rows({{L.attn[3].get(), h}}, tid, n, scratch.data(), true);
 #pragma omp barrier
 #pragma omp single
         {
           rms_norm(h, L.post_norm.data_ptr<float>(), D_, eps_, xn.data(), sq.data());
-          L.p[4]->prepare(xn.data());
-          L.p[5]->prepare(xn.data());
+          if (L.mlp) {
+            L.mlp->gate->prepare(xn.data()), L.mlp->up->prepare(xn.data());
+          } else {
+            L.moe->router->prepare(xn.data());
+            if (L.moe->shared_gate) L.moe->shared_gate->prepare(xn.data());
+          }
         }
-        split_rows({{L.p[4].get(), gate.data()}, {L.p[5].get(), up.data()}}, tid, n, scratch.data());
+        if (L.mlp) {
+          split_rows({{L.mlp->gate.get(), gate.data()}, {L.mlp->up.get(), up.data()}}, tid, n, scratch.data());
 #pragma omp barrier
 #pragma omp single
-        {
-          const int64_t F = L.p[4]->N;
-          for (int64_t i = 0; i < F; ++i) act[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-          L.p[6]->prepare(act.data());
-        }
-        split_rows({{L.p[6].get(), h}}, tid, n, scratch.data(), true);
+          {
+            swiglu(gate.data(), up.data(), L.mlp->gate->N, act.data());
+            L.mlp->down->prepare(act.data());
+          }
+          split_rows({{L.mlp->down.get(), h}}, tid, n, scratch.data(), true);
 #pragma omp barrier
+        } else {
+          Moe& M = *L.moe;
+          const int64_t E = M.router->N;
+          std::vector<std::pair<Proj*, float*>> logits{{M.router.get(), router.data()}};
+          if (M.shared_gate) logits.emplace_back(M.shared_gate.get(), router.data() + E);
+          split_rows(logits, tid, n, scratch.data());
+#pragma omp barrier
+#pragma omp single
+          {
+            routing.chosen = route(router.data(), E, M.top_k, M.renormalize);
+            routing.blocks.clear();
+            for (const auto& [e, w] : routing.chosen) routing.blocks.push_back(&M.experts[e]);
+            if (M.shared) routing.blocks.push_back(M.shared.get());
+            routing.outs.clear();
+            for (size_t j = 0; j < routing.blocks.size(); ++j) {  // gate/up of every block as one concatenation
+              Mlp* b = routing.blocks[j];
+              b->gate->prepare(xn.data()), b->up->prepare(xn.data());
+              routing.outs.emplace_back(b->gate.get(), gate.data() + j * ffn_);
+              routing.outs.emplace_back(b->up.get(), up.data() + j * ffn_);
+            }
+          }
+          split_rows(routing.outs, tid, n, scratch.data());
+#pragma omp barrier
+#pragma omp single
+          {
+            routing.outs.clear();
+            for (size_t j = 0; j < routing.blocks.size(); ++j) {  // then every down
+              Mlp* b = routing.blocks[j];
+              swiglu(gate.data() + j * ffn_, up.data() + j * ffn_, b->gate->N, act.data() + j * ffn_);
+              b->down->prepare(act.data() + j * ffn_);
+              routing.outs.emplace_back(b->down.get(), ys.data() + j * D_);
+            }
+          }
+          split_rows(routing.outs, tid, n, scratch.data());
+#pragma omp barrier
+#pragma omp single
+          mix(h, routing.chosen, ys.data(), M.shared ? ys.data() + routing.chosen.size() * D_ : nullptr, router[E],
+              D_);
+        }
       }
 #pragma omp single
       {
@@ -312,7 +493,7 @@ class Plan {
   int64_t D_, H_, Hkv_, hd_;
   float eps_;
   torch::Tensor final_norm_;
-  int64_t vocab_, ffn_ = 0;
+  int64_t vocab_, ffn_ = 0, slots_ = 0, experts_ = 0;  // the widest feed-forward block, most blocks at once, router
   std::vector<Layer> layers_;
   std::unique_ptr<Proj> head_;
   std::mutex mutex_;
@@ -323,7 +504,10 @@ class Plan {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Plan>(m, "Plan")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, double, torch::Tensor, int64_t>())
-      .def("add_layer", &Plan::add_layer, "norm weights and (kind, weight, bias, N, K) for q, k, v, o, gate, up, down")
+      .def("add_layer", &Plan::add_layer, "norm weights, q/k/v clip and (kind, weight, bias, N, K) for q, k, v, o")
+      .def("set_mlp", &Plan::set_mlp, "the last layer's dense block: gate, up, down")
+      .def("set_moe", &Plan::set_moe,
+           "the last layer's MoE block: router, experts' (gate, up, down), top_k, renormalize, shared expert, its gate")
       .def("set_head", &Plan::set_head, "the output projection (kind, weight, N, K)")
       .def("forward", &Plan::forward, "one token through every layer and the head; K/V written at pos");
 }
