@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kvpred_arguments(p)
     p.set_defaults(func=cmd_kvpred)
 
-    p = sub.add_parser("bench", help="benchmarks: speed, kv, serve, quant, kernels, kvpred")
+    p = sub.add_parser("bench", help="benchmarks: speed, kv, serve, quant, kernels, kvpred, structured")
     from edgellm.bench import add_bench_arguments
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)

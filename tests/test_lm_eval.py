@@ -3,7 +3,7 @@
 the built-in model. Every loglikelihood lm-eval reports must equal the one computed here from a plain forward
 pass over the same tokens, and every generation the greedy answer of `generate`.
 
-lm-eval is not a dependency of edgellm (it pulls datasets, pandas, scikit-learn, …): without it the test skips.
+lm-eval is a test dependency only (it pulls datasets, pandas, scikit-learn, …): without it the test skips.
 """
 
 from __future__ import annotations
