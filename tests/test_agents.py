@@ -317,7 +317,7 @@ def test_reinterpreted_tensor_dtype_is_refused(engine, tmp_path):
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
-    assert_refused(engine, tmp_path, "q4", "checksum mismatch|do not fit")
+    assert_refused(engine, tmp_path, "q4", "checksum mismatch|do not fit|no KV cache holds")
     codes = torch.arange(64, dtype=torch.uint8)
     assert len({tensor_crc32(codes), tensor_crc32(codes.view(torch.int8)), tensor_crc32(codes.view(8, 8))}) == 3
 

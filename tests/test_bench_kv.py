@@ -41,8 +41,8 @@ def report(tmp_path_factory) -> dict:
 
 
 def test_report_has_every_section_and_the_context(report):
-    assert {"settings", "models", "hardware", "ttft", "capacity", "quality", "memory", "batch", "targets", "checks",
-            "versions", "notes"} <= set(report)
+    assert {"settings", "models", "hardware", "ttft", "decode", "capacity", "quality", "memory", "batch", "targets",
+            "checks", "versions", "notes"} <= set(report)
     assert report["settings"]["formats"] == ["fp32", "fp16", "q4", "q2-kivi-h"]
     assert report["models"]["main"]["window"] == 256 and report["models"]["twin"]["window"] == 301
     assert report["models"]["twin"]["random_weights"] and not report["models"]["main"]["random_weights"]
@@ -63,6 +63,19 @@ def test_ttft_rows_say_which_model_ran_them(report):
         assert r["cold_over_disk"] == pytest.approx(r["cold_ttft_s"] / r["disk_ttft_s"])
         assert len(r["reps_s"]["cold"]) == 2 and len(r["reps_s"]["disk"]) == 2
         assert {"restore_s", "raw_read_s", "ram_ttft_s"} <= set(r)  # reported; their values are the benchmark's
+
+
+def test_decode_rows_time_every_format_against_the_first(report):
+    rows = report["decode"]
+    assert [(r["context"], r["format"]) for r in rows] == [(c, f) for c in (32, 64, 300)
+                                                           for f in ("fp32", "fp16", "q4", "q2-kivi-h")]
+    for r in rows:
+        assert r["model"] == ("random llama" if r["context"] == 300 else "llama")
+        assert r["baseline"] == "fp32" and len(r["reps_s"]["attention"]) == len(r["reps_s"]["step"]) == 2
+        assert r["attention_vs_baseline"] == pytest.approx(
+            r["attention_s"] / next(b["attention_s"] for b in rows if b["context"] == r["context"]
+                                    and b["format"] == "fp32"))
+        assert r["layers"] == 2 and r["cache_bytes"] > 0
 
 
 def test_capacity_is_the_format_arithmetic(report):

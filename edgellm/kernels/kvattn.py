@@ -1,4 +1,5 @@
-"""Attention of a few queries straight over a packed low-bit KV cache (codes plus fp16 scales/zeros), natively.
+"""Attention of a few queries straight over a packed low-bit KV cache (codes plus fp16 scales/zeros), natively,
+and the quantize-on-store and Hadamard rotation that fill such a cache.
 
 A decode step over a quantized cache otherwise dequantizes it block by block to fp32 in PyTorch
 (`edgellm.kv.quantized_cache.blockwise_attention`, the reference). `packed_attention` returns None whenever the
@@ -8,6 +9,7 @@ PyTorch path: this module only knows the packed layout, not the caches.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -39,6 +41,41 @@ def _ext() -> Any:
     return load_extension("kvattn")
 
 
+@cache
+def _codec() -> Any:
+    return load_extension("kvcodec")
+
+
+def _native_input(x: torch.Tensor) -> bool:
+    return x.is_cpu and not (torch.is_grad_enabled() and x.requires_grad) and _codec() is not None
+
+
+def quantize_packed(x: torch.Tensor, bits: int, group: int, channel_groups: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(codes, fp16 scales, fp16 zeros) of `x` quantized in groups along its last dim, or along its second-to-last
+    with `channel_groups`, bit-exact with `edgellm.kv.codec.quantize_reference`; None where the op does not apply."""
+    if not _native_input(x) or x.dim() < 2:
+        return None
+    return tuple(_codec().quantize_packed(x.float().contiguous(), bits, group, channel_groups))
+
+
+def quantize_into(x: torch.Tensor, bits: int, group: int, data: torch.Tensor, scales: torch.Tensor,
+                  zeros: torch.Tensor) -> bool:
+    """Quantize `x` (B, H, n, D) in groups along head_dim straight into a cache's (B, H, n, width) views, as
+    `quantize_packed` would; False (nothing written) where the op does not apply."""
+    if not _native_input(x) or x.dim() != 4:
+        return False
+    _codec().quantize_into(x.float().contiguous(), data, scales, zeros, bits, group)
+    return True
+
+
+def hadamard_rows(x: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """fp32 Walsh-Hadamard butterfly of every last-dim row of `x`, times `scale`; None where the op does not apply."""
+    if not _native_input(x):
+        return None
+    return _codec().hadamard_rows(x.float().contiguous(), scale)
+
+
 def kvattn_available() -> bool:
     """True when the native op built and loaded (the first call builds or loads it: ~seconds)."""
     return _ext() is not None
@@ -62,3 +99,11 @@ def packed_attention(q: torch.Tensor, keys: PackedKV, values: PackedKV, bits: in
                                       values.scales, values.zeros, table, page_tokens, tokens, bits, keys.group,
                                       values.group, keys.per_channel, recent_keys.float().contiguous(),
                                       recent_values.float().contiguous(), scale))
+
+
+def crc32(t: torch.Tensor, init: int = 0) -> int:
+    """zlib.crc32 of a contiguous CPU tensor's bytes continuing from `init`: natively by carry-less multiplication
+    (10+ GB/s, the GIL released), else by zlib."""
+    if _codec() is None:
+        return zlib.crc32(t.view(torch.uint8).reshape(-1).numpy(), init)
+    return _codec().crc32(t, init) & 0xFFFFFFFF

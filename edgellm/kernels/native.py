@@ -35,7 +35,7 @@ CSRC = Path(__file__).parent / "csrc"
 CFLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 _BUILD_LOCK = threading.Lock()
 BUILD_SECONDS = {"gemv": 30, "decode": 30, "ggml_blocks": 45, "kquants": 45, "lut": 40, "softmax": 25,
-                 "kvattn": 40, "step": 90}  # 2 cores
+                 "kvattn": 40, "kvcodec": 30, "step": 90}  # 2 cores
 
 
 def _single_thread_after_fork() -> None:

@@ -2,14 +2,17 @@
 
 Scales and zeros are fp16. The zero is the group minimum rounded *down* to fp16 and the scale is rounded *up*,
 so every element lies on the stored grid's range and round-to-nearest is off by at most scale/2.
+`quantize` and `hadamard` run natively where the kernel builds (edgellm/kernels/csrc/kvcodec.cpp), bit-exact with
+the PyTorch references `quantize_reference` and `hadamard_reference`, which stay the fallback.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
+
+from edgellm.kernels.kvattn import hadamard_rows, quantize_packed
 
 BITS = (8, 4, 2)
 
@@ -67,6 +70,17 @@ def unpack(data: torch.Tensor, bits: int) -> torch.Tensor:
 def quantize(x: torch.Tensor, bits: int = 4, group: int = 64, dim: int = -1) -> QuantizedTensor:
     """Round-to-nearest affine quantization of `x` in groups of `group` consecutive elements along `dim`."""
     dim = dim % x.dim()
+    if dim >= x.dim() - 2:  # the layouts caches store: groups along head_dim, or along tokens per channel
+        _check(bits, group, x.shape[dim])
+        found = quantize_packed(x, bits, group, channel_groups=dim == x.dim() - 2)
+        if found is not None:
+            return QuantizedTensor(*found, bits, group, tuple(x.shape), dim)
+    return quantize_reference(x, bits, group, dim)
+
+
+def quantize_reference(x: torch.Tensor, bits: int = 4, group: int = 64, dim: int = -1) -> QuantizedTensor:
+    """`quantize` in PyTorch: the reference the native kernel matches bit for bit, and its fallback."""
+    dim = dim % x.dim()
     last = x.movedim(dim, -1).float()
     _check(bits, group, last.shape[-1])
     levels = 2**bits - 1
@@ -87,21 +101,28 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     return x.flatten(-2).movedim(-1, q.dim).to(dtype)
 
 
-@functools.cache
-def hadamard_matrix(n: int, device: str = "cpu") -> torch.Tensor:
-    """Normalised Walsh–Hadamard matrix (n a power of 2): symmetric and orthogonal, so it is its own inverse."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"a Hadamard rotation needs a power-of-2 size, got {n}")
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / n**0.5).to(device)
-
-
 def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """Rotate the last dim of `x` by the normalised Hadamard matrix; applying it twice gives `x` back.
+    """Rotate the last dim of `x` by the normalised Hadamard matrix (in fp32); applying it twice gives `x` back.
 
     Rotating keys spreads outlier channels over all channels before quantizing; since the rotation is orthogonal,
     attention rotates the queries the same way instead of un-rotating keys (q·k = qH·kH).
     """
-    return x @ hadamard_matrix(x.shape[-1], str(x.device)).to(x.dtype)
+    n = x.shape[-1]
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-2 size, got {n}")
+    found = hadamard_rows(x, n**-0.5)
+    return hadamard_reference(x) if found is None else found.to(x.dtype)
+
+
+def hadamard_reference(x: torch.Tensor) -> torch.Tensor:
+    """`hadamard` in PyTorch as the fast Walsh-Hadamard butterfly (log2 n stages of a+b, a-b in fp32, then one
+    scaling), so the native kernel, doing the same operations, matches it bit for bit."""
+    n = x.shape[-1]
+    y = x.float()
+    half = 1
+    while half < n:
+        pairs = y.unflatten(-1, (-1, 2, half))
+        a, b = pairs.select(-2, 0), pairs.select(-2, 1)
+        y = torch.stack([a + b, a - b], -2).flatten(-3)
+        half *= 2
+    return (y * n**-0.5).to(x.dtype)

@@ -4,18 +4,23 @@ A restore is all-or-nothing: a SHA-256 over every metadata entry (token ids, mes
 format version, model and tokenizer fingerprints, KV format, a CRC32 per tensor over its dtype, shape and bytes, and
 the token count are checked, and the tensors are loaded into fresh cache objects; on any mismatch `RestoreError`
 says why, so a stale, damaged or edited file costs a prefill but never gives a wrong answer.
+
+A restore reads the file into one buffer (no memory map: a page fault per 4 KiB page cost more than the read),
+checksumming each tensor on a second thread as soon as its bytes are in, and checks the safetensors layout
+itself: every tensor's offsets, dtype and shape, and that the tensors tile the data exactly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,9 +30,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from edgellm.errors import EdgeLLMError
+from edgellm.kernels.kvattn import crc32
 from edgellm.kv.formats import KVFormat, dense_format
 from edgellm.kv.prompt_cache import PromptCache
 
+SAFETENSORS_DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+HEADER_LIMIT = 100 * 2**20  # safetensors' own bound on the JSON header
+READ_CHUNK = 4 * 2**20  # bytes read at a time; each tensor's checksum starts once its bytes are in
 FORMAT_VERSION = 2  # 2: metadata checksummed, tensor CRCs cover dtype and shape
 HEADER_CHECKSUM = "header_sha256"
 TMP_SUFFIX = ".tmp"
@@ -42,7 +51,7 @@ class RestoreError(EdgeLLMError):
 def tensor_crc32(t: torch.Tensor) -> str:
     """CRC32 of a tensor's dtype, shape and bytes: a header edit that reinterprets intact bytes is caught too."""
     layout = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode())
-    return f"{zlib.crc32(t.contiguous().view(torch.uint8).reshape(-1).numpy(), layout):08x}"
+    return f"{crc32(t.contiguous(), layout):08x}"
 
 
 def header_checksum(meta: dict[str, str]) -> str:
@@ -162,21 +171,76 @@ def verified_metadata(label: str, meta: dict[str, str]) -> dict[str, str]:
     return meta
 
 
+def read_safetensors(path: Path, pool: ThreadPoolExecutor) -> tuple[dict[str, str], dict[str, torch.Tensor],
+                                                                    dict[str, Future[str]]]:
+    """(metadata, tensors, their `tensor_crc32`s as futures) of a safetensors file; tensors are views of one buffer.
+
+    The data is read READ_CHUNK at a time and each tensor's checksum starts on `pool` as soon as its bytes are in,
+    so checksums run while the rest is still read (the read and the checksum op both release the GIL). Raises
+    ValueError when the layout is not one safetensors writes: a header past the file, not JSON, a dtype a cache
+    never holds, a shape that does not match its byte span, or spans that do not tile the data exactly.
+    """
+    with open(path, "rb", buffering=0) as f:  # one open file: a concurrent atomic replace cannot swap it mid-read
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < n <= min(size - 8, HEADER_LIMIT):
+            raise ValueError(f"header length {n} does not fit a {size}-byte file")
+        raw = f.read(n)
+        header = json.loads(raw.decode("utf-8")) if len(raw) == n else None
+        meta = header.pop("__metadata__", {}) if isinstance(header, dict) else None
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise ValueError("the header is not a safetensors header")
+        data = torch.empty(size - 8 - n, dtype=torch.uint8)
+        tensors, spans = {}, []
+        for name, info in header.items():
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name} has dtype {info['dtype']}, which no KV cache holds")
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            if not all(type(d) is int and d >= 0 for d in shape) or not (type(begin) is type(end) is int) or \
+                    end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= data.numel():
+                raise ValueError(f"tensor {name}: shape {shape} and bytes [{begin}, {end}) disagree")
+            spans.append((begin, end, name))
+            tensors[name] = data[begin:end].view(dtype).view(shape)
+        spans.sort()
+        if [b for b, _, _ in spans] != [0, *(e for _, e, _ in spans)][:len(spans)] or \
+                (spans[-1][1] if spans else 0) != data.numel():
+            raise ValueError("the tensors do not tile the file's data exactly")
+        view, done, crcs = memoryview(data.numpy()), 0, {}
+        pending = iter(spans)
+        span = next(pending, None)
+        while done < data.numel():
+            got = f.readinto(view[done:done + READ_CHUNK])
+            if not got:
+                raise ValueError("the file shrank while it was read")
+            done += got
+            while span is not None and span[1] <= done:
+                crcs[span[2]] = pool.submit(tensor_crc32, tensors[span[2]])
+                span = next(pending, None)
+        for _, _, name in spans:  # a file of empty tensors only: nothing was read
+            if name not in crcs:
+                crcs[name] = pool.submit(tensor_crc32, tensors[name])
+    return meta, tensors, crcs
+
+
 def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
                    kv_format: KVFormat) -> tuple[PromptCache, dict]:
     """Validate the saved memory, then build a fresh cache from it; returns (cache, metadata)."""
     if not path.exists():
         raise RestoreError(f"no saved memory at {path}")
     try:
-        with pinned(path) as name, safe_open(name, framework="pt") as f:
-            return _restore(path.name, f, model, tokenizer_fingerprint, kv_format)
-    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
+        # Checksums run on a second thread while the file is read and the tensors are copied into the fresh
+        # cache, which stays private until every checksum has passed.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            meta, tensors, crcs = read_safetensors(path, pool)
+            return _restore(path.name, meta, tensors, crcs, model, tokenizer_fingerprint, kv_format)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
         raise RestoreError(f"{path.name}: memory file is damaged or inconsistent ({e})") from e
 
 
-def _restore(label: str, f, model: nn.Module, tokenizer_fingerprint: str,
-             kv_format: KVFormat) -> tuple[PromptCache, dict]:
-    meta = verified_metadata(label, f.metadata() or {})
+def _restore(label: str, meta: dict[str, str], tensors: dict[str, torch.Tensor], crcs: dict[str, Future[str]],
+             model: nn.Module, tokenizer_fingerprint: str, kv_format: KVFormat) -> tuple[PromptCache, dict]:
+    meta = verified_metadata(label, meta)
     if meta.get("model_fingerprint") != model.fingerprint:
         raise RestoreError(f"{label}: memory was saved for a different model")
     if meta.get("tokenizer_fingerprint") != tokenizer_fingerprint:
@@ -196,28 +260,23 @@ def _restore(label: str, f, model: nn.Module, tokenizer_fingerprint: str,
         raise RestoreError(f"{label}: memory is in KV format {saved_format}, this store uses {kv_format}")
     if layers != model.args.num_hidden_layers or len(tokens) != num_tokens:
         raise RestoreError(f"{label}: memory shape does not match the model")
-    if set(f.keys()) != set(checksums):
+    if set(tensors) != set(checksums):
         raise RestoreError(f"{label}: the file's tensors do not match its checksum list")
     states: list[dict[str, torch.Tensor]] = [{} for _ in range(layers)]
-    tensors = {key: f.get_tensor(key) for key in f.keys()}
     for key, t in tensors.items():
         _, i, field = key.split(".", 2)
         if not i.isdigit() or int(i) >= layers:
             raise RestoreError(f"{label}: tensor {key} names no layer of this model")
         states[int(i)][field] = t
     cache = PromptCache(model, capacity=num_tokens + 256, kv_format=kv_format)
-    # zlib releases the GIL: checksums run on a second core while the tensors are copied into the fresh cache,
-    # which stays private until every checksum has passed.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        crcs = {key: pool.submit(tensor_crc32, t) for key, t in tensors.items()}
-        try:
-            for layer, state in zip(cache.layers, states, strict=True):
-                layer.load_state(state)
-        except EdgeLLMError as e:
-            raise RestoreError(f"{label}: memory tensors do not fit this KV format ({e})") from e
-        for key, crc in crcs.items():
-            if crc.result() != checksums[key]:
-                raise RestoreError(f"{label}: checksum mismatch in {key}; the file is damaged")
+    try:
+        for layer, state in zip(cache.layers, states, strict=True):
+            layer.load_state(state)
+    except EdgeLLMError as e:
+        raise RestoreError(f"{label}: memory tensors do not fit this KV format ({e})") from e
+    for key, crc in crcs.items():
+        if crc.result() != checksums[key]:
+            raise RestoreError(f"{label}: checksum mismatch in {key}; the file is damaged")
     if any(layer.offset != num_tokens for layer in cache.layers):
         raise RestoreError(f"{label}: memory holds a different number of tokens than it claims")
     cache.tokens = list(tokens)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from edgellm.errors import InvalidRequestError
-from edgellm.kernels.kvattn import PackedKV, packed_attention
+from edgellm.kernels.kvattn import PackedKV, packed_attention, quantize_into
 from edgellm.kv.cache import SingleOffset
 from edgellm.kv.codec import BITS, QuantizedTensor, dequantize, hadamard, quantize
 
@@ -188,8 +188,11 @@ class _PackedBuffer:
         end = start + x.shape[2]
         if end > self.capacity:
             self._grow(end, start)
-        q = quantize(x, self.bits, self.group, dim=2 if self.per_channel else -1)
         (d0, s0), (d1, s1) = self._rows(start), self._rows(end)
+        if not self.per_channel and quantize_into(x, self.bits, self.group, self.data[:, :, d0:d1],
+                                                  self.scales[:, :, s0:s1], self.zeros[:, :, s0:s1]):
+            return
+        q = quantize(x, self.bits, self.group, dim=2 if self.per_channel else -1)
         self.data[:, :, d0:d1] = q.data
         self.scales[:, :, s0:s1] = q.scales
         self.zeros[:, :, s0:s1] = q.zeros
@@ -268,6 +271,8 @@ class QuantizedKVCache(SingleOffset):
         self.recent_values = torch.zeros(recent, dtype=dtype, device=device)
         self.offset = 0
         self.quantized = 0
+        self._table: torch.Tensor | None = None  # the native kernel's page table, kept between decode steps
+        self._none = torch.zeros(batch, kv_heads, 0, head_dim, device=device)  # an empty window, in fp32
 
     @property
     def nbytes(self) -> int:
@@ -282,7 +287,11 @@ class QuantizedKVCache(SingleOffset):
         values = values.to(self.dtype)
         held = self.offset - self.quantized
         n = keys.shape[2]
-        if held + n <= self.recent_keys.shape[2]:  # decode fast path: write in place, nothing to close yet
+        if not self.recent_keys.shape[2]:  # no full-precision window: every token is quantized as it comes
+            self.keys.write(self.quantized, keys)
+            self.values.write(self.quantized, values)
+            self.quantized += n
+        elif held + n <= self.recent_keys.shape[2]:  # decode fast path: write in place, nothing to close yet
             self.recent_keys[:, :, held:held + n] = keys
             self.recent_values[:, :, held:held + n] = values
         else:
@@ -313,9 +322,11 @@ class QuantizedKVCache(SingleOffset):
         b, n_heads, t, d = q.shape
         qf = q.float().reshape(b, self.kv_heads, n_heads // self.kv_heads * t, d)
         held = self.offset - self.quantized
+        if self._table is None or self._table.shape[0] != b:
+            self._table = torch.arange(b, device=q.device).unsqueeze(1)  # batch row b's tokens all in "page" b
+        recent = (self.recent_keys[:, :, :held], self.recent_values[:, :, :held]) if held else (self._none, self._none)
         found = packed_attention(hadamard(qf) if self.hadamard else qf, self.keys.packed(), self.values.packed(),
-                                 self.bits, torch.arange(b, device=q.device).unsqueeze(1), self.keys.capacity,
-                                 self.quantized, self.recent_keys[:, :, :held], self.recent_values[:, :, :held], scale)
+                                 self.bits, self._table, self.keys.capacity, self.quantized, *recent, scale)
         return None if found is None else (found[0].view(b, n_heads, t, d), found[1].view(b, n_heads, t))
 
     def _past(self, q: torch.Tensor, mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""`edgellm bench kv`: per-agent KV memory: returning-agent TTFT, agents per budget, quality, peak memory, batching.
+"""`edgellm bench kv`: per-agent KV memory: returning-agent TTFT, decode speed, agents per budget, quality, peak
+memory, batching.
 
 Each section measures one claim of persistent agent memory against its target. TTFT compares three ways to answer
 an agent that comes back with one new token: a cold prefill of the whole prompt, its cache still in RAM, and its
@@ -22,7 +23,7 @@ import torch
 
 import edgellm
 from edgellm.bench.common import add_threads_argument, positive_int, positive_ints, torch_threads, write_report
-from edgellm.bench.kv import batch, capacity, memory, quality, ttft
+from edgellm.bench.kv import batch, capacity, decode, memory, quality, ttft
 from edgellm.bench.kv.common import GIB, Subject, load_subjects
 from edgellm.bench.kv.quality import heldout_ids
 from edgellm.bench.kv.report import checks, plot, print_tables, targets
@@ -36,7 +37,7 @@ from edgellm.perf.hardware import dtype_name
 
 __all__ = ["add_arguments", "drop_page_cache", "heldout_ids", "resident_fraction", "run"]
 
-SECTIONS = ("ttft", "capacity", "quality", "memory", "batch")
+SECTIONS = ("ttft", "decode", "capacity", "quality", "memory", "batch")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p)
     p.add_argument("--formats", type=_formats, default="fp16,q8,q4,q2,q4-kivi-h,q2-kivi-h",
                    help="KV formats compared, comma-separated (e.g. q4-kivi-h)")
-    p.add_argument("--contexts", type=positive_ints, default="1024,4096", help="TTFT prompt tokens")
+    p.add_argument("--contexts", type=positive_ints, default="1024,4096", help="TTFT prompt and decode cache tokens")
     p.add_argument("--reps", type=positive_int, default=3,
                    help=f"timed repetitions, best kept (cold prefills past {LONG_PROMPT} tokens run once)")
     p.add_argument("--budget-gib", type=float, default=1.0, help="memory budget of the capacity section")
@@ -140,6 +141,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"[bench kv] {section} …", file=sys.stderr)
             if section == "ttft":
                 report["ttft"] = ttft.measure(args, main, twin, workdir)
+            elif section == "decode":
+                report["decode"] = decode.measure(_by_window(main, twin, args.contexts), args.formats, args.reps,
+                                                  args.seed)
             elif section == "capacity":
                 report["capacity"] = capacity.measure(main, args.formats, args.agent_context,
                                                       int(args.budget_gib * GIB), workdir, args.seed)
@@ -162,6 +166,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _by_window(main: Subject, twin: Subject | None, contexts: list[int]) -> list[tuple[Subject, list[int]]]:
+    """Contexts within the real model's window run on it, longer ones on its random twin."""
+    window, contexts = main.model.args.max_position_embeddings, sorted(set(contexts))
+    pairs = [(main, [n for n in contexts if n < window]), (twin, [n for n in contexts if n >= window])]
+    return [(subject, lengths) for subject, lengths in pairs if subject is not None and lengths]
+
+
 def _notes(args: argparse.Namespace, main: Subject, twin: Subject | None) -> list[str]:
     notes = [
         "ttft: cold = fresh cache + prefill of the whole prompt + argmax; ram = the agent's live cache, prompt + 1 "
@@ -170,6 +181,9 @@ def _notes(args: argparse.Namespace, main: Subject, twin: Subject | None) -> lis
         f"file's bytes; best of --reps, cold prefill once past {LONG_PROMPT} tokens; prompts are seeded random ids",
         "page cache: before every raw read and restore the file is fsynced and posix_fadvise(DONTNEED)-ed; 'cold' "
         "means mincore found none of its pages resident afterwards (a VM's host may still cache the disk)",
+        "decode: one decode step over caches of random K/V at each context, every layer in turn; attention = "
+        "each layer's cache.attend alone (new token stored, then trimmed), step = the whole model's forward; the "
+        "formats alternate rep by rep, median of --reps after one warm-up; vs baseline = over the first format",
         "capacity: held = bytes of the tensors a cache holds at --agent-context tokens (a kivi cache's "
         "full-precision window included, in the model's dtype); agents = floor(budget / held); fp16 agents from "
         "the dense fp16 formula; caches filled with random K/V (sizes do not depend on values)",

@@ -47,7 +47,8 @@ def random_twin(model: nn.Module, window: int, seed: int = 0) -> nn.Module:
 
 def load_subjects(args: argparse.Namespace, dtype: torch.dtype, workdir: Path) -> tuple[Subject, Subject | None]:
     """The model under test and, when a TTFT context is past its window, its random-init twin."""
-    longest = max(args.contexts) + 1 if "ttft" in args.sections else 0  # the prompt and the agent's new token
+    # the prompt and the agent's new token, or the cache and the decoded token
+    longest = max(args.contexts) + 1 if {"ttft", "decode"} & set(args.sections) else 0
     if args.random_llama:
         path = Path(build_random_llama(args.random_llama, str(workdir / f"random-llama-{args.random_llama}"),
                                        dtype_name(dtype)))

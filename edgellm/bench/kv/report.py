@@ -10,6 +10,7 @@ from edgellm.bench.kv.common import GIB, MIB
 from edgellm.kv.formats import KVFormat
 
 PPL_TARGETS = {"q8": 0.1, "q4": 1.0, "q2": 5.0}  # max perplexity increase (%) vs the dense cache, best scheme
+DECODE_TARGETS = {4096: 1.1, 16384: 1.0}  # most a q4 decode step's attention may cost vs fp16's, per context
 
 
 def _target(what: str, value: float | None, op: str, limit: float) -> dict:
@@ -28,6 +29,14 @@ def targets(report: dict[str, Any]) -> list[dict]:
         slowest = max(ttft, key=lambda r: r["restore_over_raw_read"])
         out.append(_target(f"restore / raw read of the file (worst: {slowest['format']} at {slowest['context']})",
                            slowest["restore_over_raw_read"], "≤", 2))
+    if decode := report.get("decode"):
+        for context, limit in DECODE_TARGETS.items():
+            fp16 = next((r for r in decode if r["context"] == context and r["format"] == "fp16"), None)
+            q4 = [r for r in decode if r["context"] == context and KVFormat.parse(r["format"]).kind == "q4"]
+            if fp16 and q4:
+                best = min(q4, key=lambda r: r["attention_s"])
+                out.append(_target(f"decode attention, all layers, {best['format']} / fp16 at {context} tokens",
+                                   best["attention_s"] / fp16["attention_s"], "≤", limit))
     if capacity := report.get("capacity"):
         q4 = [r["agents_vs_fp16"] for r in capacity["rows"] if KVFormat.parse(r["format"]).kind == "q4"]
         if q4:
@@ -77,6 +86,12 @@ def print_tables(report: dict[str, Any]) -> None:
                   "cold_ttft_s", "ram_ttft_s", "disk_ttft_s", "restore_s", "raw_read_s")),
                 f"{r['cold_over_disk']:.0f}×", f"{r['cold_over_ram']:.0f}×", f"{r['restore_over_raw_read']:.2f}×",
                 f"{r['file_bytes'] / MIB:.2f}", r["page_cache"]] for r in ttft])
+    if decode := report.get("decode"):
+        table(f"Decode step over every layer's cache (median; vs {decode[0]['baseline']})",
+              ["tokens", "format", "model", "attention ms", "vs base", "GB/s", "step ms", "vs base", "cache MiB"],
+              [[str(r["context"]), r["format"], r["model"], f"{r['attention_s'] * 1000:.2f}",
+                f"{r['attention_vs_baseline']:.2f}×", f"{r['attention_gb_s']:.1f}", f"{r['step_s'] * 1000:.1f}",
+                f"{r['step_vs_baseline']:.2f}×", f"{r['cache_bytes'] / MIB:.1f}"] for r in decode])
     if cap := report.get("capacity"):
         table(f"Capacity: agents of {cap['agent_tokens']} tokens in {cap['budget_bytes'] / GIB:g} GiB "
               f"(fp16: {cap['fp16_agents']})",
@@ -107,15 +122,16 @@ def print_tables(report: dict[str, Any]) -> None:
 
 
 def plot(report: dict[str, Any], out: Path) -> None:
-    """One panel per section: TTFT (log), agents per budget, perplexity delta, decode peak memory, batch tok/s."""
+    """One panel per section: TTFT (log), decode attention, agents per budget, perplexity delta, decode peak
+    memory, batch tok/s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(key, draw) for key, draw in (("ttft", _plot_ttft), ("capacity", _plot_capacity),
-                                            ("quality", _plot_quality), ("memory", _plot_memory),
-                                            ("batch", _plot_batch)) if key in report]
+    panels = [(key, draw) for key, draw in (("ttft", _plot_ttft), ("decode", _plot_decode),
+                                            ("capacity", _plot_capacity), ("quality", _plot_quality),
+                                            ("memory", _plot_memory), ("batch", _plot_batch)) if key in report]
     if not panels:
         return
     cols = min(3, len(panels))
@@ -153,6 +169,17 @@ def _plot_ttft(ax, rows: list[dict]) -> None:
     ax.set_ylabel("TTFT s")
     ax.set_title("TTFT: light = cold prefill, solid = restore from disk\n(label: cold/disk), dash = cache in RAM",
                  fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _plot_decode(ax, rows: list[dict]) -> None:
+    for fmt in dict.fromkeys(r["format"] for r in rows):
+        mine = [r for r in rows if r["format"] == fmt]
+        ax.plot([r["context"] for r in mine], [r["attention_s"] * 1000 for r in mine], marker="o", label=fmt)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("cached tokens")
+    ax.set_ylabel("ms")
+    ax.set_title("decode-step attention over every layer's cache", fontsize=9)
     ax.legend(fontsize=7)
 
 

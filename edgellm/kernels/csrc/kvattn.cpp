@@ -9,6 +9,10 @@
 //   per-token values: sum_t p_t v_t = sum_t (p_t s_tg) c_t + sum_t p_t z_tg
 // with an online softmax in fp32, one task per (batch, kv head, span of tokens), the spans merged at the end by
 // their log-sum-exp. The PyTorch path stays the reference and the fallback.
+//
+// 4-bit rows are widened in split-nibble order within each block of 32 codes (its 16 low nibbles, then its 16
+// high ones: two masks and a shift for 32 codes, no byte shuffle); the queries are permuted to match and the
+// value accumulators permuted back at the end. The stored layout (edgellm/kv/codec.py `pack`) does not change.
 
 #include <torch/extension.h>
 
@@ -20,6 +24,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "simd.h"
@@ -31,6 +37,11 @@ using simd::exp_and_sum;
 using simd::hsum16;
 #endif
 
+#if defined(__AVX512F__)
+constexpr bool kSplitNibbles = true;
+#else
+constexpr bool kSplitNibbles = false;  // the plain build widens codes one at a time, in natural order
+#endif
 constexpr int64_t kTile = 64;  // per-token tokens widened at a time: a tile of K and V codes stays in L1
 
 #if defined(__AVX512F__)
@@ -55,6 +66,37 @@ inline __m512 codes16(const uint8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_and_si512(codes, _mm512_set1_epi32((1 << BITS) - 1)));
 }
 #endif
+
+#if defined(__AVX512F__)
+// 32 4-bit codes (16 bytes) as fp32 in split order: dst[0..16) the low nibbles (codes 0, 2, .., 30), dst[16..32)
+// the high ones (codes 1, 3, .., 31).
+inline void codes32_split(const uint8_t* p, float* dst) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  _mm512_storeu_ps(dst, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask))));
+  _mm512_storeu_ps(dst + 16, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask))));
+}
+
+inline float max16(__m512 v) { return _mm512_reduce_max_ps(v); }
+#endif
+
+// Position of dim d in split order (blocks of 32: even dims first, then odd ones), and back.
+inline int64_t split_pos(int64_t d) { return (d & ~int64_t{31}) + (d & 1) * 16 + (d & 31) / 2; }
+
+// The largest of n scores.
+inline float row_max(const float* s, int64_t n) {
+  float mx = -INFINITY;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if (n >= 16) {
+    __m512 m = _mm512_loadu_ps(s);
+    for (i = 16; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + i));
+    mx = max16(m);
+  }
+#endif
+  for (; i < n; ++i) mx = std::max(mx, s[i]);
+  return mx;
+}
 
 template <int BITS>
 inline float code_at(const uint8_t* p, int64_t i) {
@@ -108,7 +150,27 @@ struct Problem {
   const float* rv;
   int64_t held;
   float scale;
+  int bits;
 };
+
+// Scratch that is written before it is read: a vector without the zero fill (a decode step builds a few workers
+// per layer, and zeroing their tiles cost more than attending over a short cache).
+template <typename T>
+struct Uninitialized : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = Uninitialized<U>;
+  };
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+using Scratch = std::vector<float, Uninitialized<float>>;
 
 // The online-softmax state of one (batch, kv head)'s M query rows over one span of tokens, fed a tile at a time.
 class Worker {
@@ -116,9 +178,11 @@ class Worker {
   Worker(const Problem& p, int64_t b, int64_t h, float* m, float* l, float* acc)
       : p_(p), b_(b), h_(h), M_(p.M), D_(p.D), cap_(std::max(kTile, p.per_channel ? p.k.group : kTile)),
         m_(m), l_(l), acc_(acc), q_(p.q + (b * p.Hkv + h) * p.M * p.D), kbuf_(cap_ * D_), vbuf_(cap_ * D_),
-        ks_(cap_ * D_), kz_(cap_ * D_), vs_(cap_ * D_), vz_(cap_ * D_), scores_(M_ * cap_),
+        ks_(cap_ * (p.per_channel ? 1 : D_ / p.k.group)), kz_(ks_.size()), vs_(cap_ * (D_ / p.v.group)),
+        vz_(vs_.size()), scores_(M_ * cap_),
         w_(std::max(M_ * cap_ * (D_ / p.v.group), D_)), zsum_(std::max(M_ * (D_ / p.v.group), D_)),
-        qs_(p.per_channel ? M_ * D_ : 0), bias_(M_), qsum_(M_ * D_) {
+        qs_(p.per_channel ? M_ * D_ : 0), bias_(M_), qsum_(M_ * D_),
+        split_(kSplitNibbles && p.bits == 4 && D_ % 32 == 0 && p.v.group % 32 == 0 && (p.per_channel || p.k.group % 32 == 0)) {
     if (!p.per_channel) {  // sum(q_g) per key group, the factor of each group's zero
       const int64_t kg = p.k.group, G = D_ / kg;
       for (int64_t j = 0; j < M_; ++j)
@@ -127,6 +191,11 @@ class Worker {
           for (int64_t d = g * kg; d < (g + 1) * kg; ++d) s += q_[j * D_ + d];
           qsum_[j * G + g] = s;
         }
+    }
+    if (split_ && !p.per_channel) {  // the keys' codes come in split order: so must the queries
+      qsplit_.resize(M_ * D_);
+      for (int64_t j = 0; j < M_; ++j)
+        for (int64_t d = 0; d < D_; ++d) qsplit_[j * D_ + split_pos(d)] = q_[j * D_ + d];
     }
   }
 
@@ -142,7 +211,16 @@ class Worker {
         attend(n, kbuf_.data(), qs_.data(), bias_.data(), D_, false, vbuf_.data(), p_.v.group, true);
       } else {
         load_token_keys<BITS>(t, n);
-        attend(n, kbuf_.data(), q_, nullptr, p_.k.group, true, vbuf_.data(), p_.v.group, true);
+        attend(n, kbuf_.data(), qsplit_.empty() ? q_ : qsplit_.data(), nullptr, p_.k.group, true, vbuf_.data(),
+               p_.v.group, true);
+      }
+    }
+    if (split_) {  // the value accumulators back to natural order
+      std::vector<float> row(D_);
+      for (int64_t j = 0; j < M_; ++j) {
+        float* aj = acc_ + j * D_;
+        for (int64_t d = 0; d < D_; ++d) row[d] = aj[split_pos(d)];
+        std::copy(row.begin(), row.end(), aj);
       }
     }
   }
@@ -164,18 +242,43 @@ class Worker {
   // step along (an int64 division per token cost more than unpacking its codes).
   template <int BITS>
   void load_rows(const Side& side, int64_t t0, int64_t n, float* buf, float* sc, float* ze) {
-    const int64_t G = D_ / side.group, P = p_.page_tokens;
+    // Everything the loop reads, in locals: the stores into buf could alias the Problem for all the compiler
+    // knows, and it reloaded these after every row.
+    const int64_t G = D_ / side.group, P = p_.page_tokens, D = D_, cap = cap_, h = h_;
+    const Field data = side.data, scales = side.scales, zeros = side.zeros;
+    const bool split = BITS == 4 && split_;
     const int64_t* pages = p_.table + b_ * p_.table_stride + t0 / P;
-    int64_t r = t0 % P;
-    for (int64_t i = 0; i < n; ++i, ++r) {
-      if (r == P) r = 0, ++pages;
-      unpack_row<BITS>(side.data.row<uint8_t>(*pages, h_, r), buf + i * D_, D_);
-      const c10::Half* s = side.scales.row<c10::Half>(*pages, h_, r);
-      const c10::Half* z = side.zeros.row<c10::Half>(*pages, h_, r);
-      for (int64_t g = 0; g < G; ++g) {
-        sc[g * cap_ + i] = to_float(s[g]);
-        ze[g * cap_ + i] = to_float(z[g]);
+    for (int64_t i = 0, r = t0 % P; i < n; r = 0, ++pages) {  // one run of rows within one page at a time
+      const int64_t run = std::min(n - i, P - r);
+      for (int64_t k = 0; k < run; ++k) {
+        const uint8_t* codes = data.row<uint8_t>(*pages, h, r + k);
+        float* out = buf + (i + k) * D;
+#if defined(__AVX512F__)
+        // The same row of the next tile, asked for now: otherwise the loads wait on memory (a prefetch never
+        // faults, so one past the page's last row is harmless).
+        _mm_prefetch(reinterpret_cast<const char*>(codes + kTile * data.s2), _MM_HINT_T0);
+        if (split)
+          for (int64_t d = 0; d < D; d += 32) codes32_split(codes + d / 2, out + d);
+        else
+#endif
+          unpack_row<BITS>(codes, out, D);
       }
+      const c10::Half* s = scales.row<c10::Half>(*pages, h, r);
+      const c10::Half* z = zeros.row<c10::Half>(*pages, h, r);
+      int64_t k = 0;
+#if defined(__AVX512F__)
+      if (G == 1 && scales.s2 == 1 && zeros.s2 == 1)  // one pair per token, consecutive: 16 widened at once
+        for (; k + 16 <= run; k += 16) {
+          _mm512_storeu_ps(sc + i + k, simd::load16(s + k));
+          _mm512_storeu_ps(ze + i + k, simd::load16(z + k));
+        }
+#endif
+      for (; k < run; ++k)
+        for (int64_t g = 0; g < G; ++g) {
+          sc[g * cap + i + k] = to_float(s[k * scales.s2 + g]);
+          ze[g * cap + i + k] = to_float(z[k * zeros.s2 + g]);
+        }
+      i += run;
     }
   }
 
@@ -262,7 +365,7 @@ class Worker {
         sj[t] = total * p_.scale;
       }
 
-      const float new_max = std::max(m_[j], *std::max_element(sj, sj + n));
+      const float new_max = std::max(m_[j], row_max(sj, n));
       const float rescale = std::exp(m_[j] - new_max);  // 0 on a row's first tile (m = -inf)
       l_[j] = l_[j] * rescale + exp_and_sum(sj, n, new_max);
       m_[j] = new_max;
@@ -273,18 +376,33 @@ class Worker {
       // V weights p_t * s_tg per [row][group][token], and sum_t p_t z_tg per [row][group], added at the end.
       for (int64_t g = 0; g < Gv; ++g) {
         float* wg = w_.data() + (j * Gv + g) * cap_;
+        const float* vs = vs_.data() + g * cap_;
+        const float* vz = vz_.data() + g * cap_;
         float zs = 0.0f;
-        for (int64_t i = 0; i < n; ++i) {
-          wg[i] = sj[i] * vs_[g * cap_ + i];
-          if (vscaled) zs += sj[i] * vz_[g * cap_ + i];
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        __m512 za = _mm512_setzero_ps();
+        for (; i + 16 <= n; i += 16) {
+          const __m512 pi = _mm512_loadu_ps(sj + i);
+          _mm512_storeu_ps(wg + i, _mm512_mul_ps(pi, _mm512_loadu_ps(vs + i)));
+          if (vscaled) za = _mm512_fmadd_ps(pi, _mm512_loadu_ps(vz + i), za);
+        }
+        zs = _mm512_reduce_add_ps(za);
+#endif
+        for (; i < n; ++i) {
+          wg[i] = sj[i] * vs[i];
+          if (vscaled) zs += sj[i] * vz[i];
         }
         zsum_[j * Gv + g] = zs;
       }
     }
     accumulate_values(n, v, vg);
-    if (vscaled)
+    if (vscaled)  // groups are whole blocks of 32, so split order leaves each dim in its group
       for (int64_t j = 0; j < M_; ++j)
-        for (int64_t d = 0; d < D; ++d) acc_[j * D + d] += zsum_[j * Gv + d / vg];
+        for (int64_t g = 0; g < Gv; ++g) {
+          const float z = zsum_[j * Gv + g];
+          for (float *a = acc_ + j * D + g * vg, *end = a + vg; a < end; ++a) *a += z;
+        }
   }
 
   // acc[j] += sum_t w[j][g(d)][t] v[t]: each V row is read once for all M rows, which stay in registers when few.
@@ -292,6 +410,23 @@ class Worker {
     const int64_t D = D_, Gv = D / vg;
 #if defined(__AVX512F__)
     const int64_t nc = D / 16;
+    if (vg % 16 == 0 && nc == 4 && M_ <= 6) {  // head_dim 64: the common shape gets registers that stay registers
+      switch (M_) {
+        case 1: return accumulate_fixed<1, 4>(n, v, vg);
+        case 2: return accumulate_fixed<2, 4>(n, v, vg);
+        case 3: return accumulate_fixed<3, 4>(n, v, vg);
+        case 4: return accumulate_fixed<4, 4>(n, v, vg);
+        case 5: return accumulate_fixed<5, 4>(n, v, vg);
+        default: return accumulate_fixed<6, 4>(n, v, vg);
+      }
+    }
+    if (vg % 16 == 0 && nc == 8 && M_ <= 3) {  // head_dim 128
+      switch (M_) {
+        case 1: return accumulate_fixed<1, 8>(n, v, vg);
+        case 2: return accumulate_fixed<2, 8>(n, v, vg);
+        default: return accumulate_fixed<3, 8>(n, v, vg);
+      }
+    }
     if (vg % 16 == 0 && M_ * nc <= 24) {
       __m512 a[24];
       const float* wc[24];
@@ -332,11 +467,48 @@ class Worker {
     }
   }
 
+#if defined(__AVX512F__)
+  // accumulate_values with M rows of NC vectors known at compile time: a runtime-indexed array of accumulators
+  // lives on the stack (a load and a store around every FMA); these stay in registers.
+  template <int M, int NC>
+  void accumulate_fixed(int64_t n, const float* v, int64_t vg) {
+    const int64_t D = D_, Gv = D / vg;
+    __m512 a[M][NC];
+    const float* wc[M][NC];
+    for (int j = 0; j < M; ++j)
+      for (int c = 0; c < NC; ++c) {
+        a[j][c] = _mm512_loadu_ps(acc_ + j * D + 16 * c);
+        wc[j][c] = w_.data() + (j * Gv + 16 * c / vg) * cap_;
+      }
+    if (vg == D) {  // one weight per row and token: broadcast once, not once per vector
+      for (int64_t i = 0; i < n; ++i) {
+        __m512 vv[NC];
+        for (int c = 0; c < NC; ++c) vv[c] = _mm512_loadu_ps(v + i * D + 16 * c);
+        for (int j = 0; j < M; ++j) {
+          const __m512 w = _mm512_set1_ps(wc[j][0][i]);
+          for (int c = 0; c < NC; ++c) a[j][c] = _mm512_fmadd_ps(w, vv[c], a[j][c]);
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        __m512 vv[NC];
+        for (int c = 0; c < NC; ++c) vv[c] = _mm512_loadu_ps(v + i * D + 16 * c);
+        for (int j = 0; j < M; ++j)
+          for (int c = 0; c < NC; ++c) a[j][c] = _mm512_fmadd_ps(_mm512_set1_ps(wc[j][c][i]), vv[c], a[j][c]);
+      }
+    }
+    for (int j = 0; j < M; ++j)
+      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc_ + j * D + 16 * c, a[j][c]);
+  }
+#endif
+
   const Problem& p_;
   const int64_t b_, h_, M_, D_, cap_;
   float *m_, *l_, *acc_;
   const float* q_;
-  std::vector<float> kbuf_, vbuf_, ks_, kz_, vs_, vz_, scores_, w_, zsum_, qs_, bias_, qsum_;
+  Scratch kbuf_, vbuf_, ks_, kz_, vs_, vz_, scores_, w_, zsum_, qs_, bias_, qsum_;
+  const bool split_;  // 4-bit codes widened in split-nibble order (see the top of the file)
+  std::vector<float> qsplit_;  // the query rows in that order, for per-token keys
 };
 
 template <int BITS>
@@ -399,7 +571,7 @@ std::vector<torch::Tensor> attend_packed(const torch::Tensor& q, const torch::Te
   const Problem p{q.data_ptr<float>(), Hkv, M, D, table.data_ptr<int64_t>(), table.size(1), page_tokens, tokens,
                   {field(kdata), field(kscales), field(kzeros), kgroup}, {field(vdata), field(vscales), field(vzeros),
                   vgroup}, per_channel, rk.data_ptr<float>(), rv.data_ptr<float>(), rk.size(2),
-                  static_cast<float>(scale)};
+                  static_cast<float>(scale), static_cast<int>(bits)};
   // Spans of tokens per (batch, kv head): enough tasks for every thread, whole tiles (key groups) each.
   const int64_t BH = B * Hkv, align = per_channel ? kgroup : kTile;
   const int64_t want = std::max<int64_t>(1, (2 * at::get_num_threads() + BH - 1) / std::max<int64_t>(BH, 1));

@@ -1,0 +1,116 @@
+"""Native quantize-on-store, Hadamard rotation and CRC32 against their references, bit for bit: every bit width,
+both group layouts (per token along head_dim, per channel along tokens), Hadamard-rotated input, odd lengths, fp16
+edge cases (constant groups, subnormal and huge ranges, ties of round-half-to-even), and whole caches filled both
+ways."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from edgellm.kernels import kvattn
+from edgellm.kv import QuantizedKVCache
+from edgellm.kv.codec import hadamard, hadamard_reference, quantize, quantize_reference
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ext():
+    if kvattn._codec() is None:
+        pytest.skip("native kernel unavailable (no compiler or ninja, or EDGELLM_NO_NATIVE=1)")
+
+
+def same(a, b) -> None:
+    for name in ("data", "scales", "zeros"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        bits = (lambda t: t.contiguous().view(torch.int16)) if x.dtype == torch.float16 else (lambda t: t)
+        assert torch.equal(bits(x), bits(y)), name  # fp16 compared as bits: -0 and NaN patterns too
+    assert (a.bits, a.group, a.shape, a.dim) == (b.bits, b.group, b.shape, b.dim)
+
+
+def keys(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Random K with outlier channels, a constant group, ties and extreme ranges mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    x[..., :3] *= 40
+    x.view(-1, shape[-1])[0] = 1.5  # constant rows: zero range, scale 0
+    x.view(-1, shape[-1])[1] = torch.arange(shape[-1]) * 0.5  # exact multiples: codes landing on .5 ties
+    x.view(-1, shape[-1])[2] *= 1e-6  # fp16 subnormal scales
+    x.view(-1, shape[-1])[3] *= 3e4  # past fp16's range after subtracting the min
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [4, 37, 301])
+@pytest.mark.parametrize("group", [64, 32, 8])
+def test_token_groups_match_reference(bits, rotate, dtype, tokens, group):
+    x = keys((2, 3, tokens, 64), seed=bits * tokens)
+    if rotate:
+        x = hadamard(x)
+    x = x.to(dtype)
+    same(quantize(x, bits, group), quantize_reference(x, bits, group))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("tokens,group", [(64, 64), (96, 32), (40, 8), (4, 4)])
+@pytest.mark.parametrize("head_dim", [64, 48])
+def test_channel_groups_match_reference(bits, rotate, tokens, group, head_dim):
+    x = keys((2, 3, tokens, head_dim), seed=bits + tokens)
+    if rotate and head_dim & (head_dim - 1) == 0:
+        x = hadamard(x)
+    same(quantize(x, bits, group, dim=2), quantize_reference(x, bits, group, dim=2))
+
+
+@pytest.mark.parametrize("n", [1, 2, 16, 64, 128, 256])
+def test_hadamard_matches_reference_and_matrix(n):
+    x = torch.randn(3, 5, n, generator=torch.Generator().manual_seed(n)) * 7
+    out = hadamard(x)
+    assert torch.equal(out, hadamard_reference(x))
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    torch.testing.assert_close(out, x @ (h / n**0.5), rtol=1e-5, atol=1e-4)
+    assert torch.equal(hadamard(x.bfloat16()), hadamard_reference(x.bfloat16()))
+
+
+def test_native_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError):
+        quantize(torch.randn(2, 10), 4, 4)  # group does not divide
+    with pytest.raises(ValueError):
+        hadamard(torch.randn(2, 12))
+    empty = torch.zeros(1, 2, 0, 64)
+    same(quantize(empty, 4, 64), quantize_reference(empty, 4, 64))
+
+
+@pytest.mark.parametrize("scheme,rotate", [("token", False), ("token", True), ("kivi", True)])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_cache_filled_natively_equals_reference_fill(monkeypatch, scheme, rotate, bits):
+    """A whole cache filled through the native store holds exactly the bytes the PyTorch path stores."""
+    def fill() -> dict[str, torch.Tensor]:
+        cache = QuantizedKVCache(1, 2, 64, 8, bits, 32, scheme, 16 if scheme == "kivi" else 0, rotate,
+                                 torch.bfloat16)
+        g = torch.Generator().manual_seed(0)
+        for n in (100, 1, 1, 70, 33):
+            cache.update_and_fetch(torch.randn(1, 2, n, 64, generator=g), torch.randn(1, 2, n, 64, generator=g))
+        return cache.state()
+
+    native = fill()
+    monkeypatch.setattr(kvattn, "_codec", lambda: None)
+    reference = fill()
+    assert native.keys() == reference.keys()
+    for name in native:
+        assert torch.equal(native[name], reference[name]), name
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 63, 64, 65, 80, 127, 128, 1000, 4099, 65536 + 7])
+@pytest.mark.parametrize("init", [0, 0x1234567, 0xFFFFFFFF])
+def test_crc32_matches_zlib(n, init):
+    data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    assert kvattn.crc32(data, init) == zlib.crc32(data.numpy().tobytes(), init)
+    if n % 2 == 0:  # any dtype: the bytes as they lie
+        assert kvattn.crc32(data.view(torch.float16), init) == zlib.crc32(data.numpy().tobytes(), init)
