@@ -322,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-predictor", default=None,
                    help="KV predictor (from `edgellm kvpred train`): predict the prompt's KV cache to cut TTFT")
     p.add_argument("--speculate", type=int_in(0, 64), default=0, metavar="K",
-                   help="greedy only: check up to K prompt-lookup drafted tokens per forward pass (0 = off); "
-                        "same output, faster when the answer re-quotes the prompt")
+                   help="check up to K prompt-lookup drafted tokens per forward pass (0 = off): greedy output "
+                        "unchanged, sampled output keeps its distribution; faster when the answer re-quotes the prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
     constrain = p.add_mutually_exclusive_group()
     constrain.add_argument("--json-schema", default=None, metavar="FILE",

@@ -105,8 +105,8 @@ def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[i
 
     With `kv_predictor` (edgellm.kvpred), the uncached prompt tokens but the last get predicted K/V instead of a
     base prefill; the base runs the last prompt token on top of them, then decodes alone. With `speculate` > 0,
-    greedy decoding checks up to that many prompt-lookup drafted tokens per forward pass (same output, fewer
-    passes when the answer re-quotes its context); sampled requests decode plainly.
+    each forward pass checks up to that many prompt-lookup drafted tokens (fewer passes when the answer re-quotes
+    its context): greedy output is unchanged, sampled output keeps its distribution (speculative sampling).
     """
     seq = _sequence(model, tokenizer, prompt, max_tokens, sampling, stop, prompt_cache, kv_predictor, speculate)
     (_, out), = runner.prefill(model, [seq])

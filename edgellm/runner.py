@@ -108,13 +108,14 @@ def speculative_decode(model: nn.Module, seq: Sequence, proposer: Proposer, k: i
     """One to k + 1 tokens for `seq` from one forward pass over its last token and up to `k` proposed ones.
 
     Each position's logits go through `Sequence.advance` in order (so EOS, stop strings, the length limit and
-    penalties act exactly as in `decode`); drafts are kept while the picked token equals them, and the token picked
-    at the first mismatch is the model's own, so it is kept too. The cache then forgets the rejected positions.
-    Greedy only: a sampled request would need rejection sampling to keep its distribution, so it decodes plainly.
+    penalties act exactly as in `decode`), told the draft for that position: greedy keeps it when it is the argmax,
+    sampling keeps it with the probability the model gives it (`sampling.make_sampler`), so either way the output
+    has plain decoding's distribution. The first token that differs from its draft is the model's own pick, so it is
+    kept and the step ends; when every draft is kept the last position adds a token of its own. The cache then
+    forgets the rejected positions.
     """
     room = seq.max_tokens - len(seq.generated) - 1  # the step's own token always fits; drafts only in what is left
-    greedy = seq.sampler.params.temperature == 0
-    draft = proposer.propose(seq.ids + seq.generated, min(k, room)) if greedy and room > 0 and k > 0 else []
+    draft = proposer.propose(seq.ids + seq.generated, min(k, room)) if room > 0 and k > 0 else []
     if not draft:
         return decode(model, [seq])
     tokens = [seq.last_token, *draft]
@@ -122,7 +123,7 @@ def speculative_decode(model: nn.Module, seq: Sequence, proposer: Proposer, k: i
     outputs = []
     for i, row in enumerate(logits):
         seq.cache.tokens.append(tokens[i])
-        outputs.append(seq.advance(row))
+        outputs.append(seq.advance(row, draft[i] if i < len(draft) else None))
         if seq.finished or i == len(draft) or outputs[-1].token != draft[i]:
             break
     rejected = len(tokens) - len(outputs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 
 # (tokens so far: prompt then generated, logits (vocab,)) -> logits
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TokenSampler(Protocol):
+    def __call__(self, logits: torch.Tensor, draft: int | None = None) -> int:
+        """A token id from processed `logits` (vocab,); given a `draft` proposed with certainty, the token to keep
+        in its place, distributed exactly as a plain draw (see `make_sampler`)."""
+        ...
 
 
 @dataclass
@@ -133,19 +140,33 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
     return logits
 
 
-def make_sampler(params: SamplingParams) -> Callable[[torch.Tensor], int]:
-    """A function from processed logits (vocab,) to a token id; it owns the request's seeded generator."""
+def make_sampler(params: SamplingParams) -> TokenSampler:
+    """A function from processed logits (vocab,) to a token id; it owns the request's seeded generator.
+
+    With a `draft` (speculative decoding by a deterministic proposer, which puts probability 1 on its guess), the
+    Leviathan et al. / Chen et al. 2023 rule reduces to: keep the draft with probability p(draft), else draw from p
+    with the draft removed. P(x) = p(d)·[x = d] + (1 - p(d))·p(x)/(1 - p(d))·[x ≠ d] = p(x): exact in
+    distribution, with both draws from the request's generator so a seeded request stays reproducible.
+    Greedy ignores the draft: the argmax is kept whatever was guessed.
+    """
     if params.temperature == 0:
-        return lambda logits: int(logits.argmax())
+        return lambda logits, draft=None: int(logits.argmax())
     generator = torch.Generator()
     if params.seed is not None:
         generator.manual_seed(params.seed)
     else:
         generator.seed()
 
-    def sample(logits: torch.Tensor) -> int:
+    def sample(logits: torch.Tensor, draft: int | None = None) -> int:
         logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
-        return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        probs = logits.softmax(-1)
+        if draft is not None:
+            if float(torch.rand((), generator=generator)) < float(probs[draft]):
+                return draft
+            probs[draft] = 0.0
+            if not probs.any():  # p(draft) rounded just below 1 with nothing else left: the draft is all there is
+                return draft
+        return int(torch.multinomial(probs, 1, generator=generator))
 
     return sample
 
@@ -184,10 +205,18 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, tokens: torch.Tensor | None = None) -> int:
         """Next token from `logits` (vocab,); `tokens` (prompt then generated) feeds the processors."""
+        return self.sample(self._process(logits, tokens))
+
+    def verify(self, logits: torch.Tensor, tokens: torch.Tensor | None, draft: int) -> int:
+        """The token to keep where `draft` was proposed: `draft` itself when accepted, else the replacement; the
+        result has the same distribution as `self(logits, tokens)` (speculative sampling, see `make_sampler`)."""
+        return self.sample(self._process(logits, tokens), draft)
+
+    def _process(self, logits: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
         logits = logits.float()
         for process in self.processors:
             logits = process(tokens, logits)
-        return self.sample(logits)
+        return logits
 
     def accept(self, token: int) -> bool:
         """Tell the stateful processors the picked token; True when one says it ends the output."""

@@ -141,11 +141,15 @@ class Sequence:
     def last_token(self) -> int:
         return self.generated[-1]
 
-    def advance(self, logits: torch.Tensor) -> StepOutput:
-        """Pick the next token from the last position's `logits` (vocab,), stream its text, decide whether to stop."""
+    def advance(self, logits: torch.Tensor, draft: int | None = None) -> StepOutput:
+        """Pick the next token from the last position's `logits` (vocab,), stream its text, decide whether to stop.
+
+        `draft`: a token speculative decoding proposed here; the sampler keeps it or replaces it (`Sampler.verify`).
+        """
         n = len(self.ids) + len(self.generated)
         try:
-            token = self.sampler(logits, None if self._tokens is None else self._tokens[:n])
+            history = None if self._tokens is None else self._tokens[:n]
+            token = self.sampler(logits, history) if draft is None else self.sampler.verify(logits, history, draft)
             end = token in self.eos or self.sampler.accept(token)  # EOS, or the grammar's end (even if EOS is ignored)
         except (EdgeLLMError, RuntimeError) as e:  # e.g. a grammar in an error state: this sequence fails, not a batch
             self.error, self.state, self.finish_reason = e, State.FINISHED, "error"

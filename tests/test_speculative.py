@@ -1,15 +1,20 @@
-"""Prompt-lookup speculative decoding: greedy output identical to plain decoding, with the drafts actually used."""
+"""Prompt-lookup speculative decoding: greedy output identical to plain decoding, sampled output with plain sampling's
+distribution, with the drafts actually used."""
 
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 
 import pytest
+import torch
 
 from edgellm import PromptCache, SamplingParams, generate, load, runner, stream_generate
 from edgellm.cli import main
 from edgellm.errors import InvalidRequestError
 from edgellm.kv import KVFormat
+from edgellm.sampling import Sampler, filter_logits
 from edgellm.sequence import Sequence
 from edgellm.speculative import NGramProposer
 
@@ -72,14 +77,6 @@ def test_stream_matches_generate(engine):
     assert steps[-1].accepted_tokens == full.stats["accepted_tokens"] > 0
 
 
-def test_sampled_requests_decode_plainly(engine):
-    model, tok = engine
-    params = SamplingParams(temperature=1.0, top_p=0.9, seed=7)
-    plain = generate(model, tok, PROMPT, 24, params)
-    fast = generate(model, tok, PROMPT, 24, params, speculate=4)
-    assert fast.tokens == plain.tokens and "drafted_tokens" not in fast.stats
-
-
 def test_negative_speculate_is_rejected(engine):
     model, tok = engine
     with pytest.raises(InvalidRequestError):
@@ -126,3 +123,128 @@ def test_cli_speculate_flag(llama_dir, capsys):
     assert fast["tokens"] == plain["tokens"] and plain["drafted_tokens"] == 0
     assert main(["generate", "--model", str(llama_dir), "--prompt", "x", "--agent", "a", "--speculate", "2"]) != 0
     assert "--speculate" in capsys.readouterr().err
+
+
+# The random test model's logits are nearly flat: a low temperature and top-k give it a few likely tokens, so drafts
+# of the likeliest token are kept often and rejected often.
+SHARP = {"temperature": 0.05, "top_k": 4}
+
+
+def chi2_critical(df: int, z: float = 3.72) -> float:
+    """The chi-square quantile at the normal quantile `z` (3.72: significance 1e-4), by Wilson–Hilferty."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def homogeneity_chi2(a: Counter, b: Counter) -> tuple[float, int]:
+    """Two-sample chi-square statistic and degrees of freedom; cells expecting under 5 in an arm are pooled."""
+    na, nb = sum(a.values()), sum(b.values())
+    cells, small = [], [0, 0]
+    for key in set(a) | set(b):
+        if (a[key] + b[key]) * min(na, nb) / (na + nb) < 5:
+            small[0], small[1] = small[0] + a[key], small[1] + b[key]
+        else:
+            cells.append((a[key], b[key]))
+    if sum(small):
+        cells.append(tuple(small))
+    stat = 0.0
+    for x, y in cells:
+        for observed, n in ((x, na), (y, nb)):
+            expected = n * (x + y) / (na + nb)
+            stat += (observed - expected) ** 2 / expected
+    return stat, len(cells) - 1
+
+
+def test_verify_draws_from_the_target_distribution():
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -0.5, -3.0])
+    params = SamplingParams(temperature=1.0, top_k=5, seed=0)
+    target = filter_logits(logits, top_k=5).softmax(-1)
+    n = 4000
+    for draft in (0, 3, 5):  # the likeliest token, an unlikely one, one top-k removed (always rejected)
+        sampler = Sampler(params)
+        drawn = Counter(sampler.verify(logits, None, draft) for _ in range(n))
+        assert drawn[5] == 0
+        stat = sum((drawn[t] - n * p) ** 2 / (n * p) for t, p in enumerate(target.tolist()) if p > 0)
+        assert stat < chi2_critical(4), (draft, drawn)
+
+
+class GreedyOracle:
+    """Drafts the greedy continuation: the likeliest tokens, so drafts are kept often and rejected often."""
+
+    def __init__(self, model, tok) -> None:
+        self.model, self.tok = model, tok
+        self.known: dict[tuple[int, ...], list[int]] = {}
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        key = (*tokens, k)
+        if key not in self.known:
+            self.known[key] = generate(self.model, self.tok, tokens, k).tokens
+        return self.known[key]
+
+
+@pytest.fixture
+def one_thread():
+    """Hundreds of tiny-model runs: on one thread each costs ~1 ms, on a busy pool up to 100x that."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def first_tokens(engine, seeds: range, speculate: bool) -> Counter:
+    """How often each first three tokens came out over `seeds`, sampled plainly or with 2 drafts checked a step."""
+    model, tok = engine
+    ids, cache, oracle = tok.encode(PROMPT), PromptCache(model, 128), GreedyOracle(model, tok)
+    counts: Counter = Counter()
+    for seed in seeds:
+        seq = Sequence(model, tok, ids, cache, 4 if speculate else 3, SamplingParams(**SHARP, seed=seed))
+        runner.prefill(model, [seq])
+        while len(seq.generated) < 3:
+            runner.speculative_decode(model, seq, oracle, 2) if speculate else runner.decode(model, [seq])
+        counts[tuple(seq.generated[:3])] += 1
+    return counts
+
+
+def test_sampled_speculation_matches_plain_sampling_in_distribution(engine, monkeypatch, one_thread):
+    """A two-sample chi-square test over the first three tokens (two of them verified drafts) at significance 1e-4;
+    the same test tells a subtly wrong rule (on rejection, redraw from all of p) from the right one."""
+    plain = first_tokens(engine, range(700), speculate=False)
+    fast = first_tokens(engine, range(10_000, 10_700), speculate=True)
+    stat, df = homogeneity_chi2(plain, fast)
+    assert stat < chi2_critical(df), (stat, df)
+
+    def redraw_from_all(self, logits, tokens, draft):
+        kept = filter_logits(logits.float() / SHARP["temperature"], SHARP["top_k"]).softmax(-1)[draft]
+        return draft if torch.rand(()) < kept else self(logits, tokens)
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(Sampler, "verify", redraw_from_all)
+    wrong = first_tokens(engine, range(20_000, 20_400), speculate=True)
+    stat, df = homogeneity_chi2(plain, wrong)
+    assert stat > chi2_critical(df), (stat, df)
+
+
+def test_seeded_sampled_speculation_is_reproducible(engine):
+    model, tok = engine
+    params = SamplingParams(**SHARP, seed=7)
+    first, again = (generate(model, tok, PROMPT, 40, params, speculate=4) for _ in range(2))
+    assert first.tokens == again.tokens and first.stats == again.stats
+    assert first.stats["accepted_tokens"] > 0 and first.stats["drafted_tokens"] > first.stats["accepted_tokens"]
+    other = generate(model, tok, PROMPT, 40, SamplingParams(**SHARP, seed=8), speculate=4)
+    assert other.tokens != first.tokens
+
+
+def test_sampled_stop_string_and_length_cut_mid_draft(engine):
+    model, tok = engine
+    ids = tok.encode(PROMPT)
+    for max_tokens in (1, 2, 7, 13):
+        cache = PromptCache(model, 128)
+        out = generate(model, tok, ids, max_tokens, SamplingParams(**SHARP, seed=3), prompt_cache=cache, speculate=8)
+        assert len(out.tokens) == max_tokens and out.finish_reason == "length"
+        assert cache.tokens == (ids + out.tokens)[:-1]
+    params = SamplingParams(**SHARP, seed=5)
+    full = generate(model, tok, ids, 40, params, speculate=8)  # the same seed and length draw the same tokens...
+    for stop in {full.text[i:i + 2] for i in range(5, len(full.text) - 2, 7)}:
+        cache = PromptCache(model, 128)
+        cut = generate(model, tok, ids, 40, params, stop=[stop], prompt_cache=cache, speculate=8)
+        assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]  # ...up to the stop
+        assert cut.tokens == full.tokens[:len(cut.tokens)] and cache.tokens == (ids + cut.tokens)[:-1]
