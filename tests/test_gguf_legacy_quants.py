@@ -92,6 +92,17 @@ def test_native_dequantize_matches_the_pytorch_reference(kind):
     assert torch.equal(ggml_blocks.native_dequantize(blocks[3:9], k, kind, torch.float32), want[3:9])
 
 
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("k", [32, 96, 160, 576])  # blocks after the last whole VNNI step: 1, 1 or 3, 1, 0 or 2
+def test_q8_0_and_q4_0_rows_with_blocks_past_the_last_step_match_the_integer_reference(kind, k):
+    w = torch.randn(33, k, generator=torch.Generator().manual_seed(k))
+    blocks = quantize(w, kind).data["blocks"]
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(k + 1))
+    y = (ggml_blocks.q8_0_linear if kind == "q8_0" else ggml_blocks.q4_0_linear)(x, blocks, k)
+    ref = blocks_linear_reference(x, blocks, k, kind)
+    assert (y - ref).abs().max() <= 1e-6 * k * ref.abs().max()
+
+
 def test_formats_are_registered_for_reading_only():
     assert [WeightFormat.gguf(k).bits for k in KINDS] == [4, 5, 5, 4]
     fmt = WeightFormat.gguf("Q5_1")
