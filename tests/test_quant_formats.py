@@ -147,9 +147,10 @@ def test_parse_names_and_bits():
 @pytest.mark.parametrize("name", ["q4_0", "q8_0", "int3-g64", "mxfp4", "ternary"])
 @pytest.mark.parametrize("rows", [1, 32])
 def test_quantized_linear_matches_f_linear_on_dequantized_weight(name, rows, monkeypatch):
-    w, bias = weights(96, 128, seed=4), torch.randn(96)
+    g = torch.Generator().manual_seed(rows)  # seeded: the 0.1% scale bug below must move some output past the bound
+    w, bias = weights(96, 128, seed=4), torch.randn(96, generator=g)
     layer = QuantizedLinear.from_quantized(quantize(w, name), bias)
-    x = torch.randn(2, rows, 128)
+    x = torch.randn(2, rows, 128, generator=g)
     ref = F.linear(x, layer.quantized.dequantize(), bias)
     # the decode kernels (LUT / VNNI) round activations or their tables to int8: within 2% of the output's scale
     assert (layer(x) - ref).abs().max() <= 0.02 * ref.abs().max()

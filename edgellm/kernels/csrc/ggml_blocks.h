@@ -336,7 +336,7 @@ ActX act_x(const float* x, int64_t nb) {
 }
 
 #if defined(EDGELLM_VNNI) && defined(__AVX512VL__)
-// The integer dot of one Q8_0, Q4_0 or Q4_1 block with x on 256-bit VNNI: the blocks after a row's last whole step
+// The integer dot of one Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 block with x on 256-bit VNNI: the blocks after a row's last whole step
 // (K = 576 leaves 2 of 18), which the scalar loop made a third of a SmolLM-shaped decode step. Codes go in unsigned
 // (Q8_0's sign bit flipped), so the excess times sum(x_q) comes off the result.
 template <Kind kind>
@@ -350,6 +350,11 @@ inline int32_t dot_block_vnni(const uint8_t* blk, const int8_t* xq, int32_t xsum
     constexpr Layout l = layout(kind);
     const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + l.qs)), m = _mm_set1_epi8(0x0F);
     w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));  // elements 16..31, 0..15
+    if constexpr (l.qh >= 0) {  // Q5_0/Q5_1: bit i of the 32-bit word is element i's fifth bit
+      uint32_t qh;
+      std::memcpy(&qh, blk + l.qh, 4);
+      w = _mm256_or_si256(w, _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10)));
+    }
     excess = l.excess;
   }
   const __m256i acc = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
@@ -384,7 +389,7 @@ float row_dot(const uint8_t* row, const ActX& a, int64_t nb) {
     } else {
       int32_t dot;
 #if defined(EDGELLM_VNNI) && defined(__AVX512VL__)
-      if constexpr (Q8 || kind == Kind::kQ4_0 || kind == Kind::kQ4_1) dot = dot_block_vnni<kind>(blk, xq, a.qx.sum[b]);
+      if constexpr (!l.levels) dot = dot_block_vnni<kind>(blk, xq, a.qx.sum[b]);  // all but IQ4_NL
       else
 #endif
         dot = Q8 ? dot_q8_0(blk, xq) : dot_nibbles<kind>(blk, xq);
