@@ -38,9 +38,13 @@ def hf_model(path):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(checkpoint, case):
     arch, overrides = CASES[case]
-    path = checkpoint(arch, **overrides)
+    assert_logits_match_transformers(checkpoint(arch, **overrides), length=64)
+
+
+def assert_logits_match_transformers(path, length: int) -> None:
+    """fp32 logits of `length` seeded token ids within 1e-4 of transformers' own model on the same checkpoint."""
     model, _ = load(path, "fp32")
-    ids = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 300, (1, length), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf_model(path)(ids).logits
         ours = model(ids)

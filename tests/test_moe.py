@@ -14,6 +14,7 @@ from edgellm.quant.convert import quantize_checkpoint
 from edgellm.quant.linear import QuantizedLinear
 from edgellm.runner import prefill_tokens
 from tests.conftest import CONFIGS, build_checkpoint
+from tests.test_models import assert_logits_match_transformers, hf_model
 
 MOE = {"num_experts_per_tok": 2}
 MOE_CONFIGS = {
@@ -44,20 +45,12 @@ def moe_checkpoint(tmp_path, monkeypatch):
     return lambda arch, **overrides: build_checkpoint(tmp_path / arch, arch, **overrides)
 
 
-def hf_model(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(moe_checkpoint, case):
     arch, overrides = CASES[case]
-    path = moe_checkpoint(arch, **overrides)
-    model, _ = load(path, "fp32")
-    ids = torch.randint(0, 300, (1, 48), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf_model(path)(ids).logits
-        ours = model(ids)
-    assert (ours - ref).abs().max().item() <= 1e-4
+    assert_logits_match_transformers(moe_checkpoint(arch, **overrides), length=48)
 
 
 @pytest.mark.parametrize("arch", sorted(MOE_CONFIGS))
