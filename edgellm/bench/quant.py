@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from edgellm.bench.common import env_var, positive_int, thread_counts, torch_threads, write_report
+from edgellm.bench.speed import RANDOM_LLAMAS
 from edgellm.errors import EdgeLLMError
 from edgellm.perf import measure_hardware
 from edgellm.perf.hardware import physical_cores
@@ -47,7 +48,7 @@ MIB = 2**20
 def add_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", default=None, help="HF model directory (default: edgellm's built-in model)")
-    source.add_argument("--random-llama", choices=["250m", "smollm2-135m"], default=None,
+    source.add_argument("--random-llama", choices=sorted(RANDOM_LLAMAS), default=None,
                         help="a random-init Llama of this size (speed only: its perplexity means nothing)")
     p.add_argument("--formats", default=DEFAULT_FORMATS,
                    help=f"comma-separated (default {DEFAULT_FORMATS}); {', '.join(GGUF_FILE_FORMATS)} are GGUF files "
@@ -319,7 +320,7 @@ def build_random_llama(size: str, out: str) -> str:
     8192-token vocabulary (as in earlier runs); a shape named after a released model keeps its own, since its
     embedding and head are a large share of its bytes (the GGUF export pads the token list)."""
     from edgellm.assets import default_model_path
-    from edgellm.bench.speed import RANDOM_LLAMAS, import_transformers
+    from edgellm.bench.speed import import_transformers
     from edgellm.loader import read_config
 
     transformers = import_transformers()

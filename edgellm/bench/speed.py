@@ -39,6 +39,9 @@ RANDOM_LLAMAS = {
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          intermediate_size=1536, vocab_size=49152, max_position_embeddings=4096,
                          tie_word_embeddings=True),
+    "llama3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                        intermediate_size=8192, vocab_size=128256, max_position_embeddings=4096,
+                        tie_word_embeddings=True),
 }
 ENGINES = ("edgellm", "transformers")
 WARMUP_DECODE = 4

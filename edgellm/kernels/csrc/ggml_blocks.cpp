@@ -30,12 +30,11 @@ torch::Tensor blocks_gemm(const torch::Tensor& x, const torch::Tensor& blocks, i
   const int64_t row_bytes = nb * bytes;
   // Rows of W per panel: ~16 KB stay in L1 while each row of x (its per-call data is ~5 bytes per weight column)
   // passes over them; looping x rows inside one weight row instead streams every x row's data from L2 per row of W.
-  const int64_t panel = std::max<int64_t>(1, (int64_t{16} << 10) / row_bytes);
+  const int64_t panel = std::max<int64_t>(4, (int64_t{16} << 10) / row_bytes / 4 * 4);  // whole groups of 4 rows
   at::parallel_for(0, N, std::max<int64_t>(panel, (int64_t{32} << 10) / row_bytes), [&](int64_t n0, int64_t n1) {
     for (int64_t p0 = n0; p0 < n1; p0 += panel)
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = p0; n < std::min(n1, p0 + panel); ++n)
-          yp[m * N + n] = row_dot<kind>(w + n * row_bytes, ax[m], nb);
+        gemv_rows<kind>(w, row_bytes, ax[m], nb, p0, std::min(n1, p0 + panel), yp + m * N);
   });
   return y;
 }

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -69,7 +70,8 @@ QuantizedX quantize_x(const float* x, int64_t nb) {
 
 // Per-call activation data in the order one weight register consumes it: `per` blocks per step, lanes/`per` lanes
 // of each block's scale in `scale`, the negated excess in the first lane of each block's lanes in `corr`, and q8_1's
-// s there in `mins` (the other lanes 0, so a block's min counts once).
+// s there in `mins` (the other lanes 0, so a block's min counts once). A last step with fewer than `per` blocks
+// (K = 576 leaves 2 of 18) is padded with zero quants and scales, so the kernels run it as a whole one.
 struct StepX {
   std::vector<int8_t> q;  // Q8_0: the blocks as they are; others: per step, the low halves of 4 blocks, then the highs
   std::vector<float> scale;
@@ -78,21 +80,20 @@ struct StepX {
 };
 
 StepX step_x(const QuantizedX& qx, int64_t nb, int per, int excess, bool split_halves) {
-  const int64_t steps = nb / per;
+  const int64_t steps = (nb + per - 1) / per;
   const int lanes = 16 / per;
   StepX s{std::vector<int8_t>(steps * per * kBlock), std::vector<float>(steps * 16), std::vector<int32_t>(steps * 16),
           std::vector<float>(steps * 16)};
-  for (int64_t st = 0; st < steps; ++st)
-    for (int j = 0; j < per; ++j) {
-      const int64_t b = st * per + j;
-      for (int l = 0; l < lanes; ++l) s.scale[st * 16 + j * lanes + l] = qx.d[b];
-      s.corr[st * 16 + j * lanes] = -excess * qx.sum[b];
-      s.mins[st * 16 + j * lanes] = qx.s[b];
-      for (int i = 0; i < kBlock; ++i) {
-        const int64_t at = split_halves ? st * 128 + (i / 16) * 64 + j * 16 + i % 16 : b * kBlock + i;
-        s.q[at] = qx.q[b * kBlock + i];
-      }
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t st = b / per, j = b % per;
+    for (int l = 0; l < lanes; ++l) s.scale[st * 16 + j * lanes + l] = qx.d[b];
+    s.corr[st * 16 + j * lanes] = -excess * qx.sum[b];
+    s.mins[st * 16 + j * lanes] = qx.s[b];
+    for (int i = 0; i < kBlock; ++i) {
+      const int64_t at = split_halves ? st * 128 + (i / 16) * 64 + j * 16 + i % 16 : b * kBlock + i;
+      s.q[at] = qx.q[b * kBlock + i];
     }
+  }
   return s;
 }
 
@@ -168,26 +169,63 @@ EDGELLM_SCALAR inline int32_t dot_mxfp4(const uint8_t* blk, const int8_t* xq) {
 }
 
 #ifdef EDGELLM_VNNI
-// acc += dot * d_w * d_x for step `st`, alternating two accumulators so consecutive steps do not wait on each other.
-inline void accumulate(int64_t st, __m512i dot, __m512 d, const StepX& sx, __m512& acc0, __m512& acc1) {
-  const __m512 s = _mm512_mul_ps(d, _mm512_loadu_ps(sx.scale.data() + st * 16));
-  if (st & 1)
-    acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc1);
-  else
-    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc0);
+// Every kernel below computes R rows (row_bytes apart) at once against one x: x's quants, corrections and scales are
+// loaded once per step for all of them, each row keeps one accumulator (so a row's result does not depend on R), and
+// one reduction ends each row. A step reads `StepBytes` bytes of a row as two overlapping registers (its first 64 and
+// its last 64); the last step of a row whose block count is not a multiple of the step's reads only the bytes of the
+// blocks it has (masked loads: zeros, never the next row), and x's padding is zero there too.
+template <int StepBytes>
+struct StepLoads {
+  __mmask64 first = ~__mmask64{0}, second = ~__mmask64{0};
+  __mmask16 lanes = 0xffff;  // the fp32 lanes of the blocks that exist
+  static StepLoads partial(int valid, int valid_lanes) {  // the first `valid` bytes of the step exist
+    const auto ones = [](int n) { return n <= 0 ? __mmask64{0} : n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1; };
+    return {ones(valid), ones(valid - (StepBytes - 64)), static_cast<__mmask16>(ones(valid_lanes))};
+  }
+  template <bool Full>
+  void load(const uint8_t* p, __m512i& z0, __m512i& z1) const {
+    if constexpr (Full) {
+      z0 = _mm512_loadu_si512(p);
+      z1 = _mm512_loadu_si512(p + StepBytes - 64);
+    } else {
+      z0 = _mm512_maskz_loadu_epi8(first, p);
+      z1 = _mm512_maskz_loadu_epi8(second, p + StepBytes - 64);
+    }
+  }
+};
+
+// Runs `step(st, loads, full)` over a row's whole steps, then its partial one if any; `full` is a std::bool_constant.
+template <int StepBytes, int BlockBytes, int PerStep, class Step>
+inline void for_steps(int64_t nb, Step step) {
+  const int64_t whole = nb / PerStep;
+  for (int64_t st = 0; st < whole; ++st) step(st, StepLoads<StepBytes>{}, std::true_type{});
+  if (const int rest = static_cast<int>(nb % PerStep))
+    step(whole, StepLoads<StepBytes>::partial(rest * BlockBytes, rest * 16 / PerStep), std::false_type{});
 }
 
-// One step of four nibble blocks: the low nibbles of `v` (elements 0..15 of each block) against x's first 64
-// bytes, the high nibbles (16..31) against the next 64; `dot_codes(acc, codes, x)` adds one half's dot.
-template <class DotCodes>
-inline __m512i nibble_step(__m512i acc, __m512i v, const int8_t* xq, DotCodes dot_codes) {
-  const __m512i nibble = _mm512_set1_epi8(0x0f);
-  acc = dot_codes(acc, _mm512_and_si512(v, nibble), _mm512_loadu_si512(xq));
-  return dot_codes(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), _mm512_loadu_si512(xq + 64));
+// The sums of four accumulators' lanes, in one transposing reduction (a quarter of four separate ones' work); a
+// group of fewer rows pads with zeros, so a row's sum is the same bits whichever group it was computed in.
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));  // row r: lane r
+  q = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4E));
+  q = _mm512_add_ps(q, _mm512_permute_ps(q, 0xB1));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), q));
 }
 
-// Two Q8_0 blocks (68 bytes): quants of both and their scales [d0 x8, d1 x8].
-inline float row_q8_0(const uint8_t* row, const StepX& sx, int64_t steps) {
+template <int R>
+inline void reduce_rows(const __m512* acc, float* out) {
+  static_assert(R == 1 || R == 2 || R == 4, "rows come in groups of 1, 2 or 4");
+  const __m512 zero = _mm512_setzero_ps();
+  const __m128 sums = reduce4(acc[0], R > 1 ? acc[1] : zero, R > 2 ? acc[2] : zero, R > 3 ? acc[3] : zero);
+  if constexpr (R == 4) _mm_storeu_ps(out, sums);
+  else _mm_mask_storeu_ps(out, (1 << R) - 1, sums);
+}
+
+// Two Q8_0 blocks (68 bytes) per step: quants of both and their scales [d0 x8, d1 x8].
+template <int R>
+inline void rows_q8_0(const uint8_t* row, int64_t row_bytes, const StepX& sx, int64_t nb, float* out) {
   alignas(64) static const uint8_t kQuants[64] = {
       2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
       24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107,
@@ -196,17 +234,22 @@ inline float row_q8_0(const uint8_t* row, const StepX& sx, int64_t steps) {
       0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 34, 35, 34, 35, 34, 35, 34, 35, 34, 35, 34, 35, 34, 35, 34, 35};
   const __m512i quants = _mm512_load_si512(kQuants), scales = _mm512_load_si512(kScales);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  for (int64_t st = 0; st < steps; ++st) {
-    const uint8_t* p = row + st * 68;
-    const __m512i z0 = _mm512_loadu_si512(p), z1 = _mm512_loadu_si512(p + 4);
-    const __m512i w = _mm512_xor_si512(_mm512_permutex2var_epi8(z0, quants, z1), flip);
-    const __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi8(scales, z0)));
-    const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(sx.corr.data() + st * 16), w,
-                                            _mm512_loadu_si512(sx.q.data() + st * 64));
-    accumulate(st, dot, d, sx, acc0, acc1);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for_steps<68, 34, 2>(nb, [&](int64_t st, StepLoads<68> loads, auto full) {
+    const __m512i xq = _mm512_loadu_si512(sx.q.data() + st * 64);
+    const __m512i corr = _mm512_loadu_si512(sx.corr.data() + st * 16);
+    const __m512 xs = _mm512_loadu_ps(sx.scale.data() + st * 16);
+    for (int r = 0; r < R; ++r) {
+      __m512i z0, z1;
+      loads.template load<decltype(full)::value>(row + r * row_bytes + st * 68, z0, z1);
+      const __m512i w = _mm512_xor_si512(_mm512_permutex2var_epi8(z0, quants, z1), flip);
+      const __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi8(scales, z0)));
+      const __m512i dot = _mm512_dpbusd_epi32(corr, w, xq);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, xs), acc[r]);
+    }
+  });
+  reduce_rows<R>(acc, out);
 }
 
 // Byte indices (into two registers: a step's first 64 bytes, then its last 64) of what one step of four nibble
@@ -235,50 +278,57 @@ struct NibbleTables {
 // Four blocks of Q4_0, Q4_1, Q5_0, Q5_1 or IQ4_NL per step: their 64 quant bytes, low nibbles then high, with the
 // fifth bits OR-ed in from the qh words, against x's low and high halves. IQ4_NL's codes become signed levels
 // through a byte shuffle, multiplied as MXFP4's are (|level| times x carrying the level's sign).
-template <Kind kind>
-inline float row_nibbles(const uint8_t* row, const StepX& sx, int64_t steps) {
+template <Kind kind, int R>
+inline void rows_nibbles(const uint8_t* row, int64_t row_bytes, const StepX& sx, int64_t nb, float* out) {
   constexpr Layout l = layout(kind);
+  constexpr int kStep = 4 * l.bytes;
   static const NibbleTables t(l);
   const __m512i quants = _mm512_load_si512(t.quants), scales = _mm512_load_si512(t.scales);
   const __m512i mins = _mm512_load_si512(t.mins), high_lo = _mm512_load_si512(t.high_lo);
   const __m512i high_hi = _mm512_load_si512(t.high_hi), bit = _mm512_load_si512(t.bit);
   const __m512i nibble = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(16), zero = _mm512_setzero_si512();
   const __m512i levels = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4NlLevels)));
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   auto dot_codes = [&](__m512i acc, __m512i codes, __m512i x) {
     if constexpr (!l.levels) return _mm512_dpbusd_epi32(acc, codes, x);
     const __m512i w = _mm512_shuffle_epi8(levels, codes);
     const __m512i xs = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), zero, x);
     return _mm512_dpbusd_epi32(acc, _mm512_abs_epi8(w), xs);
   };
-  for (int64_t st = 0; st < steps; ++st) {
-    const uint8_t* p = row + st * 4 * l.bytes;
-    const __m512i z0 = _mm512_loadu_si512(p), z1 = _mm512_loadu_si512(p + 4 * l.bytes - 64);
-    const __m512i v = _mm512_permutex2var_epi8(z0, quants, z1);
-    __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-    if constexpr (l.qh >= 0) {  // + 16 where the element's bit in its qh word is set
-      const __mmask64 set_lo = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(z0, high_lo, z1), bit);
-      const __mmask64 set_hi = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(z0, high_hi, z1), bit);
-      lo = _mm512_mask_add_epi8(lo, set_lo, lo, sixteen);
-      hi = _mm512_mask_add_epi8(hi, set_hi, hi, sixteen);
-    }
+  for_steps<kStep, l.bytes, 4>(nb, [&](int64_t st, StepLoads<kStep> loads, auto full) {
     const int8_t* xq = sx.q.data() + st * 128;
-    __m512i dot = l.excess ? _mm512_loadu_si512(sx.corr.data() + st * 16) : zero;
-    dot = dot_codes(dot_codes(dot, lo, _mm512_loadu_si512(xq)), hi, _mm512_loadu_si512(xq + 64));
-    const __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(z0, scales, z1)));
-    accumulate(st, dot, d, sx, acc0, acc1);
-    if constexpr (l.m >= 0) {
-      const __m512 m = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(z0, mins, z1)));
-      accm = _mm512_fmadd_ps(m, _mm512_loadu_ps(sx.mins.data() + st * 16), accm);
+    const __m512i xlo = _mm512_loadu_si512(xq), xhi = _mm512_loadu_si512(xq + 64);
+    const __m512i corr = l.excess ? _mm512_loadu_si512(sx.corr.data() + st * 16) : zero;
+    const __m512 xs = _mm512_loadu_ps(sx.scale.data() + st * 16);
+    for (int r = 0; r < R; ++r) {
+      __m512i z0, z1;
+      loads.template load<decltype(full)::value>(row + r * row_bytes + st * kStep, z0, z1);
+      const __m512i v = _mm512_permutex2var_epi8(z0, quants, z1);
+      __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      if constexpr (l.qh >= 0) {  // + 16 where the element's bit in its qh word is set
+        const __mmask64 set_lo = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(z0, high_lo, z1), bit);
+        const __mmask64 set_hi = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(z0, high_hi, z1), bit);
+        lo = _mm512_mask_add_epi8(lo, set_lo, lo, sixteen);
+        hi = _mm512_mask_add_epi8(hi, set_hi, hi, sixteen);
+      }
+      const __m512i dot = dot_codes(dot_codes(corr, lo, xlo), hi, xhi);
+      const __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(z0, scales, z1)));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, xs), acc[r]);
+      if constexpr (l.m >= 0) {
+        const __m512 m = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(z0, mins, z1)));
+        acc[r] = _mm512_fmadd_ps(m, _mm512_loadu_ps(sx.mins.data() + st * 16), acc[r]);
+      }
     }
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), accm));
+  });
+  reduce_rows<R>(acc, out);
 }
 
 // Four MXFP4 blocks (68 bytes): their 64 code bytes, low nibbles then high, as in Q4_0; the codes become signed
 // levels through a byte shuffle. vpdpbusd wants unsigned x signed, so it multiplies |level| by x carrying the
 // level's sign: no excess to correct. Scales [2^(e0-128) x4, ..] come from the E8M0 bytes via vscalefps.
-inline float row_mxfp4(const uint8_t* row, const StepX& sx, int64_t steps) {
+template <int R>
+inline void rows_mxfp4(const uint8_t* row, int64_t row_bytes, const StepX& sx, int64_t nb, float* out) {
   alignas(64) static const uint8_t kQuants[64] = {
       1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 18, 19, 20, 21, 22, 23,
       24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46,
@@ -289,25 +339,34 @@ inline float row_mxfp4(const uint8_t* row, const StepX& sx, int64_t steps) {
                                                 51, 0, 0, 0, 51, 0, 0, 0, 51, 0, 0, 0, 51, 0, 0, 0};
   const __m512i quants = _mm512_load_si512(kQuants), exps = _mm512_load_si512(kExps);
   const __m512i levels = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kMxfp4Levels)));
-  const __m512i zero = _mm512_setzero_si512();
+  const __m512i nibble = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512();
   const __mmask64 low_bytes = 0x1111111111111111ULL;
   const __m512 half = _mm512_set1_ps(0.5f), bias = _mm512_set1_ps(127.0f);
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   auto signed_dot = [&](__m512i acc, __m512i codes, __m512i x) {
     const __m512i w = _mm512_shuffle_epi8(levels, codes);
     const __m512i xs = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), zero, x);
     return _mm512_dpbusd_epi32(acc, _mm512_abs_epi8(w), xs);
   };
-  for (int64_t st = 0; st < steps; ++st) {
-    const uint8_t* p = row + st * 68;
-    const __m512i z0 = _mm512_loadu_si512(p), z1 = _mm512_loadu_si512(p + 4);
-    const __m512i v = _mm512_permutex2var_epi8(z0, quants, z1);
-    const __m512i e = _mm512_maskz_permutexvar_epi8(low_bytes, exps, z0);
-    const __m512 d = _mm512_scalef_ps(half, _mm512_sub_ps(_mm512_cvtepi32_ps(e), bias));  // 2^(e-127) / 2
-    const __m512i dot = nibble_step(zero, v, sx.q.data() + st * 128, signed_dot);
-    accumulate(st, dot, d, sx, acc0, acc1);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for_steps<68, 17, 4>(nb, [&](int64_t st, StepLoads<68> loads, auto full) {
+    const int8_t* xq = sx.q.data() + st * 128;
+    const __m512i xlo = _mm512_loadu_si512(xq), xhi = _mm512_loadu_si512(xq + 64);
+    const __m512 xs = _mm512_loadu_ps(sx.scale.data() + st * 16);
+    for (int r = 0; r < R; ++r) {
+      __m512i z0, z1;
+      loads.template load<decltype(full)::value>(row + r * row_bytes + st * 68, z0, z1);
+      const __m512i v = _mm512_permutex2var_epi8(z0, quants, z1);
+      __m512i e = _mm512_maskz_permutexvar_epi8(low_bytes, exps, z0);
+      // a padded block's x scale is 0; its e = 0 would make a denormal 2^-128, which costs a microcode assist
+      if constexpr (!decltype(full)::value) e = _mm512_mask_blend_epi32(loads.lanes, _mm512_set1_epi32(127), e);
+      const __m512 d = _mm512_scalef_ps(half, _mm512_sub_ps(_mm512_cvtepi32_ps(e), bias));  // 2^(e-127) / 2
+      const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      const __m512i dot = signed_dot(signed_dot(zero, lo, xlo), hi, xhi);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, xs), acc[r]);
+    }
+  });
+  reduce_rows<R>(acc, out);
 }
 #endif
 
@@ -335,69 +394,40 @@ ActX act_x(const float* x, int64_t nb) {
   return a;
 }
 
-#if defined(EDGELLM_VNNI) && defined(__AVX512VL__)
-// The integer dot of one Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 block with x on 256-bit VNNI: the blocks after a row's last whole step
-// (K = 576 leaves 2 of 18), which the scalar loop made a third of a SmolLM-shaped decode step. Codes go in unsigned
-// (Q8_0's sign bit flipped), so the excess times sum(x_q) comes off the result.
-template <Kind kind>
-inline int32_t dot_block_vnni(const uint8_t* blk, const int8_t* xq, int32_t xsum) {
-  __m256i w;
-  int excess;
-  if constexpr (kind == Kind::kQ8_0) {
-    w = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2)), _mm256_set1_epi8(-128));
-    excess = 128;
-  } else {
-    constexpr Layout l = layout(kind);
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + l.qs)), m = _mm_set1_epi8(0x0F);
-    w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));  // elements 16..31, 0..15
-    if constexpr (l.qh >= 0) {  // Q5_0/Q5_1: bit i of the 32-bit word is element i's fifth bit
-      uint32_t qh;
-      std::memcpy(&qh, blk + l.qh, 4);
-      w = _mm256_or_si256(w, _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10)));
-    }
-    excess = l.excess;
-  }
-  const __m256i acc = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s) - excess * xsum;
-}
-#endif
-
-// One output: the dot of a weight row (K / 32 blocks) with x, VNNI steps first, then the blocks left over.
-template <Kind kind>
-float row_dot(const uint8_t* row, const ActX& a, int64_t nb) {
-  constexpr bool Q8 = kind == Kind::kQ8_0, MX = kind == Kind::kMxfp4;
+// R outputs: the dots of R weight rows (K / 32 blocks each, row_bytes apart) with x.
+template <Kind kind, int R>
+void rows_dot(const uint8_t* row, int64_t row_bytes, const ActX& a, int64_t nb, float* out) {
+#ifdef EDGELLM_VNNI
+  if constexpr (kind == Kind::kQ8_0) rows_q8_0<R>(row, row_bytes, a.sx, nb, out);
+  else if constexpr (kind == Kind::kMxfp4) rows_mxfp4<R>(row, row_bytes, a.sx, nb, out);
+  else rows_nibbles<kind, R>(row, row_bytes, a.sx, nb, out);
+#else
   constexpr Layout l = layout(kind);
   constexpr int64_t bytes = block_bytes<kind>();
-  float acc = 0.0f;
-#ifdef EDGELLM_VNNI
-  const int64_t steps = nb / blocks_per_step<kind>();
-  if constexpr (Q8) acc = row_q8_0(row, a.sx, steps);
-  else if constexpr (MX) acc = row_mxfp4(row, a.sx, steps);
-  else acc = row_nibbles<kind>(row, a.sx, steps);
-#else
-  const int64_t steps = 0;
-#endif
-  for (int64_t b = steps * blocks_per_step<kind>(); b < nb; ++b) {
-    const uint8_t* blk = row + b * bytes;
-    const int8_t* xq = a.qx.q.data() + b * kBlock;
-    if constexpr (MX) {
-      acc += static_cast<float>(dot_mxfp4(blk, xq)) * (e8m0_half(blk[0]) * a.qx.d[b]);
-    } else {
-      int32_t dot;
-#if defined(EDGELLM_VNNI) && defined(__AVX512VL__)
-      if constexpr (!l.levels) dot = dot_block_vnni<kind>(blk, xq, a.qx.sum[b]);  // all but IQ4_NL
-      else
-#endif
-        dot = Q8 ? dot_q8_0(blk, xq) : dot_nibbles<kind>(blk, xq);
-      acc += static_cast<float>(dot) * (half_to_float(blk) * a.qx.d[b]);
-      if constexpr (l.m >= 0) acc += half_to_float(blk + l.m) * a.qx.s[b];
+  for (int r = 0; r < R; ++r) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + r * row_bytes + b * bytes;
+      const int8_t* xq = a.qx.q.data() + b * kBlock;
+      if constexpr (kind == Kind::kMxfp4) {
+        acc += static_cast<float>(dot_mxfp4(blk, xq)) * (e8m0_half(blk[0]) * a.qx.d[b]);
+      } else {
+        const int32_t dot = kind == Kind::kQ8_0 ? dot_q8_0(blk, xq) : dot_nibbles<kind>(blk, xq);
+        acc += static_cast<float>(dot) * (half_to_float(blk) * a.qx.d[b]);
+        if constexpr (l.m >= 0) acc += half_to_float(blk + l.m) * a.qx.s[b];
+      }
     }
+    out[r] = acc;
   }
-  return acc;
+#endif
+}
+
+// y[n] = W[n] . x for n in [n0, n1): four rows at a time, then one by one.
+template <Kind kind>
+void gemv_rows(const uint8_t* w, int64_t row_bytes, const ActX& a, int64_t nb, int64_t n0, int64_t n1, float* y) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) rows_dot<kind, 4>(w + n * row_bytes, row_bytes, a, nb, y + n);
+  for (; n < n1; ++n) rows_dot<kind, 1>(w + n * row_bytes, row_bytes, a, nb, y + n);
 }
 
 }  // namespace ggml

@@ -95,7 +95,7 @@ struct Proj {
 
   template <ggml::Kind G>
   void block_rows(const uint8_t* w, int64_t n0, int64_t n1, float* y) const {
-    for (int64_t n = n0; n < n1; ++n) y[n] = ggml::row_dot<G>(w + n * row_bytes, gx, K / ggml::kBlock);
+    ggml::gemv_rows<G>(w, row_bytes, gx, K / ggml::kBlock, n0, n1, y);
   }
 
   // y[n] = W[n] . x + bias[n] for n in [n0, n1).
