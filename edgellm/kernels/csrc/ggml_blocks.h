@@ -182,8 +182,10 @@ struct StepLoads {
     const auto ones = [](int n) { return n <= 0 ? __mmask64{0} : n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1; };
     return {ones(valid), ones(valid - (StepBytes - 64)), static_cast<__mmask16>(ones(valid_lanes))};
   }
+  // Also asks for the bytes simd::kPrefetchBytes ahead of these.
   template <bool Full>
   void load(const uint8_t* p, __m512i& z0, __m512i& z1) const {
+    simd::prefetch_l2(p, StepBytes);
     if constexpr (Full) {
       z0 = _mm512_loadu_si512(p);
       z1 = _mm512_loadu_si512(p + StepBytes - 64);

@@ -300,6 +300,7 @@ void rows_avx512(const uint8_t* row, const Q8K* const* xs, int64_t nb, float* ou
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), accm[r] = _mm256_setzero_ps();
   Regs w;
   for (int64_t b = 0; b < nb; ++b) {
+    simd::prefetch_l2(row + b * F::kBytes, F::kBytes);
     regs(F{}, row + b * F::kBytes, w);
     const __m512i sc = _mm512_castsi256_si512(w.sc);
     __m512i scale[4];

@@ -26,6 +26,16 @@ inline float half_to_float(const uint8_t* p) {
 }
 
 #if defined(__AVX512F__)
+// How far ahead of its reads a weight GEMV asks for bytes into L2 (_mm_prefetch, T1 hint): one core streaming
+// weights from DRAM is bound by the misses it has in flight, and the hardware prefetcher alone keeps too few. Measured
+// on a Xeon, a DRAM-resident Q4_0 GEMV ran at 5.6 GB/s without, 10-16 GB/s with it (2 KB ahead: 7-8 GB/s).
+constexpr int kPrefetchBytes = 8192;
+
+inline void prefetch_l2(const uint8_t* p, int bytes) {
+  for (int off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes + off,
+                                                         _MM_HINT_T1);
+}
+
 // exp(x) for x <= 0 (scores minus their max): x = n ln2 + r, |r| <= ln2 / 2, degree-6 Taylor polynomial for
 // exp(r) (relative error ~2e-7), scaled by 2^n with vscalefps. std::exp one score at a time cost more than the
 // whole rest of the attention.
