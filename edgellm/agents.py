@@ -141,11 +141,10 @@ class AgentStore:
         self.model, self.tokenizer = model, tokenizer
         if isinstance(kv_format, str):
             kv_format = KVFormat.parse(kv_format)
-        self.kv_format = kv_format or dense_format(model.model.embed_tokens.weight.dtype)
+        self.kv_format = kv_format or dense_format(model.dtype)
         self.budget_bytes = budget_bytes
-        weight = model.model.embed_tokens.weight
         self.pool = None if pool_bytes is None else BlockPool(model.args, self.kv_format, pool_bytes, block_tokens,
-                                                               weight.dtype, weight.device)
+                                                               model.dtype, model.device)
         self.live: OrderedDict[str, Agent] = OrderedDict()
         self.evictions = 0
 

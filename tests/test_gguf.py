@@ -25,7 +25,7 @@ from edgellm.quant.formats import QuantizedTensor
 from edgellm.quant.gguf import LLAMA3_REGEX, GGUFError, gguf_name, hf_name, permute_qk, qk_heads, unpermute_qk
 from edgellm.quant.gguf_read import gguf_tokenizer, load_gguf, open_gguf
 from edgellm.quant.gguf_write import add_tokenizer, export_gguf
-from edgellm.quant.linear import QuantizedLinear
+from edgellm.quant.linear import QuantizedEmbedding, QuantizedLinear
 from edgellm.tokenizer import Tokenizer
 from tests.conftest import SAMPLE_TEXT
 from tests.test_kquants import random_blocks
@@ -245,6 +245,34 @@ def test_gguf_from_package_writer_with_k_quants_and_bf16(checkpoint, tmp_path, t
     # that fp32 summation order flips some roundings, and a 1e-6 nudge of the embeddings moves logits by ~0.5%).
     assert 0 < (got - rounded).norm() <= 0.5 * (rounded - ref).norm()
     assert (got - ref).norm() <= 0.1 * ref.norm()
+
+
+@pytest.mark.parametrize("qtype", [GT.Q8_0, GT.Q6_K])
+def test_tied_token_table_stays_quantized_and_the_head_reads_its_blocks(checkpoint, tmp_path, tokens, qtype,
+                                                                         monkeypatch):
+    """A tied GGUF's token_embd stays as the file's blocks: a lookup gives gguf's dequantization of the rows it
+    gathers, the head is a QuantizedLinear over the same storage (no float table, no Q8_0 copy), and the logits are
+    the model's with the dequantized table, exactly through dequant + GEMM."""
+    path = checkpoint("llama", hidden_size=256, intermediate_size=512, tie_word_embeddings=True)
+    base = export_gguf(path, tmp_path / "f32.gguf", "f32")
+    stored = {t.name: t for t in gguf.GGUFReader(base).tensors}
+    assert "output.weight" not in stored
+    rows, k = stored["token_embd.weight"].data.shape
+    if qtype == GT.Q8_0:
+        blocks = ref_quantize(read_weights(path)["model.embed_tokens.weight"].float().numpy(), GT.Q8_0)
+    else:
+        blocks = random_blocks("q6_k", rows, k, seed=3, scale=1e-3)
+    table = torch.from_numpy(dequantize(blocks, qtype)).reshape(rows, k)
+    model, _ = load_gguf(rewrite(base, tmp_path / "t.gguf", replace={"token_embd.weight": (blocks, qtype)}), "fp32")
+    embed = model.model.embed_tokens
+    assert isinstance(embed, QuantizedEmbedding) and isinstance(model.lm_head, QuantizedLinear)
+    assert model.lm_head.blocks.data_ptr() == embed.blocks.data_ptr()  # one table, read by both
+    assert np.array_equal(embed.blocks.numpy(), blocks.reshape(rows, -1))
+    assert torch.equal(embed(tokens), table[tokens])
+    tied = ("model.embed_tokens.weight", "lm_head.weight")
+    ref = logits(reference_with(path, lambda name, w: table.clone() if name in tied else w), tokens)
+    monkeypatch.setattr(qmatmul, "kernel_for", lambda *_: "dequant")
+    torch.testing.assert_close(logits(model, tokens), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_llama3_rope_scaling_survives_export(checkpoint, tmp_path, tokens):

@@ -104,7 +104,7 @@ def _methods(base: nn.Module, predictors: list[KVPredictor], baselines: bool) ->
             aux = json.loads(pred.meta.get("aux", "{}"))
             if aux.get("kind") == "pruned-base" and aux["keep_fraction"] not in fractions:
                 fractions.append(aux["keep_fraction"])
-    dtype = base.model.embed_tokens.weight.dtype
+    dtype = base.dtype
     for fraction in fractions:
         pruned, _ = prune_model(base, fraction)
         pruned = pruned.to(dtype).eval().requires_grad_(False)

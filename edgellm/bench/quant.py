@@ -97,17 +97,19 @@ def _prefill_decode_seconds(prefill_once, decode, reps: int) -> tuple[float, flo
 
 
 def _decode_bytes(model: torch.nn.Module) -> int:
-    """Bytes one decode step reads: every parameter and buffer once, but only one row of the embedding table."""
-    seen, total = set(), 0
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    for _, t in tensors:
-        if t.data_ptr() in seen or t.device.type == "meta":
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    embed = model.model.embed_tokens.weight
-    tied = getattr(model.lm_head, "weight", None) is embed
-    return total - (0 if tied else embed.numel() * embed.element_size())
+    """Bytes one decode step reads: every parameter and buffer once, but none of the token table (one row is
+    gathered) unless the head is tied to it and reads all of it."""
+    def tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+        return [t for t in list(module.parameters()) + list(module.buffers()) if t.device.type != "meta"]
+
+    embed = {t.data_ptr() for t in tensors(model.model.embed_tokens)}
+    seen = set() if embed & {t.data_ptr() for t in tensors(model.lm_head)} else embed
+    total = 0
+    for t in tensors(model):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 def _bits_per_weight(model: torch.nn.Module) -> float:

@@ -105,12 +105,12 @@ def save_memory(path: Path, cache: PromptCache, model: nn.Module, tokenizer_fing
     tensors = {f"layers.{i}.{key}": t.contiguous()
                for i, layer in enumerate(cache.layers) for key, t in layer.state().items()}
     args = model.args
-    fmt = cache.kv_format or dense_format(model.model.embed_tokens.weight.dtype)
+    fmt = cache.kv_format or dense_format(model.dtype)
     metadata = {
         "edgellm_format": str(FORMAT_VERSION),
         "model_fingerprint": model.fingerprint,
         "tokenizer_fingerprint": tokenizer_fingerprint,
-        "model_dtype": str(model.model.embed_tokens.weight.dtype).removeprefix("torch."),
+        "model_dtype": str(model.dtype).removeprefix("torch."),
         "kv_format": json.dumps(fmt.to_metadata(), sort_keys=True),
         "rope": json.dumps({"theta": args.rope_theta, "scaling": args.rope_scaling, "head_dim": args.head_dim}),
         "layers": str(len(cache.layers)),
@@ -253,7 +253,7 @@ def _restore(label: str, meta: dict[str, str], tensors: dict[str, torch.Tensor],
         num_tokens = int(meta["num_tokens"])
     except (KeyError, ValueError, EdgeLLMError) as e:
         raise RestoreError(f"{label}: memory metadata is incomplete ({e})") from e
-    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    dtype = str(model.dtype).removeprefix("torch.")
     if meta.get("model_dtype") != dtype:  # K/V computed in another precision are not this model's K/V
         raise RestoreError(f"{label}: memory was computed by the model in {meta.get('model_dtype')}, not {dtype}")
     if saved_format != kv_format:

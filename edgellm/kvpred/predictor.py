@@ -257,8 +257,8 @@ def load_predictor(path: str | Path, base: Model, tokenizer_fingerprint: str | N
                                f"{base.args.vocab_size}; both must share one tokenizer")
     with torch.device("meta"):
         predictor = KVPredictor(Model(aux_args), base.args, layer_map, meta)
-    dtype = base.model.embed_tokens.weight.dtype
-    device = base.model.embed_tokens.weight.device
+    dtype = base.dtype
+    device = base.device
     state = tensors
     expected = dict(predictor.state_dict())
     if aux_args.tie_word_embeddings:
@@ -280,7 +280,7 @@ def write_kv(base: Model, keys: list[torch.Tensor], values: list[torch.Tensor], 
     b, t, _ = keys[0].shape
     offset = cache[0].offset
     positions = torch.arange(offset, offset + t, device=keys[0].device).unsqueeze(0).expand(b, t)
-    dtype = base.model.embed_tokens.weight.dtype
+    dtype = base.dtype
     cos, sin = base.rope.cos_sin(positions, dtype)
     for layer, k, v, layer_cache in zip(base.model.layers, keys, values, cache, strict=True):
         layer_cache.update_and_fetch(*layer.self_attn.place_kv(k.to(dtype), v.to(dtype), cos, sin))

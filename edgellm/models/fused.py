@@ -106,7 +106,7 @@ def build(model: Any) -> FusedStep | None:
     computes: this module is below it), or None where the step does not cover it (a layer type, a weight format)."""
     ext = load_extension("step")
     args = model.args
-    if ext is None or model.model.embed_tokens.weight.device.type != "cpu":
+    if ext is None or model.device.type != "cpu":
         return None
     if any((type(layer), type(layer.self_attn), type(layer.mlp)) not in model.FUSED_LAYER_TYPES
            for layer in model.model.layers):
@@ -124,7 +124,7 @@ def build(model: Any) -> FusedStep | None:
         return None
     plan.set_head(head[0], head[1], args.vocab_size, args.hidden_size)
     read.refs += [(model, "lm_head", model.lm_head), (model.model.norm, "weight", model.model.norm.weight),
-                  (model.model.embed_tokens, "weight", model.model.embed_tokens.weight)]
+                  (model.model, "embed_tokens", model.model.embed_tokens)]
     return FusedStep(plan, read.refs)
 
 
@@ -152,4 +152,4 @@ def decode_step(model: Any, tokens: torch.Tensor, cache: list) -> torch.Tensor |
                                 [c.keys for c in cache], [c.values for c in cache], pos)
     for c in cache:
         c.offset = pos + 1
-    return logits.to(model.model.embed_tokens.weight.dtype).view(1, 1, -1)
+    return logits.to(model.dtype).view(1, 1, -1)

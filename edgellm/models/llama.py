@@ -228,6 +228,17 @@ class Model(nn.Module):
         self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.max_position_embeddings, args.rope_scaling)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype: the embedding table's, or what a table kept quantized dequantizes its rows to."""
+        embed = self.model.embed_tokens
+        return embed.weight.dtype if isinstance(embed, nn.Embedding) else embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        embed = self.model.embed_tokens
+        return embed.weight.device if isinstance(embed, nn.Embedding) else embed.device
+
     def fuse(self) -> None:
         """Fuse q/k/v and gate/up projections for bf16 inference (loading does this; training keeps them apart).
 
@@ -235,21 +246,27 @@ class Model(nn.Module):
         two 1536×384 projections), while torch's fp32 GEMV gets slower on the fused shape (422 vs 340 µs), and
         fp32 weights stay memory-mapped only when left alone.
         """
-        if self.model.embed_tokens.weight.dtype != torch.bfloat16:
+        if self.dtype != torch.bfloat16:
             return
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
     def tie_weights(self) -> None:
-        if self.args.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # not a quantized copy
-            self.lm_head.weight = self.model.embed_tokens.weight
+        """A tied head reads the embedding's table: its float weight, or the blocks of a table kept quantized."""
+        if not self.args.tie_word_embeddings or not isinstance(self.lm_head, nn.Linear):  # a quantized copy stays
+            return
+        embed = self.model.embed_tokens
+        if isinstance(embed, nn.Embedding):
+            self.lm_head.weight = embed.weight
+        else:
+            self.lm_head = embed.tied_head()
 
     def make_cache(self, capacity: int, batch: int = 1, kv_format: KVFormat | None = None) -> list[KVCache]:
         """One preallocated cache per layer, reserved for `capacity` tokens: dense in the model's dtype by default."""
         if kv_format is not None:
             return make_caches(self, kv_format, capacity, batch)
-        dtype, device = self.model.embed_tokens.weight.dtype, self.model.embed_tokens.weight.device
+        dtype, device = self.dtype, self.device
         return [DenseKVCache(batch, self.args.num_key_value_heads, self.args.head_dim, capacity, dtype, device)
                 for _ in range(self.args.num_hidden_layers)]
 

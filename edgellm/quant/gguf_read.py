@@ -46,7 +46,7 @@ from edgellm.quant.gguf import (
     qk_heads,
     unpermute_qk,
 )
-from edgellm.quant.linear import PROJECTIONS, QuantizedLinear, prepare_quantized, quantize_lm_head
+from edgellm.quant.linear import PROJECTIONS, QuantizedEmbedding, QuantizedLinear, prepare_quantized, quantize_lm_head
 from edgellm.tokenizer import Tokenizer
 
 KEPT_QUANTIZED = {GT.Q8_0: "q8_0", GT.Q4_0: "q4_0", GT.MXFP4: "mxfp4", GT.Q4_1: "q4_1", GT.Q5_0: "q5_0",
@@ -272,9 +272,9 @@ def read_weights(reader: GGUFFile, config: dict, dtype: torch.dtype,
         if name is None:
             raise UnsupportedModelError(f"{path}: GGUF tensor {t.name} is not part of a {config['model_type']} "
                                         "model edgellm implements")
-        # The projections and the head stay quantized as stored (as llama.cpp runs them); the embedding is a
-        # lookup. A head read as floats (a float or tied one) is run as Q8_0 by quantize_lm_head.
-        kept = name == "lm_head.weight" or name.rsplit(".", 2)[-2] in PROJECTIONS
+        # The projections, the head and the token table stay quantized as stored, as llama.cpp runs them (a tied
+        # head reads the table's blocks); a float head is run as Q8_0 by quantize_lm_head.
+        kept = name in ("lm_head.weight", "model.embed_tokens.weight") or name.rsplit(".", 2)[-2] in PROJECTIONS
         if len(t.shape) == 3:  # stacked experts: each expert's rows are a contiguous run of whole blocks
             for e in range(t.shape[0]):
                 expert = GGUFTensor(t.name, t.tensor_type, t.shape[1:], t.data[e])
@@ -304,8 +304,10 @@ def gguf_fingerprint(reader: GGUFFile, samples: int = 32, sample_bytes: int = 40
     return h.hexdigest()[:32]
 
 
-def install_weights(model: nn.Module, weights: dict[str, torch.Tensor | QuantizedTensor], path: Path) -> None:
-    """Assign float tensors to the meta-device model and swap projections for QuantizedLinear over the blocks."""
+def install_weights(model: nn.Module, weights: dict[str, torch.Tensor | QuantizedTensor], path: Path,
+                    dtype: torch.dtype) -> None:
+    """Assign float tensors to the meta-device model and swap projections for QuantizedLinear over the blocks (the
+    token table for a QuantizedEmbedding, which dequantizes the rows it looks up to `dtype`)."""
     expected = dict(model.state_dict())
     if model.args.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -325,8 +327,9 @@ def install_weights(model: nn.Module, weights: dict[str, torch.Tensor | Quantize
                           assign=True, strict=False)
     for m in modules:
         parent, _, child = m.rpartition(".")
-        setattr(model.get_submodule(parent), child,
-                QuantizedLinear.from_quantized(weights[f"{m}.weight"], biases[f"{m}.bias"]))
+        qt = weights[f"{m}.weight"]
+        setattr(model.get_submodule(parent), child, QuantizedEmbedding(qt, dtype) if m == "model.embed_tokens"
+                else QuantizedLinear.from_quantized(qt, biases[f"{m}.bias"]))
 
 
 def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
@@ -343,7 +346,7 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
     with torch.device("meta"):
         model = family.Model(args)
     weights, rope_freqs = read_weights(reader, config, dtype, path)
-    install_weights(model, weights, path)
+    install_weights(model, weights, path, dtype)
     model.tie_weights()
     model.fuse()
     prepare_quantized(model)

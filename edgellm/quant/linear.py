@@ -116,6 +116,44 @@ def unfuse(model: nn.Module) -> None:
                 setattr(module, attr, None)
 
 
+class QuantizedEmbedding(nn.Module):
+    """A token table kept in its stored blocks (a GGUF token_embd): a lookup dequantizes only the rows it gathers,
+    into the model's dtype, and a tied head runs on the same blocks, as llama.cpp does. A float table would cost
+    vocab x hidden x 2-4 bytes more than the file (113 MB in fp32 for 49K tokens at width 576)."""
+
+    def __init__(self, qt: QuantizedTensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.fmt, self.dtype = qt.fmt, dtype
+        self.num_embeddings, self.embedding_dim = qt.shape
+        self.data_keys = tuple(qt.data)
+        for key, value in qt.data.items():
+            self.register_buffer(key, value)
+
+    @property
+    def quantized(self) -> QuantizedTensor:
+        return QuantizedTensor(self.fmt, (self.num_embeddings, self.embedding_dim),
+                               {key: getattr(self, key) for key in self.data_keys})
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, self.data_keys[0]).device
+
+    def tied_head(self) -> QuantizedLinear:
+        """The output projection over these very blocks (no copy)."""
+        head = QuantizedLinear.from_quantized(self.quantized)
+        head.prepare()
+        return head
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = QuantizedTensor(self.fmt, (flat.numel(), self.embedding_dim),
+                               {key: getattr(self, key).index_select(0, flat) for key in self.data_keys})
+        return rows.dequantize(self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.fmt.name}, dtype={self.dtype}"
+
+
 def quantize_lm_head(model: nn.Module, fmt: str | WeightFormat = "q8_0") -> bool:
     """Run the output projection from a Q8_0 copy when the decoder's projections are quantized, as llama.cpp does.
 

@@ -96,7 +96,7 @@ def _model_json(subject: Subject) -> dict:
     args = subject.model.args
     return {"name": subject.name, "path": None if subject.random_weights else str(subject.model.path),
             "random_weights": subject.random_weights, "window": args.max_position_embeddings,
-            "dtype": dtype_name(subject.model.model.embed_tokens.weight.dtype),
+            "dtype": dtype_name(subject.model.dtype),
             "layers": args.num_hidden_layers, "kv_heads": args.num_key_value_heads, "head_dim": args.head_dim,
             "parameters": sum(p.numel() for p in subject.model.parameters())}
 

@@ -40,7 +40,7 @@ def random_twin(model: nn.Module, window: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     twin = type(model)(replace(model.args, max_position_embeddings=window))
     twin.tie_weights()
-    twin = twin.to(model.model.embed_tokens.weight.dtype).eval().requires_grad_(False)
+    twin = twin.to(model.dtype).eval().requires_grad_(False)
     twin.fingerprint = f"random-twin:{model.fingerprint}:{window}"
     return twin
 
@@ -73,7 +73,7 @@ def random_ids(vocab: int, n: int, seed: int) -> list[int]:
 
 def random_cache(model: nn.Module, fmt: KVFormat, ids: list[int], seed: int, spare: int = 0) -> PromptCache:
     """A cache holding `ids` whose K/V are random values written straight in (no prefill, no window limit)."""
-    args, dtype = model.args, model.model.embed_tokens.weight.dtype
+    args, dtype = model.args, model.dtype
     generator = torch.Generator().manual_seed(seed)
     cache = PromptCache(model, len(ids) + spare, fmt)
     for layer in cache.layers:

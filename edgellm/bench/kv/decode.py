@@ -45,7 +45,7 @@ def measure(subjects: list[tuple[Subject, list[int]]], formats: list[KVFormat], 
     rows = []
     for subject, contexts in subjects:
         model, args = subject.model, subject.model.args
-        dtype = model.model.embed_tokens.weight.dtype
+        dtype = model.dtype
         g = torch.Generator().manual_seed(seed)
         q = torch.randn(1, args.num_attention_heads, 1, args.head_dim, generator=g).to(dtype)
         k, v = (torch.randn(1, args.num_key_value_heads, 1, args.head_dim, generator=g).to(dtype) for _ in range(2))

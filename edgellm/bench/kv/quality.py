@@ -61,6 +61,6 @@ def measure(subject: Subject, formats: list[KVFormat], tokens: int) -> dict:
         ppl = math.exp(sums[name]["nll"] / scored)
         rows.append({"format": name, "perplexity": ppl, "ppl_delta_pct": 100 * (ppl / ref_ppl - 1),
                      "mean_kl": sums[name]["kl"] / scored, "top1_agreement_pct": 100 * sums[name]["agree"] / scored})
-    return {"model": subject.name, "reference": f"dense {dtype_name(model.model.embed_tokens.weight.dtype)}",
+    return {"model": subject.name, "reference": f"dense {dtype_name(model.dtype)}",
             "tokens": len(ids), "scored_tokens": scored, "segment_tokens": span, "chunk_tokens": QUALITY_CHUNK,
             "text": "held-out stdlib files (edgellm.train.corpus)", "rows": rows}
