@@ -20,7 +20,7 @@ from torch import nn
 from edgellm.kernels.native import load_extension
 from edgellm.kv import DenseKVCache
 
-# Weight formats the step reads as stored (the LUT formats, intN and ternary, run op at a time)
+# Weight formats the step reads as stored; the others with a table-lookup copy (intN, ternary) through that copy
 BLOCK_KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "mxfp4", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -30,14 +30,17 @@ def enabled() -> bool:
     return os.environ.get("EDGELLM_FUSED_STEP", "1") != "0"
 
 
-def _weight(module: nn.Module) -> tuple[str, torch.Tensor] | None:
-    """(kind, tensor as stored) for a projection the step can read, else None."""
+def _weight(module: nn.Module) -> tuple[str, Any] | None:
+    """(kind, what the step reads) for a projection it can read, else None: a tensor as stored, or for "lut" the
+    table-lookup kernel's LutWeight (made at load for the intN and ternary formats)."""
     if isinstance(module, nn.Linear):
         kind = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(module.weight.dtype)
         return None if kind is None else (kind, module.weight.detach())
     fmt = getattr(module, "fmt", None)
     if fmt is not None and fmt.kind in BLOCK_KINDS and hasattr(module, "blocks"):
         return fmt.kind, module.blocks
+    if getattr(module, "lut", None) is not None:
+        return "lut", module.lut
     return None
 
 
@@ -75,10 +78,15 @@ class _Reader:
         weight = _weight(module)
         if weight is None:
             raise NotCovered(name)
-        attr = "weight" if weight[0] in ("f32", "bf16") else "blocks"
+        attr = {"f32": "weight", "bf16": "weight", "lut": "lut"}.get(weight[0], "blocks")
         self.refs += [(parent, name, module), (module, attr, getattr(module, attr))]
         bias = getattr(module, "bias", None)
-        return weight[0], weight[1], None if bias is None else bias.detach(), module.out_features, module.in_features
+        bias = None if bias is None else bias.detach()
+        if weight[0] == "lut":
+            lut = weight[1]
+            return "lut", lut.packed, bias, module.out_features, module.in_features, lut.scale, lut.bias, lut.bits, \
+                lut.group
+        return weight[0], weight[1], bias, module.out_features, module.in_features
 
     def norm(self, module: nn.Module) -> torch.Tensor:
         self.refs.append((module, "weight", module.weight))
@@ -120,7 +128,7 @@ def build(model: Any) -> FusedStep | None:
     except NotCovered:
         return None
     head = _weight(model.lm_head)
-    if head is None or getattr(model.lm_head, "bias", None) is not None:
+    if head is None or head[0] == "lut" or getattr(model.lm_head, "bias", None) is not None:
         return None
     plan.set_head(head[0], head[1], args.vocab_size, args.hidden_size)
     read.refs += [(model, "lm_head", model.lm_head), (model.model.norm, "weight", model.model.norm.weight),

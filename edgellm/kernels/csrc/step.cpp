@@ -28,24 +28,26 @@
 #include "gemv_bf16.h"
 #include "ggml_blocks.h"
 #include "kquants.h"
+#include "lut.h"
 
 namespace {
 
-enum class WKind { kF32, kBF16, kQ8_0, kQ4_0, kQ4_1, kQ5_0, kQ5_1, kIq4Nl, kMxfp4, kQ2K, kQ3K, kQ4K, kQ5K, kQ6K };
+enum class WKind { kF32, kBF16, kQ8_0, kQ4_0, kQ4_1, kQ5_0, kQ5_1, kIq4Nl, kMxfp4, kQ2K, kQ3K, kQ4K, kQ5K, kQ6K, kLut };
 
 WKind parse_kind(const std::string& s) {
   static const std::pair<const char*, WKind> names[] = {
       {"f32", WKind::kF32},     {"bf16", WKind::kBF16},     {"q8_0", WKind::kQ8_0},     {"q4_0", WKind::kQ4_0},
       {"q4_1", WKind::kQ4_1},   {"q5_0", WKind::kQ5_0},     {"q5_1", WKind::kQ5_1},     {"iq4_nl", WKind::kIq4Nl},
       {"mxfp4", WKind::kMxfp4}, {"q2_k", WKind::kQ2K},      {"q3_k", WKind::kQ3K},      {"q4_k", WKind::kQ4K},
-      {"q5_k", WKind::kQ5K},    {"q6_k", WKind::kQ6K}};
+      {"q5_k", WKind::kQ5K},    {"q6_k", WKind::kQ6K},      {"lut", WKind::kLut}};
   for (const auto& [name, kind] : names)
     if (s == name) return kind;
   TORCH_CHECK(false, "fused step: unsupported weight kind ", s);
 }
 
-// One projection: its weight as stored (fp32 / bf16 rows or quantized blocks), an optional fp32 bias, and the
-// activation data the format reads, prepared once per token for the input it projects.
+// One projection: its weight as stored (fp32 / bf16 rows, quantized blocks, or the table-lookup kernel's bit planes
+// with their fp16 group scales and biases), an optional fp32 bias, and the activation data the format reads,
+// prepared once per token for the input it projects.
 struct Proj {
   WKind kind;
   torch::Tensor weight, bias;
@@ -56,6 +58,11 @@ struct Proj {
   int64_t kpad = 0;
   ggml::ActX gx;
   kq::Q8K q8k;
+  // the table-lookup format: group scales and biases, bits, group, and per token x's tables
+  torch::Tensor lut_scale, lut_bias;
+  int64_t bits = 0, group = 0, Kp = 0, C = 0, G = 0;
+  std::vector<float> xpad, ts, xsum;
+  std::vector<int8_t> tables;
 
   Proj(const std::string& kind_name, torch::Tensor w, const c10::optional<torch::Tensor>& b, int64_t n, int64_t k)
       : kind(parse_kind(kind_name)), weight(w.contiguous()), N(n), K(k) {
@@ -64,8 +71,23 @@ struct Proj {
                 : kind == WKind::kBF16 ? weight.scalar_type() == torch::kBFloat16
                                        : weight.scalar_type() == torch::kUInt8,
                 "fused step: weight dtype does not match its kind ", kind_name);
+    if (kind == WKind::kLut) return;  // set_lut() completes it
     row_bytes = weight.numel() * weight.element_size() / N;
     TORCH_CHECK(weight.size(0) == N, "fused step: weight rows != N");
+  }
+
+  void set_lut(torch::Tensor scale, torch::Tensor lbias, int64_t b, int64_t g) {
+    TORCH_CHECK(b >= 1 && b <= 4 && g > 0 && g % lut::kChunk == 0, "fused step: bad table-lookup bits or group");
+    bits = b, group = g;
+    Kp = (K + lut::kChunk - 1) / lut::kChunk * lut::kChunk, C = Kp / lut::kChunk, G = (K + g - 1) / g;
+    const int64_t blocks = (N + lut::kBlockRows - 1) / lut::kBlockRows;
+    TORCH_CHECK(weight.numel() == blocks * C * lut::kTiles * b * lut::kChunkBytes && weight.is_contiguous(),
+                "fused step: table-lookup planes have the wrong size");
+    lut_scale = scale.to(torch::kHalf).contiguous(), lut_bias = lbias.to(torch::kHalf).contiguous();
+    TORCH_CHECK(lut_scale.numel() == blocks * G * lut::kBlockRows && lut_bias.numel() == lut_scale.numel(),
+                "fused step: table-lookup scales have the wrong size");
+    row_bytes = C * lut::kTiles * b * lut::kChunkBytes;  // per block of kBlockRows rows
+    xpad.assign(Kp, 0.0f), tables.resize(Kp * 4), ts.resize(G), xsum.resize(G);
   }
 
   void prepare(const float* in) {
@@ -83,6 +105,10 @@ struct Proj {
       case WKind::kQ5_1: gx = ggml::act_x<ggml::Kind::kQ5_1>(in, K / ggml::kBlock); break;
       case WKind::kIq4Nl: gx = ggml::act_x<ggml::Kind::kIq4Nl>(in, K / ggml::kBlock); break;
       case WKind::kMxfp4: gx = ggml::act_x<ggml::Kind::kMxfp4>(in, K / ggml::kBlock); break;
+      case WKind::kLut:
+        std::copy(in, in + K, xpad.begin());
+        lut::build_tables(xpad.data(), Kp, group, G, tables.data(), ts.data(), xsum.data());
+        break;
       default: q8k = kq::quantize_q8k(in, K / kq::kQK);
     }
   }
@@ -96,6 +122,21 @@ struct Proj {
   template <ggml::Kind G>
   void block_rows(const uint8_t* w, int64_t n0, int64_t n1, float* y) const {
     ggml::gemv_rows<G>(w, row_bytes, gx, K / ggml::kBlock, n0, n1, y);
+  }
+
+  // Rows [n0, n1) of the table-lookup kernel, which computes whole blocks of kBlockRows rows (split_rows hands
+  // it block-aligned ranges; a range that is not gets its edge blocks computed in full and clipped).
+  template <int P>
+  void lut_rows(const uint8_t* w, int64_t n0, int64_t n1, float* y) const {
+    const auto* sc = lut_scale.data_ptr<c10::Half>();
+    const auto* bi = lut_bias.data_ptr<c10::Half>();
+    float out[lut::kBlockRows];
+    for (int64_t b = n0 / lut::kBlockRows; b * lut::kBlockRows < n1; ++b) {
+      lut::lut_block<P>(w + b * row_bytes, sc + b * G * lut::kBlockRows, bi + b * G * lut::kBlockRows, tables.data(),
+                        ts.data(), xsum.data(), C, G, group / lut::kChunk, out);
+      const int64_t r0 = std::max(n0, b * lut::kBlockRows), r1 = std::min(n1, (b + 1) * lut::kBlockRows);
+      std::copy(out + (r0 - b * lut::kBlockRows), out + (r1 - b * lut::kBlockRows), y + r0);
+    }
   }
 
   // y[n] = W[n] . x + bias[n] for n in [n0, n1).
@@ -122,6 +163,14 @@ struct Proj {
       case WKind::kQ4K: kquant_rows<kq::Q4K>(w, n0, n1, y); break;
       case WKind::kQ5K: kquant_rows<kq::Q5K>(w, n0, n1, y); break;
       case WKind::kQ6K: kquant_rows<kq::Q6K>(w, n0, n1, y); break;
+      case WKind::kLut:
+        switch (bits) {
+          case 1: lut_rows<1>(w, n0, n1, y); break;
+          case 2: lut_rows<2>(w, n0, n1, y); break;
+          case 3: lut_rows<3>(w, n0, n1, y); break;
+          default: lut_rows<4>(w, n0, n1, y);
+        }
+        break;
     }
     if (bias.defined())
       for (int64_t n = n0; n < n1; ++n) y[n] += bias.data_ptr<float>()[n];
@@ -134,9 +183,13 @@ struct Proj {
 void split_rows(const std::vector<std::pair<Proj*, float*>>& outs, int tid, int nth, float* scratch,
                 bool add = false) {
   int64_t total = 0;
-  for (const auto& [proj, y] : outs) total += proj->N;
+  int64_t align = 16;  // the bf16 kernel's blocks; the table-lookup kernel's are kBlockRows
+  for (const auto& [proj, y] : outs) {
+    total += proj->N;
+    if (proj->kind == WKind::kLut) align = lut::kBlockRows;
+  }
   const int64_t per = (total + nth - 1) / nth;
-  const int64_t chunk = (per + 15) / 16 * 16;
+  const int64_t chunk = (per + align - 1) / align * align;
   const int64_t lo = std::min(total, tid * chunk), hi = std::min(total, lo + chunk);
   int64_t base = 0;
   for (const auto& [proj, y] : outs) {
@@ -184,9 +237,15 @@ void qk_norm(float* x, const torch::Tensor& w, int64_t heads, int64_t hd, float 
     rms_norm(x, w.data_ptr<float>(), heads * hd, eps, x, sq);
 }
 
+// (kind, weight, bias, N, K), and for the table-lookup kind also (scale, bias of the groups, bits, group).
 std::unique_ptr<Proj> make_proj(const py::tuple& t) {
-  return std::make_unique<Proj>(t[0].cast<std::string>(), t[1].cast<torch::Tensor>(),
-                                t[2].cast<c10::optional<torch::Tensor>>(), t[3].cast<int64_t>(), t[4].cast<int64_t>());
+  auto p = std::make_unique<Proj>(t[0].cast<std::string>(), t[1].cast<torch::Tensor>(),
+                                  t[2].cast<c10::optional<torch::Tensor>>(), t[3].cast<int64_t>(), t[4].cast<int64_t>());
+  if (p->kind == WKind::kLut) {
+    TORCH_CHECK(t.size() == 9, "fused step: a table-lookup projection needs its scales, biases, bits and group");
+    p->set_lut(t[5].cast<torch::Tensor>(), t[6].cast<torch::Tensor>(), t[7].cast<int64_t>(), t[8].cast<int64_t>());
+  }
+  return p;
 }
 
 // A SwiGLU feed-forward block: down(silu(gate(x)) * up(x)).
