@@ -139,10 +139,8 @@ class QuantizedEmbedding(nn.Module):
         return getattr(self, self.data_keys[0]).device
 
     def tied_head(self) -> QuantizedLinear:
-        """The output projection over these very blocks (no copy)."""
-        head = QuantizedLinear.from_quantized(self.quantized)
-        head.prepare()
-        return head
+        """The output projection over these very blocks (no copy); prepared with the others (or on first use)."""
+        return QuantizedLinear.from_quantized(self.quantized)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)

@@ -97,7 +97,7 @@ StepX step_x(const QuantizedX& qx, int64_t nb, int per, int excess, bool split_h
   return s;
 }
 
-// Plain dot of one block, used for the blocks after the last whole step and by builds without VNNI. Not
+// Plain dot of one block, for builds without VNNI (with it, a partial last step runs as masked loads). Not
 // auto-vectorized: GCC 12 -O3 -march=native turns this signed x signed byte dot into vpdpbusd (unsigned x signed)
 // and gets negative weights wrong.
 #define EDGELLM_SCALAR __attribute__((optimize("no-tree-vectorize")))
