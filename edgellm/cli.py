@@ -68,7 +68,20 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     from edgellm.bench.common import add_threads_argument
     p.add_argument("--model", default=None, help="HF model directory (default: edgellm's built-in model)")
     p.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 where the CPU has it natively)")
+    p.add_argument("--expert-budget", default=None,
+                   help="MoE models: RAM for expert weights, e.g. 2GiB or 25%% (hot experts pinned, cold ones "
+                        "read from the file on demand and prefetched a layer ahead)")
     add_threads_argument(p)
+
+
+def _load(args: argparse.Namespace):
+    """The model and tokenizer the command line names, its experts held within --expert-budget if given."""
+    from edgellm import load
+    model, tokenizer = load(args.model, args.dtype)
+    if args.expert_budget:
+        from edgellm.models import offload
+        offload.enable(model, args.expert_budget)
+    return model, tokenizer
 
 
 def _use_threads(threads: int) -> None:
@@ -145,13 +158,13 @@ def _constrain(sampling: SamplingParams, args: argparse.Namespace, schema: dict 
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from edgellm import load, stream_generate
+    from edgellm import stream_generate
     if args.agent and args.speculate:
         raise InvalidRequestError("--speculate does not combine with --agent yet; drop one of them")
     sampling = _sampling(args)
     schema = _read_schema(args.json_schema) if args.json_schema else None
     _use_threads(args.threads)
-    model, tokenizer = load(args.model, args.dtype)
+    model, tokenizer = _load(args)
     sampling = _constrain(sampling, args, schema, model, tokenizer)
     predictor = _kv_predictor(args, model, tokenizer)
     agent = _open_agent(args, model, tokenizer) if args.agent else None
@@ -174,6 +187,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
              "prefill_tok_s": round(last.prefill_tok_s, 1), "decode_tok_s": round(last.decode_tok_s, 1),
              "finish_reason": last.finish_reason, "predicted_tokens": last.predicted_tokens, "threads": args.threads,
              "drafted_tokens": last.drafted_tokens, "accepted_tokens": last.accepted_tokens}
+    if args.expert_budget:
+        from edgellm.models import offload
+        stats["experts"] = offload.installed(model).stats()
     if args.json:
         print(json.dumps({"text": "".join(pieces), "tokens": tokens, **stats}))
     else:
@@ -184,10 +200,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from edgellm import PromptCache, load, stream_generate
+    from edgellm import PromptCache, stream_generate
     sampling = _sampling(args)
     _use_threads(args.threads)
-    model, tokenizer = load(args.model, args.dtype)
+    model, tokenizer = _load(args)
     predictor = _kv_predictor(args, model, tokenizer)
     agent = _open_agent(args, model, tokenizer) if args.agent else None
     cache = agent.cache if agent else PromptCache(model, capacity=1024)
@@ -302,7 +318,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     check_port_free(args.host, args.port)
     _use_threads(args.threads)
     serve(args.model, args.host, args.port, args.store, args.kv_format, args.memory_budget, args.max_concurrency,
-          args.max_queue, args.api_key, args.dtype, args.prefill_chunk, args.kv_predictor)
+          args.max_queue, args.api_key, args.dtype, args.prefill_chunk, args.kv_predictor,
+          expert_budget=args.expert_budget)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "kernels": ("edgellm.bench.kernels", "low-bit GEMV (table lookup, VNNI) vs dequant + matmul; two-pass softmax"),
     "kv": ("edgellm.bench.kv", "per-agent KV memory: restore TTFT, agents per budget, quality, peak memory, batching"),
     "kvpred": ("edgellm.bench.kvpred", "KV Prediction: TTFT FLOPs and time vs quality, against base/aux/pruned"),
+    "moe": ("edgellm.bench.moe", "MoE decode/prefill vs llama.cpp on the same GGUF, bandwidth on active bytes"),
     "structured": ("edgellm.bench.structured", "JSON-schema constrained decoding: tok/s cost and per-token mask time"),
 }
 

@@ -119,6 +119,8 @@ def build(model: Any) -> FusedStep | None:
     if any((type(layer), type(layer.self_attn), type(layer.mlp)) not in model.FUSED_LAYER_TYPES
            for layer in model.model.layers):
         return None  # another family's layer computes something else
+    if any(getattr(layer.mlp, "offload", None) is not None for layer in model.model.layers):
+        return None  # experts within a budget: their residency is managed between layers (models/offload.py)
     plan = ext.Plan(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
                     args.rms_norm_eps, model.model.norm.weight.detach(), args.vocab_size)
     read = _Reader()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -128,6 +129,7 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.top_k, self.renormalize = args.num_experts_per_tok, args.norm_topk_prob or args.model_type == "mixtral"
         self.gate = Linear(args.hidden_size, args.num_experts, bias=False)
+        self.offload: Any = None  # an ExpertOffload (models/offload.py) when the experts live within a budget
         self.experts = nn.ModuleList(MLP(replace(args, intermediate_size=args.expert_size))
                                      for _ in range(args.num_experts))
         if args.shared_expert_intermediate_size:
@@ -144,6 +146,8 @@ class SparseMoeBlock(nn.Module):
         # the fused decode step (fused.py, kernels/csrc/step.cpp) computes the same: change both together
         flat = x.reshape(-1, x.shape[-1])
         weights, index = topk_softmax(self.gate(flat), self.top_k, self.renormalize)
+        if self.offload is not None:
+            self.offload.before(self.offload_layer, flat, index)
         out = mix_experts(flat, weights, index, self.experts)
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -16,11 +17,22 @@ from pathlib import Path
 
 import torch
 
+from edgellm.errors import InvalidRequestError
 from edgellm.kernels.native import cpu_has_native_bf16
 
+SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+         "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 READ_BUFFER_MIB = 512  # far above any L3 (48 MB here), so every rep streams from DRAM
 GEMM_SIZE = 2048  # large enough that packing overheads vanish, small enough to take < 1 s per rep
 REPS = 5
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1.5g' or a plain byte count as an integer."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in SIZE_UNITS:
+        raise InvalidRequestError(f"cannot read {text!r} as a size; write e.g. 2GiB, 512MB or 1073741824")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from edgellm.kernels.ggml_blocks import GGUF_ONLY_LINEAR, KQUANT_LINEAR, mxfp4_linear, q4_0_lut_weight, q8_0_linear
+from edgellm.kernels.ggml_blocks import (
+    GGUF_ONLY_LINEAR,
+    KQUANT_LINEAR,
+    mxfp4_linear,
+    q4_0_linear,
+    q4_0_lut_weight,
+    q8_0_linear,
+)
 from edgellm.kernels.lut import GROUPS, LutWeight, lut_available, lut_linear
 from edgellm.kernels.native import cpu_has_native_bf16
 from edgellm.kernels.select import choose_kernel
@@ -26,6 +33,8 @@ if TYPE_CHECKING:  # typing only: formats imports nothing of this module
     from edgellm.quant.formats import QuantizedTensor
 
 VNNI_LINEAR = {"q8_0": q8_0_linear, "mxfp4": mxfp4_linear, **GGUF_ONLY_LINEAR, **KQUANT_LINEAR}
+# Read with int8 dot products too when no table-lookup copy was made (offloaded experts: no copy in RAM)
+BLOCK_LINEAR = {**VNNI_LINEAR, "q4_0": q4_0_linear}
 DEQUANT_CHUNK_ELEMENTS = 1 << 21  # fp32 weights dequantized per step: 8 MiB, about an L2-to-L3-sized tile
 
 
@@ -49,7 +58,7 @@ def kernel_for(qt: QuantizedTensor, rows: int, lut: LutWeight | None) -> str:
     if qt.fmt.kind in VNNI_LINEAR:  # MXFP4 dequantizes slower than Q8_0, so Q8_0's crossover is a safe bound
         return choose_kernel(8, n, k, rows)
     if lut is None:
-        return "dequant"
+        return choose_kernel(8, n, k, rows) if qt.fmt.kind in BLOCK_LINEAR else "dequant"
     return choose_kernel(qt.fmt.bits, n, k, rows)
 
 
@@ -76,7 +85,7 @@ def quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | 
     if kernel == "lut":
         y = lut_linear(x2, lut).float()
     elif kernel == "vnni":
-        y = VNNI_LINEAR[qt.fmt.kind](x2, qt.data["blocks"], k).float()
+        y = BLOCK_LINEAR[qt.fmt.kind](x2, qt.data["blocks"], k).float()
     else:
         y = dequant_linear(x2, qt)
     if bias is not None:

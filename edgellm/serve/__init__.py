@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import socket
 from collections.abc import Callable
 
 import uvicorn
 
 from edgellm.errors import InvalidRequestError
+from edgellm.perf.hardware import parse_bytes
 from edgellm.serve.app import create_app
 
 __all__ = ["ShutdownNotifyingServer", "create_app", "is_loopback", "parse_bytes", "serve"]
@@ -18,16 +18,6 @@ __all__ = ["ShutdownNotifyingServer", "create_app", "is_loopback", "parse_bytes"
 # oneDNN keeps a compiled kernel for each matmul shape it meets, up to 1024 by default: a server meets a new prompt
 # length on most requests, and those kernels grew RSS by ~1 GB. 64 keeps decode's few shapes hot (measured no slower).
 ONEDNN_PRIMITIVES = 64
-UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-         "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512MB', '1.5g' or a plain byte count as an integer."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in UNITS:
-        raise InvalidRequestError(f"cannot read {text!r} as a size; write e.g. 2GiB, 512MB or 1073741824")
-    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
 
 
 def is_loopback(host: str) -> bool:
@@ -59,7 +49,8 @@ class ShutdownNotifyingServer(uvicorn.Server):
 def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, store_dir: str = "edgellm-agents",
           kv_format: str | None = None, memory_budget: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
           api_key: str | None = None, dtype: str = "auto", prefill_chunk: int = 512,
-          kv_predictor: str | None = None, max_body_bytes: int | None = None) -> None:
+          kv_predictor: str | None = None, max_body_bytes: int | None = None,
+          expert_budget: str | None = None) -> None:
     """Load the model and run the server until interrupted; agent memories are flushed to disk on exit."""
     from edgellm.agents import AgentStore
     from edgellm.loader import load
@@ -71,6 +62,9 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, sto
     budget = parse_bytes(memory_budget) if memory_budget else None
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVES))  # before the first matmul
     model, tokenizer = load(model_path, dtype)
+    if expert_budget:
+        from edgellm.models import offload
+        offload.enable(model, expert_budget)
     predictor = None
     if kv_predictor:
         from edgellm.kvpred import load_predictor

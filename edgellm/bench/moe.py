@@ -1,0 +1,221 @@
+"""`edgellm bench moe`: Mixture-of-Experts decode and prefill against llama.cpp on the same GGUF file.
+
+A seeded random-init Qwen3-MoE-shaped model (default ≈1.3B total, ≈0.25B active per token: the shape of
+Qwen3-30B-A3B scaled down) is exported once per format (Q8_0 and Q4_0 by edgellm's writer, the k-quants by
+llama.cpp's quantizer from the F16 export), and both engines run that very file in fresh processes, alternated
+round by round so a noisy neighbour hits both. Decode bandwidth is counted on active bytes: what one token reads
+(attention, router, the top-k experts' share of the expert weights, the head) under uniform routing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import shutil
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgellm.bench.common import positive_int, thread_counts, torch_threads, write_report
+from edgellm.bench.quant import (
+    GGUF_FILE_FORMATS,
+    MIB,
+    _decode_bytes,
+    _edgellm_speed,
+    _llama_cpp_quantize,
+    _llama_cpp_speed,
+    _load,
+    ensure_llama_cpp,
+)
+from edgellm.errors import EdgeLLMError
+from edgellm.perf import measure_hardware
+from edgellm.perf.hardware import physical_cores
+
+RANDOM_MOES = {
+    # Qwen3-30B-A3B's proportions (head_dim 128, 4 KV heads, top-8 of many small experts) at hidden 1024
+    "qwen3-moe-1.3b": dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4,
+                           head_dim=128, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=512,
+                           intermediate_size=2048, norm_topk_prob=True, vocab_size=32768,
+                           max_position_embeddings=4096, tie_word_embeddings=False),
+    "qwen3-moe-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                           intermediate_size=256, norm_topk_prob=True, vocab_size=8192,
+                           max_position_embeddings=512, tie_word_embeddings=False),
+}
+EXPORTED = ("f16", "q8_0", "q4_0")  # written by edgellm's GGUF export; the rest by llama.cpp's quantizer
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", choices=sorted(RANDOM_MOES), default="qwen3-moe-1.3b",
+                   help="the random-init Qwen3-MoE shape to build (default %(default)s)")
+    p.add_argument("--formats", default="q8_0,q4_0",
+                   help=f"comma-separated GGUF types, from {', '.join(EXPORTED + GGUF_FILE_FORMATS)}")
+    p.add_argument("--threads", type=thread_counts, default=sorted({1, physical_cores()}),
+                   help="thread counts to measure, e.g. 1,2 (default: %(default)s)")
+    p.add_argument("--prompt-len", type=positive_int, default=256, help="prefill length in tokens")
+    p.add_argument("--decode-tokens", type=positive_int, default=32)
+    p.add_argument("--reps", type=positive_int, default=2, help="timed repetitions per round (best kept)")
+    p.add_argument("--rounds", type=positive_int, default=2,
+                   help="edgellm / llama.cpp alternations per format and thread count (best kept)")
+    p.add_argument("--llama-cpp-wheel", type=Path, default=None,
+                   help="install llama-cpp-python from this wheel instead of building it from PyPI")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="PNG: decode and prefill tok/s per format and engine")
+
+
+def build_random_moe(shape: str, out: str) -> str:
+    """A seeded random-init Qwen3-MoE in bf16 with the built-in model's tokenizer (llama.cpp needs a real one in
+    the GGUF even when ids are fed directly; the export pads the token list to the vocabulary)."""
+    from edgellm.assets import default_model_path
+    from edgellm.bench.speed import import_transformers
+    from edgellm.loader import read_config
+
+    transformers = import_transformers()
+    builtin = Path(default_model_path())
+    ids = {k: v for k, v in read_config(builtin).items() if k in ("bos_token_id", "eos_token_id")}
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(**RANDOM_MOES[shape], **ids)
+    with torch.device("meta"):
+        model = transformers.Qwen3MoeForCausalLM(config)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():  # N(0, 0.02) as transformers initialises, without its fp32 copy of a 1B+ model
+        for p in model.parameters():
+            p.normal_(0.0, config.initializer_range) if p.dim() > 1 else p.fill_(1.0)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(builtin / name, Path(out) / name)
+    return out
+
+
+def active_bytes(model: torch.nn.Module) -> int:
+    """Bytes one decode step reads on average: every stored weight (as `_decode_bytes` counts them) but, in each
+    MoE layer, only top_k / n_experts of the expert weights (uniform routing)."""
+    total = _decode_bytes(model)
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        if hasattr(mlp, "experts"):
+            expert = sum(t.numel() * t.element_size() for e in mlp.experts
+                         for t in list(e.parameters()) + list(e.buffers()))
+            total -= round(expert * (1 - mlp.top_k / len(mlp.experts)))
+    return total
+
+
+def _edgellm_moe_speed(gguf: str, threads: int, prompt: list[int], steps: int, reps: int) -> dict[str, Any]:
+    """Runs in a fresh process: bench quant's measurement on the GGUF, plus the active and total bytes."""
+    speed = _edgellm_speed(gguf, None, threads, prompt, steps, reps)
+    model = _load(gguf, None)
+    speed.pop("bits_per_weight")
+    return {**speed, "active_bytes": active_bytes(model)}
+
+
+def _gguf(pool: ProcessPoolExecutor, path: Path, workdir: Path, fmt: str) -> Path:
+    from edgellm.quant.gguf_write import export_gguf
+
+    out = workdir / f"{fmt}.gguf"
+    if fmt in EXPORTED:
+        pool.submit(export_gguf, str(path), str(out), fmt).result()
+    else:
+        f16 = _gguf(pool, path, workdir, "f16") if not (workdir / "f16.gguf").exists() else workdir / "f16.gguf"
+        pool.submit(_llama_cpp_quantize, str(f16), str(out), fmt).result()
+    return out
+
+
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest decode round (its other figures with it) and the fastest prefill round."""
+    best = dict(max(runs, key=lambda r: r["decode_tok_s"]))
+    best["prefill_tok_s"] = max(r["prefill_tok_s"] for r in runs)
+    return best
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the model, export each format, alternate the engines; print the table, write --json/--plot."""
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    bad = [f for f in formats if f not in EXPORTED + GGUF_FILE_FORMATS]
+    if bad or not formats:
+        raise EdgeLLMError(f"unknown GGUF type {', '.join(bad) or '(none)'}; use some of "
+                           f"{', '.join(EXPORTED + GGUF_FILE_FORMATS)}")
+    llama_version = ensure_llama_cpp(args.llama_cpp_wheel)
+    with torch_threads(max(args.threads)):
+        hw = measure_hardware()
+    spec = RANDOM_MOES[args.shape]
+    prompt = torch.randint(0, spec["vocab_size"], (args.prompt_len,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
+    rows: list[dict[str, Any]] = []
+    with pool, tempfile.TemporaryDirectory(prefix="edgellm-bench-moe-") as tmp:
+        workdir = Path(tmp)
+        print(f"[bench moe] building the random {args.shape} checkpoint", file=sys.stderr)
+        path = Path(pool.submit(build_random_moe, args.shape, str(workdir / args.shape)).result())
+        for fmt in formats:
+            print(f"[bench moe] {fmt}: exporting, then edgellm and llama.cpp on the same file", file=sys.stderr)
+            gguf = _gguf(pool, path, workdir, fmt)
+            row: dict[str, Any] = {"format": fmt, "file_mib": gguf.stat().st_size / MIB, "edgellm": {},
+                                   "llama_cpp": {}, "ratio": {}}
+            for threads in args.threads:
+                ours, theirs = [], []
+                for _ in range(args.rounds):
+                    ours.append(pool.submit(_edgellm_moe_speed, str(gguf), threads, prompt, args.decode_tokens,
+                                            args.reps).result())
+                    theirs.append(pool.submit(_llama_cpp_speed, str(gguf), threads, prompt, args.decode_tokens,
+                                              args.reps).result())
+                mine, other = _best(ours), _best(theirs)
+                for speed in (mine, other):
+                    speed["decode_pct_bandwidth_active"] = (100 * mine["active_bytes"] * speed["decode_tok_s"]
+                                                            / 1e9 / hw.mem_read_gbs)
+                row["edgellm"][threads], row["llama_cpp"][threads] = mine, other
+                row["ratio"][threads] = {k: mine[k] / other[k] for k in ("decode_tok_s", "prefill_tok_s")}
+            rows.append(row)
+    from edgellm.kernels.native import cpu_flags
+
+    report = {"benchmark": "moe", "model": args.shape, "config": spec,
+              "settings": {"formats": formats, "threads": args.threads, "prompt_len": args.prompt_len,
+                           "decode_tokens": args.decode_tokens, "reps": args.reps, "rounds": args.rounds,
+                           "llama_cpp": llama_version},
+              "hardware": {**hw.to_json(), "cpu_flags": cpu_flags()}, "rows": rows,
+              "notes": ["both engines run the same GGUF file; ratio = edgellm / llama.cpp",
+                        "active_bytes: every stored weight one decode step reads, with each MoE layer's experts "
+                        "counted at top_k / n_experts (uniform routing); decode_pct_bandwidth_active = "
+                        "active_bytes x tok/s / measured DRAM read bandwidth"]}
+    print_table(report)
+    write_report(report, args.json, args.plot, plot)
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    hw = report["hardware"]
+    print(f"\nbench moe: {report['model']} on {hw['cpu']} (DRAM read {hw['mem_read_gbs']:.1f} GB/s)")
+    print(f"{'format':8} {'thr':>3} {'MiB':>7} {'active MiB':>10} {'decode tok/s':>22} {'prefill tok/s':>22} "
+          f"{'% BW active':>11}")
+    for row in report["rows"]:
+        for t, mine in row["edgellm"].items():
+            other, ratio = row["llama_cpp"][t], row["ratio"][t]
+            print(f"{row['format']:8} {t:>3} {row['file_mib']:7.0f} {mine['active_bytes'] / MIB:10.0f} "
+                  f"{mine['decode_tok_s']:7.1f} vs {other['decode_tok_s']:6.1f} {ratio['decode_tok_s']:4.2f}x "
+                  f"{mine['prefill_tok_s']:7.1f} vs {other['prefill_tok_s']:6.1f} {ratio['prefill_tok_s']:4.2f}x "
+                  f"{mine['decode_pct_bandwidth_active']:10.0f}%")
+
+
+def plot(report: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    threads = list(rows[0]["edgellm"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "decode_tok_s", "decode tok/s"), (axes[1], "prefill_tok_s", "prefill tok/s")):
+        labels = [f"{r['format']} {t}T" for r in rows for t in threads]
+        x = range(len(labels))
+        ax.bar([i - 0.2 for i in x], [r["edgellm"][t][key] for r in rows for t in threads], 0.4, label="edgellm")
+        ax.bar([i + 0.2 for i in x], [r["llama_cpp"][t][key] for r in rows for t in threads], 0.4, label="llama.cpp")
+        ax.set_xticks(list(x), labels, rotation=30)
+        ax.set_title(f"{report['model']}: {title}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

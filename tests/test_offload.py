@@ -1,0 +1,118 @@
+"""Expert offload (models/offload.py): the same tokens and logits as fully resident experts, the resident bytes
+within the budget (checked with mincore on the real file mapping), pinning by router counts, and bad budgets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import edgellm
+from edgellm.errors import InvalidRequestError
+from edgellm.models import offload
+from edgellm.quant.gguf_write import export_gguf
+from edgellm.quant.linear import QuantizedLinear
+from tests.test_errors import assert_one_line_error, run_cli
+from tests.test_moe import moe_checkpoint  # noqa: F401  (fixture)
+
+# experts of 3 x 256 x 128 fp32 (384 KiB): many pages each, so page-granular residency is measurable
+SHAPE = {"hidden_size": 128, "moe_intermediate_size": 256, "num_experts": 8, "num_experts_per_tok": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+def prompt() -> list[int]:
+    return torch.randint(2, 300, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+def run(model, tok, fused: str, monkeypatch) -> tuple[torch.Tensor, list[int]]:
+    monkeypatch.setenv("EDGELLM_FUSED_STEP", fused)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt()]))
+    return logits, edgellm.generate(model, tok, prompt(), 12).tokens
+
+
+@pytest.mark.parametrize("source", ["safetensors", "q8_0", "q4_0"])
+def test_offloaded_experts_compute_the_same(moe_checkpoint, tmp_path, monkeypatch, source):  # noqa: F811
+    path = moe_checkpoint("qwen3_moe", **SHAPE)
+    if source != "safetensors":
+        path = export_gguf(path, tmp_path / f"{source}.gguf", source)
+    model, tok = edgellm.load(path, "fp32")
+    for layer in model.model.layers:  # offloaded experts read Q4_0 blocks in place, not through a lookup-table copy
+        for m in layer.mlp.experts.modules():
+            if isinstance(m, QuantizedLinear):
+                m.lut = None
+    want_logits, want_tokens = run(model, tok, "0", monkeypatch)  # op at a time, as the offloaded model runs
+    store = offload.enable(model, "50%")
+    got_logits, got_tokens = run(model, tok, "1", monkeypatch)  # the fused step must step aside for the policy
+    assert torch.equal(got_logits, want_logits) and got_tokens == want_tokens
+    stats = store.stats()
+    assert stats["tokens"] == 40 + 40 + 11 and 0 < stats["hit_rate"] < 1
+    assert 0 < stats["pinned_experts"] < stats["experts"]  # pinned by the first forward's counts
+    pinned = sum(x.nbytes for x in store.experts.values() if x.pinned)
+    assert pinned <= store.budget - store.cache_budget
+
+
+def test_resident_expert_bytes_stay_within_the_budget(moe_checkpoint, monkeypatch):  # noqa: F811
+    model, tok = edgellm.load(moe_checkpoint("qwen3_moe", **SHAPE), "fp32")
+    store = offload.enable(model, "40%", repin_every=16)
+    edgellm.generate(model, tok, prompt(), 24)
+    slack = sum(len(x.ranges) for x in store.experts.values()) * 2 * offload.PAGE  # shared boundary pages
+    assert store.resident_bytes() <= store.budget + slack
+    assert store.resident_bytes() < 0.75 * store.total  # what loading and running left in RAM was paged out
+    assert store.stats()["disk_bytes_per_token"] > 0
+
+
+def test_repin_keeps_the_most_routed_experts(moe_checkpoint):  # noqa: F811
+    model, _ = edgellm.load(moe_checkpoint("qwen3_moe", **SHAPE), "fp32")
+    store = offload.enable(model, "50%")
+    store.counts.zero_()
+    store.counts[0, 5] = store.counts[1, 2] = 100.0
+    store.counts[1, 7] = 50.0
+    store.repin()
+    pinned = {key for key, x in store.experts.items() if x.pinned}
+    assert {(0, 5), (1, 2), (1, 7)} <= pinned
+    assert sum(store.experts[k].nbytes for k in pinned) <= store.budget - store.cache_budget
+    store.counts.zero_()
+    store.counts[0, 0] = 1000.0
+    store.repin()  # demoted experts point back at the mapping; the forward still computes the same
+    assert store.experts[0, 0].pinned
+    with torch.no_grad():
+        model(torch.tensor([prompt()]))
+
+
+def test_full_budget_pins_every_expert(moe_checkpoint, monkeypatch):  # noqa: F811
+    model, tok = edgellm.load(moe_checkpoint("qwen3_moe", **SHAPE), "fp32")
+    want = run(model, tok, "0", monkeypatch)[1]
+    store = offload.enable(model, "100%")
+    assert all(x.pinned for x in store.experts.values())
+    assert run(model, tok, "0", monkeypatch)[1] == want and store.stats()["hit_rate"] == 1
+
+
+def test_bad_budgets_are_refused(moe_checkpoint, checkpoint):  # noqa: F811
+    model, _ = edgellm.load(moe_checkpoint("qwen3_moe", **SHAPE), "fp32")
+    for text, message in (("lots", "as a size"), ("120%", "0% to 100%"), ("1KiB", "below two layers")):
+        with pytest.raises(InvalidRequestError, match=message):
+            offload.enable(model, text)
+    dense, _ = edgellm.load(checkpoint("llama"), "fp32")
+    with pytest.raises(InvalidRequestError, match="no experts"):
+        offload.enable(dense, "1GiB")
+    assert offload.parse_budget("2GiB", 0) == 2 * 2**30 and offload.parse_budget("25%", 400) == 100
+
+
+def test_cli_generates_within_an_expert_budget(moe_checkpoint, tmp_path):  # noqa: F811
+    path = export_gguf(moe_checkpoint("qwen3_moe", **SHAPE), tmp_path / "m.gguf", "q8_0")
+    plain = run_cli("generate", "--model", str(path), "--prompt", "def f(x):", "--max-tokens", "8", "--json",
+                    "--threads", "1")
+    held = run_cli("generate", "--model", str(path), "--prompt", "def f(x):", "--max-tokens", "8", "--json",
+                   "--threads", "1", "--expert-budget", "60%")
+    assert plain.returncode == held.returncode == 0, held.stderr
+    out = json.loads(held.stdout)
+    assert out["tokens"] == json.loads(plain.stdout)["tokens"]
+    assert out["experts"]["tokens"] > 0 and out["experts"]["budget_bytes"] < out["experts"]["expert_bytes"]
+    assert_one_line_error(run_cli("generate", "--model", str(path), "--prompt", "x", "--expert-budget", "2 lots"),
+                          "2 lots")
