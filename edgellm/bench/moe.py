@@ -61,10 +61,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=positive_int, default=2, help="timed repetitions per round (best kept)")
     p.add_argument("--rounds", type=positive_int, default=2,
                    help="edgellm / llama.cpp alternations per format and thread count (best kept)")
+    p.add_argument("--offload", type=fractions, default=[1.0, 0.5, 0.25, 0.1],
+                   help="resident shares of the expert bytes for the offload curve, on the last format (page cache "
+                        "dropped before each; empty to skip; default %(default)s)")
     p.add_argument("--llama-cpp-wheel", type=Path, default=None,
                    help="install llama-cpp-python from this wheel instead of building it from PyPI")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="PNG: decode and prefill tok/s per format and engine")
+
+
+def fractions(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = [-1.0]
+    if not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--offload takes shares in (0, 1], comma-separated; got {text!r}")
+    return values
 
 
 def build_random_moe(shape: str, out: str) -> str:
@@ -110,6 +123,31 @@ def _edgellm_moe_speed(gguf: str, threads: int, prompt: list[int], steps: int, r
     model = _load(gguf, None)
     speed.pop("bits_per_weight")
     return {**speed, "active_bytes": active_bytes(model)}
+
+
+def _offload_speed(gguf: str, threads: int, share: float, prompt: list[int], steps: int) -> dict[str, Any]:
+    """Runs in a fresh process: decode tok/s with `share` of the expert bytes resident, from a cold page cache
+    (the prefill that pins the first hot set is not timed); share 1 is the plain engine, everything resident."""
+    import time
+
+    from edgellm import runner
+    from edgellm.kv.prompt_cache import PromptCache
+    from edgellm.models import offload
+    from edgellm.sequence import Sequence
+
+    torch.set_num_threads(threads)
+    offload.drop_page_cache(gguf)
+    model = _load(gguf, None)
+    store = offload.enable(model, f"{100 * share}%") if share < 1 else None
+    seq = Sequence(model, None, prompt, PromptCache(model, capacity=len(prompt) + steps + 1), steps + 1)
+    runner.prefill(model, [seq])
+    t0 = time.perf_counter()
+    while not seq.finished:
+        runner.decode(model, [seq])
+    out: dict[str, Any] = {"share": share, "decode_tok_s": steps / (time.perf_counter() - t0)}
+    if store is not None:
+        out |= {**store.stats(), "resident_bytes": store.resident_bytes()}
+    return out
 
 
 def _gguf(pool: ProcessPoolExecutor, path: Path, workdir: Path, fmt: str) -> Path:
@@ -169,6 +207,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["edgellm"][threads], row["llama_cpp"][threads] = mine, other
                 row["ratio"][threads] = {k: mine[k] / other[k] for k in ("decode_tok_s", "prefill_tok_s")}
             rows.append(row)
+        curve = []
+        for share in args.offload:
+            print(f"[bench moe] {formats[-1]}: {100 * share:.0f}% of the experts resident", file=sys.stderr)
+            curve.append(pool.submit(_offload_speed, str(gguf), max(args.threads), share, prompt,
+                                     args.decode_tokens).result())
+        full = next((c["decode_tok_s"] for c in curve if c["share"] == 1), None)
+        for c in curve:
+            c["vs_resident"] = c["decode_tok_s"] / full if full else None
     from edgellm.kernels.native import cpu_flags
 
     report = {"benchmark": "moe", "model": args.shape, "config": spec,
@@ -176,10 +222,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "decode_tokens": args.decode_tokens, "reps": args.reps, "rounds": args.rounds,
                            "llama_cpp": llama_version},
               "hardware": {**hw.to_json(), "cpu_flags": cpu_flags()}, "rows": rows,
+              "offload": {"format": formats[-1], "threads": max(args.threads), "curve": curve},
               "notes": ["both engines run the same GGUF file; ratio = edgellm / llama.cpp",
                         "active_bytes: every stored weight one decode step reads, with each MoE layer's experts "
                         "counted at top_k / n_experts (uniform routing); decode_pct_bandwidth_active = "
-                        "active_bytes x tok/s / measured DRAM read bandwidth"]}
+                        "active_bytes x tok/s / measured DRAM read bandwidth",
+                        "offload: decode after a prefill from a cold page cache; share 1 = every expert resident "
+                        "(the plain engine); vs_resident = tok/s / that; a random-init model routes about uniformly, "
+                        "the worst case for a resident hot set"]}
     print_table(report)
     write_report(report, args.json, args.plot, plot)
     return report
@@ -197,6 +247,15 @@ def print_table(report: dict[str, Any]) -> None:
                   f"{mine['decode_tok_s']:7.1f} vs {other['decode_tok_s']:6.1f} {ratio['decode_tok_s']:4.2f}x "
                   f"{mine['prefill_tok_s']:7.1f} vs {other['prefill_tok_s']:6.1f} {ratio['prefill_tok_s']:4.2f}x "
                   f"{mine['decode_pct_bandwidth_active']:10.0f}%")
+    curve = report["offload"]["curve"]
+    if curve:
+        print(f"\nexpert offload ({report['offload']['format']}, {report['offload']['threads']} threads, cold page "
+              f"cache): resident share, decode tok/s, vs all resident, hit rate, disk MiB/token")
+        for c in curve:
+            ratio = f"{c['vs_resident']:.2f}x" if c["vs_resident"] else "-"
+            extra = (f"{100 * c['hit_rate']:5.1f}% {c['disk_bytes_per_token'] / MIB:7.2f}" if "hit_rate" in c
+                     else "")
+            print(f"  {100 * c['share']:5.0f}% {c['decode_tok_s']:8.1f} {ratio:>6} {extra}")
 
 
 def plot(report: dict[str, Any], out: Path) -> None:
@@ -205,9 +264,9 @@ def plot(report: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["rows"]
+    rows, curve = report["rows"], report["offload"]["curve"]
     threads = list(rows[0]["edgellm"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if curve else 2, figsize=(16 if curve else 11, 4))
     for ax, key, title in ((axes[0], "decode_tok_s", "decode tok/s"), (axes[1], "prefill_tok_s", "prefill tok/s")):
         labels = [f"{r['format']} {t}T" for r in rows for t in threads]
         x = range(len(labels))
@@ -216,6 +275,12 @@ def plot(report: dict[str, Any], out: Path) -> None:
         ax.set_xticks(list(x), labels, rotation=30)
         ax.set_title(f"{report['model']}: {title}")
         ax.legend()
+    if curve:
+        ax = axes[2]
+        ax.plot([100 * c["share"] for c in curve], [c["decode_tok_s"] for c in curve], "o-")
+        ax.set_xlabel("experts resident (% of expert bytes)")
+        ax.set_ylabel("decode tok/s")
+        ax.set_title(f"expert offload, {report['offload']['format']}, cold page cache")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -70,10 +70,11 @@ def cpu_has_native_bf16() -> bool:
 def cache_dir(source: Path, cflags: list[str]) -> Path:
     """Build directory keyed by everything the binary depends on, so a stale build is never loaded."""
     key = hashlib.sha256()
-    # torch's install path: two environments with the same torch version compile with different include paths,
-    # and sharing a directory made each rebuild the other's binary
+    # torch's install path and the source's own: two environments (or checkouts) sharing a directory made each
+    # rebuild the other's binary, their include paths and ninja's header records differing
     headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the sources #include
-    for part in (source.read_bytes(), headers, torch.__version__.encode(), str(Path(torch.__file__).parent).encode(),
+    for part in (source.read_bytes(), headers, str(source.resolve()).encode(), torch.__version__.encode(),
+                 str(Path(torch.__file__).parent).encode(),
                  str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(), sys.version.encode(),
                  " ".join(cflags).encode(), cpu_flags().encode()):
         key.update(part)

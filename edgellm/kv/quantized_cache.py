@@ -5,6 +5,8 @@ Two schemes:
 - "kivi": keys quantized per channel (groups of `group` tokens along the sequence), values per token, with the
   most recent `window`..`window + group - 1` tokens kept in full precision until a whole key group can be closed.
 With `hadamard`, keys are rotated before quantizing; attention rotates the queries instead of un-rotating keys.
+A whole-model decode step over these caches mostly bypasses `attend`: the fused native step (models/fused.py) stores
+the token and attends over the codes in place, bit for bit as `_store` stores and as the native kernel attends.
 """
 
 from __future__ import annotations

@@ -3,9 +3,15 @@
 Layers are dense or sparse MoE (models/moe.py's SparseMoeBlock: router, softmax top-k, the chosen experts, Qwen2-MoE's
 gated shared expert), with Qwen3's per-head or OLMoE's whole-projection q/k norms and OLMoE's q/k/v clip.
 
+The K/V caches are dense (fp32/bf16/fp16) or quantized (QuantizedKVCache: 8/4/2-bit codes, per-token or KIVI
+per-channel keys, Hadamard-rotated or not, with or without a full-precision window): the new token is quantized on
+store bit-exactly as the cache's own store does, and attention runs over the packed codes and the window as the
+kvattn kernel computes it. A step that closes a KIVI key group (one in `group`) runs op at a time.
+
 The PyTorch modules stay the reference and the fallback: the step is used only where it computes the same thing
-(one sequence, one token, dense fp32/bf16/fp16 K/V caches, no mask, no K/V tap, no autograd, weights it reads as
-stored), and a model whose modules were swapped since the plan was made gets a new plan.
+(one sequence, one token, one cache format and position in every layer, no mask, no K/V tap, no autograd, weights
+it reads as stored; not paged or batched caches), and a model whose modules were swapped since the plan was made
+gets a new plan.
 EDGELLM_FUSED_STEP=0 turns it off (for A/B benchmarks and per-op timing).
 """
 
@@ -18,7 +24,7 @@ import torch
 from torch import nn
 
 from edgellm.kernels.native import load_extension
-from edgellm.kv import DenseKVCache
+from edgellm.kv import DenseKVCache, QuantizedKVCache
 
 # Weight formats the step reads as stored; the others with a table-lookup copy (intN, ternary) through that copy
 BLOCK_KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "mxfp4", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
@@ -138,10 +144,41 @@ def build(model: Any) -> FusedStep | None:
     return FusedStep(plan, read.refs)
 
 
-def decode_step(model: Any, tokens: torch.Tensor, cache: list) -> torch.Tensor | None:
-    """Logits (1, 1, vocab) for one token of one sequence through the fused step, or None to run op at a time."""
-    if (tokens.shape != (1, 1) or torch.is_grad_enabled() or not enabled()
-            or not all(type(c) is DenseKVCache and c.keys.shape[0] == 1 for c in cache)):
+def _packed(cache: list) -> tuple[tuple, int] | None:
+    """forward_packed's arguments after `pos` (quantized, held, bits, key group, value group, per-channel, Hadamard)
+    and the tokens quantized after the step, where it can store this token in these QuantizedKVCaches, else None.
+    The codes grow first if the token (or the window's oldest, which it pushes out) goes into them."""
+    first = cache[0]
+    fmt = (first.bits, first.group, first.scheme, first.window, first.hadamard, first.dtype, first.offset,
+           first.quantized, first.recent_keys.shape)
+    if not all(type(c) is QuantizedKVCache and (c.bits, c.group, c.scheme, c.window, c.hadamard, c.dtype, c.offset,
+                                                c.quantized, c.recent_keys.shape) == fmt for c in cache):
+        return None
+    if first.keys.shape[0] != 1 or first.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    quantized, held, room = first.quantized, first.offset - first.quantized, first.recent_keys.shape[2]
+    if room and held == room and first.keys.per_channel:
+        return None  # the step closes a key group: quantized per channel, op at a time
+    if not room or held == room:  # the token (or the window's oldest) goes into the codes
+        for c in cache:
+            for buffer in (c.keys, c.values):
+                if quantized + 1 > buffer.capacity:
+                    buffer._grow(quantized + 1, quantized)
+        after = quantized + 1
+    else:
+        after = quantized
+    return (quantized, held, first.bits, first.keys.group, first.values.group, first.keys.per_channel,
+            first.hadamard), after
+
+
+def decode_step(model: Any, tokens: torch.Tensor, cache: list, tap: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Logits (1, 1, vocab) for one token of one sequence through the fused step, or None to run op at a time.
+
+    `tap` (layers, 2, kv_heads * head_dim) fp32, over quantized caches, receives the K/V rows stored (for tests)."""
+    if tokens.shape != (1, 1) or torch.is_grad_enabled() or not enabled() or not cache:
+        return None
+    dense = all(type(c) is DenseKVCache and c.keys.shape[0] == 1 for c in cache)
+    if not dense and type(cache[0]) is not QuantizedKVCache:
         return None
     pos = cache[0].offset
     window = model.args.sliding_window
@@ -153,13 +190,25 @@ def decode_step(model: Any, tokens: torch.Tensor, cache: list) -> torch.Tensor |
         model.__dict__["_fused"] = fused
     if fused is False:
         return None
-    for c in cache:
-        if pos + 1 > c.capacity:
-            c._grow(pos + 1)
+    packed = None if dense else _packed(cache)
+    if dense:
+        for c in cache:
+            if pos + 1 > c.capacity:
+                c._grow(pos + 1)
+    elif packed is None:
+        return None
     h = model.model.embed_tokens(tokens).reshape(-1).float()
     cos, sin = model.rope.cos_sin(torch.tensor([[pos]]), torch.float32)
-    logits = fused.plan.forward(h, cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(),
-                                [c.keys for c in cache], [c.values for c in cache], pos)
+    cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
+    if dense:
+        logits = fused.plan.forward(h, cos, sin, [c.keys for c in cache], [c.values for c in cache], pos)
+    else:
+        layers = [[c.keys.data, c.keys.scales, c.keys.zeros, c.values.data, c.values.scales, c.values.zeros,
+                   c.recent_keys, c.recent_values] for c in cache]
+        args, quantized = packed
+        logits = fused.plan.forward_packed(h, cos, sin, layers, pos, *args, tap)
+        for c in cache:
+            c.quantized = quantized
     for c in cache:
         c.offset = pos + 1
     return logits.to(model.dtype).view(1, 1, -1)

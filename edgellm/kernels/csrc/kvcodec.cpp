@@ -25,70 +25,21 @@
 #include <tuple>
 #include <vector>
 
+#include "kvcodec.h"
+
 namespace {
 
-// fp16 bits of x rounded to nearest-even, then moved one ulp towards -inf (down) or +inf (up) if that rounding
-// landed on the wrong side of x: torch.nextafter(h, ±inf) on the bit pattern.
-uint16_t to_fp16_directed(float x, bool up) {
-  const c10::Half h(x);
-  const float back = static_cast<float>(h);
-  if (up ? !(back < x) : !(back > x)) return h.x;
-  const uint16_t u = h.x;
-  if ((u & 0x7fff) == 0) return up ? 0x0001 : 0x8001;  // ±0 steps to the smallest subnormal of the wanted sign
-  const bool negative = u & 0x8000;
-  return (negative == up) ? u - 1 : u + 1;  // away from zero: +1 on the magnitude; towards it: -1
-}
-
-float half_bits_to_float(uint16_t u) {
-  c10::Half h;
-  h.x = u;
-  return static_cast<float>(h);
-}
-
-// Codes of n values x (stride `stride` apart) against one zero/scale pair, as torch computes them: round((x - z) /
-// s) with s replaced by 1 when it is 0, clamped to [0, levels].
-inline uint8_t code_of(float x, float zero, float step, float levels) {
-  const float c = std::nearbyint((x - zero) / step);
-  return static_cast<uint8_t>(std::min(std::max(c, 0.0f), levels));
-}
-
-// zero and step of one group from its min and max, written as fp16 bits to *z / *s.
-inline void group_grid(float lo, float hi, int levels, uint16_t* z, uint16_t* s, float* zero, float* step) {
-  *z = to_fp16_directed(lo, false);
-  *zero = half_bits_to_float(*z);
-  *s = to_fp16_directed((hi - *zero) / static_cast<float>(levels), true);
-  const float sf = half_bits_to_float(*s);
-  *step = sf > 0.0f ? sf : 1.0f;
-}
+using kvcodec::code_of;
+using kvcodec::group_grid;
 
 // Per-token groups: x (rows, D) → data (rows, D * bits / 8), scales/zeros (rows, D / group).
 void quantize_rows(const float* x, int64_t rows, int64_t D, int bits, int64_t group, uint8_t* data, uint16_t* sc,
                    uint16_t* ze) {
-  const int levels = (1 << bits) - 1, per = 8 / bits;
   const int64_t G = D / group, width = D * bits / 8;
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
     std::vector<uint8_t> codes(D);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* row = x + r * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* v = row + g * group;
-        float lo = v[0], hi = v[0];
-        for (int64_t i = 1; i < group; ++i) lo = std::min(lo, v[i]), hi = std::max(hi, v[i]);
-        float zero, step;
-        group_grid(lo, hi, levels, ze + r * G + g, sc + r * G + g, &zero, &step);
-        for (int64_t i = 0; i < group; ++i) codes[g * group + i] = code_of(v[i], zero, step, levels);
-      }
-      uint8_t* out = data + r * width;
-      if (bits == 8) {
-        std::memcpy(out, codes.data(), D);
-        continue;
-      }
-      for (int64_t k = 0; k < width; ++k) {
-        uint8_t byte = 0;
-        for (int j = 0; j < per; ++j) byte |= codes[k * per + j] << (j * bits);
-        out[k] = byte;
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      kvcodec::quantize_row(x + r * D, D, bits, group, codes.data(), data + r * width, sc + r * G, ze + r * G);
   });
 }
 
@@ -186,17 +137,7 @@ torch::Tensor hadamard_rows(const torch::Tensor& x, double scale) {
   float* p = out.data_ptr<float>();
   const float s = static_cast<float>(scale);
   at::parallel_for(0, out.numel() / n, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      float* v = p + r * n;
-      for (int64_t h = 1; h < n; h *= 2)
-        for (int64_t i = 0; i < n; i += 2 * h)
-          for (int64_t j = i; j < i + h; ++j) {
-            const float a = v[j], b = v[j + h];
-            v[j] = a + b;
-            v[j + h] = a - b;
-          }
-      for (int64_t j = 0; j < n; ++j) v[j] *= s;
-    }
+    for (int64_t r = r0; r < r1; ++r) kvcodec::hadamard_row(p + r * n, n, s);
   });
   return out;
 }

@@ -8,6 +8,9 @@
 // and an optional sigmoid-gated shared expert, as models/moe.py computes it); only the chosen experts are read.
 // Activations stay fp32 throughout, around weights in fp32, bf16, GGUF 32-blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
 // IQ4_NL, MXFP4) or k-quant super-blocks, with the same row kernels as the op-at-a-time path.
+// The K/V caches are dense (fp32, bf16, fp16) or packed low-bit codes with a full-precision window (the quantized
+// caches: kvcodec.h quantizes the token on store, kvattn.h attends over the codes), as the op-at-a-time path holds
+// them.
 
 #include <torch/extension.h>
 
@@ -17,10 +20,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -28,6 +34,8 @@
 #include "gemv_bf16.h"
 #include "ggml_blocks.h"
 #include "kquants.h"
+#include "kvattn.h"
+#include "kvcodec.h"
 #include "lut.h"
 
 namespace {
@@ -325,6 +333,169 @@ void mix(float* h, const std::vector<std::pair<int64_t, float>>& chosen, const f
 }
 #pragma GCC pop_options
 
+// Where a layer's K/V go and how they are attended: a policy run() calls once per layer, store() on one thread
+// after RoPE, attend() on every thread (each its share of the KV heads) with its own Scratch.
+
+// Dense caches (1, kv_heads, capacity, head_dim) of fp32, bf16 or fp16, as DenseKVCache holds them.
+template <typename KV>
+struct DenseKV {
+  const std::vector<torch::Tensor>& keys;
+  const std::vector<torch::Tensor>& values;
+  int64_t pos, Hkv, hd, group;
+
+  struct Scratch {
+    simd::AttentionScratch att;
+    std::vector<const float*> qf;
+  };
+
+  Scratch scratch() const { return {simd::AttentionScratch(group, pos + 1, hd), std::vector<const float*>(group)}; }
+
+  void store(size_t li, const float* k, const float* v) const {
+    const int64_t cap = keys[li].size(2);
+    for (int64_t g = 0; g < Hkv; ++g) {
+      simd::narrow(k + g * hd, keys[li].data_ptr<KV>() + (g * cap + pos) * hd, hd);
+      simd::narrow(v + g * hd, values[li].data_ptr<KV>() + (g * cap + pos) * hd, hd);
+    }
+  }
+
+  void attend(size_t li, const float* q, float* att, int tid, int n, Scratch& s) const {
+    const int64_t cap = keys[li].size(2);
+    const KV* kc = keys[li].data_ptr<KV>();
+    const KV* vc = values[li].data_ptr<KV>();
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    for (int64_t g = tid; g < Hkv; g += n) {  // the query heads of one KV head attend together (GQA)
+      for (int64_t j = 0; j < group; ++j) s.qf[j] = q + (g * group + j) * hd;
+      simd::attend_group(s.qf.data(), group, kc + g * cap * hd, hd, vc + g * cap * hd, hd, pos + 1, hd, scale,
+                         att + g * group * hd, s.att);
+    }
+  }
+};
+
+// One layer of a QuantizedKVCache (edgellm/kv/quantized_cache.py), batch 1: K and V as uint8 codes with fp16
+// scales/zeros (_PackedBuffer's tensors), then the full-precision window of K and V (1, kv_heads, capacity,
+// head_dim) in the model's dtype.
+struct PackedLayer {
+  torch::Tensor kd, ks, kz, vd, vs, vz, wk, wv;
+};
+
+// How a step stores its token in a packed cache: quantized at once (no window), into the window, or into a full
+// per-token window whose oldest token is quantized to make room (QuantizedKVCache._store with one token).
+enum class Store { kQuantize, kWindow, kShift };
+
+// The packed caches of every layer, one format: the new token stored as QuantizedKVCache._store stores it
+// (Hadamard-rotated keys, rounded to the window's dtype W, quantized bit-exactly as kvcodec does), then attention
+// over the packed tokens and the window as kvattn computes it, one Worker per KV head: the packed tokens, then the
+// window in the same online softmax.
+template <typename W>
+struct PackedKV {
+  const std::vector<PackedLayer>& layers;
+  int64_t Hkv, hd, group, quantized, held;  // GQA group; quantized and window tokens before this one
+  int bits;
+  int64_t kgroup, vgroup;  // per-token: elements along head_dim a scale; per-channel keys: tokens a scale
+  bool per_channel, hadamard;
+  float* tap;  // the K/V rows stored, before any rotation (layers, 2, kv_heads * head_dim), or nullptr
+  int64_t wcap = layers[0].wk.size(2);
+  Store mode = wcap == 0 ? Store::kQuantize : held < wcap ? Store::kWindow : Store::kShift;
+  int64_t tokens = quantized + (mode == Store::kWindow ? 0 : 1);  // quantized after the store
+  int64_t recent = mode == Store::kWindow ? held + 1 : held;  // window tokens after it
+  // codec.hadamard's scale n ** -0.5 (C's pow, as Python's), also the attention's head_dim ** -0.5
+  float rot = static_cast<float>(std::pow(static_cast<double>(hd), -0.5));
+
+  struct Scratch {
+    std::vector<float> qr, m, l, acc;
+    std::optional<kvattn::Worker> worker;
+  };
+
+  Scratch scratch() const {
+    return {std::vector<float>(hadamard ? Hkv * group * hd : 0), std::vector<float>(group),
+            std::vector<float>(group), std::vector<float>(group * hd), std::nullopt};
+  }
+
+  // A row as the cache's dtype holds it (an fp32 row is itself).
+  static void round(float* x, int64_t n) {
+    if constexpr (!std::is_same_v<W, float>)
+      for (int64_t d = 0; d < n; ++d) x[d] = static_cast<float>(static_cast<W>(x[d]));
+  }
+
+  // fp32 row x quantized into token t of kv head g, per-token groups of `group` (codes: hd bytes of scratch).
+  void quantize(const torch::Tensor& data, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t g,
+                int64_t t, int64_t grp, const float* x, uint8_t* codes) const {
+    auto* sc = reinterpret_cast<uint16_t*>(scales.data_ptr<at::Half>());
+    auto* ze = reinterpret_cast<uint16_t*>(zeros.data_ptr<at::Half>());
+    kvcodec::quantize_row(x, hd, bits, grp, codes, data.data_ptr<uint8_t>() + g * data.stride(1) + t * data.stride(2),
+                          sc + g * scales.stride(1) + t * scales.stride(2),
+                          ze + g * zeros.stride(1) + t * zeros.stride(2));
+  }
+
+  // Row x of kv head g into the window; a full one first quantizes its oldest row into token `quantized` and
+  // moves the others down one.
+  void to_window(const torch::Tensor& window, const torch::Tensor& data, const torch::Tensor& scales,
+                 const torch::Tensor& zeros, int64_t grp, int64_t g, const float* x, float* row, uint8_t* codes) const {
+    W* rows = window.data_ptr<W>() + g * wcap * hd;
+    if (mode == Store::kShift) {
+      for (int64_t d = 0; d < hd; ++d) row[d] = static_cast<float>(rows[d]);
+      quantize(data, scales, zeros, g, quantized, grp, row, codes);
+      std::memmove(rows, rows + hd, (held - 1) * hd * sizeof(W));
+    }
+    simd::narrow(x, rows + (recent - 1) * hd, hd);
+  }
+
+  void store(size_t li, float* k, float* v) const {
+    const PackedLayer& c = layers[li];
+    if (tap) {
+      std::copy(k, k + Hkv * hd, tap + li * 2 * Hkv * hd);
+      std::copy(v, v + Hkv * hd, tap + (li * 2 + 1) * Hkv * hd);
+    }
+    std::vector<float> row(hd);
+    std::vector<uint8_t> codes(hd);
+    for (int64_t g = 0; g < Hkv; ++g) {
+      float* kh = k + g * hd;
+      float* vh = v + g * hd;
+      if (hadamard) kvcodec::hadamard_row(kh, hd, rot);
+      if (mode == Store::kQuantize) {
+        round(kh, hd), round(vh, hd);
+        quantize(c.kd, c.ks, c.kz, g, quantized, kgroup, kh, codes.data());
+        quantize(c.vd, c.vs, c.vz, g, quantized, vgroup, vh, codes.data());
+      } else {
+        to_window(c.wk, c.kd, c.ks, c.kz, kgroup, g, kh, row.data(), codes.data());
+        to_window(c.wv, c.vd, c.vs, c.vz, vgroup, g, vh, row.data(), codes.data());
+      }
+    }
+  }
+
+  void attend(size_t li, const float* q, float* att, int tid, int n, Scratch& s) const {
+    const PackedLayer& c = layers[li];
+    static const int64_t page = 0;  // batch row 0's tokens all in "page" 0, which holds them all
+    const kvattn::Problem p{hadamard ? s.qr.data() : q, Hkv, group, hd, &page, 1, tokens + 1, tokens,
+                            {kvattn::field(c.kd), kvattn::field(c.ks), kvattn::field(c.kz), kgroup},
+                            {kvattn::field(c.vd), kvattn::field(c.vs), kvattn::field(c.vz), vgroup},
+                            per_channel, nullptr, nullptr, 0, rot, bits};
+    for (int64_t g = tid; g < Hkv; g += n) {
+      const int64_t at = g * group * hd;
+      if (hadamard) {  // the keys were stored rotated: rotate the queries instead of un-rotating the keys
+        std::copy(q + at, q + at + group * hd, s.qr.data() + at);
+        for (int64_t j = 0; j < group; ++j) kvcodec::hadamard_row(s.qr.data() + at + j * hd, hd, rot);
+      }
+      std::fill(s.m.begin(), s.m.end(), -INFINITY);
+      std::fill(s.l.begin(), s.l.end(), 0.0f);
+      std::fill(s.acc.begin(), s.acc.end(), 0.0f);
+      if (!s.worker)
+        s.worker.emplace(p, 0, g, s.m.data(), s.l.data(), s.acc.data());
+      else
+        s.worker->start(p, 0, g, s.m.data(), s.l.data(), s.acc.data());
+      switch (bits) {
+        case 8: s.worker->template run<8>(0, tokens); break;
+        case 4: s.worker->template run<4>(0, tokens); break;
+        default: s.worker->template run<2>(0, tokens);
+      }
+      const int64_t w = g * wcap * hd;
+      if (recent) s.worker->run_rows(c.wk.data_ptr<W>() + w, c.wv.data_ptr<W>() + w, recent);
+      for (int64_t j = 0; j < group; ++j)
+        for (int64_t d = 0; d < hd; ++d) att[at + j * hd + d] = s.acc[j * hd + d] / s.l[j];
+    }
+  }
+};
+
 class Plan {
  public:
   Plan(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, torch::Tensor final_norm,
@@ -404,11 +575,97 @@ class Plan {
     auto logits = torch::empty({vocab_}, torch::kFloat);
     std::lock_guard<std::mutex> guard(mutex_);
     pybind11::gil_scoped_release release;
+    const int64_t group = H_ / Hkv_;
     switch (kv_type) {
-      case torch::kFloat: run<float>(h, cos, sin, keys, values, pos, logits); break;
-      case torch::kBFloat16: run<c10::BFloat16>(h, cos, sin, keys, values, pos, logits); break;
-      case torch::kHalf: run<c10::Half>(h, cos, sin, keys, values, pos, logits); break;
+      case torch::kFloat: run(h, cos, sin, DenseKV<float>{keys, values, pos, Hkv_, hd_, group}, logits); break;
+      case torch::kBFloat16:
+        run(h, cos, sin, DenseKV<c10::BFloat16>{keys, values, pos, Hkv_, hd_, group}, logits);
+        break;
+      case torch::kHalf: run(h, cos, sin, DenseKV<c10::Half>{keys, values, pos, Hkv_, hd_, group}, logits); break;
       default: TORCH_CHECK(false, "fused step: K/V must be fp32, bf16 or fp16");
+    }
+    return logits;
+  }
+
+  // forward() over QuantizedKVCaches (batch 1, one format): per layer (K codes, scales, zeros, V codes, scales,
+  // zeros, K window, V window), `quantized` tokens packed and `held` in the window before this one. The token is
+  // quantized at `quantized` (no window), written into the window at `held`, or, the per-token window being full,
+  // written after its oldest token is quantized at `quantized`; a per-channel (KIVI) window must have room (a step
+  // that closes a key group runs op at a time). `tap` (layers, 2, kv_heads * head_dim) fp32, if given, receives the
+  // K/V rows stored, before any rotation.
+  torch::Tensor forward_packed(torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin,
+                               const std::vector<std::vector<torch::Tensor>>& caches, int64_t pos, int64_t quantized,
+                               int64_t held, int64_t bits, int64_t kgroup, int64_t vgroup, bool per_channel,
+                               bool hadamard, const c10::optional<torch::Tensor>& tap) {
+    TORCH_CHECK(head_ && caches.size() == layers_.size() && (layers_.back().mlp || layers_.back().moe),
+                "fused step: one packed cache per layer, an MLP per layer, and a head");
+    TORCH_CHECK(h.scalar_type() == torch::kFloat && h.is_contiguous() && h.numel() == D_, "fused step: h");
+    TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "fused step: 8, 4 or 2-bit K/V");
+    const int64_t per = 8 / bits, width = hd_ * bits / 8;
+    TORCH_CHECK(vgroup > 0 && hd_ % vgroup == 0 && vgroup % per == 0 && kgroup > 0 && kgroup % per == 0 &&
+                    (per_channel || hd_ % kgroup == 0) && (!hadamard || (hd_ & (hd_ - 1)) == 0),
+                "fused step: K/V groups must divide head_dim (a power of 2 for Hadamard keys)");
+    TORCH_CHECK(quantized >= 0 && held >= 0 && (!per_channel || quantized % kgroup == 0),
+                "fused step: bad token counts");
+    std::vector<PackedLayer> layers;
+    for (const auto& t : caches) {
+      TORCH_CHECK(t.size() == 8, "fused step: a packed cache is K codes, scales, zeros, V codes, scales, zeros, "
+                  "K window, V window");
+      layers.push_back({t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]});
+    }
+    const int64_t wcap = layers[0].wk.size(2);
+    const auto w_type = layers[0].wk.scalar_type();
+    const bool window_store = wcap > 0 && held < wcap;
+    TORCH_CHECK(held <= wcap && (window_store || !per_channel) && (wcap > 0 || held == 0),
+                "fused step: a per-channel window must have room for the token");
+    // tokens the codes must hold after this step (the new one, or the window's oldest) and before it
+    const int64_t need = window_store ? quantized : quantized + 1;
+    for (const auto& c : layers) {
+      auto side = [&](const torch::Tensor& d, const torch::Tensor& sc, const torch::Tensor& ze, bool channels,
+                      int64_t grp) {
+        const int64_t rows = channels ? need * bits / 8 : need, srows = channels ? need / grp : need;
+        TORCH_CHECK(d.dim() == 4 && sc.dim() == 4 && d.scalar_type() == torch::kUInt8 &&
+                        sc.scalar_type() == torch::kHalf && ze.scalar_type() == torch::kHalf &&
+                        sc.sizes() == ze.sizes() && d.size(0) == 1 && d.size(1) == Hkv_ && sc.size(1) == Hkv_ &&
+                        d.size(3) == (channels ? hd_ : width) && sc.size(3) == (channels ? hd_ : hd_ / grp) &&
+                        d.stride(3) == 1 && sc.stride(3) == 1 && ze.stride(3) == 1 && d.size(2) >= rows &&
+                        sc.size(2) >= srows,
+                    "fused step: packed K/V must be (1, kv_heads, rows, width) codes and fp16 scales/zeros holding "
+                    "every token");
+      };
+      side(c.kd, c.ks, c.kz, per_channel, kgroup);
+      side(c.vd, c.vs, c.vz, false, vgroup);
+      TORCH_CHECK(c.wk.dim() == 4 && c.wk.size(0) == 1 && c.wk.size(1) == Hkv_ && c.wk.size(2) == wcap &&
+                      c.wk.size(3) == hd_ && c.wk.is_contiguous() && c.wv.is_contiguous() &&
+                      c.wv.sizes() == c.wk.sizes() && c.wk.scalar_type() == w_type && c.wv.scalar_type() == w_type,
+                  "fused step: windows must be contiguous (1, kv_heads, capacity, head_dim), one dtype");
+    }
+    float* tap_ptr = nullptr;
+    if (tap) {
+      TORCH_CHECK(tap->scalar_type() == torch::kFloat && tap->is_contiguous() &&
+                      tap->numel() == static_cast<int64_t>(layers.size()) * 2 * Hkv_ * hd_,
+                  "fused step: tap must be contiguous fp32 (layers, 2, kv_heads * head_dim)");
+      tap_ptr = tap->data_ptr<float>();
+    }
+    auto logits = torch::empty({vocab_}, torch::kFloat);
+    std::lock_guard<std::mutex> guard(mutex_);
+    pybind11::gil_scoped_release release;
+    const int64_t group = H_ / Hkv_;
+    const int b = static_cast<int>(bits);
+    switch (w_type) {
+      case torch::kFloat:
+        run(h, cos, sin, PackedKV<float>{layers, Hkv_, hd_, group, quantized, held, b, kgroup, vgroup, per_channel,
+                                         hadamard, tap_ptr}, logits);
+        break;
+      case torch::kBFloat16:
+        run(h, cos, sin, PackedKV<c10::BFloat16>{layers, Hkv_, hd_, group, quantized, held, b, kgroup, vgroup,
+                                                 per_channel, hadamard, tap_ptr}, logits);
+        break;
+      case torch::kHalf:
+        run(h, cos, sin, PackedKV<c10::Half>{layers, Hkv_, hd_, group, quantized, held, b, kgroup, vgroup,
+                                             per_channel, hadamard, tap_ptr}, logits);
+        break;
+      default: TORCH_CHECK(false, "fused step: the window must be fp32, bf16 or fp16");
     }
     return logits;
   }
@@ -420,11 +677,10 @@ class Plan {
     return layers_.back();
   }
 
-  template <typename KV>
-  void run(torch::Tensor& h_t, const torch::Tensor& cos_t, const torch::Tensor& sin_t,
-           const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values, int64_t pos,
+  template <class Cache>
+  void run(torch::Tensor& h_t, const torch::Tensor& cos_t, const torch::Tensor& sin_t, const Cache& cache,
            torch::Tensor& logits_t) {
-    const int64_t qd = H_ * hd_, kvd = Hkv_ * hd_, group = H_ / Hkv_, T = pos + 1;
+    const int64_t qd = H_ * hd_, kvd = Hkv_ * hd_;
     const int64_t slots = std::max<int64_t>(1, slots_);  // feed-forward blocks run at once: the chosen experts
     std::vector<float> xn(std::max(D_, qd)), q(qd), k(kvd), v(kvd), att(qd), gate(slots * ffn_), up(slots * ffn_),
         act(slots * ffn_), ys(slots * D_), router(experts_ + 1);
@@ -432,19 +688,14 @@ class Plan {
     float* h = h_t.data_ptr<float>();
     const float* cos = cos_t.data_ptr<float>();
     const float* sin = sin_t.data_ptr<float>();
-    const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
     const int nth = std::max(1, at::get_num_threads());
 #pragma omp parallel num_threads(nth)
     {
       const int tid = omp_get_thread_num(), n = omp_get_num_threads();
       std::vector<float> scratch(D_), sq(std::max(D_, qd));  // a projection's rows before they are added into h
-      simd::AttentionScratch att_scratch(group, T, hd_);
-      std::vector<const float*> qf(group);
+      auto cache_scratch = cache.scratch();
       for (size_t li = 0; li < layers_.size(); ++li) {
         Layer& L = layers_[li];
-        KV* kc = keys[li].data_ptr<KV>();
-        KV* vc = values[li].data_ptr<KV>();
-        const int64_t cap = keys[li].size(2);
 #pragma omp single
         {
           rms_norm(h, L.in_norm.data_ptr<float>(), D_, eps_, xn.data(), sq.data());
@@ -463,18 +714,10 @@ class Plan {
             clamp(q.data(), qd, L.clip), clamp(k.data(), kvd, L.clip), clamp(v.data(), kvd, L.clip);
           }
           for (int64_t hh = 0; hh < H_; ++hh) rope(q.data() + hh * hd_, cos, sin, hd_);
-          for (int64_t g = 0; g < Hkv_; ++g) {
-            float* kh = k.data() + g * hd_;
-            rope(kh, cos, sin, hd_);
-            simd::narrow(kh, kc + (g * cap + pos) * hd_, hd_);
-            simd::narrow(v.data() + g * hd_, vc + (g * cap + pos) * hd_, hd_);
-          }
+          for (int64_t g = 0; g < Hkv_; ++g) rope(k.data() + g * hd_, cos, sin, hd_);
+          cache.store(li, k.data(), v.data());
         }
-        for (int64_t g = tid; g < Hkv_; g += n) {  // the query heads of one KV head attend together (GQA)
-          for (int64_t j = 0; j < group; ++j) qf[j] = q.data() + (g * group + j) * hd_;
-          simd::attend_group(qf.data(), group, kc + g * cap * hd_, hd_, vc + g * cap * hd_, hd_, T, hd_, scale,
-                             att.data() + g * group * hd_, att_scratch);
-        }
+        cache.attend(li, q.data(), att.data(), tid, n, cache_scratch);
 #pragma omp barrier
 #pragma omp single
         L.attn[3]->prepare(att.data());
@@ -568,5 +811,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_moe", &Plan::set_moe,
            "the last layer's MoE block: router, experts' (gate, up, down), top_k, renormalize, shared expert, its gate")
       .def("set_head", &Plan::set_head, "the output projection (kind, weight, N, K)")
-      .def("forward", &Plan::forward, "one token through every layer and the head; K/V written at pos");
+      .def("forward", &Plan::forward, "one token through every layer and the head; K/V written at pos")
+      .def("forward_packed", &Plan::forward_packed,
+           "forward over packed (quantized) K/V caches and their full-precision windows", py::arg("h"),
+           py::arg("cos"), py::arg("sin"), py::arg("caches"), py::arg("pos"), py::arg("quantized"), py::arg("held"),
+           py::arg("bits"), py::arg("kgroup"), py::arg("vgroup"), py::arg("per_channel"), py::arg("hadamard"),
+           py::arg("tap") = py::none());
 }
