@@ -36,8 +36,10 @@ def run(model, tok, fused: str, monkeypatch) -> tuple[torch.Tensor, list[int]]:
     return logits, edgellm.generate(model, tok, prompt(), 12).tokens
 
 
+@pytest.mark.parametrize("fused", ["0", "1"])
 @pytest.mark.parametrize("source", ["safetensors", "q8_0", "q4_0"])
-def test_offloaded_experts_compute_the_same(moe_checkpoint, tmp_path, monkeypatch, source):  # noqa: F811
+def test_offloaded_experts_compute_the_same(moe_checkpoint, tmp_path, monkeypatch, source, fused):  # noqa: F811
+    """Op at a time the policy runs in the MoE block; in the fused decode step, through the step's routing hook."""
     path = moe_checkpoint("qwen3_moe", **SHAPE)
     if source != "safetensors":
         path = export_gguf(path, tmp_path / f"{source}.gguf", source)
@@ -46,10 +48,12 @@ def test_offloaded_experts_compute_the_same(moe_checkpoint, tmp_path, monkeypatc
         for m in layer.mlp.experts.modules():
             if isinstance(m, QuantizedLinear):
                 m.lut = None
-    want_logits, want_tokens = run(model, tok, "0", monkeypatch)  # op at a time, as the offloaded model runs
+    want_logits, want_tokens = run(model, tok, fused, monkeypatch)
     store = offload.enable(model, "50%")
-    got_logits, got_tokens = run(model, tok, "1", monkeypatch)  # the fused step must step aside for the policy
+    got_logits, got_tokens = run(model, tok, fused, monkeypatch)
     assert torch.equal(got_logits, want_logits) and got_tokens == want_tokens
+    plan = model.__dict__.get("_fused")
+    assert plan is None if fused == "0" else bool(plan)  # decode ran op at a time / through the fused step
     stats = store.stats()
     assert stats["tokens"] == 40 + 40 + 11 and 0 < stats["hit_rate"] < 1
     assert 0 < stats["pinned_experts"] < stats["experts"]  # pinned by the first forward's counts
@@ -116,3 +120,21 @@ def test_cli_generates_within_an_expert_budget(moe_checkpoint, tmp_path):  # noq
     assert out["experts"]["tokens"] > 0 and out["experts"]["budget_bytes"] < out["experts"]["expert_bytes"]
     assert_one_line_error(run_cli("generate", "--model", str(path), "--prompt", "x", "--expert-budget", "2 lots"),
                           "2 lots")
+
+
+def test_an_error_in_the_policy_surfaces_from_the_fused_step(moe_checkpoint, monkeypatch):  # noqa: F811
+    model, tok = edgellm.load(moe_checkpoint("qwen3_moe", **SHAPE), "fp32")
+    store = offload.enable(model, "50%")
+    edgellm.generate(model, tok, prompt(), 2)
+
+    real = store.before
+
+    def broken(layer, x, index):  # the prefill runs op at a time: only the fused decode step's calls fail
+        if x.shape[0] == 1 and model.__dict__.get("_fused"):
+            raise RuntimeError(f"policy failed at layer {layer}")
+        real(layer, x, index)
+
+    monkeypatch.setattr(store, "before", broken)
+    model.__dict__.pop("_fused", None)  # re-plan: the hook looks the policy up when called
+    with pytest.raises(RuntimeError, match="policy failed at layer 0"):
+        edgellm.generate(model, tok, prompt(), 4)

@@ -125,8 +125,6 @@ def build(model: Any) -> FusedStep | None:
     if any((type(layer), type(layer.self_attn), type(layer.mlp)) not in model.FUSED_LAYER_TYPES
            for layer in model.model.layers):
         return None  # another family's layer computes something else
-    if any(getattr(layer.mlp, "offload", None) is not None for layer in model.model.layers):
-        return None  # experts within a budget: their residency is managed between layers (models/offload.py)
     plan = ext.Plan(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
                     args.rms_norm_eps, model.model.norm.weight.detach(), args.vocab_size)
     read = _Reader()
@@ -139,6 +137,10 @@ def build(model: Any) -> FusedStep | None:
     if head is None or head[0] == "lut" or getattr(model.lm_head, "bias", None) is not None:
         return None
     plan.set_head(head[0], head[1], args.vocab_size, args.hidden_size)
+    layers = model.model.layers
+    if any(getattr(layer.mlp, "offload", None) is not None for layer in layers):
+        # experts within a budget (models/offload.py): the policy sees each layer's routing before its experts run
+        plan.set_hook(lambda li, x, chosen: layers[li].mlp.offload.before(layers[li].mlp.offload_layer, x, chosen))
     read.refs += [(model, "lm_head", model.lm_head), (model.model.norm, "weight", model.model.norm.weight),
                   (model.model, "embed_tokens", model.model.embed_tokens)]
     return FusedStep(plan, read.refs)

@@ -10,7 +10,10 @@ is read from disk when a token routes to it. Within `budget` bytes of expert wei
 - while layer i runs, layer i+1's router is applied to layer i's input (the residual stream changes little from
   one layer to the next, the Pre-gated MoE / MoE-Infinity observation) and its likely experts are prefetched with
   POSIX_FADV_WILLNEED: the kernel reads them in the background, overlapped with this layer's compute.
-`stats()` reports hits, bytes read from disk (pages found not resident by mincore) and where the time went.
+The policy runs where the routing is known: in SparseMoeBlock.forward op at a time, and inside the fused decode
+step through its hook (the step calls `before` after each MoE layer's router). A re-pin swaps tensors, so the step
+re-plans on its next token. `stats()` reports hits, bytes read from disk (pages found not resident by mincore) and
+the policy's own time.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ class Expert:
             vec = (ctypes.c_ubyte * (length // PAGE))()
             if _libc.mincore(start, length, vec) != 0:
                 return self.nbytes  # cannot tell: count it as present rather than invent disk reads
-            found += sum(b & 1 for b in vec) * PAGE
+            found += (length // PAGE - bytes(vec).count(0)) * PAGE  # a page's byte is 1 when it is resident
         return min(found, self.nbytes)
 
     def prefetch(self) -> None:
@@ -166,12 +169,13 @@ class ExpertOffload:
         self.counts = torch.zeros(len(self.blocks), max(len(b.experts) for b in self.blocks))
         self.cached: OrderedDict[tuple[int, int], int] = OrderedDict()  # cold experts in the page cache, LRU first
         self.cached_bytes = 0
+        self.inflight: set[tuple[int, int]] = set()  # prefetched, not used yet
         self.repin_every, self.prefetch, self.since_repin, self.repins = repin_every, prefetch, 0, 0
         self.hits = self.uses = self.disk_bytes = self.prefetched = self.tokens = 0
         self.policy_s = 0.0
         for i, block in enumerate(self.blocks):
             block.offload, block.offload_layer = self, i
-        model.__dict__.pop("_fused", None)  # a fused plan made before would run the experts without the policy
+        model.__dict__.pop("_fused", None)  # a fused plan made before has no hook into the policy
         if self.budget >= self.total:
             for x in self.experts.values():
                 x.pin()
@@ -195,7 +199,9 @@ class ExpertOffload:
                 continue
             missing = expert.nbytes - expert.resident_bytes()
             self.hits += missing == 0
-            self.disk_bytes += missing
+            if (layer, e) not in self.inflight:  # a prefetch in flight was counted when it was issued
+                self.disk_bytes += missing
+            self.inflight.discard((layer, e))
             if missing:
                 expert.prefetch()  # all of this layer's misses read at once, not fault by fault
             self._touch(layer, e)
@@ -208,6 +214,8 @@ class ExpertOffload:
                 expert = self.experts[layer + 1, e]
                 if not expert.pinned and (layer + 1, e) not in self.cached:
                     self.prefetched += 1
+                    self.disk_bytes += expert.nbytes - expert.resident_bytes()
+                    self.inflight.add((layer + 1, e))
                     expert.prefetch()
                     self._touch(layer + 1, e)
         if layer == len(self.blocks) - 1 and (self.since_repin >= self.repin_every or not self.repins):
@@ -231,6 +239,7 @@ class ExpertOffload:
                 break
             if key not in keep:
                 self.cached_bytes -= self.cached.pop(key)
+                self.inflight.discard(key)
                 self.experts[key].evict()
 
     def repin(self) -> None:

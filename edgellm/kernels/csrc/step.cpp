@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -503,6 +504,10 @@ class Plan {
       : D_(hidden), H_(heads), Hkv_(kv_heads), hd_(head_dim), eps_(static_cast<float>(eps)),
         final_norm_(final_norm.to(torch::kFloat).contiguous()), vocab_(vocab) {}
 
+  // Called after each MoE layer's routing, before its experts run, with (layer, its normalised input (1, D) fp32,
+  // the chosen experts (1, top_k) int64): where expert residency is managed between layers (models/offload.py).
+  void set_hook(py::object fn) { hook_ = std::move(fn); }
+
   // A layer's norms and attention; its feed-forward block follows by set_mlp or set_moe.
   void add_layer(torch::Tensor in_norm, torch::Tensor post_norm, c10::optional<torch::Tensor> q_norm,
                  c10::optional<torch::Tensor> k_norm, c10::optional<double> clip,
@@ -685,6 +690,7 @@ class Plan {
     std::vector<float> xn(std::max(D_, qd)), q(qd), k(kvd), v(kvd), att(qd), gate(slots * ffn_), up(slots * ffn_),
         act(slots * ffn_), ys(slots * D_), router(experts_ + 1);
     Routing routing;  // set by one thread, read by all
+    std::exception_ptr hook_error;  // raised after the parallel region: nothing may leave an OpenMP block
     float* h = h_t.data_ptr<float>();
     const float* cos = cos_t.data_ptr<float>();
     const float* sin = sin_t.data_ptr<float>();
@@ -753,6 +759,7 @@ class Plan {
 #pragma omp single
           {
             routing.chosen = route(router.data(), E, M.top_k, M.renormalize);
+            if (!hook_.is_none() && !hook_error) call_hook(li, xn.data(), routing.chosen, hook_error);
             routing.blocks.clear();
             for (const auto& [e, w] : routing.chosen) routing.blocks.push_back(&M.experts[e]);
             if (M.shared) routing.blocks.push_back(M.shared.get());
@@ -790,6 +797,19 @@ class Plan {
       }
       split_rows({{head_.get(), logits_t.data_ptr<float>()}}, tid, n, scratch.data());
     }
+    if (hook_error) std::rethrow_exception(hook_error);
+  }
+
+  void call_hook(size_t li, float* xn, const std::vector<std::pair<int64_t, float>>& chosen,
+                 std::exception_ptr& error) {
+    try {
+      py::gil_scoped_acquire gil;
+      auto ids = torch::empty({1, static_cast<int64_t>(chosen.size())}, torch::kLong);
+      for (size_t j = 0; j < chosen.size(); ++j) ids[0][j] = chosen[j].first;
+      hook_(li, torch::from_blob(xn, {1, D_}, torch::kFloat), ids);  // xn outlives the call, not the step
+    } catch (...) {
+      error = std::current_exception();
+    }
   }
 
   int64_t D_, H_, Hkv_, hd_;
@@ -799,6 +819,7 @@ class Plan {
   std::vector<Layer> layers_;
   std::unique_ptr<Proj> head_;
   std::mutex mutex_;
+  py::object hook_ = py::none();
 };
 
 }  // namespace
@@ -811,6 +832,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_moe", &Plan::set_moe,
            "the last layer's MoE block: router, experts' (gate, up, down), top_k, renormalize, shared expert, its gate")
       .def("set_head", &Plan::set_head, "the output projection (kind, weight, N, K)")
+      .def("set_hook", &Plan::set_hook, "fn(layer, x, chosen) after each MoE layer's routing (expert offload)")
       .def("forward", &Plan::forward, "one token through every layer and the head; K/V written at pos")
       .def("forward_packed", &Plan::forward_packed,
            "forward over packed (quantized) K/V caches and their full-precision windows", py::arg("h"),
