@@ -18,6 +18,7 @@ import edgellm
 from edgellm.cli import main
 from edgellm.errors import UnsupportedModelError
 from edgellm.kernels.ggml_blocks import quantize_activations, quantize_activations_q8k
+from edgellm.kernels.select import choose_kernel
 from edgellm.loader import load_model, read_weights
 from edgellm.quant import qmatmul
 from edgellm.quant.convert import quantize_checkpoint
@@ -125,6 +126,24 @@ def test_quantized_gguf_matches_reference_dequantized_weights(checkpoint, tmp_pa
     torch.testing.assert_close(logits(model, tokens), want, atol=1e-4, rtol=1e-4)
     exact = logits(load_model(path, "fp32"), tokens)
     assert (got - exact).norm() < (0.02 if ftype == "q8_0" else 0.2) * exact.norm()
+
+
+def test_q4_0_lookup_table_copy_waits_for_a_call_that_uses_it(checkpoint, tmp_path):
+    """A Q4_0 model prefilled in long chunks (dequant + GEMM) and decoded by the fused step reads its blocks as
+    stored and never holds the table-lookup copy (as large again as the weights); the first op-at-a-time call with
+    few rows makes it, and then computes what the int8 kernel computed within the two kernels' rounding."""
+    model, tok = load_gguf(export_gguf(checkpoint("llama"), tmp_path / "m.gguf", "q4_0"), "fp32")
+    projections = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.fmt.name == "q4_0"]
+    rows = next(m for m in range(1, 1024) if choose_kernel(4, 64, 64, m) != "lut")
+    edgellm.generate(model, tok, list(range(2, 2 + rows)), 6)  # one prefill chunk past the LUT's rows, then fused
+    assert projections and all(m.lut is None for m in projections)
+    x = torch.randn(1, projections[0].in_features, generator=torch.Generator().manual_seed(0))
+    q = projections[0]
+    vnni = qmatmul.quantized_linear(x, q.weight_view, q.bias, None)
+    with torch.no_grad():
+        lut = q(x)
+    assert q.lut is not None and not q.lut_due
+    assert (lut - vnni).abs().max() <= 0.02 * vnni.abs().max()
 
 
 @pytest.mark.parametrize("ftype", ["q8_0", "q4_0"])

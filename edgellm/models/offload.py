@@ -134,7 +134,7 @@ class Expert:
             setattr(module, name, nn.Parameter(new, requires_grad=False) if isinstance(tensor, nn.Parameter) else new)
         for module in {id(m): m for m, _, _ in self.slots}.values():
             if isinstance(module, QuantizedLinear):  # its kernels read the blocks in place: no table-lookup copy
-                module.weight_view, module.lut = module.quantized, None
+                module.weight_view, module.lut, module.lut_due = module.quantized, None, False
 
 
 class ExpertOffload:

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from edgellm.kernels.lut import LutWeight
+from edgellm.kernels.select import choose_kernel
 from edgellm.quant.formats import QuantizedTensor, WeightFormat, quantize
 from edgellm.quant.qmatmul import prepare_lut, quantized_linear
 
+LAZY_LUT = ("q4_0",)  # formats whose table-lookup copy is made on first use (see QuantizedLinear.prepare)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -31,6 +33,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer(key, torch.empty(shape, dtype=dtype))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype) if bias else None)
         self.lut: LutWeight | None = None  # the decode kernel's copy of the weight, made by prepare()
+        self.lut_due = False  # Q4_0: the copy is made by the first call that runs the table-lookup kernel
         self.weight_view: QuantizedTensor | None = None  # the buffers as one QuantizedTensor, made by prepare()
 
     @classmethod
@@ -56,13 +59,21 @@ class QuantizedLinear(nn.Module):
 
     def prepare(self) -> None:
         """Repack the weight for the decode kernel and keep a view of the buffers for forward (the loader calls this
-        once, so no request pays for it; call it again after replacing the buffers)."""
+        once, so no request pays for it; call it again after replacing the buffers).
+
+        Q4_0's blocks are read as stored by the int8 kernels (the fused decode step, prefill), so its table-lookup
+        copy, as large again as the weight, waits for the first call with few enough rows to run that kernel (a
+        small batch, a speculative check): a model decoded by the fused step never holds one."""
         self.weight_view = self.quantized
-        self.lut = prepare_lut(self.weight_view)
+        self.lut_due = self.fmt.kind in LAZY_LUT
+        self.lut = None if self.lut_due else prepare_lut(self.weight_view)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_view is None:
             self.prepare()
+        if self.lut_due and choose_kernel(self.fmt.bits, self.out_features, self.in_features,
+                                          x.numel() // self.in_features) == "lut":
+            self.lut, self.lut_due = prepare_lut(self.weight_view), False
         return quantized_linear(x, self.weight_view, self.bias, self.lut)
 
     def extra_repr(self) -> str:
