@@ -39,3 +39,30 @@ def test_bench_moe_rejects_a_bad_share(capsys):
         main(["bench", "moe", "--offload", "0.5,2"])
     assert exit_.value.code == 2
     assert "(0, 1]" in capsys.readouterr().err
+
+
+def test_bench_moe_routing_compares_topk_and_moge(tmp_path, capsys):
+    """Two shrunk trained MoEs: MoGE's groups take equal load by construction (IS = 0 over its 4 groups)."""
+    import shutil
+
+    from edgellm.assets import default_model_path
+    from edgellm.train.corpus import stdlib_root
+    from edgellm.train.trainer import make_recipe, train
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("heapq.py", "bisect.py", "fnmatch.py", "functools.py"):
+        shutil.copy(stdlib_root() / name, corpus / name)
+    small = dict(corpus=str(corpus), steps=4, seq_len=32, batch=2, hidden_size=64, intermediate_size=128,
+                 expert_size=32, num_hidden_layers=2, max_position_embeddings=64, tokenizer=str(default_model_path()))
+    for preset in ("moe", "moge"):
+        train(make_recipe(preset, **small), tmp_path / preset, progress=False)
+    out = tmp_path / "r.json"
+    assert main(["bench", "moe", "--routing", f"{tmp_path / 'moe'},{tmp_path / 'moge'}", "--routing-tokens", "300",
+                 "--json", str(out)]) == 0
+    topk, moge = json.loads(out.read_text())["rows"]
+    assert topk["routing"] == "topk" and moge["routing"] == "moge" and moge["groups"] == 4
+    assert moge["imbalance"]["4"] == 0 and moge["imbalance"]["2"] == 0  # 2 devices hold 2 whole groups each
+    assert topk["perplexity"] > 1 and moge["perplexity"] > 1 and topk["tokens"] == moge["tokens"] == 300
+    assert 0 < moge["load_entropy_bits"] <= moge["max_entropy_bits"] == 4
+    assert "moge" in capsys.readouterr().out

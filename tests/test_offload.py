@@ -47,7 +47,7 @@ def test_offloaded_experts_compute_the_same(moe_checkpoint, tmp_path, monkeypatc
     for layer in model.model.layers:  # offloaded experts read Q4_0 blocks in place, not through a lookup-table copy
         for m in layer.mlp.experts.modules():
             if isinstance(m, QuantizedLinear):
-                m.lut = None
+                m.lut, m.lut_due = None, False
     want_logits, want_tokens = run(model, tok, fused, monkeypatch)
     store = offload.enable(model, "50%")
     got_logits, got_tokens = run(model, tok, fused, monkeypatch)

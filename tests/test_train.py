@@ -22,7 +22,7 @@ import edgellm
 from edgellm.train import add_train_arguments, export_checkpoint, make_recipe, run_train, train, trainer
 from edgellm.train.corpus import CorpusError, load_corpus, stdlib_root
 from edgellm.train.tokenizer import SPECIAL_TOKENS, TokenizerFileError, load_tokenizer_file, train_tokenizer
-from edgellm.train.trainer import TrainingError, init_model, lr_at
+from edgellm.train.trainer import Recipe, TrainingError, init_model, lr_at
 
 CORPUS_FILES = ("argparse.py", "ast.py", "bisect.py", "calendar.py", "colorsys.py", "copy.py", "csv.py",
                 "dataclasses.py", "enum.py", "fnmatch.py", "functools.py", "heapq.py")
@@ -184,7 +184,41 @@ def test_builtin_model_is_the_default_preset_exported() -> None:
     path = default_model_path()
     assert (path / "model.safetensors").stat().st_size <= 60 * 2**20
     recipe = json.loads((path / "training.json").read_text())["recipe"]
-    assert recipe == dataclasses.asdict(make_recipe("default"))
+    assert dataclasses.asdict(Recipe(**recipe)) == dataclasses.asdict(make_recipe("default"))  # newer fields: defaults
     model, tokenizer = edgellm.load()
     assert model.args.hidden_size == recipe["hidden_size"] and model.args.tie_word_embeddings
     assert tokenizer.encode("x")[0] == tokenizer.backend.token_to_id("<|bos|>")
+
+
+@pytest.mark.parametrize("preset", ["moe", "moge"])
+def test_moe_presets_train_and_export_a_routed_model(corpus: Path, tmp_path: Path, one_thread, preset: str) -> None:
+    """The MoE presets, shrunk: the exported Qwen3-MoE loads in edgellm (and for top-k routing in transformers, with
+    the same logits); MoGE gives every expert group the same load by construction; the load-balancing loss joins
+    the objective (a zero weight changes the trained router)."""
+    small = dict(corpus=str(corpus), steps=6, seq_len=32, batch=2, vocab_size=512, hidden_size=64,
+                 intermediate_size=128, expert_size=32, num_hidden_layers=2, max_position_embeddings=64)
+    summary = train(make_recipe(preset, **small), tmp_path / "a", progress=False)
+    assert summary["heldout_loss"] > 0
+    model, tokenizer = edgellm.load(tmp_path / "a", dtype="fp32")
+    block = model.model.layers[0].mlp
+    assert len(block.experts) == 16 and block.top_k == 4 and block.routing == ("moge" if preset == "moge" else "topk")
+    ids = torch.tensor([tokenizer.encode("def f(x):\n    return x + 1\n" * 4)])
+    seen = []
+    block.register_forward_hook(lambda m, a, out: seen.append(a[0]))
+    with torch.no_grad():
+        got = model(ids)
+    x = seen[0].reshape(-1, seen[0].shape[-1])
+    if preset == "moge":
+        from edgellm.models.moe import grouped_topk
+        _, index = grouped_topk(block.gate(x), 4, 1, block.expert_scale)
+        load = torch.bincount(index.flatten() // 4, minlength=4)
+        assert (load == x.shape[0]).all()  # one expert per group per token: every group's load is the token count
+        assert not torch.equal(block.expert_scale, torch.ones(16))  # the per-expert scale is trained
+    else:
+        transformers = pytest.importorskip("transformers")
+        reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(got, reference(ids).logits, atol=1e-4, rtol=0)
+    train(make_recipe(preset, **small, aux_loss=0.0), tmp_path / "b", progress=False)
+    other, _ = edgellm.load(tmp_path / "b", dtype="fp32")
+    assert not torch.equal(block.gate.weight, other.model.layers[0].mlp.gate.weight)

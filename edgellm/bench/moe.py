@@ -64,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", type=fractions, default=[1.0, 0.5, 0.25, 0.1],
                    help="resident shares of the expert bytes for the offload curve, on the last format (page cache "
                         "dropped before each; empty to skip; default %(default)s)")
+    p.add_argument("--routing", default=None, metavar="DIRS",
+                   help="instead: compare trained MoE checkpoints (e.g. `edgellm train --preset moe|moge`), "
+                        "comma-separated: held-out perplexity, imbalance over 2/4/8 device groups, load entropy")
+    p.add_argument("--routing-tokens", type=positive_int, default=8192, help="held-out tokens for --routing")
     p.add_argument("--llama-cpp-wheel", type=Path, default=None,
                    help="install llama-cpp-python from this wheel instead of building it from PyPI")
     p.add_argument("--json", type=Path, default=None)
@@ -131,12 +135,13 @@ def _offload_speed(gguf: str, threads: int, share: float, prompt: list[int], ste
     import time
 
     from edgellm import runner
+    from edgellm.bench.kv import drop_page_cache
     from edgellm.kv.prompt_cache import PromptCache
     from edgellm.models import offload
     from edgellm.sequence import Sequence
 
     torch.set_num_threads(threads)
-    offload.drop_page_cache(gguf)
+    drop_page_cache(Path(gguf))
     model = _load(gguf, None)
     store = offload.enable(model, f"{100 * share}%") if share < 1 else None
     seq = Sequence(model, None, prompt, PromptCache(model, capacity=len(prompt) + steps + 1), steps + 1)
@@ -169,8 +174,46 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
+@torch.no_grad()
+def routing_report(path: str, ids: list[int], window: int = 256) -> dict[str, Any]:
+    """Held-out perplexity of a trained MoE and how its routing loads experts: the imbalance score IS = (max − min
+    load) / tokens when the experts are split into d contiguous groups, one per device (Pangu Pro MoE's measure;
+    MoGE makes it 0 at d = its group count), and the entropy of the expert load, averaged over layers and windows."""
+    import math
+
+    from edgellm import load
+    from edgellm.models.moe import imbalance
+
+    model, _ = load(path, "fp32")
+    blocks = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    experts = len(blocks[0].experts)
+    found: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, a, out: found.append(m.route(a[0].reshape(-1, a[0].shape[-1]))[2]))
+             for b in blocks]
+    nll = count = 0.0
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[start:start + window + 1]])
+        logits = model(chunk[:, :-1])[0].float()
+        nll += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
+        count += chunk.shape[1] - 1
+    for h in hooks:
+        h.remove()
+    imbalance_by = {}
+    for d in (2, 4, 8):
+        if experts % d == 0:
+            imbalance_by[d] = sum(imbalance(index // (experts // d), d) for index in found) / len(found)
+    loads = [torch.bincount(index.flatten(), minlength=experts).float() for index in found]
+    entropy = sum(-(p * p.clamp_min(1e-12).log2()).sum().item() for p in (x / x.sum() for x in loads)) / len(loads)
+    block = blocks[0]
+    return {"model": path, "routing": block.routing, "groups": block.groups, "experts": experts,
+            "top_k": block.top_k, "perplexity": math.exp(nll / count), "tokens": int(count),
+            "imbalance": imbalance_by, "load_entropy_bits": entropy, "max_entropy_bits": math.log2(experts)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the model, export each format, alternate the engines; print the table, write --json/--plot."""
+    if args.routing:
+        return run_routing(args)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     bad = [f for f in formats if f not in EXPORTED + GGUF_FILE_FORMATS]
     if bad or not formats:
@@ -284,3 +327,27 @@ def plot(report: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def run_routing(args: argparse.Namespace) -> dict[str, Any]:
+    """`--routing DIRS`: the top-k vs MoGE table of trained checkpoints."""
+    from edgellm.bench.kv import heldout_ids
+    from edgellm.tokenizer import Tokenizer
+
+    paths = [path.strip() for path in args.routing.split(",") if path.strip()]
+    tokenizers = [Tokenizer(path) for path in paths]
+    if len({t.fingerprint for t in tokenizers}) > 1:
+        raise EdgeLLMError("--routing compares models on the same held-out tokens: give models sharing one "
+                           "tokenizer (train them with --tokenizer)")
+    ids = heldout_ids(tokenizers[0], args.routing_tokens + 1)
+    rows = [routing_report(path, ids) for path in paths]
+    report = {"benchmark": "moe-routing", "rows": rows,
+              "notes": ["imbalance[d]: (max - min tokens routed to a group) / tokens, experts split into d contiguous "
+                        "groups (one per device), mean over layers and 256-token windows of held-out stdlib text"]}
+    print(f"{'model':32} {'routing':8} {'perplexity':>10} {'IS d=2':>7} {'IS d=4':>7} {'IS d=8':>7} {'entropy':>8}")
+    for r in rows:
+        imb = [f"{r['imbalance'].get(d, float('nan')):7.3f}" for d in (2, 4, 8)]
+        print(f"{Path(r['model']).name:32} {r['routing']:8} {r['perplexity']:10.2f} {' '.join(imb)} "
+              f"{r['load_entropy_bits']:5.2f}/{r['max_entropy_bits']:.0f}")
+    write_report(report, args.json)
+    return report

@@ -109,6 +109,8 @@ def _add_layer(plan: Any, layer: nn.Module, read: _Reader) -> None:
     if not hasattr(mlp, "experts"):
         plan.set_mlp([read.proj(mlp, name) for name in MLP])
         return
+    if mlp.routing != "topk":
+        raise NotCovered("grouped (MoGE) routing")  # the step routes softmax-then-top-k
     shared = hasattr(mlp, "shared_expert")
     plan.set_moe(read.proj(mlp, "gate"), [[read.proj(e, name) for name in MLP] for e in mlp.experts], mlp.top_k,
                  mlp.renormalize, [read.proj(mlp.shared_expert, name) for name in MLP] if shared else [],

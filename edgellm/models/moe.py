@@ -37,6 +37,8 @@ class ModelArgs(llama.ModelArgs):
     decoder_sparse_step: int = 1
     qkv_bias: bool = True
     clip_qkv: float | None = None
+    moe_routing: str = "topk"  # edgellm-trained models only: "moge" routes top-k/groups inside each expert group
+    moe_groups: int = 1
 
     @classmethod
     def from_config(cls, config: dict) -> ModelArgs:
@@ -54,6 +56,12 @@ class ModelArgs(llama.ModelArgs):
             raise CheckpointError(f"config.json: mlp_only_layers must be a list of layer indices, got {dense!r}")
         if args.model_type == "qwen2_moe":
             args.attention_bias = args.qkv_bias
+        if args.moe_routing not in ("topk", "moge"):
+            raise CheckpointError(f"config.json: moe_routing {args.moe_routing!r} is not one of topk, moge")
+        if args.moe_routing == "moge" and (args.moe_groups < 1 or args.num_experts % args.moe_groups
+                                           or args.num_experts_per_tok % args.moe_groups):
+            raise CheckpointError(f"config.json: MoGE needs moe_groups ({args.moe_groups}) dividing both the "
+                                  f"{args.num_experts} experts and num_experts_per_tok ({args.num_experts_per_tok})")
         return args
 
     @property
@@ -122,12 +130,30 @@ def mix_experts(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, exp
     return out
 
 
+def load_balancing_loss(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss on the global softmax: E · Σ_e (share of assignments to e) · (mean
+    router probability of e); 1 when balanced. Trains a router toward even load (MoGE is even by construction
+    per group; the loss still spreads tokens inside each group)."""
+    num = logits.shape[-1]
+    probs = torch.softmax(logits.float(), dim=-1)
+    share = torch.bincount(index.flatten(), minlength=num).float() / index.numel()
+    return num * (share * probs.mean(0)).sum()
+
+
 class SparseMoeBlock(nn.Module):
-    """Router (`gate`) + experts, and Qwen2-MoE's always-on shared expert scaled by a sigmoid gate."""
+    """Router (`gate`) + experts, and Qwen2-MoE's always-on shared expert scaled by a sigmoid gate.
+
+    Routing is softmax-then-top-k, or for an edgellm-trained MoGE model `grouped_topk` with a learned per-expert
+    scale (`expert_scale`). While training, the last call's router logits and choices are kept for the
+    load-balancing loss."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.top_k, self.renormalize = args.num_experts_per_tok, args.norm_topk_prob or args.model_type == "mixtral"
+        self.routing, self.groups = args.moe_routing, args.moe_groups
+        if self.routing == "moge":
+            self.expert_scale = nn.Parameter(torch.ones(args.num_experts))
+        self.routed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.gate = Linear(args.hidden_size, args.num_experts, bias=False)
         self.offload: Any = None  # an ExpertOffload (models/offload.py) when the experts live within a budget
         self.experts = nn.ModuleList(MLP(replace(args, intermediate_size=args.expert_size))
@@ -135,6 +161,13 @@ class SparseMoeBlock(nn.Module):
         if args.shared_expert_intermediate_size:
             self.shared_expert = MLP(replace(args, intermediate_size=args.shared_expert_intermediate_size))
             self.shared_expert_gate = Linear(args.hidden_size, 1, bias=False)
+
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router logits, weights, chosen experts) of tokens `flat` (tokens, hidden)."""
+        logits = self.gate(flat)
+        if self.routing == "moge":
+            return logits, *grouped_topk(logits, self.groups, self.top_k // self.groups, self.expert_scale)
+        return logits, *topk_softmax(logits, self.top_k, self.renormalize)
 
     def fuse(self) -> None:
         for expert in self.experts:
@@ -145,7 +178,9 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the fused decode step (fused.py, kernels/csrc/step.cpp) computes the same: change both together
         flat = x.reshape(-1, x.shape[-1])
-        weights, index = topk_softmax(self.gate(flat), self.top_k, self.renormalize)
+        logits, weights, index = self.route(flat)
+        if self.training:
+            self.routed = (logits, index)
         if self.offload is not None:
             self.offload.before(self.offload_layer, flat, index)
         out = mix_experts(flat, weights, index, self.experts)

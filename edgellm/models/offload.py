@@ -287,12 +287,3 @@ def enable(model: nn.Module, budget: str | int, **kwargs: Any) -> ExpertOffload:
 def installed(model: nn.Module) -> ExpertOffload | None:
     """The policy `enable` installed on `model`, if any."""
     return next((layer.mlp.offload for layer in model.model.layers if getattr(layer.mlp, "offload", None)), None)
-
-
-def drop_page_cache(path: str) -> None:
-    """Evict a file's pages from the page cache (for cold-start measurements)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)

@@ -26,7 +26,9 @@ from tqdm import tqdm
 
 from edgellm.errors import EdgeLLMError
 from edgellm.kernels.runtime import default_dtype
-from edgellm.models.llama import Model, ModelArgs
+from edgellm.models import family_for
+from edgellm.models.llama import Model
+from edgellm.models.moe import load_balancing_loss
 from edgellm.train.corpus import CorpusError, load_corpus, token_stream
 from edgellm.train.tokenizer import (
     BOS,
@@ -70,6 +72,12 @@ class Recipe:
     heldout_percent: float = 2.0
     corpus: str | None = None  # None: the running interpreter's stdlib
     tokenizer: str | None = None  # None: train one on the corpus
+    experts: int = 0  # > 0: a Qwen3-MoE-shaped model with this many experts of width `expert_size` per layer
+    experts_per_tok: int = 0
+    expert_size: int = 0
+    moe_routing: str = "topk"  # or "moge": top experts_per_tok/moe_groups inside each of moe_groups groups
+    moe_groups: int = 1
+    aux_loss: float = 0.01  # weight of the load-balancing loss, per MoE layer
 
     @property
     def tokens_per_step(self) -> int:
@@ -93,6 +101,15 @@ PRESETS: dict[str, Recipe] = {
     "small": Recipe("small", hidden_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=1024, vocab_size=8192, max_position_embeddings=2048, seq_len=1024, batch=2,
                     steps=500, lr=2e-3, warmup_steps=30),
+    # Small MoEs on the stdlib at equal active parameters (4 of 16 experts of width 256 per token): top-k
+    # routing, and MoGE (Pangu Pro MoE) with 4 groups of 4 experts, one chosen per group.
+    "moe": Recipe("moe", hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=1024, vocab_size=8192, max_position_embeddings=1024, seq_len=256, batch=4,
+                  steps=400, lr=2e-3, warmup_steps=30, experts=16, experts_per_tok=4, expert_size=256),
+    "moge": Recipe("moge", hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=1024, vocab_size=8192, max_position_embeddings=1024, seq_len=256, batch=4,
+                   steps=400, lr=2e-3, warmup_steps=30, experts=16, experts_per_tok=4, expert_size=256,
+                   moe_routing="moge", moe_groups=4),
     "tiny": Recipe("tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=128, vocab_size=512, max_position_embeddings=256, seq_len=64, batch=4,
                    steps=30, lr=3e-3, warmup_steps=3),
@@ -116,7 +133,19 @@ def make_recipe(preset: str, **overrides: object) -> Recipe:
 
 
 def hf_config(recipe: Recipe, tokenizer: Tokenizer) -> dict:
-    """config.json of a tied-embedding Llama, readable by edgellm and transformers alike."""
+    """config.json of a tied-embedding Llama, or with `experts` a Qwen3-MoE (transformers reads it too, unless it
+    routes by MoGE, which only edgellm runs)."""
+    config = _llama_config(recipe, tokenizer)
+    if not recipe.experts:
+        return config
+    return {**config, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "num_experts": recipe.experts, "num_experts_per_tok": recipe.experts_per_tok,
+            "moe_intermediate_size": recipe.expert_size, "norm_topk_prob": True, "decoder_sparse_step": 1,
+            "mlp_only_layers": [], "router_aux_loss_coef": recipe.aux_loss,
+            **({"moe_routing": "moge", "moe_groups": recipe.moe_groups} if recipe.moe_routing == "moge" else {})}
+
+
+def _llama_config(recipe: Recipe, tokenizer: Tokenizer) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -149,11 +178,12 @@ def hf_config(recipe: Recipe, tokenizer: Tokenizer) -> dict:
 def init_model(config: dict, seed: int) -> Model:
     """A freshly initialised fp32 model: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2·layers)."""
     torch.manual_seed(seed)
-    model = Model(ModelArgs.from_config(config))
+    family = family_for(config)
+    model = family.Model(family.ModelArgs.from_config(config))
     std = config["initializer_range"]
     residual_std = std / math.sqrt(2 * config["num_hidden_layers"])
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
+        if name.endswith(("norm.weight", "expert_scale")):  # ones, as constructed
             continue
         # GPT-2's scaling keeps the residual stream's variance flat in depth, which matters in short runs.
         nn.init.normal_(p, 0.0, residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std)
@@ -328,7 +358,7 @@ def train(recipe: Recipe, out: Path, minutes: float | None = None, progress: boo
     ckpt = out / CHECKPOINT
     if ckpt.exists():
         saved = load_checkpoint(ckpt)
-        if saved["recipe"] != state["recipe"]:
+        if asdict(Recipe(**saved["recipe"])) != state["recipe"]:  # fields added since take their defaults
             raise TrainingError(f"{ckpt} was made with a different recipe; use another --out or delete it")
         model.load_state_dict(saved.pop("model"))
         optimizer.load_state_dict(saved.pop("optimizer"))
@@ -358,7 +388,9 @@ def train(recipe: Recipe, out: Path, minutes: float | None = None, progress: boo
         x, y = (t.to(device) for t in batches.get(step))
         with autocast(device):
             logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        routed = [layer.mlp.routed for layer in model.model.layers if getattr(layer.mlp, "routed", None)]
+        loss = ce + recipe.aux_loss * sum(load_balancing_loss(*r) for r in routed) if routed else ce
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -366,7 +398,7 @@ def train(recipe: Recipe, out: Path, minutes: float | None = None, progress: boo
         state["step"] = step + 1
         state["tokens_seen"] += recipe.tokens_per_step
         session_tokens += recipe.tokens_per_step
-        recent.append(loss.item())
+        recent.append(ce.item())  # the language-model loss, comparable across routings
         bar.update(1)
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{lr:.2e}",
                         tok_s=f"{session_tokens / (time.monotonic() - session_start):.0f}")
