@@ -34,7 +34,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if weight.dtype is not torch.bfloat16 or not weight.is_cpu or (torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
         return F.linear(x, weight, bias)  # the native kernel has no backward
-    if x.numel() <= native_max_rows() * weight.shape[-1]:
+    if x.numel() <= native_max_rows() * weight.shape[-1] and weight.is_contiguous():  # else it would copy W
         gemv = gemv_bf16_op()
         if gemv is not None:
             return gemv(x, weight, bias)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from edgellm.errors import CheckpointError, UnsupportedModelError
-from edgellm.models import llama, moe
+from edgellm.models import gpt_oss, llama, moe
 
 ARCHITECTURES: dict[str, ModuleType] = {
+    "GptOssForCausalLM": gpt_oss,
     "LlamaForCausalLM": llama,
     "MistralForCausalLM": llama,
     "MixtralForCausalLM": moe,

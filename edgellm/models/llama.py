@@ -161,14 +161,16 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if kv_tap is not None:
             k, v = kv_tap(k, v)
-        q = self.place_q(q, cos, sin)
-        k, v = self.place_kv(k, v, cos, sin)
-        if cache is not None:  # the cache stores K/V and attends, whatever its kind (dense, quantized, batched)
-            out = cache.attend(q, k, v, mask, self.head_dim**-0.5)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                 enable_gqa=self.n_heads != self.n_kv_heads)
+        out = self.attend(self.place_q(q, cos, sin), *self.place_kv(k, v, cos, sin), mask, cache)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               cache: AttentionCache | None) -> torch.Tensor:
+        """Attention of q (batch, heads, seq, head_dim) over the cache and the new k/v (batch, kv_heads, ...)."""
+        if cache is not None:  # the cache stores K/V and attends, whatever its kind (dense, quantized, batched)
+            return cache.attend(q, k, v, mask, self.head_dim**-0.5)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=self.n_heads != self.n_kv_heads)
 
 
 class MLP(nn.Module):

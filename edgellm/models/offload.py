@@ -209,7 +209,7 @@ class ExpertOffload:
         if self.prefetch and layer + 1 < len(self.blocks):
             nxt = self.blocks[layer + 1]
             with torch.no_grad():
-                ahead = torch.topk(nxt.gate(x[-1:]).float(), nxt.top_k, dim=-1).indices  # the newest token's
+                ahead = nxt.route(x[-1:])[2]  # the newest token's, as the next layer would route it now
             for e in ahead.flatten().tolist():
                 expert = self.experts[layer + 1, e]
                 if not expert.pinned and (layer + 1, e) not in self.cached:

@@ -1,4 +1,4 @@
-"""Rotary position embeddings with the scalings HF checkpoints use (default, linear, dynamic NTK, llama3)."""
+"""Rotary position embeddings with the scalings HF checkpoints use (default, linear, dynamic NTK, llama3, YaRN)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from edgellm.errors import UnsupportedModelError
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 def rope_kind(rope_scaling: dict | None) -> str:
@@ -31,10 +31,13 @@ class RotaryEmbedding:
         self.scaling = rope_scaling or {}
         self.kind = rope_kind(rope_scaling)
         self.inv_freq = self._inv_freq(base)
+        self.attention_scaling = 1.0  # YaRN scales cos/sin (so q·k) by its mscale
         if self.kind == "linear":
             self.inv_freq = self.inv_freq / float(self.scaling["factor"])
         elif self.kind == "llama3":
             self.inv_freq = self._llama3(self.inv_freq)
+        elif self.kind == "yarn":
+            self.inv_freq, self.attention_scaling = self._yarn()
 
     def _inv_freq(self, base: float) -> torch.Tensor:
         return 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float() / self.dim))
@@ -51,6 +54,37 @@ class RotaryEmbedding:
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled)
 
+    def _yarn(self) -> tuple[torch.Tensor, float]:
+        """YaRN (arXiv 2309.00071) as transformers' `_compute_yarn_parameters`: low frequencies interpolated by
+        `factor`, high ones kept, a linear ramp between the `beta_fast`/`beta_slow` rotation counts, and an
+        attention factor (0.1·ln(factor) + 1 unless the config gives one, or DeepSeek's mscale ratio)."""
+        s, dim, base = self.scaling, self.dim, self.base
+        old_ctx = float(s["original_max_position_embeddings"])
+        factor = s.get("factor") or self.max_position / old_ctx
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention = s.get("attention_factor")
+        if attention is None:
+            m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+            attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(s.get("beta_fast") or 32), correction_dim(s.get("beta_slow") or 1)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # no zero-width ramp
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+        pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
+        extrapolation = 1 - ramp
+        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+        return inv_freq, float(attention)
+
     def _dynamic_inv_freq(self, seq_len: int) -> torch.Tensor:
         # NTK-aware: stretch the base once the sequence outgrows the trained context.
         if seq_len <= self.max_position:
@@ -66,6 +100,8 @@ class RotaryEmbedding:
             inv_freq = self._dynamic_inv_freq(int(positions.max()) + 1)
         freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
+        if self.attention_scaling != 1.0:
+            return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

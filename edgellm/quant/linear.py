@@ -14,7 +14,8 @@ from edgellm.quant.formats import QuantizedTensor, WeightFormat, quantize
 from edgellm.quant.qmatmul import prepare_lut, quantized_linear
 
 LAZY_LUT = ("q4_0",)  # formats whose table-lookup copy is made on first use (see QuantizedLinear.prepare)
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+               "gate_up_proj")  # gate_up_proj: gpt-oss experts, gate and up columns interleaved
 
 
 class QuantizedLinear(nn.Module):
