@@ -151,8 +151,8 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.top_k, self.renormalize = args.num_experts_per_tok, args.norm_topk_prob or args.model_type == "mixtral"
         self.routing, self.groups = args.moe_routing, args.moe_groups
-        if self.routing == "moge":
-            self.expert_scale = nn.Parameter(torch.ones(args.num_experts))
+        if self.routing == "moge":  # E/K at init: K of E softmax probabilities sum to ~K/E, so the mix starts at ~1
+            self.expert_scale = nn.Parameter(torch.full((args.num_experts,), args.num_experts / self.top_k))
         self.routed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.gate = Linear(args.hidden_size, args.num_experts, bias=False)
         self.offload: Any = None  # an ExpertOffload (models/offload.py) when the experts live within a budget
