@@ -129,8 +129,8 @@ def test_an_error_in_the_policy_surfaces_from_the_fused_step(moe_checkpoint, mon
 
     real = store.before
 
-    def broken(layer, x, index):  # the prefill runs op at a time: only the fused decode step's calls fail
-        if x.shape[0] == 1 and model.__dict__.get("_fused"):
+    def broken(layer, x, index, in_step=False):  # the prefill runs op at a time: only the fused step's calls fail
+        if in_step:
             raise RuntimeError(f"policy failed at layer {layer}")
         real(layer, x, index)
 
@@ -138,3 +138,15 @@ def test_an_error_in_the_policy_surfaces_from_the_fused_step(moe_checkpoint, mon
     model.__dict__.pop("_fused", None)  # re-plan: the hook looks the policy up when called
     with pytest.raises(RuntimeError, match="policy failed at layer 0"):
         edgellm.generate(model, tok, prompt(), 4)
+
+
+def test_bf16_experts_stay_mapped_and_offload(moe_checkpoint, monkeypatch):  # noqa: F811
+    """A bf16 checkpoint loaded in bf16: the experts' gate/up are not fused into a copy, so they stay mapped from
+    the file and an expert budget applies (the fused step runs bf16 weights as stored)."""
+    model, tok = edgellm.load(moe_checkpoint("qwen3_moe", dtype=torch.bfloat16, **SHAPE), "bf16")
+    expert = model.model.layers[0].mlp.experts[0]
+    assert expert.gate_up is None
+    want = run(model, tok, "1", monkeypatch)[1]
+    store = offload.enable(model, "50%")
+    assert run(model, tok, "1", monkeypatch)[1] == want
+    assert 0 < store.stats()["pinned_experts"] < store.stats()["experts"]

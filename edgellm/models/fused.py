@@ -65,9 +65,10 @@ class FusedStep:
     An MoE model has hundreds of them (every expert's projections), checked before every step: each is looked up in
     the dict nn.Module keeps it in, where a swap (setattr, a new buffer, a deleted attribute) shows."""
 
-    def __init__(self, plan: Any, refs: list[tuple[nn.Module, str, Any]]) -> None:
+    def __init__(self, plan: Any, refs: list[tuple[nn.Module, str, Any]], settle: Any = None) -> None:
         self.plan = plan
         self.refs = [(_slots(module, name), name, value) for module, name, value in refs]
+        self.settle = settle  # called after each step: an expert budget's deferred re-pin
 
     def current(self) -> bool:
         return all(slots.get(name) is value for slots, name, value in self.refs)
@@ -140,12 +141,13 @@ def build(model: Any) -> FusedStep | None:
         return None
     plan.set_head(head[0], head[1], args.vocab_size, args.hidden_size)
     layers = model.model.layers
-    if any(getattr(layer.mlp, "offload", None) is not None for layer in layers):
+    store = next((layer.mlp.offload for layer in layers if getattr(layer.mlp, "offload", None) is not None), None)
+    if store is not None:
         # experts within a budget (models/offload.py): the policy sees each layer's routing before its experts run
-        plan.set_hook(lambda li, x, chosen: layers[li].mlp.offload.before(layers[li].mlp.offload_layer, x, chosen))
+        plan.set_hook(lambda li, x, chosen: store.before(layers[li].mlp.offload_layer, x, chosen, in_step=True))
     read.refs += [(model, "lm_head", model.lm_head), (model.model.norm, "weight", model.model.norm.weight),
                   (model.model, "embed_tokens", model.model.embed_tokens)]
-    return FusedStep(plan, read.refs)
+    return FusedStep(plan, read.refs, None if store is None else store.settle)
 
 
 def _packed(cache: list) -> tuple[tuple, int] | None:
@@ -161,7 +163,7 @@ def _packed(cache: list) -> tuple[tuple, int] | None:
     if first.keys.shape[0] != 1 or first.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
     quantized, held, room = first.quantized, first.offset - first.quantized, first.recent_keys.shape[2]
-    if room and held == room and first.keys.per_channel:
+    if first.keys.per_channel and (not room or held == room):
         return None  # the step closes a key group: quantized per channel, op at a time
     if not room or held == room:  # the token (or the window's oldest) goes into the codes
         for c in cache:
@@ -215,4 +217,6 @@ def decode_step(model: Any, tokens: torch.Tensor, cache: list, tap: torch.Tensor
             c.quantized = quantized
     for c in cache:
         c.offset = pos + 1
+    if fused.settle is not None:
+        fused.settle()
     return logits.to(model.dtype).view(1, 1, -1)

@@ -170,8 +170,8 @@ class SparseMoeBlock(nn.Module):
         return logits, *topk_softmax(logits, self.top_k, self.renormalize)
 
     def fuse(self) -> None:
-        for expert in self.experts:
-            expert.fuse()
+        """The shared expert only: fusing every expert's gate/up would copy them all out of the file mapping (RAM
+        as large again, and no expert offload), for a gain only op-at-a-time decode sees."""
         if hasattr(self, "shared_expert"):
             self.shared_expert.fuse()
 

@@ -74,6 +74,7 @@ class _Mappings:
                     start, end = (int(a, 16) for a in parts[0].split("-"))
                     self.maps.append((start, end, int(parts[2], 16), parts[5].rstrip("\n")))
         self.fds: dict[str, int] = {}
+        self.untrusted: set[int] = set()  # fds whose residency mincore cannot report (see Expert.measurable)
 
     def locate(self, address: int, length: int) -> tuple[int, int, int, int]:
         """(address, length, fd, file offset) of a page range inside one file mapping."""
@@ -81,6 +82,8 @@ class _Mappings:
             if start <= address and address + length <= end:
                 if path not in self.fds:
                     self.fds[path] = os.open(path, os.O_RDONLY)
+                    if not (os.access(path, os.W_OK) or os.stat(path).st_uid == os.geteuid()):
+                        self.untrusted.add(self.fds[path])
                     # no readahead on faults: it would pull neighbouring cold experts in, past the budget
                     _libc.madvise(start, end - start, MADV_RANDOM)
                 return address, length, self.fds[path], offset + address - start
@@ -96,6 +99,9 @@ class Expert:
     nbytes: int
     ranges: list[tuple[int, int, int, int]] = field(default_factory=list)  # (address, length, fd, file offset)
     pinned: bool = False
+    # Linux's mincore reports every page of a file the process neither owns nor may write as resident: for such a
+    # file hits and disk reads are not measured, and every cold use is prefetched
+    measurable: bool = True
 
     def resident_bytes(self) -> int:
         """Bytes of the mapped tensors now in RAM (mincore)."""
@@ -149,7 +155,6 @@ class ExpertOffload:
             if getattr(block, "offload", None) is not None:
                 raise InvalidRequestError("this model already has an expert budget")
             for e, module in enumerate(block.experts):
-                module.gate_up = None  # a fused bf16 copy would defeat the mapping: read gate and up where they lie
                 slots = [(sub, name, t) for sub in module.children()
                          for name, t in list(sub._parameters.items()) + list(sub._buffers.items()) if t is not None]
                 self.experts[i, e] = Expert(slots, sum(t.numel() * t.element_size() for _, _, t in slots))
@@ -165,13 +170,15 @@ class ExpertOffload:
         self.files = files = _Mappings()
         for x in self.experts.values():
             x.ranges = [files.locate(*_pages(t)) for _, _, t in x.slots]
+            x.measurable = not any(fd in files.untrusted for _, _, fd, _ in x.ranges)
             x.unpin()  # drops the load-time table-lookup copies
         self.counts = torch.zeros(len(self.blocks), max(len(b.experts) for b in self.blocks))
         self.cached: OrderedDict[tuple[int, int], int] = OrderedDict()  # cold experts in the page cache, LRU first
         self.cached_bytes = 0
         self.inflight: set[tuple[int, int]] = set()  # prefetched, not used yet
         self.repin_every, self.prefetch, self.since_repin, self.repins = repin_every, prefetch, 0, 0
-        self.hits = self.uses = self.disk_bytes = self.prefetched = self.tokens = 0
+        self.hits = self.uses = self.unmeasured = self.disk_bytes = self.prefetched = self.tokens = 0
+        self.repin_due = False
         self.policy_s = 0.0
         for i, block in enumerate(self.blocks):
             block.offload, block.offload_layer = self, i
@@ -183,8 +190,9 @@ class ExpertOffload:
             for x in self.experts.values():
                 x.evict()  # start from the budget, not from whatever loading left in RAM
 
-    def before(self, layer: int, x: torch.Tensor, index: torch.Tensor) -> None:
-        """Called by layer `layer`'s MoE block after routing `x` to `index`, before its experts run."""
+    def before(self, layer: int, x: torch.Tensor, index: torch.Tensor, in_step: bool = False) -> None:
+        """Called by layer `layer`'s MoE block after routing `x` to `index`, before its experts run; `in_step`
+        from inside the fused decode step, whose plan holds the current tensors until it returns (`settle`)."""
         t0 = time.perf_counter()
         chosen = torch.unique(index).tolist()
         self.counts[layer].index_add_(0, index.flatten(), torch.ones(index.numel()))
@@ -196,6 +204,11 @@ class ExpertOffload:
             self.uses += 1
             if expert.pinned:
                 self.hits += 1
+                continue
+            if not expert.measurable:
+                self.unmeasured += 1
+                expert.prefetch()
+                self._touch(layer, e)
                 continue
             missing = expert.nbytes - expert.resident_bytes()
             self.hits += missing == 0
@@ -214,12 +227,14 @@ class ExpertOffload:
                 expert = self.experts[layer + 1, e]
                 if not expert.pinned and (layer + 1, e) not in self.cached:
                     self.prefetched += 1
-                    self.disk_bytes += expert.nbytes - expert.resident_bytes()
+                    self.disk_bytes += expert.nbytes - expert.resident_bytes() if expert.measurable else 0
                     self.inflight.add((layer + 1, e))
                     expert.prefetch()
                     self._touch(layer + 1, e)
         if layer == len(self.blocks) - 1 and (self.since_repin >= self.repin_every or not self.repins):
-            self.repin()
+            self.repin_due = True
+            if not in_step:
+                self.settle()
         self.policy_s += time.perf_counter() - t0
 
     def _touch(self, layer: int, e: int) -> None:
@@ -242,8 +257,19 @@ class ExpertOffload:
                 self.inflight.discard(key)
                 self.experts[key].evict()
 
+    def settle(self) -> None:
+        """Between forward passes: re-pin if due (swapping tensors under a running fused step would leave it
+        reading pages the swap just evicted)."""
+        if self.repin_due:
+            self.repin()
+
     def repin(self) -> None:
-        """Pin the most-routed experts within the budget left after the cold cache; unpin the rest."""
+        """Pin the most-routed experts within the budget left after the cold cache; unpin the rest (a budget that
+        holds every expert keeps them all pinned)."""
+        self.repin_due, self.since_repin = False, 0
+        self.repins += 1
+        if self.budget >= self.total:
+            return
         order = torch.argsort(self.counts.flatten(), descending=True, stable=True).tolist()
         width, room = self.counts.shape[1], self.budget - self.cache_budget
         want: set[tuple[int, int]] = set()
@@ -262,8 +288,6 @@ class ExpertOffload:
                     self.cached_bytes -= self.cached.pop(key)
                 self.experts[key].pin()
         self.counts *= DECAY
-        self.since_repin = 0
-        self.repins += 1
 
     def resident_bytes(self) -> int:
         """Expert bytes in RAM now: the pinned copies plus the mapped pages present (what the budget bounds)."""
@@ -272,7 +296,8 @@ class ExpertOffload:
     def stats(self) -> dict[str, float]:
         return {"budget_bytes": self.budget, "expert_bytes": self.total,
                 "pinned_experts": sum(x.pinned for x in self.experts.values()), "experts": len(self.experts),
-                "hit_rate": self.hits / max(self.uses, 1),
+                "hit_rate": self.hits / max(self.uses - self.unmeasured, 1) if self.uses > self.unmeasured else None,
+                "unmeasured_uses": self.unmeasured,
                 "disk_bytes_per_token": self.disk_bytes / max(self.tokens, 1), "prefetched": self.prefetched,
                 "repins": self.repins, "policy_s": self.policy_s, "tokens": self.tokens}
 

@@ -183,7 +183,7 @@ def init_model(config: dict, seed: int) -> Model:
     std = config["initializer_range"]
     residual_std = std / math.sqrt(2 * config["num_hidden_layers"])
     for name, p in model.named_parameters():
-        if name.endswith(("norm.weight", "expert_scale")):  # ones, as constructed
+        if name.endswith(("norm.weight", "expert_scale")):  # as constructed: ones, and MoGE's E/K
             continue
         # GPT-2's scaling keeps the residual stream's variance flat in depth, which matters in short runs.
         nn.init.normal_(p, 0.0, residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std)

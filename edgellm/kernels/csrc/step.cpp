@@ -578,8 +578,8 @@ class Plan {
                       values[i].scalar_type() == kv_type,
                   "fused step: K/V caches must be contiguous (1, kv_heads, capacity > pos, head_dim), one dtype");
     auto logits = torch::empty({vocab_}, torch::kFloat);
-    std::lock_guard<std::mutex> guard(mutex_);
-    pybind11::gil_scoped_release release;
+    pybind11::gil_scoped_release release;  // first: a thread waiting for the lock must not hold the GIL (the hook
+    std::lock_guard<std::mutex> guard(mutex_);  // takes it back inside the step)
     const int64_t group = H_ / Hkv_;
     switch (kv_type) {
       case torch::kFloat: run(h, cos, sin, DenseKV<float>{keys, values, pos, Hkv_, hd_, group}, logits); break;
@@ -653,8 +653,8 @@ class Plan {
       tap_ptr = tap->data_ptr<float>();
     }
     auto logits = torch::empty({vocab_}, torch::kFloat);
-    std::lock_guard<std::mutex> guard(mutex_);
-    pybind11::gil_scoped_release release;
+    pybind11::gil_scoped_release release;  // first: a thread waiting for the lock must not hold the GIL (the hook
+    std::lock_guard<std::mutex> guard(mutex_);  // takes it back inside the step)
     const int64_t group = H_ / Hkv_;
     const int b = static_cast<int>(bits);
     switch (w_type) {
