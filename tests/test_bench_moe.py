@@ -21,7 +21,8 @@ def test_bench_moe_reports_both_engines_and_the_offload_curve(tmp_path):
     report = json.loads(out.read_text())
     (row,) = report["rows"]
     ours, theirs = row["edgellm"]["1"], row["llama_cpp"]["1"]
-    assert ours["decode_tok_s"] > 0 and theirs["decode_tok_s"] > 0
+    assert {"decode_tok_s", "prefill_tok_s", "active_bytes"} <= set(ours)  # reported, not judged: speed is the bench's
+    assert {"decode_tok_s", "prefill_tok_s"} <= set(theirs)
     assert row["ratio"]["1"]["decode_tok_s"] == pytest.approx(ours["decode_tok_s"] / theirs["decode_tok_s"])
     spec = RANDOM_MOES["qwen3-moe-tiny"]
     # top-2 of 8 experts: a quarter of the expert bytes, so well under everything one step could read
