@@ -17,7 +17,7 @@ from edgellm.generate import GenerationResponse, GenerationResult, generate, str
 from edgellm.kv.formats import KVFormat, dense_format
 from edgellm.kv.persist import RestoreError, read_metadata, remove_stale_temp_files, restore_memory, save_memory
 from edgellm.kv.pool import DEFAULT_BLOCK_TOKENS, BlockPool, PoolExhausted
-from edgellm.kv.prompt_cache import PromptCache
+from edgellm.kv.prompt_cache import PromptCache, common_prefix
 from edgellm.sampling import SamplingParams
 from edgellm.sequence import context_length, prepare_prompt
 from edgellm.tokenizer import Tokenizer
@@ -82,7 +82,7 @@ class Agent:
 
     @property
     def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.cache.layers)
+        return self.cache.nbytes
 
     def stream(self, prompt: str | list[int], max_tokens: int = 256, sampling: SamplingParams | None = None,
                stop: list[str] | None = None, kv_predictor: nn.Module | None = None) -> Iterator[GenerationResponse]:
@@ -96,6 +96,7 @@ class Agent:
                 yield step
         finally:  # also when the client stops reading early
             self.cache.trim_reservation()
+            self.store.publish(self)
             self.store.enforce_budget(keep=self.name)
 
     def note_prediction(self, cached_tokens: int, predicted_tokens: int) -> None:
@@ -110,6 +111,7 @@ class Agent:
                           kv_predictor)
         self.note_prediction(result.cached_tokens, result.stats.get("predicted_tokens", 0))
         self.cache.trim_reservation()
+        self.store.publish(self)
         self.store.enforce_budget(keep=self.name)
         return result
 
@@ -128,13 +130,16 @@ class Agent:
 class AgentStore:
     """The agents of one model in one directory, kept in RAM under a byte budget, written back to disk (LRU).
 
-    With `pool_bytes`, every agent's cache draws blocks from one shared BlockPool of that size; when the pool is
-    full, least recently used unpinned idle agents are written back to disk and their blocks reused.
+    With `pool_bytes`, every agent's cache (and every cache of a request without an agent) draws blocks from one
+    shared BlockPool of that size: agents starting with the same tokens share their full blocks (one physical copy),
+    and when the pool is full idle anonymous caches are dropped, then idle unpinned agents are written back to disk
+    (expired first, then least recently used) and their blocks reused.
     """
 
     def __init__(self, root: str | Path, model: nn.Module, tokenizer: Tokenizer,
                  kv_format: str | KVFormat | None = None, budget_bytes: int | None = None,
-                 pool_bytes: int | None = None, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
+                 pool_bytes: int | None = None, block_tokens: int = DEFAULT_BLOCK_TOKENS,
+                 anonymous_caches: int = 8) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(self.root)
@@ -146,6 +151,8 @@ class AgentStore:
         self.pool = None if pool_bytes is None else BlockPool(model.args, self.kv_format, pool_bytes, block_tokens,
                                                                model.dtype, model.device)
         self.live: OrderedDict[str, Agent] = OrderedDict()
+        self.anonymous: list[PromptCache] = []  # idle caches of agent-less requests, least recently used first
+        self.anonymous_caches = anonymous_caches
         self.evictions = 0
 
     def path(self, name: str) -> Path:
@@ -182,6 +189,9 @@ class AgentStore:
     def release(self, agent: Agent, save: bool) -> None:
         """Unpin an agent after a turn, writing its memory to disk if asked; the budget applies again."""
         agent.pinned = False
+        if self.pool is not None:
+            agent.cache.trim_reservation()
+            self.publish(agent)
         if save:
             self.save(agent)
         self.enforce_budget(keep=agent.name)
@@ -203,6 +213,8 @@ class AgentStore:
         if live is not None:
             out |= {"tokens": len(live.cache.tokens), "live": True, "live_bytes": live.nbytes,
                     "messages": len(live.messages)}
+            if self.pool is not None:  # blocks it shares are stored once, for every agent holding them
+                out["private_bytes"] = live.cache.private_blocks * self.pool.block_bytes
         return out
 
     def describe_all(self) -> list[dict]:
@@ -220,43 +232,102 @@ class AgentStore:
         return agent
 
     def reserve(self, agent: Agent, prompt: str | list[int], max_tokens: int) -> str | list[int]:
-        """With a pool, cut the agent's cache to what `prompt` reuses and take every block this turn can need up
-        front (evicting idle agents while the pool is full), so generation never runs out midway.
+        """With a pool, cut the agent's cache to what `prompt` reuses, take over blocks other agents published for
+        more of it, and take every block this turn can need up front (evicting idle agents while the pool is full),
+        so generation never runs out midway.
 
         Returns the prompt as token ids then (generation's own reuse finds nothing left to cut); unchanged otherwise.
         """
         if self.pool is None:
             return prompt
         ids = prepare_prompt(self.tokenizer, prompt, self.model)
-        agent.cache.reuse(ids)
-        total = min(len(ids) + max(max_tokens, 0), context_length(self.model))
-        self._make_room(agent.name, lambda: agent.cache.reserve(total))
+        self.prepare(agent.cache, ids, min(len(ids) + max(max_tokens, 0), context_length(self.model)), agent.name)
         return ids
 
-    def _make_room(self, keep: str, attempt: Callable[[], None]) -> None:
-        """Run `attempt`; while the pool is full, write back the least recently used idle agent and retry."""
+    def prepare(self, cache: PromptCache, ids: list[int], tokens: int, keep: str | None = None) -> int:
+        """Ready a pool cache for prompt `ids`: keep what it reuses, adopt published blocks for more, and reserve
+        room for `tokens` tokens (making room as needed; agent `keep` is never evicted). Returns the tokens held."""
+        cache.reuse(ids)
+        held = cache.adopt(ids)
+        self.grow(cache, tokens, keep)
+        return held
+
+    def grow(self, cache: PromptCache, tokens: int, keep: str | None = None) -> None:
+        """Make `cache` able to hold `tokens` tokens, evicting idle caches while the pool is full; PoolExhausted
+        when nothing idle is left to evict."""
+        if self.pool is not None and any(layer.blocks_needed(tokens) for layer in cache.layers):
+            self._make_room(keep, lambda: cache.reserve(tokens))
+
+    def _make_room(self, keep: str | None, attempt: Callable[[], None]) -> None:
+        """Run `attempt`; while the pool is full, drop an idle anonymous cache (oldest first) or write back an idle
+        agent (expired ones first, then least recently used) that frees blocks, and retry."""
         while True:
             try:
                 return attempt()
             except PoolExhausted:
-                victim = next((n for n, a in self.live.items() if n != keep and not a.pinned), None)
-                if victim is None:
+                if self.anonymous:
+                    self.anonymous.pop(0).release()
+                    continue
+                now = time.monotonic()
+                idle = [(n, a) for n, a in self.live.items() if n != keep and not a.pinned and a.cache.private_blocks]
+                if not idle:
                     raise
-                self.evict(victim)
+                expired = [n for n, a in idle if a.ttl_s is not None and now - a.last_used > a.ttl_s]
+                self.evict(expired[0] if expired else idle[0][0])
+
+    def anonymous_cache(self, ids: list[int], tokens: int) -> tuple[PromptCache, int]:
+        """A cache for a request without an agent, and the prompt tokens it already holds: the idle one sharing
+        most of `ids` (or a new one), readied for `tokens` tokens; pool caches adopt published blocks too."""
+        cache = None
+        if self.anonymous:
+            best = max(range(len(self.anonymous)), key=lambda i: common_prefix(self.anonymous[i].tokens, ids))
+            if common_prefix(self.anonymous[best].tokens, ids) > 1 or len(self.anonymous) >= self.anonymous_caches:
+                cache = self.anonymous.pop(best)
+        if self.pool is None:
+            # reserve modestly: max_tokens defaults to the whole context window, and the cache grows when needed
+            cache = cache or PromptCache(self.model, min(tokens, len(ids) + 1024), self.kv_format)
+            return cache, cache.reuse(ids)
+        cache = cache or PromptCache(self.model, pool=self.pool)
+        try:
+            return cache, self.prepare(cache, ids, tokens)
+        except PoolExhausted:
+            cache.release()
+            raise
+
+    def park(self, cache: PromptCache) -> None:
+        """Keep an anonymous cache for a later request with the same prefix (the oldest beyond the limit go)."""
+        if self.pool is not None:
+            cache.trim_reservation()
+            cache.publish()
+        self.anonymous.append(cache)
+        while len(self.anonymous) > self.anonymous_caches:
+            self.anonymous.pop(0).release()
+
+    def publish(self, agent: Agent) -> None:
+        """Offer an agent's full blocks to others that start the same way, unless they hold predicted K/V."""
+        if self.pool is not None and not agent.predicted:
+            agent.cache.publish()
 
     def _into_pool(self, name: str, restored: PromptCache) -> PromptCache:
-        """Copy a restored (contiguous) cache into pool blocks: the saved tensors are the same either way."""
+        """Copy a restored (contiguous) cache into pool blocks, taking over published blocks for its leading tokens
+        (stored once, shared with the agents that published them); the saved tensors are the same either way."""
         cache = PromptCache(self.model, pool=self.pool)
+        held = cache.adopt(restored.tokens, len(restored.tokens))
 
         def load() -> None:
             try:
                 for layer, src in zip(cache.layers, restored.layers, strict=True):
-                    layer.load_state(src.state())
+                    layer.load_state(src.state(), held)
             except PoolExhausted:
-                cache.release()
+                for layer in cache.layers:  # all or nothing: layers loaded before the failing one give back
+                    layer.trim(layer.offset - held)
                 raise
 
-        self._make_room(name, load)
+        try:
+            self._make_room(name, load)
+        except PoolExhausted:
+            cache.release()
+            raise
         cache.tokens = list(restored.tokens)
         return cache
 
@@ -270,10 +341,15 @@ class AgentStore:
                 self.save(agent)
 
     def live_bytes(self) -> int:
-        """Bytes held by live agents: the pool's blocks in use (shared blocks once) when there is a pool."""
+        """Physical KV bytes of live agents and idle anonymous caches: with a pool, its blocks in use (shared blocks
+        once, running anonymous requests' too)."""
         if self.pool is not None:
             return self.pool.bytes_in_use
-        return sum(a.nbytes for a in self.live.values())
+        return sum(a.nbytes for a in self.live.values()) + sum(c.nbytes for c in self.anonymous)
+
+    def logical_bytes(self) -> int:
+        """KV bytes as if nothing were shared: every live agent's and idle anonymous cache's own count."""
+        return sum(a.nbytes for a in self.live.values()) + sum(c.nbytes for c in self.anonymous)
 
     def enforce_budget(self, keep: str | None = None) -> None:
         """Write back and drop idle agents: expired ones first, then least recently used; never pinned ones."""
@@ -314,6 +390,11 @@ class AgentStore:
         return removed
 
     def stats(self) -> dict:
-        return {"live_agents": len(self.live), "live_bytes": self.live_bytes(), "budget_bytes": self.budget_bytes,
-                "saved_agents": len(list(self.root.glob("*.safetensors"))), "evictions": self.evictions,
-                "kv_format": str(self.kv_format)}
+        out = {"live_agents": len(self.live), "live_bytes": self.live_bytes(), "logical_bytes": self.logical_bytes(),
+               "budget_bytes": self.budget_bytes, "saved_agents": len(list(self.root.glob("*.safetensors"))),
+               "evictions": self.evictions, "kv_format": str(self.kv_format)}
+        if self.pool is not None:
+            out |= {"pool_bytes": self.pool.capacity_blocks * self.pool.block_bytes,
+                    "block_tokens": self.pool.block_tokens, "block_bytes": self.pool.block_bytes,
+                    "free_blocks": self.pool.free_blocks, "shared_blocks": self.pool.shared_blocks}
+        return out

@@ -319,7 +319,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     _use_threads(args.threads)
     serve(args.model, args.host, args.port, args.store, args.kv_format, args.memory_budget, args.max_concurrency,
           args.max_queue, args.api_key, args.dtype, args.prefill_chunk, args.kv_predictor,
-          expert_budget=args.expert_budget)
+          expert_budget=args.expert_budget, block_tokens=args.kv_block_tokens or None)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -399,7 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="edgellm-agents", help="directory of agent memories")
     p.add_argument("--kv-format", default=None,
                    help="KV format: fp16, bf16, fp32, q8, q4, q2 (+ -kivi, -h); default: the model's dtype")
-    p.add_argument("--memory-budget", default=None, help="RAM for live agent KV memory, e.g. 2GiB (LRU to disk)")
+    p.add_argument("--memory-budget", default=None,
+                   help="RAM for KV memory, e.g. 2GiB: one block pool that every agent and request draws from "
+                        "(shared prefixes stored once; idle agents written back to disk when it is full)")
+    p.add_argument("--kv-block-tokens", type=int_in(1, 1 << 16), default=None,
+                   help="tokens per KV pool block (default 64): the unit of allocation and prefix sharing")
     p.add_argument("--max-concurrency", type=int, default=8, help="sequences decoded together per step")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--prefill-chunk", type=int, default=512,

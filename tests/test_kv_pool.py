@@ -206,3 +206,78 @@ def test_agent_store_fork_shares_the_system_prompt(engine, tmp_path):
     result = child.generate(question, 6)
     flat = PromptCache(model, 256, KVFormat.parse("fp16"))
     assert result.cached_tokens == 64 and result.tokens == generate(model, tok, question, 6, prompt_cache=flat).tokens
+
+
+def states(cache: PromptCache) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.clone() for k, v in layer.state().items()} for layer in cache.layers]
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "q4"])
+def test_published_blocks_are_adopted_stored_once_and_never_written(engine, fmt, monkeypatch):
+    monkeypatch.setenv("EDGELLM_FUSED_STEP", "0")  # both sides op at a time (see the first test)
+    model, tok = engine
+    pool = pool_for(model, fmt, blocks=400)
+    system = prompt_ids(3 * BLOCK + 5)
+    question = [*system, *prompt_ids(9, 1)]
+    first = PromptCache(model, pool=pool)
+    generate(model, tok, system, 4, prompt_cache=first)
+    first.publish()
+    before = states(first)
+    # the reference: a contiguous cache that holds the system prompt, then sees the question (what adopting gives)
+    twin = PromptCache(model, 256, KVFormat.parse(fmt))
+    generate(model, tok, system, 1, prompt_cache=twin)
+    expected = generate(model, tok, question, 6, prompt_cache=twin).tokens
+
+    second = PromptCache(model, pool=pool)
+    assert second.adopt(question) == 3 * BLOCK  # whole blocks only: the 5 tokens past them are first's own
+    used = pool.bytes_in_use
+    assert [layer.table[:3] for layer in second.layers] == [layer.table[:3] for layer in first.layers]
+    result = generate(model, tok, question, 6, prompt_cache=second)
+    assert result.tokens == expected and result.cached_tokens == 3 * BLOCK
+    # the shared blocks were stored once: the second cache added only its own tail
+    tail = -(-(len(question) + 6 - 1) // BLOCK) - 3
+    assert pool.bytes_in_use - used == tail * model.args.num_hidden_layers * pool.block_bytes
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, states(first), strict=True) for k in a)
+
+    # the owner alone diverging inside a published block copies it first, so what others adopt stays the system
+    # prompt's (the copied block and the third, both freed, are no longer published)
+    second.release()
+    first.reuse([*system[:BLOCK + 3], *prompt_ids(40, 2)])
+    generate(model, tok, [*system[:BLOCK + 3], *prompt_ids(40, 2)], 2, prompt_cache=first)
+    third = PromptCache(model, pool=pool)
+    assert third.adopt(question) == BLOCK
+    held = [{k: v[:, :, :BLOCK] for k, v in s.items()} for s in before]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(held, states(third), strict=True) for k in a)
+
+
+def test_freed_blocks_are_unpublished(engine):
+    model, tok = engine
+    pool = pool_for(model, "fp16")
+    ids = prompt_ids(2 * BLOCK + 1)
+    cache = PromptCache(model, pool=pool)
+    generate(model, tok, ids, 1, prompt_cache=cache)
+    cache.publish()
+    assert len(pool.lookup(ids, len(ids))) == 2
+    cache.release()
+    assert pool.lookup(ids, len(ids)) == [] and not pool.published and pool.free_blocks == pool.capacity_blocks
+
+
+def test_a_restored_agent_shares_the_blocks_live_agents_published(engine, tmp_path):
+    model, tok = engine
+    probe = pool_for(model, "q8", blocks=1)
+    store = AgentStore(tmp_path, model, tok, "q8", pool_bytes=300 * probe.block_bytes, block_tokens=BLOCK)
+    system = prompt_ids(4 * BLOCK)
+    store.agent("a").generate([*system, *prompt_ids(6, 1)], 3)
+    store.agent("b").generate([*system, *prompt_ids(6, 2)], 3)
+    stats = store.stats()
+    assert stats["shared_blocks"] == 4 * model.args.num_hidden_layers
+    assert stats["live_bytes"] < stats["logical_bytes"]
+    store.evict("a")
+    saved = restore_memory(store.path("a"), model, tok.fingerprint, store.kv_format)[0]
+    restored = store.agent("a")
+    assert [layer.table[:4] for layer in restored.cache.layers] == [layer.table[:4] for layer in
+                                                                   store.live["b"].cache.layers]
+    assert restored.cache.tokens == saved.tokens
+    assert_same_states(restored.cache, saved)
+    described = store.describe("a")
+    assert described["private_bytes"] < described["live_bytes"]

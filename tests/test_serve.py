@@ -34,10 +34,12 @@ CONTEXT = 512
 class Server:
     """A real uvicorn server in a background thread, on a free loopback port."""
 
-    def __init__(self, model_dir: Path, store_dir: Path, budget: int | None = None, **options) -> None:
+    def __init__(self, model_dir: Path, store_dir: Path, budget: int | None = None, kv_format: str = "fp16",
+                 store_options: dict | None = None, **options) -> None:
         model, tokenizer = load(model_dir, "fp32")
         tokenizer.eos_token_ids = set()  # a random model may say EOS at any step; tests want fixed lengths
-        store = AgentStore(store_dir, model, tokenizer, "fp16", budget)
+        store = AgentStore(store_dir, model, tokenizer, kv_format, budget, **(store_options or {}))
+        self.store = store
         self.store_dir = Path(store_dir)
         self.app = create_app(model, tokenizer, store, **options)
         with socket.socket() as s:

@@ -1,7 +1,9 @@
 """One preallocated arena of fixed-size KV blocks shared by every agent's cache, and the paged cache drawn from it.
 
 A block holds what one layer needs for `block_tokens` tokens in one KV format (dense K/V, or packed codes plus
-fp16 scales/zeros). Blocks are reference counted so caches can share a common prefix (copy-on-write).
+fp16 scales/zeros). Blocks are reference counted so caches can share a common prefix (copy-on-write), and full
+blocks can be published under the hash of every token up to their end, so a cache starting with the same tokens
+(agents with one system prompt or tool preamble) takes them over instead of computing and storing them again.
 The pool and PagedKVCache live together because the cache indexes the pool's field layout directly.
 
 A PagedKVCache's `state()` returns exactly the tensors (names, dtypes, shapes) of the contiguous cache of the same
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import mmap
 import sys
 import weakref
@@ -42,6 +45,12 @@ class PoolExhausted(EdgeLLMError):
     """No free block is left in the KV pool: evict an agent or raise the pool's byte budget."""
 
 
+def block_key(previous: bytes, tokens: list[int]) -> bytes:
+    """The key of a full block: a hash of the previous block's key and this block's token ids, so equal keys mean
+    equal tokens from position 0 to the block's end (and so equal K/V)."""
+    return hashlib.blake2b(previous + b"".join(t.to_bytes(4, "little") for t in tokens), digest_size=16).digest()
+
+
 def advise_hugepages(t: torch.Tensor) -> bool:
     """Ask Linux to back `t`'s whole pages with transparent huge pages (fewer TLB misses); True if accepted.
 
@@ -68,7 +77,7 @@ class BlockPool:
     def __init__(self, model_args: ModelShape, fmt: KVFormat, budget_bytes: int,
                  block_tokens: int = DEFAULT_BLOCK_TOKENS, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
-        if fmt.quantized and (fmt.scheme != "token" or fmt.window):
+        if not self.supports(fmt):
             raise InvalidRequestError(f"paged KV format {fmt} is not supported yet: the block pool holds dense or "
                                       "per-token quantized formats without a full-precision window (e.g. q4, fp16)")
         if block_tokens < 1:
@@ -102,6 +111,13 @@ class BlockPool:
                                                                                                    strict=True)}
         self.refcounts = [0] * self.capacity_blocks
         self.free_list = list(range(self.capacity_blocks - 1, -1, -1))  # pop() hands out low blocks first
+        self.prefixes: dict[bytes, list[int]] = {}  # published full blocks: key -> the block of every layer
+        self.published: dict[int, bytes] = {}  # block -> the key it is published under
+
+    @staticmethod
+    def supports(fmt: KVFormat) -> bool:
+        """Whether blocks can hold `fmt`: dense, or quantized per token without a full-precision window."""
+        return not fmt.quantized or (fmt.scheme == "token" and not fmt.window)
 
     @property
     def free_blocks(self) -> int:
@@ -127,14 +143,43 @@ class BlockPool:
         return block
 
     def shared(self, block: int) -> bool:
-        return self.refcounts[block] > 1
+        """Whether a write into `block` must copy it first: another cache holds it, or it is published."""
+        return self.refcounts[block] > 1 or block in self.published
 
     def free(self, blocks: list[int]) -> None:
-        """Drop one reference to each block; blocks nobody holds any more become free."""
+        """Drop one reference to each block; blocks nobody holds any more become free (and unpublished)."""
         for b in blocks:
             self.refcounts[b] -= 1
             if self.refcounts[b] == 0:
                 self.free_list.append(b)
+                key = self.published.pop(b, None)
+                for other in self.prefixes.pop(key, ()) if key is not None else ():
+                    self.published.pop(other, None)
+
+    def publish(self, key: bytes, blocks: list[int]) -> None:
+        """Offer `blocks` (one per layer, full, holding the tokens `key` names) to caches that start the same way;
+        the first blocks published under a key stay its blocks while anyone holds them."""
+        if key not in self.prefixes and not any(b in self.published for b in blocks):
+            self.prefixes[key] = list(blocks)
+            self.published.update((b, key) for b in blocks)
+
+    def lookup(self, tokens: list[int], limit: int) -> list[list[int]]:
+        """The published blocks (per block, one per layer) that hold `tokens`' leading full blocks, up to `limit`
+        tokens."""
+        found: list[list[int]] = []
+        key, bt = b"", self.block_tokens
+        for start in range(0, limit - bt + 1, bt):
+            key = block_key(key, tokens[start:start + bt])
+            blocks = self.prefixes.get(key)
+            if blocks is None:
+                break
+            found.append(blocks)
+        return found
+
+    @property
+    def shared_blocks(self) -> int:
+        """Blocks held by more than one cache (each stored once)."""
+        return sum(1 for r in self.refcounts if r > 1)
 
     def copy(self, src: int, dst: int) -> None:
         """Copy every byte of block `src` into block `dst` (copy-on-write of a shared block)."""
@@ -302,8 +347,12 @@ class PagedKVCache(SingleOffset):
         """The contiguous cache's tensors for tokens 0..offset: same names, dtypes and shapes (batch 1)."""
         return {name: self._gather(name) for name in self.pool.fields}
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the contents with a `state()` of a paged or contiguous cache of the same format; all or nothing."""
+    def load_state(self, state: dict[str, torch.Tensor], held: int = 0) -> None:
+        """Replace the contents with a `state()` of a paged or contiguous cache of the same format; all or nothing.
+
+        `held`: the cache already holds the state's first `held` tokens (adopted shared blocks, so a block
+        boundary), which are kept; only the rest is written.
+        """
         pool = self.pool
         if set(state) != set(pool.fields):
             raise InvalidRequestError(f"saved state holds {sorted(state)}, a {pool.fmt} cache holds "
@@ -314,10 +363,28 @@ class PagedKVCache(SingleOffset):
             if tuple(t.shape) != (1, pool.kv_heads, tokens, field.shape[3]) or t.dtype != field.dtype:
                 raise InvalidRequestError(f"saved {name} {tuple(t.shape)} {t.dtype} does not match this {pool.fmt} "
                                           f"cache (kv_heads {pool.kv_heads}, width {field.shape[3]}, {field.dtype})")
-        fresh = pool.alloc(self._blocks_for(tokens))
-        self.release()
+        if held and (held != self.offset or held != len(self.table) * pool.block_tokens or held > tokens):
+            raise InvalidRequestError(f"a paged cache keeps its first {held} tokens only when it holds exactly "
+                                      "those, on a block boundary, and the state has at least as many")
+        fresh = pool.alloc(self._blocks_for(tokens) - (len(self.table) if held else 0))
+        if not held:
+            self.release()
         self.table.extend(fresh)
-        self._append({name: t[0] for name, t in state.items()})
+        if tokens > held:
+            self._append({name: t[0, :, held:] for name, t in state.items()})
+
+    def adopt(self, blocks: list[int]) -> None:
+        """Append blocks other caches hold (full ones, the tokens right after this cache's, which must end on a
+        block boundary): shared, copy-on-write, never recomputed."""
+        if self.offset != len(self.table) * self.pool.block_tokens:
+            raise InvalidRequestError("a paged cache adopts shared blocks only from a block boundary, with no "
+                                      "blocks reserved past its tokens")
+        self.table.extend(self.pool.share(b) for b in blocks)
+        self.offset += len(blocks) * self.pool.block_tokens
+
+    def private_blocks(self) -> int:
+        """Blocks only this cache holds: what releasing it gives back to the pool."""
+        return sum(1 for b in self.table if self.pool.refcounts[b] == 1)
 
     def fork(self, tokens: int | None = None) -> PagedKVCache:
         """A cache holding this one's first `tokens` tokens (all by default) by sharing its blocks, copy-on-write."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from edgellm.errors import InvalidRequestError
 from edgellm.kv.cache import KVCache
-from edgellm.kv.pool import BlockPool, PoolExhausted
+from edgellm.kv.pool import BlockPool, PoolExhausted, block_key
 
 if TYPE_CHECKING:
     from edgellm.kv.formats import KVFormat
@@ -65,6 +65,49 @@ class PromptCache:
         child.layers = [layer.fork(keep) for layer in self.layers]
         child.tokens = self.tokens[:keep]
         return child
+
+    def publish(self) -> None:
+        """Offer this paged cache's full blocks to caches that start with the same tokens (prefix sharing).
+
+        Only K/V computed from the tokens themselves may be published: never a KV predictor's.
+        """
+        if self.pool is None:
+            return
+        key, bt = b"", self.pool.block_tokens
+        for i in range(min(len(self.tokens), self.layers[0].offset) // bt):
+            key = block_key(key, self.tokens[i * bt:(i + 1) * bt])
+            self.pool.publish(key, [layer.table[i] for layer in self.layers])
+
+    def adopt(self, prompt: list[int], limit: int | None = None) -> int:
+        """Take over the published blocks that hold more of `prompt`'s leading tokens than this cache does (up to
+        `limit`, by default all but the last token, which must run); returns the tokens held afterwards.
+
+        Call after `reuse`: what the cache holds is a prefix of `prompt`, so its whole blocks are kept.
+        """
+        held = len(self.tokens)
+        if self.pool is None:
+            return held
+        bt = self.pool.block_tokens
+        found = self.pool.lookup(prompt, len(prompt) - 1 if limit is None else limit)
+        if len(found) * bt <= held:
+            return held
+        own = held // bt
+        for layer in self.layers:  # back to its last whole block, reservations dropped: adopted blocks follow it
+            layer.trim(layer.offset - own * bt)
+        for li, layer in enumerate(self.layers):
+            layer.adopt([blocks[li] for blocks in found[own:]])
+        self.tokens = list(prompt[:len(found) * bt])
+        return len(self.tokens)
+
+    @property
+    def private_blocks(self) -> int:
+        """Pool blocks only this cache holds: what dropping it frees."""
+        return sum(layer.private_blocks() for layer in self.layers) if self.pool is not None else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the layers (reservations included; a shared block counts in every cache holding it)."""
+        return sum(layer.nbytes for layer in self.layers)
 
     def reserve(self, tokens: int) -> None:
         """Take every pool block that holding `tokens` tokens needs in every layer, or none (PoolExhausted)."""

@@ -13,11 +13,14 @@ from edgellm.errors import InvalidRequestError
 from edgellm.perf.hardware import parse_bytes
 from edgellm.serve.app import create_app
 
-__all__ = ["ShutdownNotifyingServer", "create_app", "is_loopback", "parse_bytes", "serve"]
+__all__ = ["SERVER_BLOCK_TOKENS", "ShutdownNotifyingServer", "create_app", "is_loopback", "parse_bytes", "serve"]
 
 # oneDNN keeps a compiled kernel for each matmul shape it meets, up to 1024 by default: a server meets a new prompt
 # length on most requests, and those kernels grew RSS by ~1 GB. 64 keeps decode's few shapes hot (measured no slower).
 ONEDNN_PRIMITIVES = 64
+# Agents share a system prompt or tool preamble a whole block at a time: 64 tokens wastes little at the end of a
+# shared prefix, and attention reads blocks through a page table at no measurable cost (the seed paper used 256).
+SERVER_BLOCK_TOKENS = 64
 
 
 def is_loopback(host: str) -> bool:
@@ -50,9 +53,15 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, sto
           kv_format: str | None = None, memory_budget: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
           api_key: str | None = None, dtype: str = "auto", prefill_chunk: int = 512,
           kv_predictor: str | None = None, max_body_bytes: int | None = None,
-          expert_budget: str | None = None) -> None:
-    """Load the model and run the server until interrupted; agent memories are flushed to disk on exit."""
+          expert_budget: str | None = None, block_tokens: int | None = None) -> None:
+    """Load the model and run the server until interrupted; agent memories are flushed to disk on exit.
+
+    With `memory_budget`, KV memory is one block pool of that size (formats it cannot hold, KIVI and windowed
+    ones, keep per-agent caches under a byte budget instead).
+    """
     from edgellm.agents import AgentStore
+    from edgellm.kv.formats import KVFormat, dense_format
+    from edgellm.kv.pool import BlockPool
     from edgellm.loader import load
 
     if not is_loopback(host) and not api_key:
@@ -69,7 +78,10 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, sto
     if kv_predictor:
         from edgellm.kvpred import load_predictor
         predictor = load_predictor(kv_predictor, model, tokenizer.fingerprint)
-    store = AgentStore(store_dir, model, tokenizer, kv_format, budget)
+    fmt = KVFormat.parse(kv_format) if kv_format else dense_format(model.dtype)
+    pooled = budget is not None and BlockPool.supports(fmt)
+    store = AgentStore(store_dir, model, tokenizer, fmt, None if pooled else budget, budget if pooled else None,
+                       block_tokens or SERVER_BLOCK_TOKENS)
     app = create_app(model, tokenizer, store, max_concurrency=max_concurrency, max_queue=max_queue, api_key=api_key,
                      prefill_chunk=prefill_chunk, kv_predictor=predictor, max_body_bytes=max_body_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)

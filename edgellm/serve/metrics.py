@@ -32,8 +32,10 @@ class ServerMetrics:
         self.cache_hits = Counter("edgellm_cache_hits", "Requests that reused at least one cached token", registry=r)
         self.restored_tokens = Counter("edgellm_restored_tokens", "Agent KV tokens restored from disk", registry=r)
         self.cancelled = Counter("edgellm_cancelled", "Sequences cancelled because the client went away", registry=r)
-        self.kv_bytes = Gauge("edgellm_kv_bytes", "KV memory held in RAM (live agents + anonymous caches)",
-                              registry=r)
+        self.kv_bytes = Gauge("edgellm_kv_bytes", "KV memory held in RAM (live agents + anonymous caches), "
+                              "blocks shared between caches counted once", registry=r)
+        self.kv_logical_bytes = Gauge("edgellm_kv_logical_bytes", "KV memory the same caches would hold without "
+                                      "sharing blocks", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,7 +20,7 @@ from torch import nn
 
 from edgellm import runner
 from edgellm.agents import Agent, AgentStore
-from edgellm.kv.prompt_cache import PromptCache, common_prefix
+from edgellm.kv.pool import PoolExhausted
 from edgellm.sampling import SamplingParams, TokenLogprob
 from edgellm.sequence import Sequence, State, StepOutput
 from edgellm.serve.metrics import ServerMetrics
@@ -28,6 +28,8 @@ from edgellm.serve.protocol import ServeError
 from edgellm.tokenizer import Tokenizer
 
 log = logging.getLogger("edgellm.serve")
+
+RESERVE_AHEAD = 128  # generated tokens whose pool blocks a request takes when it starts (more are taken as needed)
 
 
 @dataclass
@@ -87,15 +89,13 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, store: AgentStore, metrics: ServerMetrics,
                  max_concurrency: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
-                 anonymous_caches: int = 8, kv_predictor: nn.Module | None = None) -> None:
+                 kv_predictor: nn.Module | None = None) -> None:
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
         self.kv_predictor = kv_predictor
         self.max_concurrency, self.max_queue, self.prefill_chunk = max_concurrency, max_queue, prefill_chunk
-        self.anonymous_caches = anonymous_caches
         self.context = int(model.args.max_position_embeddings)
         self.waiting: deque[GenerationRequest] = deque()
         self.running: list[Slot] = []
-        self.anonymous: list[PromptCache] = []  # idle caches of agent-less requests, least recently used first
         self.busy_agents: set[str] = set()
         self.cond = threading.Condition()
         self.store_lock = threading.RLock()  # the HTTP side lists/deletes agents while the engine saves them
@@ -133,10 +133,12 @@ class Engine:
     def active(self) -> int:
         return len(self.running)
 
-    def kv_bytes(self) -> int:
-        anonymous = sum(layer.nbytes for cache in self.anonymous for layer in cache.layers)
-        running = sum(layer.nbytes for s in self.running if s.agent is None for layer in s.seq.cache.layers)
-        return self.store.live_bytes() + anonymous + running
+    def kv_bytes(self) -> tuple[int, int]:
+        """Physical and logical KV bytes in RAM: agents, idle and running anonymous caches. With a block pool the
+        physical figure stores each shared block once; the logical one counts it for every cache holding it."""
+        running = sum(s.seq.cache.nbytes for s in self.running if s.agent is None)
+        physical = self.store.live_bytes() + (0 if self.store.pool is not None else running)
+        return physical, self.store.logical_bytes() + running
 
     def _loop(self) -> None:
         while True:
@@ -149,7 +151,9 @@ class Engine:
                 self.step()
                 self.metrics.active.set(len(self.running))
                 with self.store_lock:
-                    self.metrics.kv_bytes.set(self.kv_bytes())
+                    physical, logical = self.kv_bytes()
+                self.metrics.kv_bytes.set(physical)
+                self.metrics.kv_logical_bytes.set(logical)
             except Exception as e:  # never leave a client hanging on an engine fault
                 log.exception("engine step failed")
                 for slot in self.running:
@@ -205,7 +209,7 @@ class Engine:
         for seq, out in runner.prefill(self.model, prefilling, self.prefill_chunk):
             self._prefilled(by_seq[id(seq)])
             self._emit(by_seq[id(seq)], out)
-        batch = [slot for slot in self.running if slot.seq.state is State.DECODE]
+        batch = self._grow([slot for slot in self.running if slot.seq.state is State.DECODE])
         if batch:
             self.metrics.batch_size.observe(len(batch))
             for slot, out in zip(batch, runner.decode(self.model, [slot.seq for slot in batch]), strict=True):
@@ -225,26 +229,34 @@ class Engine:
 
     def _start(self, req: GenerationRequest) -> Slot:
         prompt_logprobs = self._prompt_logprobs(req)  # before the agent is acquired: a failure leaves nothing held
-        agent = None
-        if req.agent is not None:
-            with self.store_lock:
-                agent, restored = self.store.acquire(req.agent)  # pinned: never evicted while it is generating
-            if agent.restore_note:
-                log.warning("agent %s: saved memory not used (%s)", req.agent, agent.restore_note)
-            elif restored:
-                self.metrics.restored_tokens.inc(len(agent.cache.tokens))
-            cache = agent.cache
-        else:
-            cache = self._anonymous_cache(req.ids, req.max_tokens)
-        predictor = self.kv_predictor if req.kv_prediction else None
+        agent, cache = None, None
+        # pool blocks for the prompt and the first RESERVE_AHEAD tokens now; decode takes more a block at a time
+        tokens = min(len(req.ids) + min(req.max_tokens, RESERVE_AHEAD), self.context)
         try:
+            with self.store_lock:
+                if req.agent is not None:
+                    agent, restored = self.store.acquire(req.agent)  # pinned: never evicted while it is generating
+                    if agent.restore_note:
+                        log.warning("agent %s: saved memory not used (%s)", req.agent, agent.restore_note)
+                    elif restored:
+                        self.metrics.restored_tokens.inc(len(agent.cache.tokens))
+                    cache = agent.cache
+                    if self.store.pool is not None:
+                        self.store.prepare(cache, req.ids, tokens, agent.name)
+                else:
+                    cache = self.store.anonymous_cache(req.ids, tokens)[0]
+            predictor = self.kv_predictor if req.kv_prediction else None
             seq = Sequence(self.model, self.tokenizer, req.ids, cache, req.max_tokens, req.sampling, req.stop,
                            predictor, started_at=req.submitted, logprobs=req.logprobs)
             seq.begin()
-        except Exception:  # an agent acquired for a request that cannot start must not stay pinned
-            if agent is not None:
-                with self.store_lock:
+        except Exception as e:  # an agent acquired for a request that cannot start must not stay pinned
+            with self.store_lock:
+                if agent is not None:
                     self.store.release(agent, save=False)
+                elif cache is not None:
+                    cache.release()
+            if isinstance(e, PoolExhausted):
+                raise self._memory_full(len(req.ids)) from e
             raise
         self.metrics.prompt_tokens.inc(len(req.ids))
         self.metrics.cached_tokens.inc(seq.cached)
@@ -252,14 +264,34 @@ class Engine:
             self.metrics.cache_hits.inc()
         return Slot(req, seq, agent, prompt_logprobs=prompt_logprobs)
 
-    def _anonymous_cache(self, ids: list[int], max_tokens: int) -> PromptCache:
-        """The idle anonymous cache sharing the longest prefix with `ids` (taken out of the pool), or a new one."""
-        if self.anonymous:
-            best = max(range(len(self.anonymous)), key=lambda i: common_prefix(self.anonymous[i].tokens, ids))
-            if common_prefix(self.anonymous[best].tokens, ids) > 1 or len(self.anonymous) >= self.anonymous_caches:
-                return self.anonymous.pop(best)
-        # reserve modestly: max_tokens defaults to the whole context window, and the cache grows when needed
-        return PromptCache(self.model, capacity=len(ids) + min(max_tokens, 1024), kv_format=self.store.kv_format)
+    def _memory_full(self, tokens: int) -> ServeError:
+        """The error for a request the KV pool cannot hold: too big for the budget (400), or held up by the
+        requests running now (503, retry)."""
+        pool = self.store.pool
+        need = -(-tokens // pool.block_tokens) * self.model.args.num_hidden_layers
+        if need > pool.capacity_blocks:
+            return ServeError(f"a prompt of {tokens} tokens needs {need} KV blocks but --memory-budget holds "
+                              f"{pool.capacity_blocks}: raise --memory-budget or shorten the prompt", 400,
+                              code="context_too_large_for_memory")
+        return ServeError("KV memory is held by running requests; retry shortly (or raise --memory-budget)", 503,
+                          "server_error", code="kv_memory_full", headers={"Retry-After": "1"})
+
+    def _grow(self, batch: list[Slot]) -> list[Slot]:
+        """Take the pool block each sequence's next token needs (most steps need none); a sequence the full pool
+        cannot extend ends with an error, the others decode."""
+        if self.store.pool is None:
+            return batch
+        ready = []
+        for slot in batch:
+            try:
+                with self.store_lock:
+                    self.store.grow(slot.seq.cache, len(slot.seq.cache.tokens) + 1,
+                                    None if slot.agent is None else slot.agent.name)
+                ready.append(slot)
+            except PoolExhausted:
+                slot.request.emit(Event(error=self._memory_full(len(slot.seq.cache.tokens) + 1)))
+                self._finish(slot, save=False)
+        return ready
 
     def _prefilled(self, slot: Slot) -> None:
         """The prompt is in the cache: an agent remembers whether its memory now holds predicted K/V."""
@@ -296,10 +328,11 @@ class Engine:
         """Give the sequence's cache back: persist an agent's memory, or return an anonymous cache to the pool."""
         agent = slot.agent
         if agent is None:
-            if slot.request.kv_prediction:  # predicted K/V must not leak into requests that did not ask for them
-                return
-            self.anonymous.append(slot.seq.cache)
-            del self.anonymous[:-self.anonymous_caches]
+            with self.store_lock:
+                if slot.request.kv_prediction:  # predicted K/V must not leak into requests that did not ask for them
+                    slot.seq.cache.release()
+                else:
+                    self.store.park(slot.seq.cache)
             return
         if save and slot.request.messages is not None:
             agent.messages = [*slot.request.messages, {"role": "assistant", "content": "".join(slot.seq.text)}]
