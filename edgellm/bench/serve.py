@@ -1,7 +1,8 @@
 """Load-test an OpenAI-compatible server: success rate, TTFT, inter-token latency and tokens/s per concurrency.
 
 A concurrency sweep in the style of published vLLM serving studies (find where throughput stops growing), and
-a multi-agent scenario: K agents taking turns over a long shared context, cold (first turn) vs warm TTFT.
+a multi-agent scenario: K agents taking turns over a long shared context (or each its own), cold (first turn) vs
+warm TTFT, the share of each warm prompt served from memory, and the server's physical vs logical KV bytes.
 Works against any server speaking /v1/completions with streaming; agents are named with the `X-Agent-Id` header.
 """
 
@@ -38,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agents", type=int, default=0, help="multi-agent scenario with K agents (0 skips it)")
     p.add_argument("--turns", type=positive_int, default=3, help="turns per agent in the multi-agent scenario")
     p.add_argument("--context-len", type=positive_int, default=1024, help="shared context in words (~tokens)")
+    p.add_argument("--unique-contexts", action="store_true",
+                   help="each agent gets its own context of --context-len words instead of one shared one")
+    p.add_argument("--round-robin", action="store_true",
+                   help="agents speak one at a time (TTFT without queueing) instead of all at once")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
@@ -50,6 +55,7 @@ class RequestResult:
     gaps_s: list[float] = field(default_factory=list)
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prompt_tokens: int = 0
     text: str = ""
     error: str | None = None
 
@@ -94,7 +100,8 @@ async def stream_completion(client: httpx.AsyncClient, body: dict, headers: dict
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         return RequestResult(False, error=f"{type(e).__name__}: {e}")
     return RequestResult(True, (first or last) - t0, gaps, usage.get("completion_tokens", len(pieces)),
-                         (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0), "".join(pieces))
+                         (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+                         usage.get("prompt_tokens", 0), "".join(pieces))
 
 
 async def sweep_level(client: httpx.AsyncClient, model: str, concurrency: int, requests: int, args: argparse.Namespace,
@@ -122,14 +129,26 @@ async def sweep_level(client: httpx.AsyncClient, model: str, concurrency: int, r
             "errors": sorted({r.error for r in results if r.error})[:3]}
 
 
+async def memory(client: httpx.AsyncClient) -> dict[str, Any]:
+    """The server's KV memory figures from /health (edgellm's; {} from servers that do not report them)."""
+    try:
+        agents = (await client.get("/health")).json().get("agents") or {}
+    except (httpx.HTTPError, ValueError):
+        return {}
+    keys = ("live_bytes", "logical_bytes", "pool_bytes", "shared_blocks", "evictions", "live_agents")
+    return {k: agents[k] for k in keys if k in agents}
+
+
 async def agent_turns(client: httpx.AsyncClient, model: str, args: argparse.Namespace,
                       rng: random.Random) -> list[dict[str, Any]]:
-    """K agents over one long shared context; each turn all agents speak at once. Turn 1 is cold, later warm."""
-    context = "Shared notes: " + words(rng, args.context_len)
+    """K agents over one long shared context (or each its own); each turn every agent speaks, all at once or one
+    at a time. Turn 1 is cold, later ones warm."""
+    shared = "Shared notes: " + words(rng, args.context_len)
     names = [f"bench-agent-{i}" for i in range(args.agents)]
     for name in names:  # start cold even if a previous run left memories behind
         await client.delete(f"/v1/agents/{name}")
-    transcripts = {name: f"{context}\nAgent {name} joins." for name in names}
+    transcripts = {name: ("Notes: " + words(rng, args.context_len) if args.unique_contexts else shared)
+                   + f"\nAgent {name} joins." for name in names}
     turns = []
     for turn in range(1, args.turns + 1):
         async def speak(name: str, turn: int = turn) -> RequestResult:
@@ -140,15 +159,42 @@ async def agent_turns(client: httpx.AsyncClient, model: str, args: argparse.Name
             transcripts[name] += result.text
             return result
 
-        results = await asyncio.gather(*(speak(n) for n in names))
+        first_memory = None
+        if args.round_robin:
+            results = []
+            for i, name in enumerate(names):
+                results.append(await speak(name))
+                if turn == 1 and i == 0:
+                    first_memory = await memory(client)  # one agent alone: what sharing is measured against
+        else:
+            results = await asyncio.gather(*(speak(n) for n in names))
         ok = [r for r in results if r.ok]
         ttft = [r.ttft_s for r in ok]
+        reused = [r.cached_tokens / r.prompt_tokens for r in ok if r.prompt_tokens]
         turns.append({"turn": turn, "kind": "cold" if turn == 1 else "warm", "agents": len(names),
                       "success_rate": len(ok) / len(names), "ttft_p50_s": percentile(ttft, 50),
                       "ttft_mean_s": sum(ttft) / len(ttft) if ttft else 0.0,
                       "cached_tokens_mean": sum(r.cached_tokens for r in ok) / len(ok) if ok else 0.0,
+                      "prompt_tokens_mean": sum(r.prompt_tokens for r in ok) / len(ok) if ok else 0.0,
+                      "cached_share_min": min(reused, default=0.0),
+                      "memory": await memory(client), "first_agent_memory": first_memory,
                       "errors": sorted({r.error for r in results if r.error})[:3]})
     return turns
+
+
+def summarize_turns(turns: list[dict[str, Any]]) -> dict[str, Any]:
+    """Warm vs cold TTFT, the least share of a warm prompt served from memory, and with one shared context taken
+    round-robin, the physical KV of all agents over that of the first one alone."""
+    cold, warm = [t for t in turns if t["kind"] == "cold"], [t for t in turns if t["kind"] == "warm"]
+    if not cold or not warm:
+        return {}
+    out = {"warm_ttft_vs_cold": percentile([t["ttft_p50_s"] for t in warm], 50) / max(cold[0]["ttft_p50_s"], 1e-9),
+           "warm_cached_share_min": min(t["cached_share_min"] for t in warm)}
+    one, every = cold[0].get("first_agent_memory") or {}, cold[0].get("memory") or {}
+    if one.get("live_bytes") and every.get("live_bytes"):
+        out["physical_vs_first_agent"] = every["live_bytes"] / one["live_bytes"]
+        out["logical_vs_physical"] = every.get("logical_bytes", 0) / every["live_bytes"]
+    return out
 
 
 def saturation(levels: list[dict[str, Any]]) -> int | None:
@@ -177,6 +223,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         turns = await agent_turns(client, model, args, rng) if args.agents > 0 else []
     return {"url": args.url, "model": model, "prompt_len_words": args.prompt_len, "max_tokens": args.max_tokens,
             "levels": levels, "saturation_concurrency": saturation(levels), "agent_turns": turns,
+            "agent_summary": summarize_turns(turns),
             "command": "edgellm bench serve " + " ".join(_command_args(args))}
 
 
@@ -187,6 +234,7 @@ def _command_args(args: argparse.Namespace) -> list[str]:
         out += ["--requests", str(args.requests)]
     if args.agents:
         out += ["--agents", str(args.agents), "--turns", str(args.turns), "--context-len", str(args.context_len)]
+        out += ["--unique-contexts"] * args.unique_contexts + ["--round-robin"] * args.round_robin
     return out
 
 
@@ -200,11 +248,17 @@ def print_report(report: dict[str, Any]) -> None:
               f"{lv['ttft_p50_s'] * 1e3:>7.0f}ms {lv['ttft_p99_s'] * 1e3:>7.0f}ms {lv['itl_p50_s'] * 1e3:>6.1f}ms "
               f"{lv['itl_p99_s'] * 1e3:>6.1f}ms {lv['tokens_per_s']:>8.1f}")
     print(f"saturation: concurrency {report['saturation_concurrency']}")
+    for key, value in report.get("agent_summary", {}).items():
+        print(f"{key}: {value:.3f}")
     if report["agent_turns"]:
-        print(f"{'turn':>5} {'kind':>5} {'agents':>6} {'ok%':>6} {'TTFT p50':>9} {'cached tok':>10}")
+        print(f"{'turn':>5} {'kind':>5} {'agents':>6} {'ok%':>6} {'TTFT p50':>9} {'prompt':>7} {'cached':>7} "
+              f"{'min %':>6} {'KV MiB':>7} {'logical':>8}")
         for t in report["agent_turns"]:
+            mem = t.get("memory") or {}
             print(f"{t['turn']:>5} {t['kind']:>5} {t['agents']:>6} {100 * t['success_rate']:>5.1f}% "
-                  f"{t['ttft_p50_s'] * 1e3:>7.0f}ms {t['cached_tokens_mean']:>10.0f}")
+                  f"{t['ttft_p50_s'] * 1e3:>7.0f}ms {t['prompt_tokens_mean']:>7.0f} {t['cached_tokens_mean']:>7.0f} "
+                  f"{100 * t['cached_share_min']:>5.1f}% {mem.get('live_bytes', 0) / 2**20:>7.1f} "
+                  f"{mem.get('logical_bytes', 0) / 2**20:>8.1f}")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import sys
 from collections.abc import Callable
 
 import uvicorn
@@ -80,6 +81,9 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, sto
         predictor = load_predictor(kv_predictor, model, tokenizer.fingerprint)
     fmt = KVFormat.parse(kv_format) if kv_format else dense_format(model.dtype)
     pooled = budget is not None and BlockPool.supports(fmt)
+    if budget is not None and not pooled:
+        print(f"edgellm: KV format {fmt} has no block-pool layout (KIVI keys, a full-precision window): "
+              "--memory-budget bounds the live agents' caches instead, without prefix sharing", file=sys.stderr)
     store = AgentStore(store_dir, model, tokenizer, fmt, None if pooled else budget, budget if pooled else None,
                        block_tokens or SERVER_BLOCK_TOKENS)
     app = create_app(model, tokenizer, store, max_concurrency=max_concurrency, max_queue=max_queue, api_key=api_key,
