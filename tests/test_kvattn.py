@@ -174,9 +174,25 @@ def test_paged_decode_matches_contiguous(fmt):
         q, k, v = torch.randn(1, 8, 1, D, generator=g), torch.randn(1, 2, 1, D, generator=g), \
             torch.randn(1, 2, 1, D, generator=g)
         out = cache.attend(q, k, v, None, SCALE)
-        assert cache._native(q, SCALE) is not None
+        assert cache._native(q.reshape(1, 2, 4, D), cache.offset, SCALE) is not None
         assert torch.equal(out, twin.attend(q, k, v, None, SCALE))
         close(out, blockwise_attention(q, cache._blocks(), 2, cache.offset - 1, None, SCALE, f.hadamard))
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q2-h", "q8"])
+@pytest.mark.parametrize("t", [5, 20])
+def test_paged_short_chunk_attends_over_the_stored_cache(fmt, t):
+    """A short chunk (a speculative check, a warm turn's few new tokens) sees every token as stored, its own
+    causally: the native pass over the past (more than NATIVE_MAX_ROWS query rows at t=20: split) merged with its
+    own rows equals the block-by-block reference over the stored blocks."""
+    f = KVFormat.parse(fmt)
+    pool = BlockPool(SimpleNamespace(num_key_value_heads=2, head_dim=D), f, 1 << 22, 48)
+    cache = pool.make_caches(1)[0]
+    g = torch.Generator().manual_seed(1)
+    cache.update_and_fetch(torch.randn(1, 2, 100, D, generator=g), torch.randn(1, 2, 100, D, generator=g))
+    q, k, v = (torch.randn(1, h, t, D, generator=g) for h in (8, 2, 2))
+    out = cache.attend(q, k, v, None, SCALE)
+    close(out, blockwise_attention(q, cache._blocks(), 2, 100, None, SCALE, f.hadamard))
 
 
 def test_hadamard_rotates_the_query_not_the_keys():

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 
 from edgellm.errors import EdgeLLMError, InvalidRequestError
-from edgellm.kernels.kvattn import PackedKV, packed_attention
+from edgellm.kernels.kvattn import NATIVE_MAX_ROWS, PackedKV, packed_attention
 from edgellm.kv.cache import SingleOffset
 from edgellm.kv.codec import QuantizedTensor, dequantize, hadamard, quantize
 from edgellm.kv.formats import DENSE, QUANTIZED, KVFormat, ModelShape
@@ -32,6 +32,7 @@ from edgellm.kv.quantized_cache import (
     STORED_CHUNK_MAX,
     blockwise_attention,
     head_group,
+    merge_attention,
     prefill_attention,
     span_attention,
 )
@@ -286,21 +287,48 @@ class PagedKVCache(SingleOffset):
             k, v = (torch.cat([self._read(name, block, n) for block, n in span], 2) for name in ("keys", "values"))
             yield i * bt, k, v
 
-    def _native(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(output fp32, lse) of q over every held token by the native kernel, reading the pool's blocks in
-        place; None where it does not apply (a dense pool, or the kernel's own limits)."""
+    def _rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Tokens start..end of K or V as stored, fp32 (1, kv_heads, n, D); keys still rotated."""
+        bt = self.pool.block_tokens
+        return torch.cat([self._read(name, self.table[j], min(end - j * bt, bt))[:, :, max(start - j * bt, 0):]
+                          for j in range(start // bt, self._blocks_for(end))], 2)
+
+    def _native(self, rows: torch.Tensor, tokens: int, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(output, lse), fp32, of query `rows` (B, kv_heads, R, D; fp32, rotated as the keys were) over the
+        first `tokens` tokens by the native kernel, reading the pool's blocks in place, NATIVE_MAX_ROWS rows a
+        call; None where it does not apply (a dense pool, or the kernel's own limits)."""
         pool = self.pool
         if not pool.fmt.quantized:
             return None
-        b, n_heads, t, d = q.shape
-        qf = q.float().reshape(b, pool.kv_heads, n_heads // pool.kv_heads * t, d)
         packed = [PackedKV(*(pool.fields[f"{name}.{part}"] for part in ("data", "scales", "zeros")), pool.group)
                   for name in ("keys", "values")]
-        table = torch.tensor(self.table[: self._blocks_for(self.offset)], dtype=torch.long).unsqueeze(0)
-        none = qf.new_zeros(b, pool.kv_heads, 0, d)
-        found = packed_attention(hadamard(qf) if pool.hadamard else qf, *packed, pool.bits, table, pool.block_tokens,
-                                 self.offset, none, none, scale)
-        return None if found is None else (found[0].view(b, n_heads, t, d), found[1].view(b, n_heads, t))
+        table = torch.tensor(self.table[: self._blocks_for(tokens)], dtype=torch.long).unsqueeze(0)
+        none = rows.new_zeros(rows.shape[0], pool.kv_heads, 0, rows.shape[3])
+        found = [packed_attention(rows[:, :, r:r + NATIVE_MAX_ROWS], *packed, pool.bits, table, pool.block_tokens,
+                                  tokens, none, none, scale) for r in range(0, rows.shape[2], NATIVE_MAX_ROWS)]
+        if any(f is None for f in found):
+            return None
+        return torch.cat([f[0] for f in found], 2), torch.cat([f[1] for f in found], 2)
+
+    def _stored(self, q: torch.Tensor, start: int, scale: float) -> torch.Tensor | None:
+        """Causal attention of a short chunk, already stored at start.., over the cache as stored (what decode steps
+        would see): the tokens before it natively, its own rows (dequantized) directly, merged by log-sum-exp.
+        A decode step is one native call. None where the kernel does not apply."""
+        pool = self.pool
+        b, n_heads, t, d = q.shape
+        rows = q.float().reshape(b, pool.kv_heads, n_heads // pool.kv_heads * t, d)
+        rows = hadamard(rows) if pool.hadamard else rows
+        past = self._native(rows, start + 1 if t == 1 else start, scale) if start or t == 1 else None
+        if past is None and (start or t == 1):
+            return None
+        parts = [] if past is None else [past]
+        if t > 1:
+            k, v = (self._rows(name, start, start + t) for name in ("keys", "values"))
+            scores = (rows @ k.transpose(2, 3)).mul_(scale).view(b, pool.kv_heads, -1, t, t)
+            scores = scores.masked_fill_(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf")).flatten(2, 3)
+            lse = scores.logsumexp(-1)
+            parts.append(((scores - lse.unsqueeze(-1)).exp_() @ v, lse))
+        return merge_attention(parts).view(b, n_heads, t, d).to(q.dtype)
 
     def _past(self, q: torch.Tensor, mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(output, lse) of a prefill chunk's queries over the tokens held before it, exactly as held."""
@@ -323,18 +351,22 @@ class PagedKVCache(SingleOffset):
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                scale: float) -> torch.Tensor:
         """Store `keys`/`values`, then attention over the cache, as QuantizedKVCache.attend does for a quantized
-        pool (native decode over the blocks in place; a prefill chunk attends to its own K/V exactly); a dense pool
-        attends one block at a time (online softmax)."""
+        pool (a prefill chunk attends to its own K/V exactly; decode steps and short chunks over the blocks in place,
+        natively); otherwise spans of blocks with an online softmax."""
         start, t = self.offset, q.shape[2]
         if t > STORED_CHUNK_MAX and self.pool.fmt.quantized:
             past = self._past(q, None if mask is None else mask[:, :start], scale) if start else None
             self._append(self._encode(keys, values))
             return prefill_attention(q, keys, values, mask, scale, past)
         self._append(self._encode(keys, values))
-        found = self._native(q, scale) if t == 1 and (mask is None or bool(mask.all())) else None
-        if found is not None:
-            return found[0].to(q.dtype)
-        return blockwise_attention(q, self._blocks(), self.pool.kv_heads, start, mask, scale, self.pool.hadamard)
+        causal = mask is None or (bool(mask[:, :start].all()) and torch.equal(mask[:, start:], torch.ones(
+            t, t, dtype=torch.bool, device=mask.device).tril()))  # no sliding window in reach
+        if self.pool.fmt.quantized and causal:
+            out = self._stored(q, start, scale)
+            if out is not None:
+                return out
+        per = max(1, PREFILL_SPAN // self.pool.block_tokens)
+        return blockwise_attention(q, self._blocks(per), self.pool.kv_heads, start, mask, scale, self.pool.hadamard)
 
     def trim(self, n: int) -> None:
         """Forget the last `n` tokens and give back whole blocks past the new end (`trim(0)` drops reservations)."""
