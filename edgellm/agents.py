@@ -20,6 +20,7 @@ from edgellm.kv.pool import DEFAULT_BLOCK_TOKENS, BlockPool, PoolExhausted
 from edgellm.kv.prompt_cache import PromptCache, common_prefix
 from edgellm.sampling import SamplingParams
 from edgellm.sequence import context_length, prepare_prompt
+from edgellm.speculative import Speculation
 from edgellm.tokenizer import Tokenizer
 
 AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -85,13 +86,19 @@ class Agent:
         return self.cache.nbytes
 
     def stream(self, prompt: str | list[int], max_tokens: int = 256, sampling: SamplingParams | None = None,
-               stop: list[str] | None = None, kv_predictor: nn.Module | None = None) -> Iterator[GenerationResponse]:
-        """Generate reusing this agent's memory: only tokens past the cached prefix are prefilled (or predicted)."""
+               stop: list[str] | None = None, kv_predictor: nn.Module | None = None,
+               speculate: int | Speculation = 0, draft_model: nn.Module | None = None) -> Iterator[GenerationResponse]:
+        """Generate reusing this agent's memory: only tokens past the cached prefix are prefilled (or predicted).
+
+        `speculate` / `draft_model`: as `stream_generate`'s. Prompt lookup searches the whole memory (every
+        earlier turn is in the prompt), so what it learns from survives a restart; rejected drafts are trimmed
+        from the memory before it can be saved.
+        """
         self.last_used = time.monotonic()
         prompt = self.store.reserve(self, prompt, max_tokens)
         try:
             for step in stream_generate(self.store.model, self.store.tokenizer, prompt, max_tokens, sampling, stop,
-                                        self.cache, kv_predictor):
+                                        self.cache, kv_predictor, speculate, draft_model):
                 self.note_prediction(step.cached_tokens, step.predicted_tokens)
                 yield step
         finally:  # also when the client stops reading early

@@ -157,22 +157,57 @@ def _constrain(sampling: SamplingParams, args: argparse.Namespace, schema: dict 
     return replace(sampling, grammar=grammar)
 
 
+def _speculation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", type=int_in(0, 64), default=0, metavar="K",
+                   help="speculative decoding: check up to K drafted tokens per forward pass (0 = off; 4 when "
+                        "--draft-model or --spec-mode is given): greedy output unchanged, sampled output keeps its "
+                        "distribution; the draft length adapts to what pays, and speculation turns off when it "
+                        "does not")
+    p.add_argument("--spec-mode", choices=("ngram", "draft", "kvpred"), default=None,  # speculative.MODES
+                   help="who drafts: ngram (prompt lookup, the default), draft (--draft-model) or kvpred (the "
+                        "--kv-predictor's aux model, whose cache already holds the prompt)")
+    p.add_argument("--draft-model", default=None, metavar="DIR",
+                   help="a smaller model sharing the model's tokenizer drafts the tokens (implies --spec-mode draft)")
+    p.add_argument("--spec-fixed", action="store_true", help="always draft K tokens (no adaptive draft length)")
+
+
+def _speculation(args: argparse.Namespace, model, tokenizer):
+    """(what `stream_generate`'s `speculate` takes, the draft model or None) from the command line."""
+    from edgellm.speculative import Speculation, check_draft_model
+    mode = args.spec_mode or ("draft" if args.draft_model else "ngram")
+    if not (args.speculate or args.spec_mode or args.draft_model):
+        return 0, None
+    if args.draft_model and mode != "draft":
+        raise InvalidRequestError(f"--draft-model drafts in --spec-mode draft, not {mode}; drop one of them")
+    spec = Speculation(mode, args.speculate or 4, adaptive=not args.spec_fixed).validate()
+    if mode == "kvpred" and not args.kv_predictor:
+        raise InvalidRequestError("--spec-mode kvpred drafts with the KV predictor's aux model; give --kv-predictor")
+    if mode != "draft":
+        return spec, None
+    if not args.draft_model:
+        raise InvalidRequestError("--spec-mode draft needs a --draft-model DIR sharing the model's tokenizer")
+    from edgellm import load
+    draft, draft_tokenizer = load(args.draft_model, args.dtype)
+    check_draft_model(draft, draft_tokenizer, model, tokenizer)
+    return spec, draft
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from edgellm import stream_generate
-    if args.agent and args.speculate:
-        raise InvalidRequestError("--speculate does not combine with --agent yet; drop one of them")
     sampling = _sampling(args)
     schema = _read_schema(args.json_schema) if args.json_schema else None
     _use_threads(args.threads)
     model, tokenizer = _load(args)
     sampling = _constrain(sampling, args, schema, model, tokenizer)
     predictor = _kv_predictor(args, model, tokenizer)
+    speculate, draft = _speculation(args, model, tokenizer)
     agent = _open_agent(args, model, tokenizer) if args.agent else None
     if agent:
-        steps = agent.stream(args.prompt, args.max_tokens, sampling, args.stop, kv_predictor=predictor)
+        steps = agent.stream(args.prompt, args.max_tokens, sampling, args.stop, kv_predictor=predictor,
+                             speculate=speculate, draft_model=draft)
     else:
         steps = stream_generate(model, tokenizer, args.prompt, args.max_tokens, sampling, args.stop,
-                                kv_predictor=predictor, speculate=args.speculate)
+                                kv_predictor=predictor, speculate=speculate, draft_model=draft)
     pieces, tokens, last = [], [], None
     for last in steps:
         if last.token is not None:
@@ -205,6 +240,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     _use_threads(args.threads)
     model, tokenizer = _load(args)
     predictor = _kv_predictor(args, model, tokenizer)
+    speculate, draft = _speculation(args, model, tokenizer)
     agent = _open_agent(args, model, tokenizer) if args.agent else None
     cache = agent.cache if agent else PromptCache(model, capacity=1024)
     messages: list[dict] = agent.messages if agent else []
@@ -224,7 +260,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "user", "content": user})
         ids = tokenizer.encode_chat(messages)
         reply, last = [], None
-        for last in stream_generate(model, tokenizer, ids, args.max_tokens, sampling, args.stop, cache, predictor):
+        for last in stream_generate(model, tokenizer, ids, args.max_tokens, sampling, args.stop, cache, predictor,
+                                    speculate, draft):
             if agent:
                 agent.note_prediction(last.cached_tokens, last.predicted_tokens)
             reply.append(last.text)
@@ -313,13 +350,25 @@ def check_port_free(host: str, port: int) -> None:
                                       "holding it or pick another --port") from None
 
 
+def _server_speculation(text: str | None):
+    """`--speculative MODE[:K]` as a Speculation (None when not given)."""
+    if text is None:
+        return None
+    from edgellm.speculative import Speculation
+    mode, _, k = text.partition(":")
+    if k and not k.isdigit():
+        raise InvalidRequestError(f"--speculative {text}: K must be a whole number of tokens")
+    return Speculation(mode, int(k) if k else 8).validate()
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from edgellm.serve import serve
     check_port_free(args.host, args.port)
     _use_threads(args.threads)
     serve(args.model, args.host, args.port, args.store, args.kv_format, args.memory_budget, args.max_concurrency,
           args.max_queue, args.api_key, args.dtype, args.prefill_chunk, args.kv_predictor,
-          expert_budget=args.expert_budget, block_tokens=args.kv_block_tokens or None)
+          expert_budget=args.expert_budget, block_tokens=args.kv_block_tokens or None, draft_model=args.draft_model,
+          speculation=_server_speculation(args.speculative))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -338,9 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--kv-predictor", default=None,
                    help="KV predictor (from `edgellm kvpred train`): predict the prompt's KV cache to cut TTFT")
-    p.add_argument("--speculate", type=int_in(0, 64), default=0, metavar="K",
-                   help="check up to K prompt-lookup drafted tokens per forward pass (0 = off): greedy output "
-                        "unchanged, sampled output keeps its distribution; faster when the answer re-quotes the prompt")
+    _speculation_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
     constrain = p.add_mutually_exclusive_group()
     constrain.add_argument("--json-schema", default=None, metavar="FILE",
@@ -354,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     _agent_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--kv-predictor", default=None, help="KV predictor: predict each turn's new prompt K/V")
+    _speculation_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("agents", help="list, show or remove saved agent memories")
@@ -411,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint")
     p.add_argument("--kv-predictor", default=None,
                    help="KV predictor that requests can opt into with the body field \"kv_prediction\": true")
+    p.add_argument("--draft-model", default=None, metavar="DIR",
+                   help="a draft model sharing the tokenizer, for requests with \"speculative\": {\"mode\": \"draft\"}")
+    p.add_argument("--speculative", default=None, metavar="MODE[:K]",
+                   help="default speculative decoding for requests without a \"speculative\" field: ngram, draft or "
+                        "kvpred, with the longest draft K (default 8); the draft length adapts")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("kvpred", help="KV Prediction: train an aux model that predicts the base's prompt KV cache")

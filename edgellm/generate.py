@@ -15,7 +15,7 @@ from edgellm.errors import InvalidRequestError
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.sampling import SamplingParams
 from edgellm.sequence import Sequence, StepOutput, context_length, prepare_prompt
-from edgellm.speculative import NGramProposer
+from edgellm.speculative import Speculation, make_speculator
 from edgellm.tokenizer import Tokenizer
 
 
@@ -65,24 +65,24 @@ def _response(seq: Sequence, out: StepOutput, generated: int | None = None) -> G
         predicted_tokens=seq.predicted, drafted_tokens=seq.drafted, accepted_tokens=seq.accepted)
 
 
-def _decode(model: nn.Module, seq: Sequence, speculate: int) -> list[StepOutput]:
-    """One decode step: plain, or with up to `speculate` n-gram drafted tokens checked in the same pass."""
-    if speculate:
-        return runner.speculative_decode(model, seq, NGramProposer(), speculate)
-    return runner.decode(model, [seq])
+def _decode(model: nn.Module, seq: Sequence) -> list[StepOutput]:
+    """One decode step: plain, or speculative (drafted tokens checked in the same pass) for a speculating sequence."""
+    return runner.speculative_step(model, seq) if seq.speculator else runner.decode(model, [seq])
 
 
 def _sequence(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int,
               sampling: SamplingParams | None, stop: list[str] | None, prompt_cache: PromptCache | None,
-              kv_predictor: nn.Module | None, speculate: int) -> Sequence:
+              kv_predictor: nn.Module | None, speculate: int | Speculation,
+              draft_model: nn.Module | None) -> Sequence:
     """One request as a Sequence (its cache reserved for prompt + answer when none is given); TTFT counts from here."""
-    if speculate < 0:
-        raise InvalidRequestError(f"speculate is a draft length (0 = off), got {speculate}")
     started = time.perf_counter()
     ids = prepare_prompt(tokenizer, prompt, model)
+    capacity = len(ids) + max(1, min(max_tokens, context_length(model)))
+    speculator = make_speculator(speculate, sampling, capacity + 64, draft_model, kv_predictor)
     if prompt_cache is None:
-        prompt_cache = PromptCache(model, capacity=len(ids) + max(1, min(max_tokens, context_length(model))))
-    return Sequence(model, tokenizer, ids, prompt_cache, max_tokens, sampling, stop, kv_predictor, started)
+        prompt_cache = PromptCache(model, capacity=capacity)
+    return Sequence(model, tokenizer, ids, prompt_cache, max_tokens, sampling, stop, kv_predictor, started,
+                    speculator=speculator)
 
 
 def _result(seq: Sequence, **stats) -> GenerationResult:
@@ -92,6 +92,7 @@ def _result(seq: Sequence, **stats) -> GenerationResult:
         stats["predicted_tokens"] = seq.predicted
     if seq.drafted:
         stats["drafted_tokens"], stats["accepted_tokens"] = seq.drafted, seq.accepted
+        stats["verify_steps"] = seq.verify_steps
     return GenerationResult(text="".join(seq.text), tokens=list(seq.generated), prompt_tokens=len(seq.ids),
                             cached_tokens=seq.cached, ttft_s=seq.ttft_s, prefill_tok_s=seq.prefill_tok_s,
                             decode_tok_s=seq.decode_tok_s, finish_reason=seq.finish_reason or "length", stats=stats)
@@ -100,19 +101,23 @@ def _result(seq: Sequence, **stats) -> GenerationResult:
 def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int = 256,
                     sampling: SamplingParams | None = None, stop: list[str] | None = None,
                     prompt_cache: PromptCache | None = None, kv_predictor: nn.Module | None = None,
-                    speculate: int = 0) -> Iterator[GenerationResponse]:
+                    speculate: int | Speculation = 0,
+                    draft_model: nn.Module | None = None) -> Iterator[GenerationResponse]:
     """Yield text pieces as tokens are generated; with `prompt_cache`, reuse and extend its KV memory.
 
     With `kv_predictor` (edgellm.kvpred), the uncached prompt tokens but the last get predicted K/V instead of a
-    base prefill; the base runs the last prompt token on top of them, then decodes alone. With `speculate` > 0,
-    each forward pass checks up to that many prompt-lookup drafted tokens (fewer passes when the answer re-quotes
-    its context): greedy output is unchanged, sampled output keeps its distribution (speculative sampling).
+    base prefill; the base runs the last prompt token on top of them, then decodes alone. With `speculate`, each
+    forward pass checks drafted tokens (fewer passes when the drafts hold): an int k > 0 drafts up to k tokens by
+    prompt lookup; a `Speculation` names the proposer (prompt lookup, `draft_model` sharing the tokenizer, or the
+    KV predictor's aux) and lets the draft length adapt. Greedy output is unchanged, sampled output keeps its
+    distribution (speculative sampling).
     """
-    seq = _sequence(model, tokenizer, prompt, max_tokens, sampling, stop, prompt_cache, kv_predictor, speculate)
+    seq = _sequence(model, tokenizer, prompt, max_tokens, sampling, stop, prompt_cache, kv_predictor, speculate,
+                    draft_model)
     (_, out), = runner.prefill(model, [seq])
     yield _response(seq, out)
     while not seq.finished:
-        outs = _decode(model, seq, speculate)
+        outs = _decode(model, seq)
         base = len(seq.generated) - len(outs)
         for i, out in enumerate(outs, 1):
             yield _response(seq, out, base + i)
@@ -121,15 +126,16 @@ def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[i
 def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int = 256,
              sampling: SamplingParams | None = None, stop: list[str] | None = None,
              prompt_cache: PromptCache | None = None, kv_predictor: nn.Module | None = None,
-             speculate: int = 0) -> GenerationResult:
+             speculate: int | Speculation = 0, draft_model: nn.Module | None = None) -> GenerationResult:
     """Generate to completion and return the text with timing statistics (`speculate`: see `stream_generate`)."""
-    seq = _sequence(model, tokenizer, prompt, max_tokens, sampling, stop, prompt_cache, kv_predictor, speculate)
-    if not speculate:
+    seq = _sequence(model, tokenizer, prompt, max_tokens, sampling, stop, prompt_cache, kv_predictor, speculate,
+                    draft_model)
+    if seq.speculator is None:
         runner.run_to_completion(model, [seq])
         return _result(seq)
     runner.prefill(model, [seq])
     while not seq.finished:
-        _decode(model, seq, speculate)
+        _decode(model, seq)
     return _result(seq)
 
 

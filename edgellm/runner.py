@@ -6,6 +6,8 @@ hands its logits to `Sequence.advance`.
 from __future__ import annotations
 
 import math
+import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,7 +17,9 @@ from edgellm.kv.batch import batch_layers
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.sampling import TokenLogprob, token_logprobs
 from edgellm.sequence import Sequence, State, StepOutput
-from edgellm.speculative import Proposer
+
+if TYPE_CHECKING:
+    from edgellm.speculative import Proposer
 
 PREFILL_CHUNK = 2048  # bounds attention scratch memory on long prompts
 
@@ -81,7 +85,9 @@ def _predict(model: nn.Module, seq: Sequence) -> None:
     """Fill the cache with predicted K/V for every pending prompt token but the last, in one go: the aux pass
     costs a fraction of a base prefill, so it is not split under the budget."""
     start = len(seq.cache.tokens)
-    seq.kv_predictor.prefill(model, seq.ids[:-1], seq.cache, start=start)
+    aux_cache = getattr(seq.speculator.proposer, "cache", None) if seq.speculator and seq.speculator.drafts_with_aux \
+        else None  # speculating with the aux: its prompt cache is kept for drafting
+    seq.kv_predictor.prefill(model, seq.ids[:-1], seq.cache, start=start, aux_cache=aux_cache)
     seq.predicted += len(seq.cache.tokens) - start
     seq.pending = seq.ids[len(seq.cache.tokens):]
 
@@ -108,22 +114,24 @@ def speculative_decode(model: nn.Module, seq: Sequence, proposer: Proposer, k: i
     """One to k + 1 tokens for `seq` from one forward pass over its last token and up to `k` proposed ones.
 
     Each position's logits go through `Sequence.advance` in order (so EOS, stop strings, the length limit and
-    penalties act exactly as in `decode`), told the draft for that position: greedy keeps it when it is the argmax,
-    sampling keeps it with the probability the model gives it (`sampling.make_sampler`), so either way the output
-    has plain decoding's distribution. The first token that differs from its draft is the model's own pick, so it is
-    kept and the step ends; when every draft is kept the last position adds a token of its own. The cache then
-    forgets the rejected positions.
+    penalties act exactly as in `decode`), told the draft for that position and, for a proposer that sampled it,
+    the distribution q it came from: greedy keeps it when it is the argmax, sampling keeps it with probability
+    min(1, p/q) (`sampling.make_sampler`), so either way the output has plain decoding's distribution. The first
+    token that differs from its draft is the model's own pick, so it is kept and the step ends; when every draft
+    is kept the last position adds a token of its own. The cache then forgets the rejected positions.
     """
     room = seq.max_tokens - len(seq.generated) - 1  # the step's own token always fits; drafts only in what is left
     draft = proposer.propose(seq.ids + seq.generated, min(k, room)) if room > 0 and k > 0 else []
     if not draft:
         return decode(model, [seq])
+    probs = getattr(proposer, "probs", None)
     tokens = [seq.last_token, *draft]
     logits = model(torch.tensor([tokens]), seq.cache.layers)[0]
     outputs = []
     for i, row in enumerate(logits):
         seq.cache.tokens.append(tokens[i])
-        outputs.append(seq.advance(row, draft[i] if i < len(draft) else None))
+        guess = (draft[i], None if probs is None else probs[i]) if i < len(draft) else (None, None)
+        outputs.append(seq.advance(row, *guess))
         if seq.finished or i == len(draft) or outputs[-1].token != draft[i]:
             break
     rejected = len(tokens) - len(outputs)
@@ -131,7 +139,20 @@ def speculative_decode(model: nn.Module, seq: Sequence, proposer: Proposer, k: i
         for layer in seq.cache.layers:
             layer.trim(rejected)
     seq.drafted += len(draft)
+    seq.verify_steps += 1
     seq.accepted += sum(out.token == guess for out, guess in zip(outputs, draft, strict=False))
+    return outputs
+
+
+def speculative_step(model: nn.Module, seq: Sequence) -> list[StepOutput]:
+    """One decode step for a sequence with a `Speculator`: its chosen draft length (0: plain decoding), timed,
+    with the step's drafts and kept drafts reported back so an adaptive length follows what pays."""
+    spec = seq.speculator
+    k = spec.choose()
+    drafted, accepted = seq.drafted, seq.accepted
+    start = time.perf_counter()
+    outputs = speculative_decode(model, seq, spec.proposer, k) if k else decode(model, [seq])
+    spec.record(seq.drafted - drafted, seq.accepted - accepted, time.perf_counter() - start)
     return outputs
 
 

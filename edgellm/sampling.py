@@ -24,9 +24,9 @@ LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class TokenSampler(Protocol):
-    def __call__(self, logits: torch.Tensor, draft: int | None = None) -> int:
-        """A token id from processed `logits` (vocab,); given a `draft` proposed with certainty, the token to keep
-        in its place, distributed exactly as a plain draw (see `make_sampler`)."""
+    def __call__(self, logits: torch.Tensor, draft: int | None = None, draft_probs: torch.Tensor | None = None) -> int:
+        """A token id from processed `logits` (vocab,); given a `draft` (drawn from `draft_probs`, None: proposed
+        with certainty), the token to keep in its place, distributed exactly as a plain draw (see `make_sampler`)."""
         ...
 
 
@@ -143,28 +143,34 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
 def make_sampler(params: SamplingParams) -> TokenSampler:
     """A function from processed logits (vocab,) to a token id; it owns the request's seeded generator.
 
-    With a `draft` (speculative decoding by a deterministic proposer, which puts probability 1 on its guess), the
-    Leviathan et al. / Chen et al. 2023 rule reduces to: keep the draft with probability p(draft), else draw from p
-    with the draft removed. P(x) = p(d)·[x = d] + (1 - p(d))·p(x)/(1 - p(d))·[x ≠ d] = p(x): exact in
-    distribution, with both draws from the request's generator so a seeded request stays reproducible.
-    Greedy ignores the draft: the argmax is kept whatever was guessed.
+    With a `draft` d drawn from q (`draft_probs`), speculative sampling (Leviathan et al. / Chen et al. 2023):
+    keep d with probability min(1, p(d)/q(d)), else draw from max(0, p - q) normalised; P(x) = min(q(x), p(x)) +
+    max(0, p(x) - q(x)) = p(x). Without q (a deterministic proposer, q one-hot at d) that is: keep d with
+    probability p(d), else draw from p without d, exact given any d (so for any proposer), but keeping fewer
+    sampled drafts (sum of q·p rather than of min(p, q)). Both draws use the request's generator, so a seeded
+    request stays reproducible. Greedy ignores the draft: the argmax is kept whatever was
+    guessed.
     """
     if params.temperature == 0:
-        return lambda logits, draft=None: int(logits.argmax())
+        return lambda logits, draft=None, draft_probs=None: int(logits.argmax())
     generator = torch.Generator()
     if params.seed is not None:
         generator.manual_seed(params.seed)
     else:
         generator.seed()
 
-    def sample(logits: torch.Tensor, draft: int | None = None) -> int:
+    def sample(logits: torch.Tensor, draft: int | None = None, draft_probs: torch.Tensor | None = None) -> int:
         logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
         probs = logits.softmax(-1)
         if draft is not None:
-            if float(torch.rand((), generator=generator)) < float(probs[draft]):
+            q = 1.0 if draft_probs is None else float(draft_probs[draft])
+            if float(torch.rand((), generator=generator)) * q < float(probs[draft]):
                 return draft
-            probs[draft] = 0.0
-            if not probs.any():  # p(draft) rounded just below 1 with nothing else left: the draft is all there is
+            if draft_probs is None:
+                probs[draft] = 0.0
+            else:
+                probs = (probs - draft_probs.to(probs.dtype)).clamp_(min=0.0)
+            if not probs.any():  # p and q equal up to rounding: the draft is all there is to keep
                 return draft
         return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -207,10 +213,12 @@ class Sampler:
         """Next token from `logits` (vocab,); `tokens` (prompt then generated) feeds the processors."""
         return self.sample(self._process(logits, tokens))
 
-    def verify(self, logits: torch.Tensor, tokens: torch.Tensor | None, draft: int) -> int:
-        """The token to keep where `draft` was proposed: `draft` itself when accepted, else the replacement; the
-        result has the same distribution as `self(logits, tokens)` (speculative sampling, see `make_sampler`)."""
-        return self.sample(self._process(logits, tokens), draft)
+    def verify(self, logits: torch.Tensor, tokens: torch.Tensor | None, draft: int,
+               draft_probs: torch.Tensor | None = None) -> int:
+        """The token to keep where `draft` (drawn from `draft_probs`; None: proposed with certainty) was proposed:
+        `draft` itself when accepted, else the replacement; the result has the same distribution as
+        `self(logits, tokens)` (speculative sampling, see `make_sampler`)."""
+        return self.sample(self._process(logits, tokens), draft, draft_probs)
 
     def _process(self, logits: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
         logits = logits.float()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from edgellm.errors import EdgeLLMError, InvalidRequestError
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from edgellm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from edgellm.speculative import Speculator
 
 
 class State(enum.Enum):
@@ -97,13 +101,15 @@ class Sequence:
     the runner asks it once, before the base prefill. `started_at` is when the request arrived: TTFT counts
     from there (the server passes the submission time, so queueing counts too). Without a tokenizer (benchmarks
     on random models) a sequence produces token ids only: no text, no EOS. With `logprobs` (the number of top
-    alternatives, 0 for none) each step also reports the token's logprob; None costs nothing.
+    alternatives, 0 for none) each step also reports the token's logprob; None costs nothing. With a `speculator`
+    (edgellm.speculative) the runner's `speculative_step` decodes it, checking drafted tokens.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None, ids: list[int], cache: PromptCache,
                  max_tokens: int, sampling: SamplingParams | None = None, stop: list[str] | None = None,
                  kv_predictor: nn.Module | None = None, started_at: float | None = None,
-                 ignore_eos: bool = False, logprobs: int | None = None) -> None:
+                 ignore_eos: bool = False, logprobs: int | None = None,
+                 speculator: Speculator | None = None) -> None:
         if max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
         context = context_length(model)
@@ -115,11 +121,13 @@ class Sequence:
         self.detok = tokenizer.detokenizer() if tokenizer is not None else None
         self.eos = set() if ignore_eos or tokenizer is None else set(tokenizer.eos_token_ids)
         self.kv_predictor = kv_predictor
+        self.speculator = speculator
         self.logprobs = logprobs
         self.state = State.WAITING
         self.cached = 0  # prompt tokens whose K/V the cache already held
         self.predicted = 0  # prompt tokens whose K/V the KV predictor supplied
         self.drafted = self.accepted = 0  # speculative decoding: draft tokens verified, and those the model kept
+        self.verify_steps = 0  # speculative decoding: forward passes that checked a draft
         self.pending: list[int] = []  # prompt tokens still to prefill
         self.generated: list[int] = []
         self.text: list[str] = []
@@ -141,15 +149,18 @@ class Sequence:
     def last_token(self) -> int:
         return self.generated[-1]
 
-    def advance(self, logits: torch.Tensor, draft: int | None = None) -> StepOutput:
+    def advance(self, logits: torch.Tensor, draft: int | None = None, draft_probs: torch.Tensor | None = None
+                ) -> StepOutput:
         """Pick the next token from the last position's `logits` (vocab,), stream its text, decide whether to stop.
 
-        `draft`: a token speculative decoding proposed here; the sampler keeps it or replaces it (`Sampler.verify`).
+        `draft`: a token speculative decoding proposed here, drawn from `draft_probs` (None: proposed with
+        certainty); the sampler keeps it or replaces it (`Sampler.verify`).
         """
         n = len(self.ids) + len(self.generated)
         try:
             history = None if self._tokens is None else self._tokens[:n]
-            token = self.sampler(logits, history) if draft is None else self.sampler.verify(logits, history, draft)
+            token = self.sampler(logits, history) if draft is None else \
+                self.sampler.verify(logits, history, draft, draft_probs)
             end = token in self.eos or self.sampler.accept(token)  # EOS, or the grammar's end (even if EOS is ignored)
         except (EdgeLLMError, RuntimeError) as e:  # e.g. a grammar in an error state: this sequence fails, not a batch
             self.error, self.state, self.finish_reason = e, State.FINISHED, "error"

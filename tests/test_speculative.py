@@ -121,8 +121,6 @@ def test_cli_speculate_flag(llama_dir, capsys):
 
     plain, fast = run(), run("--speculate", "4")
     assert fast["tokens"] == plain["tokens"] and plain["drafted_tokens"] == 0
-    assert main(["generate", "--model", str(llama_dir), "--prompt", "x", "--agent", "a", "--speculate", "2"]) != 0
-    assert "--speculate" in capsys.readouterr().err
 
 
 # The random test model's logits are nearly flat: a low temperature and top-k give it a few likely tokens, so drafts
@@ -212,7 +210,7 @@ def test_sampled_speculation_matches_plain_sampling_in_distribution(engine, monk
     stat, df = homogeneity_chi2(plain, fast)
     assert stat < chi2_critical(df), (stat, df)
 
-    def redraw_from_all(self, logits, tokens, draft):
+    def redraw_from_all(self, logits, tokens, draft, draft_probs=None):
         kept = filter_logits(logits.float() / SHARP["temperature"], SHARP["top_k"]).softmax(-1)[draft]
         return draft if torch.rand(()) < kept else self(logits, tokens)
 

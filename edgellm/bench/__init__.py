@@ -16,6 +16,7 @@ BENCHMARKS = {
     "kv": ("edgellm.bench.kv", "per-agent KV memory: restore TTFT, agents per budget, quality, peak memory, batching"),
     "kvpred": ("edgellm.bench.kvpred", "KV Prediction: TTFT FLOPs and time vs quality, against base/aux/pruned"),
     "moe": ("edgellm.bench.moe", "MoE decode/prefill vs llama.cpp on the same GGUF, bandwidth on active bytes"),
+    "spec": ("edgellm.bench.spec", "speculative decoding (ngram, draft model, KV-pred aux) vs plain decode tok/s"),
     "structured": ("edgellm.bench.structured", "JSON-schema constrained decoding: tok/s cost and per-token mask time"),
 }
 

@@ -26,6 +26,7 @@ from torch import nn
 from edgellm.errors import EdgeLLMError
 from edgellm.kernels import Linear
 from edgellm.kv import KVCache
+from edgellm.kv.prompt_cache import PromptCache
 from edgellm.models.llama import KVTap, Model, ModelArgs
 
 FORMAT_VERSION = 1
@@ -151,9 +152,16 @@ class KVPredictor(nn.Module):
         return keys, values
 
     @torch.no_grad()
-    def predict(self, tokens: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Predicted pre-RoPE K/V of the base for `tokens` (1, len, kv dim), the aux run in chunks with its cache."""
-        cache = self.aux.make_cache(len(tokens))
+    def predict(self, tokens: list[int], aux_cache: PromptCache | None = None) -> tuple[list[torch.Tensor],
+                                                                                      list[torch.Tensor]]:
+        """Predicted pre-RoPE K/V of the base for `tokens` (1, len, kv dim), the aux run in chunks with its cache
+        (`aux_cache`, emptied first, when given: it then holds `tokens`, e.g. for the aux to draft from)."""
+        if aux_cache is None:
+            cache = self.aux.make_cache(len(tokens))
+        else:
+            aux_cache.reuse([])
+            cache = aux_cache.layers
+            aux_cache.tokens.extend(tokens)
         parts: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         for start in range(0, len(tokens), AUX_CHUNK):
             piece = torch.tensor([tokens[start:start + AUX_CHUNK]], dtype=torch.long)
@@ -167,15 +175,17 @@ class KVPredictor(nn.Module):
                 [torch.cat([p[1][j] for p in parts], 1) for j in range(n)])
 
     @torch.no_grad()
-    def prefill(self, base: Model, tokens: list[int], cache, start: int = 0) -> None:
+    def prefill(self, base: Model, tokens: list[int], cache: PromptCache, start: int = 0,
+                aux_cache: PromptCache | None = None) -> None:
         """Fill `cache` (a PromptCache holding `start` tokens) with predicted K/V for `tokens[start:]`.
 
-        The aux reads all of `tokens` (it keeps no cache between requests); only positions from `start` on are
-        written. The caller runs the base on the next (last prompt) token to get the first token's logits.
+        The aux reads all of `tokens` (it keeps no cache between requests, but leaves them in `aux_cache` when
+        given); only positions from `start` on are written. The caller runs the base on the next (last prompt)
+        token to get the first token's logits.
         """
         if start >= len(tokens):
             return
-        keys, values = self.predict(tokens)
+        keys, values = self.predict(tokens, aux_cache)
         write_kv(base, [k[:, start:] for k in keys], [v[:, start:] for v in values], cache.layers)
         cache.tokens.extend(tokens[start:])
 

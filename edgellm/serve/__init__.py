@@ -13,6 +13,7 @@ import uvicorn
 from edgellm.errors import InvalidRequestError
 from edgellm.perf.hardware import parse_bytes
 from edgellm.serve.app import create_app
+from edgellm.speculative import Speculation, check_draft_model
 
 __all__ = ["SERVER_BLOCK_TOKENS", "ShutdownNotifyingServer", "create_app", "is_loopback", "parse_bytes", "serve"]
 
@@ -54,11 +55,13 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, sto
           kv_format: str | None = None, memory_budget: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
           api_key: str | None = None, dtype: str = "auto", prefill_chunk: int = 512,
           kv_predictor: str | None = None, max_body_bytes: int | None = None,
-          expert_budget: str | None = None, block_tokens: int | None = None) -> None:
+          expert_budget: str | None = None, block_tokens: int | None = None, draft_model: str | None = None,
+          speculation: Speculation | None = None) -> None:
     """Load the model and run the server until interrupted; agent memories are flushed to disk on exit.
 
     With `memory_budget`, KV memory is one block pool of that size (formats it cannot hold, KIVI and windowed
-    ones, keep per-agent caches under a byte budget instead).
+    ones, keep per-agent caches under a byte budget instead). `draft_model`: a directory of a draft model sharing
+    the tokenizer; `speculation`: requests' default.
     """
     from edgellm.agents import AgentStore
     from edgellm.kv.formats import KVFormat, dense_format
@@ -79,6 +82,13 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, sto
     if kv_predictor:
         from edgellm.kvpred import load_predictor
         predictor = load_predictor(kv_predictor, model, tokenizer.fingerprint)
+    draft = None
+    if draft_model:
+        draft, draft_tokenizer = load(draft_model, dtype)
+        check_draft_model(draft, draft_tokenizer, model, tokenizer)
+    if speculation is not None and {"draft": draft, "kvpred": predictor}.get(speculation.mode, model) is None:
+        raise InvalidRequestError(f"--speculative {speculation.mode} needs "
+                                  f"{'--draft-model' if speculation.mode == 'draft' else '--kv-predictor'}")
     fmt = KVFormat.parse(kv_format) if kv_format else dense_format(model.dtype)
     pooled = budget is not None and BlockPool.supports(fmt)
     if budget is not None and not pooled:
@@ -87,6 +97,7 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, sto
     store = AgentStore(store_dir, model, tokenizer, fmt, None if pooled else budget, budget if pooled else None,
                        block_tokens or SERVER_BLOCK_TOKENS)
     app = create_app(model, tokenizer, store, max_concurrency=max_concurrency, max_queue=max_queue, api_key=api_key,
-                     prefill_chunk=prefill_chunk, kv_predictor=predictor, max_body_bytes=max_body_bytes)
+                     prefill_chunk=prefill_chunk, kv_predictor=predictor, max_body_bytes=max_body_bytes,
+                     draft_model=draft, speculation=speculation)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
     ShutdownNotifyingServer(config, app.state.begin_shutdown).run()

@@ -45,6 +45,7 @@ from edgellm.serve import protocol as p
 from edgellm.serve import tools as t
 from edgellm.serve.metrics import ServerMetrics
 from edgellm.serve.scheduler import Engine, Event, GenerationRequest
+from edgellm.speculative import Speculation
 from edgellm.tokenizer import Tokenizer
 
 AGENT_HEADER = "x-agent-id"
@@ -154,17 +155,20 @@ class _Gate:
 
 def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max_concurrency: int = 8,
                max_queue: int = 64, api_key: str | None = None, prefill_chunk: int = 512,
-               kv_predictor: nn.Module | None = None, max_body_bytes: int | None = None) -> FastAPI:
+               kv_predictor: nn.Module | None = None, max_body_bytes: int | None = None,
+               draft_model: nn.Module | None = None, speculation: Speculation | None = None) -> FastAPI:
     """A FastAPI app serving `model`; the engine thread starts and stops with the app's lifespan.
 
     With `kv_predictor`, a request with `"kv_prediction": true` gets its prompt's KV cache predicted.
+    `speculation`: the speculative decoding a request without a `"speculative"` field gets (None: none);
+    `draft_model` (sharing the tokenizer) serves mode "draft", the KV predictor's aux mode "kvpred".
     `max_body_bytes` defaults to the largest body a prompt that fits the context can need (module docstring).
     Call `app.state.begin_shutdown()` on the event loop when the server starts shutting down: running responses
     then end at once with an error (streams: an error event and [DONE]) instead of being cut off later.
     """
     metrics = ServerMetrics()
     engine = Engine(model, tokenizer, store, metrics, max_concurrency, max_queue, prefill_chunk,
-                    kv_predictor=kv_predictor)
+                    kv_predictor=kv_predictor, draft_model=draft_model)
     model_id = getattr(model, "name", "edgellm")
     context = engine.context
     max_prompt_chars = context * token_chars(tokenizer)
@@ -304,6 +308,11 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         except InvalidRequestError as e:
             raise p.ServeError(str(e), param="grammar") from e
 
+    @cache
+    def shared_speculation(mode: str, k: int, adaptive: bool) -> Speculation:
+        """One Speculation per setting: its requests share the step times they measure."""
+        return Speculation(mode, k, adaptive)
+
     def submit(request: Request, body: p.SamplingFields, ids: list[int], max_tokens: int | None,
                messages: list[dict] | None = None, logprobs: int | None = None,
                echo: bool = False, grammar: Grammar | None = None) -> GenerationRequest:
@@ -318,10 +327,16 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         agent = agent_name(request, body)
         if body.kv_prediction and kv_predictor is None:
             raise p.ServeError("kv_prediction needs a server started with --kv-predictor", param="kv_prediction")
+        spec = speculation if body.speculative is None else (
+            shared_speculation(body.speculative.mode, body.speculative.k, body.speculative.adaptive)
+            if body.speculative else None)
+        if spec is not None and {"draft": draft_model, "kvpred": kv_predictor}.get(spec.mode, model) is None:
+            raise p.ServeError(f"speculative mode {spec.mode!r} needs a server started with "
+                               f"{'--draft-model' if spec.mode == 'draft' else '--kv-predictor'}", param="speculative")
         generation = GenerationRequest(
             ids=ids, max_tokens=context if max_tokens is None else max_tokens, sampling=sampling,  # clamped later
             loop=asyncio.get_running_loop(), stop=body.stop_list(), agent=agent, messages=messages if agent else None,
-            kv_prediction=body.kv_prediction, logprobs=logprobs, echo=echo)
+            kv_prediction=body.kv_prediction, speculation=spec, logprobs=logprobs, echo=echo)
         engine.submit(generation)
         live[id(generation)] = generation
         return generation

@@ -78,6 +78,14 @@ class RawGrammar(_Body):
     value: Text
 
 
+class SpeculativeField(_Body):
+    """Extension: speculative decoding for this request (`false`: none, whatever the server's default)."""
+
+    mode: Literal["ngram", "draft", "kvpred"] = "ngram"
+    k: int = Field(default=8, ge=1, le=64)  # the longest draft
+    adaptive: bool = True  # the draft length follows what pays, 0 (off) included
+
+
 class SamplingFields(_Body):
     """Sampling fields shared by both endpoints; top_k, min_p and repetition_penalty are extensions (as vLLM),
     as are kv_prediction and grammar.
@@ -104,6 +112,7 @@ class SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     user: Text | None = None
     kv_prediction: bool = False  # extension: predict the prompt's KV cache (server started with --kv-predictor)
+    speculative: SpeculativeField | Literal[False] | None = None  # extension; None: the server's default
     response_format: ResponseFormat | None = None
     grammar: RawGrammar | None = None
     # OpenAI's: token id (a JSON key, so a string) -> bias added to that token's logit before sampling

@@ -25,6 +25,7 @@ from edgellm.sampling import SamplingParams, TokenLogprob
 from edgellm.sequence import Sequence, State, StepOutput
 from edgellm.serve.metrics import ServerMetrics
 from edgellm.serve.protocol import ServeError
+from edgellm.speculative import Speculation, make_speculator
 from edgellm.tokenizer import Tokenizer
 
 log = logging.getLogger("edgellm.serve")
@@ -56,6 +57,7 @@ class GenerationRequest:
     agent: str | None = None
     messages: list[dict] | None = None  # chat turns to remember with the agent (assistant reply appended)
     kv_prediction: bool = False  # predict the uncached prompt's K/V (all but the last token) with the KV predictor
+    speculation: Speculation | None = None  # speculative decoding (checked against the engine's draft models)
     logprobs: int | None = None  # top alternatives per token (0: the token's own logprob only); None: off
     echo: bool = False  # with logprobs, score the prompt too; max_tokens 0 then only scores it
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -89,9 +91,9 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, store: AgentStore, metrics: ServerMetrics,
                  max_concurrency: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
-                 kv_predictor: nn.Module | None = None) -> None:
+                 kv_predictor: nn.Module | None = None, draft_model: nn.Module | None = None) -> None:
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
-        self.kv_predictor = kv_predictor
+        self.kv_predictor, self.draft_model = kv_predictor, draft_model
         self.max_concurrency, self.max_queue, self.prefill_chunk = max_concurrency, max_queue, prefill_chunk
         self.context = int(model.args.max_position_embeddings)
         self.waiting: deque[GenerationRequest] = deque()
@@ -185,7 +187,8 @@ class Engine:
         return taken
 
     def step(self) -> None:
-        """Admit, prefill one chunk's worth, decode one token for every sequence past its prefill."""
+        """Admit, prefill one chunk's worth, decode one token for every sequence past its prefill: one batched
+        pass for the plain ones, a speculative step (one to k + 1 tokens) for each speculating one."""
         with self.cond:
             admitted = self._take_admissible()
         for req in admitted:
@@ -209,11 +212,17 @@ class Engine:
         for seq, out in runner.prefill(self.model, prefilling, self.prefill_chunk):
             self._prefilled(by_seq[id(seq)])
             self._emit(by_seq[id(seq)], out)
-        batch = self._grow([slot for slot in self.running if slot.seq.state is State.DECODE])
+        decoding = self._grow([slot for slot in self.running if slot.seq.state is State.DECODE])
+        if decoding:
+            self.metrics.batch_size.observe(len(decoding))
+        batch = [slot for slot in decoding if slot.seq.speculator is None]
         if batch:
-            self.metrics.batch_size.observe(len(batch))
             for slot, out in zip(batch, runner.decode(self.model, [slot.seq for slot in batch]), strict=True):
                 self._emit(slot, out)
+        for slot in decoding:
+            if slot.seq.speculator is not None:
+                for out in runner.speculative_step(self.model, slot.seq):
+                    self._emit(slot, out)
 
     def _prompt_logprobs(self, req: GenerationRequest) -> list[TokenLogprob] | None:
         """Echo's prompt scores, from a forward of their own: a cached prefix has no logits to score it with."""
@@ -246,8 +255,11 @@ class Engine:
                 else:
                     cache = self.store.anonymous_cache(req.ids, tokens)[0]
             predictor = self.kv_predictor if req.kv_prediction else None
+            speculator = None if req.speculation is None else make_speculator(
+                req.speculation, req.sampling, len(req.ids) + min(req.max_tokens, self.context) + 64,
+                self.draft_model, self.kv_predictor)
             seq = Sequence(self.model, self.tokenizer, req.ids, cache, req.max_tokens, req.sampling, req.stop,
-                           predictor, started_at=req.submitted, logprobs=req.logprobs)
+                           predictor, started_at=req.submitted, logprobs=req.logprobs, speculator=speculator)
             seq.begin()
         except Exception as e:  # an agent acquired for a request that cannot start must not stay pinned
             with self.store_lock:
@@ -277,15 +289,16 @@ class Engine:
                           "server_error", code="kv_memory_full", headers={"Retry-After": "1"})
 
     def _grow(self, batch: list[Slot]) -> list[Slot]:
-        """Take the pool block each sequence's next token needs (most steps need none); a sequence the full pool
-        cannot extend ends with an error, the others decode."""
+        """Take the pool blocks each sequence's next step needs (most steps need none; a speculative one holds up to
+        k + 1 tokens); a sequence the full pool cannot extend ends with an error, the others decode."""
         if self.store.pool is None:
             return batch
         ready = []
         for slot in batch:
             try:
                 with self.store_lock:
-                    self.store.grow(slot.seq.cache, len(slot.seq.cache.tokens) + 1,
+                    step = 1 + (slot.seq.speculator.k if slot.seq.speculator is not None else 0)
+                    self.store.grow(slot.seq.cache, min(len(slot.seq.cache.tokens) + step, self.context),
                                     None if slot.agent is None else slot.agent.name)
                 ready.append(slot)
             except PoolExhausted:

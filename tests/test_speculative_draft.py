@@ -1,0 +1,232 @@
+"""Draft-model and KV-Prediction-aux speculation, and the adaptive draft length: greedy output identical to plain
+decoding (or to KV Prediction alone), sampled output with plain sampling's distribution (min(1, p/q) rule)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from edgellm import PromptCache, SamplingParams, generate, load, runner
+from edgellm.agents import AgentStore
+from edgellm.assets import default_model_path
+from edgellm.cli import main
+from edgellm.errors import InvalidRequestError
+from edgellm.kv import KVFormat
+from edgellm.kvpred import KVPredictor, default_layer_map
+from edgellm.kvpred.predictor import prune_model
+from edgellm.sampling import Sampler, filter_logits
+from edgellm.sequence import Sequence
+from edgellm.speculative import DraftLength, DraftModelProposer, Speculation, Speculator, make_speculator
+from tests.test_speculative import PROMPT, SHARP, chi2_critical, homogeneity_chi2, one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir):
+    model, tok = load(llama_dir, "fp32")
+    tok.eos_token_ids = set()  # random weights: never stop early, so lengths are predictable
+    return model, tok
+
+
+def noisy_copy(path, scale: float):
+    """The model with its output head perturbed: a draft that agrees with it often but not always."""
+    draft, _ = load(path, "fp32")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        draft.lm_head.weight.add_(torch.randn_like(draft.lm_head.weight) * scale * draft.lm_head.weight.std())
+    return draft
+
+
+@pytest.fixture(scope="module")
+def draft(llama_dir):
+    return noisy_copy(llama_dir, 1.0)
+
+
+@pytest.mark.parametrize("kv", [None, "q4"])
+def test_greedy_draft_model_speculation_matches_plain_decoding(engine, draft, kv):
+    model, tok = engine
+
+    def run(**spec):
+        cache = PromptCache(model, 64 if kv else 256, KVFormat.parse(kv) if kv else None)
+        return generate(model, tok, PROMPT, 60, prompt_cache=cache, **spec), cache
+
+    (plain, _), (fast, cache) = run(), run(speculate=Speculation("draft", 5, adaptive=False), draft_model=draft)
+    assert fast.tokens == plain.tokens and fast.text == plain.text
+    assert 0 < fast.stats["accepted_tokens"] < fast.stats["drafted_tokens"]  # kept and rejected drafts
+    ids = tok.encode(PROMPT)
+    assert cache.tokens == (ids + fast.tokens)[:-1]
+    assert all(layer.offset == len(cache.tokens) for layer in cache.layers)
+
+
+def test_draft_cache_follows_the_accepted_tokens(engine, draft):
+    model, tok = engine
+    ids = tok.encode(PROMPT)
+    proposer = DraftModelProposer(draft, 256)
+    seq = Sequence(model, tok, ids, PromptCache(model, 256), 30, speculator=Speculator(proposer, 4, adaptive=False))
+    runner.prefill(model, [seq])
+    while not seq.finished:
+        runner.speculative_step(model, seq)
+        context = ids + seq.generated
+        held = proposer.cache.tokens
+        assert context[:len(held) - 3] == held[:-3]  # at most the last step's unverified drafts differ
+    proposer.propose(ids + seq.generated, 1)  # the next proposal trims what the model rejected
+    assert proposer.cache.tokens == ids + seq.generated
+    assert all(layer.offset == len(proposer.cache.tokens) for layer in proposer.cache.layers)
+
+
+def test_verify_with_a_draft_distribution_draws_from_the_target():
+    """Drafts drawn from q: the min(1, p/q) rule draws from p and keeps sum(min(p, q)) of them, more than the
+    rule for certain drafts keeps (sum(q·p), also exact); redrawing from all of p on rejection is caught."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -0.5, -3.0])
+    target = filter_logits(logits, top_k=5).softmax(-1)
+    sampler = Sampler(SamplingParams(temperature=1.0, top_k=5, seed=0))
+    gen = torch.Generator().manual_seed(1)
+    n = 6000
+
+    def chi2(drawn: Counter) -> float:
+        return sum((drawn[t] - n * p) ** 2 / (n * p) for t, p in enumerate(target.tolist()) if p > 0)
+
+    for q in (torch.tensor([0.1, 0.1, 0.1, 0.6, 0.05, 0.05]), target.roll(1)):  # q far from p, q moved one over
+        drafts = torch.multinomial(q, n, replacement=True, generator=gen).tolist()
+        picks = [sampler.verify(logits, None, d, q) for d in drafts]
+        assert Counter(picks)[5] == 0 and chi2(Counter(picks)) < chi2_critical(4), (q, Counter(picks))
+        kept = sum(a == b for a, b in zip(picks, drafts, strict=True)) / n
+        assert abs(kept - float(torch.minimum(target, q).sum())) < 0.03
+        certain = [sampler.verify(logits, None, d) for d in drafts]
+        assert chi2(Counter(certain)) < chi2_critical(4)
+        assert sum(a == b for a, b in zip(certain, drafts, strict=True)) / n < kept - 0.05
+        redraw = [d if float(torch.rand((), generator=gen)) * q[d] < target[d] else int(torch.multinomial(
+            target, 1, generator=gen)) for d in drafts]
+        assert chi2(Counter(redraw)) > chi2_critical(4)
+
+
+def first_tokens(engine, draft, seeds: range, speculate: bool) -> Counter:
+    """How often each first three tokens came out over `seeds`, plainly or with 2 sampled drafts checked a step."""
+    model, tok = engine
+    ids, cache = tok.encode(PROMPT), PromptCache(model, 128)
+    counts: Counter = Counter()
+    for seed in seeds:
+        params = SamplingParams(**SHARP, seed=seed)
+        spec = Speculator(DraftModelProposer(draft, 128, params), 2, adaptive=False) if speculate else None
+        seq = Sequence(model, tok, ids, cache, 4 if speculate else 3, params, speculator=spec)
+        runner.prefill(model, [seq])
+        while len(seq.generated) < 3:
+            runner.speculative_step(model, seq) if speculate else runner.decode(model, [seq])
+        counts[tuple(seq.generated[:3])] += 1
+    return counts
+
+
+def test_sampled_draft_model_speculation_matches_plain_sampling_in_distribution(engine, llama_dir):
+    """A two-sample chi-square test over the first three tokens (two of them verified sampled drafts), at
+    significance 1e-4; the draft's distribution is close to the model's but not equal, so drafts are kept
+    and rejected."""
+    draft = noisy_copy(llama_dir, 0.3)
+    plain = first_tokens(engine, draft, range(600), speculate=False)
+    fast = first_tokens(engine, draft, range(10_000, 10_600), speculate=True)
+    stat, df = homogeneity_chi2(plain, fast)
+    assert stat < chi2_critical(df), (stat, df)
+
+
+def test_seeded_sampled_draft_speculation_is_reproducible(engine, draft):
+    model, tok = engine
+    spec = Speculation("draft", 4, adaptive=False)
+    first, again = (generate(model, tok, PROMPT, 30, SamplingParams(**SHARP, seed=7), speculate=spec,
+                             draft_model=draft) for _ in range(2))
+    assert first.tokens == again.tokens and first.stats == again.stats and first.stats["drafted_tokens"] > 0
+
+
+def pruned_predictor(base) -> KVPredictor:
+    """A half-depth aux (untrained maps): predicted K/V that differ from the base's, and an aux that drafts."""
+    aux, _ = prune_model(base, 0.5)
+    predictor = KVPredictor(aux, base.args, default_layer_map(aux.args.num_hidden_layers, base.args.num_hidden_layers))
+    predictor.init_identity()
+    return predictor.eval().requires_grad_(False)
+
+
+def test_kv_predictor_aux_drafts_from_its_prompt_cache(engine):
+    model, tok = engine
+    predictor = pruned_predictor(model)
+    ids = tok.encode(PROMPT)
+    alone = generate(model, tok, ids, 40, kv_predictor=predictor)
+    spec = Speculation("kvpred", 4, adaptive=False)
+    fast = generate(model, tok, ids, 40, kv_predictor=predictor, speculate=spec)
+    assert fast.tokens == alone.tokens and fast.stats["predicted_tokens"] == len(ids) - 1
+    assert fast.stats["accepted_tokens"] > 0
+    seq = Sequence(model, tok, ids, PromptCache(model, 256), 8, kv_predictor=predictor,
+                   speculator=make_speculator(spec, None, 256, kv_predictor=predictor))
+    runner.prefill(model, [seq])
+    assert seq.speculator.proposer.cache.tokens == ids[:-1]  # filled by the prediction: no prefill of its own
+
+
+def test_speculation_modes_refuse_what_they_lack():
+    for spec, message in ((Speculation("draft"), "draft model"), (Speculation("kvpred"), "KV predictor"),
+                          (Speculation("tree"), "one of ngram"), (Speculation("ngram", 0), "from 1 to 64")):
+        with pytest.raises(InvalidRequestError, match=message):
+            make_speculator(spec, None, 64)
+
+
+def test_draft_length_turns_speculation_off_when_it_does_not_pay():
+    length = DraftLength(8, probe=4)
+    assert length.choose() == 0
+    length.record(0, 0, 1.0)
+    assert length.choose() == DraftLength.PROBE_K  # a short first draft
+    for _ in range(20):  # drafts almost never kept, a check of 8 costing 1.5 plain steps
+        length.record(8, 0, 1.5)
+        length.record(0, 0, 1.0)
+    picks = [length.choose() for _ in range(40)]
+    probes = [k for k in picks if k]
+    assert 0 < len(probes) <= 4 and max(probes) <= DraftLength.PROBE_K  # off, with a few short probes
+
+
+def test_draft_length_grows_with_acceptance():
+    length = DraftLength(8)
+    length.record(0, 0, 1.0)
+    for _ in range(30):  # every draft kept; each drafted token costs 5% of a plain step
+        length.record(4, 4, 1.2)
+    picks = [length.choose() for _ in range(64)]
+    assert picks.count(8) == 62 and picks.count(0) == 2  # on, plain decoding re-timed every 32 steps
+    for _ in range(30):  # half the drafts kept
+        length.record(4, 1, 1.2)
+        length.record(2, 1, 1.1)
+    assert 0 < length.choose() < 8
+
+
+def test_adaptive_ngram_speculation_keeps_greedy_output(engine):
+    model, tok = engine
+    plain = generate(model, tok, PROMPT, 50)
+    fast = generate(model, tok, PROMPT, 50, speculate=Speculation("ngram", 8))
+    assert fast.tokens == plain.tokens
+
+
+def test_cli_draft_model(llama_dir, tmp_path, capsys):
+    def run(*extra):
+        code = main(["generate", "--model", str(llama_dir), "--dtype", "fp32", "--prompt", PROMPT, "--max-tokens",
+                     "16", "--json", *extra])
+        return code, capsys.readouterr()
+
+    (_, plain), (code, fast) = run(), run("--draft-model", str(llama_dir), "--speculate", "4")
+    assert code == 0
+    plain, fast = json.loads(plain.out), json.loads(fast.out)
+    assert fast["tokens"] == plain["tokens"] and fast["accepted_tokens"] > 0
+    code, out = run("--draft-model", str(default_model_path()), "--speculate", "4")  # another tokenizer
+    assert code != 0 and "tokenizer" in out.err and len(out.err.strip().splitlines()) == 1
+    code, out = run("--spec-mode", "draft", "--speculate", "4")
+    assert code != 0 and "--draft-model" in out.err
+
+
+def test_saved_agent_memory_holds_no_rejected_draft(engine, draft, tmp_path):
+    """q4 memory (rejections trim inside partly filled groups), saved and restored: the accepted tokens only."""
+    model, tok = engine
+    spec = Speculation("draft", 4, adaptive=False)
+    plain = [s.token for s in AgentStore(tmp_path / "plain", model, tok, "q4").agent("a").stream(PROMPT, 30)]
+    agent = AgentStore(tmp_path / "spec", model, tok, "q4").agent("a")
+    steps = list(agent.stream(PROMPT, 30, speculate=spec, draft_model=draft))
+    agent.save()
+    assert [s.token for s in steps] == plain and 0 < steps[-1].accepted_tokens < steps[-1].drafted_tokens
+    restored = AgentStore(tmp_path / "spec", model, tok, "q4").agent("a")
+    assert restored.cache.tokens == tok.encode(PROMPT) + plain[:-1]
+    assert all(layer.offset == len(restored.cache.tokens) for layer in restored.cache.layers)
