@@ -1,4 +1,5 @@
-"""The small per-token ops of a decode step (one-query attention, RMS norm) as native loops, fp32 or bf16.
+"""The small per-token ops of a decode step (one-query attention over a contiguous or a paged cache, RMS norm) as
+native loops, fp32 or bf16.
 
 Both compute in fp32 and return the input's dtype. Each falls back to the PyTorch op it replaces (the reference)
 when the native build is missing, the dtypes are not covered, the shapes are not a decode step's, or autograd
@@ -47,6 +48,20 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         return _ext().attend_one(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
+                           tokens: int, scale: float) -> torch.Tensor | None:
+    """decode_attention for q (1, H, 1, D) over the first `tokens` positions of a paged cache: the block pool's K/V
+    fields (blocks, Hkv, block_tokens, D), token i in block table[i // block_tokens] (int64), read in place.
+
+    None where the native op does not apply; the caller runs its PyTorch path (pool.py's blockwise attention).
+    """
+    if (q.dtype in NATIVE_DTYPES and keys.dtype == values.dtype and keys.dtype in NATIVE_KV_DTYPES and q.is_cpu
+            and keys.is_cpu and q.shape[0] == 1 and q.shape[2] == 1 and q.stride(3) == 1 and not _grad(q)
+            and _ext() is not None):
+        return _ext().attend_paged(q, keys, values, table, tokens, scale)
+    return None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

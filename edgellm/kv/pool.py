@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import torch
 
 from edgellm.errors import EdgeLLMError, InvalidRequestError
+from edgellm.kernels.decode import paged_decode_attention
 from edgellm.kernels.kvattn import NATIVE_MAX_ROWS, PackedKV, packed_attention
 from edgellm.kv.cache import SingleOffset
 from edgellm.kv.codec import QuantizedTensor, dequantize, hadamard, quantize
@@ -242,6 +243,12 @@ class PagedKVCache(SingleOffset):
         end = self.offset + n
         self.reserve(end)
         bt = self.pool.block_tokens
+        if n == 1:  # a decode step: one row per field, written without index tensors (a few ATen ops fewer)
+            block, row = self.table[self.offset // bt], self.offset % bt
+            for name, x in fields.items():
+                self.pool.fields[name][block, :, row] = x[:, 0]
+            self.offset = end
+            return
         pos = torch.arange(self.offset, end)
         blocks = torch.tensor(self.table, dtype=torch.long)[pos // bt]
         for name, x in fields.items():
@@ -287,6 +294,11 @@ class PagedKVCache(SingleOffset):
             k, v = (torch.cat([self._read(name, block, n) for block, n in span], 2) for name in ("keys", "values"))
             yield i * bt, k, v
 
+    def _table(self, tokens: int | None = None) -> torch.Tensor:
+        """The blocks holding tokens 0..tokens (default: all held), as int64 (pages)."""
+        return torch.tensor(self.table[: self._blocks_for(self.offset if tokens is None else tokens)],
+                            dtype=torch.long)
+
     def _rows(self, name: str, start: int, end: int) -> torch.Tensor:
         """Tokens start..end of K or V as stored, fp32 (1, kv_heads, n, D); keys still rotated."""
         bt = self.pool.block_tokens
@@ -302,7 +314,7 @@ class PagedKVCache(SingleOffset):
             return None
         packed = [PackedKV(*(pool.fields[f"{name}.{part}"] for part in ("data", "scales", "zeros")), pool.group)
                   for name in ("keys", "values")]
-        table = torch.tensor(self.table[: self._blocks_for(tokens)], dtype=torch.long).unsqueeze(0)
+        table = self._table(tokens).unsqueeze(0)
         none = rows.new_zeros(rows.shape[0], pool.kv_heads, 0, rows.shape[3])
         found = [packed_attention(rows[:, :, r:r + NATIVE_MAX_ROWS], *packed, pool.bits, table, pool.block_tokens,
                                   tokens, none, none, scale) for r in range(0, rows.shape[2], NATIVE_MAX_ROWS)]
@@ -352,21 +364,28 @@ class PagedKVCache(SingleOffset):
                scale: float) -> torch.Tensor:
         """Store `keys`/`values`, then attention over the cache, as QuantizedKVCache.attend does for a quantized
         pool (a prefill chunk attends to its own K/V exactly; decode steps and short chunks over the blocks in place,
-        natively); otherwise spans of blocks with an online softmax."""
+        natively); a dense pool decodes natively over the blocks in place too, and otherwise attends in spans of
+        blocks with an online softmax."""
         start, t = self.offset, q.shape[2]
         if t > STORED_CHUNK_MAX and self.pool.fmt.quantized:
             past = self._past(q, None if mask is None else mask[:, :start], scale) if start else None
             self._append(self._encode(keys, values))
             return prefill_attention(q, keys, values, mask, scale, past)
         self._append(self._encode(keys, values))
+        pool = self.pool
         causal = mask is None or (bool(mask[:, :start].all()) and torch.equal(mask[:, start:], torch.ones(
             t, t, dtype=torch.bool, device=mask.device).tril()))  # no sliding window in reach
-        if self.pool.fmt.quantized and causal:
+        if t == 1 and causal and not pool.fmt.quantized:
+            out = paged_decode_attention(q, pool.fields["keys"], pool.fields["values"], self._table(), self.offset,
+                                         scale)
+            if out is not None:
+                return out
+        if pool.fmt.quantized and causal:
             out = self._stored(q, start, scale)
             if out is not None:
                 return out
-        per = max(1, PREFILL_SPAN // self.pool.block_tokens)
-        return blockwise_attention(q, self._blocks(per), self.pool.kv_heads, start, mask, scale, self.pool.hadamard)
+        per = max(1, PREFILL_SPAN // pool.block_tokens)
+        return blockwise_attention(q, self._blocks(per), pool.kv_heads, start, mask, scale, pool.hadamard)
 
     def trim(self, n: int) -> None:
         """Forget the last `n` tokens and give back whole blocks past the new end (`trim(0)` drops reservations)."""

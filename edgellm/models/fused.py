@@ -7,10 +7,13 @@ The K/V caches are dense (fp32/bf16/fp16) or quantized (QuantizedKVCache: 8/4/2-
 per-channel keys, Hadamard-rotated or not, with or without a full-precision window): the new token is quantized on
 store bit-exactly as the cache's own store does, and attention runs over the packed codes and the window as the
 kvattn kernel computes it. A step that closes a KIVI key group (one in `group`) runs op at a time.
+They are contiguous, or paged (PagedKVCache: every layer's blocks in one BlockPool, dense or per-token quantized
+without a window): the step takes the blocks the token needs first, as the cache's own store does (a fresh block, a
+copy of a shared tail block), then reads and writes the pool's fields in place through each layer's page table.
 
 The PyTorch modules stay the reference and the fallback: the step is used only where it computes the same thing
 (one sequence, one token, one cache format and position in every layer, no mask, no K/V tap, no autograd, weights
-it reads as stored; not paged or batched caches), and a model whose modules were swapped since the plan was made
+it reads as stored; not batched caches), and a model whose modules were swapped since the plan was made
 gets a new plan.
 EDGELLM_FUSED_STEP=0 turns it off (for A/B benchmarks and per-op timing).
 """
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from edgellm.kernels.native import load_extension
-from edgellm.kv import DenseKVCache, QuantizedKVCache
+from edgellm.kv import DenseKVCache, PagedKVCache, QuantizedKVCache
 
 # Weight formats the step reads as stored; the others with a table-lookup copy (intN, ternary) through that copy
 BLOCK_KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "mxfp4", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
@@ -177,14 +180,41 @@ def _packed(cache: list) -> tuple[tuple, int] | None:
             first.hadamard), after
 
 
+def _paged(cache: list, pos: int) -> torch.Tensor | None:
+    """The page tables (layers, pages) int64 of PagedKVCaches of one CPU pool, with the blocks that storing the token
+    at `pos` needs taken now (PoolExhausted, offsets unchanged, where there are too few), else None."""
+    pool = cache[0].pool
+    if not all(type(c) is PagedKVCache and c.pool is pool for c in cache) or not pool.arena.is_cpu \
+            or pool.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    for c in cache:
+        c.reserve(pos + 1)
+    pages = -(-(pos + 1) // pool.block_tokens)
+    return torch.tensor([c.table[:pages] for c in cache], dtype=torch.long)
+
+
+def _paged_forward(plan: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: list, pos: int,
+                   tables: torch.Tensor, tap: torch.Tensor | None) -> torch.Tensor:
+    """The step over the pool's fields: dense K/V, or codes quantized at `pos` (no window: empty ones of the pool's
+    dtype, which the token is rounded to before it is quantized)."""
+    pool, n = cache[0].pool, len(cache)
+    if not pool.fmt.quantized:
+        return plan.forward(h, cos, sin, [pool.fields["keys"]] * n, [pool.fields["values"]] * n, pos, tables)
+    none = torch.empty(1, pool.kv_heads, 0, pool.head_dim, dtype=pool.dtype)
+    fields = [pool.fields[f"{kv}.{part}"] for kv in ("keys", "values") for part in ("data", "scales", "zeros")]
+    return plan.forward_packed(h, cos, sin, [[*fields, none, none]] * n, pos, pos, 0, pool.bits, pool.group,
+                               pool.group, False, pool.hadamard, tap, tables)
+
+
 def decode_step(model: Any, tokens: torch.Tensor, cache: list, tap: torch.Tensor | None = None) -> torch.Tensor | None:
     """Logits (1, 1, vocab) for one token of one sequence through the fused step, or None to run op at a time.
 
     `tap` (layers, 2, kv_heads * head_dim) fp32, over quantized caches, receives the K/V rows stored (for tests)."""
     if tokens.shape != (1, 1) or torch.is_grad_enabled() or not enabled() or not cache:
         return None
+    paged = type(cache[0]) is PagedKVCache
     dense = all(type(c) is DenseKVCache and c.keys.shape[0] == 1 for c in cache)
-    if not dense and type(cache[0]) is not QuantizedKVCache:
+    if not dense and not paged and type(cache[0]) is not QuantizedKVCache:
         return None
     pos = cache[0].offset
     window = model.args.sliding_window
@@ -196,17 +226,24 @@ def decode_step(model: Any, tokens: torch.Tensor, cache: list, tap: torch.Tensor
         model.__dict__["_fused"] = fused
     if fused is False:
         return None
-    packed = None if dense else _packed(cache)
-    if dense:
+    if paged:
+        tables = _paged(cache, pos)
+        if tables is None:
+            return None
+    elif dense:
         for c in cache:
             if pos + 1 > c.capacity:
                 c._grow(pos + 1)
-    elif packed is None:
-        return None
+    else:
+        packed = _packed(cache)
+        if packed is None:
+            return None
     h = model.model.embed_tokens(tokens).reshape(-1).float()
     cos, sin = model.rope.cos_sin(torch.tensor([[pos]]), torch.float32)
     cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
-    if dense:
+    if paged:
+        logits = _paged_forward(fused.plan, h, cos, sin, cache, pos, tables, tap)
+    elif dense:
         logits = fused.plan.forward(h, cos, sin, [c.keys for c in cache], [c.values for c in cache], pos)
     else:
         layers = [[c.keys.data, c.keys.scales, c.keys.zeros, c.values.data, c.values.scales, c.values.zeros,

@@ -1,11 +1,13 @@
 // One-query attention for the query heads that share one KV head (GQA), all in fp32 over K/V rows of fp32, bf16 or
-// fp16. Shared by decode.cpp (op at a time) and the fused decode step (step.cpp).
+// fp16, of a contiguous cache or a paged one (the block pool). Shared by decode.cpp (op at a time) and the fused
+// decode step (step.cpp).
 
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "simd.h"
@@ -18,23 +20,63 @@ struct AttentionScratch {
   AttentionScratch(int64_t group, int64_t T, int64_t D) : p(group * T), m(group), inv(group), kv(16 * D) {}
 };
 
-// out[j] (D floats each) = softmax(q_j k^T * scale) v for the `group` fp32 queries qf[j], over T positions of the
-// kv head at k / v (row strides ks / vs, unit stride along D). Each K/V row is widened once for the whole group.
+// K or V rows of one kv head in token order, `stride` elements apart (a contiguous cache, or any strided view).
 template <typename KV>
-void attend_group(const float* const* qf, int64_t group, const KV* kh, int64_t ks2, const KV* vh, int64_t vs2,
-                  int64_t T, int64_t D, float s, float* ob, AttentionScratch& scratch) {
+struct StridedRows {
+  const KV* base;
+  int64_t stride;
+
+  struct Cursor {
+    const KV* p;
+    int64_t stride;
+    const KV* next() { return std::exchange(p, p + stride); }
+  };
+  Cursor cursor() const { return {base, stride}; }
+};
+
+// K or V rows of one kv head in a paged cache (the block pool, edgellm/kv/pool.py): token t is row t % page_tokens
+// of page table[t / page_tokens], pages `page_stride` elements apart from `base` (the head's row 0 in page 0), rows
+// `stride` apart within a page. The cursor steps page by page: a division per row would cost as much as its dot.
+template <typename KV>
+struct PagedRows {
+  const KV* base;
+  const int64_t* table;
+  int64_t page_stride, page_tokens, stride;
+
+  struct Cursor {  // copies, not a reference: the widened rows stored in between could alias it for the compiler
+    const KV* base;
+    const int64_t* page;
+    int64_t page_stride, page_tokens, stride;
+    const KV* p = nullptr;
+    int64_t left = 0;  // rows left in the current page
+    const KV* next() {
+      if (left == 0) p = base + *page++ * page_stride, left = page_tokens;
+      --left;
+      return std::exchange(p, p + stride);
+    }
+  };
+  Cursor cursor() const { return {base, table, page_stride, page_tokens, stride}; }
+};
+
+// out[j] (D floats each) = softmax(q_j k^T * scale) v for the `group` fp32 queries qf[j], over the T positions of
+// one kv head whose K/V rows `k` / `v` give in order (StridedRows or PagedRows, unit stride along D). Each K/V row
+// is widened once for the whole group.
+template <typename KV, template <typename> class Rows>
+void attend_group(const float* const* qf, int64_t group, const Rows<KV>& k, const Rows<KV>& v, int64_t T, int64_t D,
+                  float s, float* ob, AttentionScratch& scratch) {
   if (static_cast<int64_t>(scratch.p.size()) < group * T) scratch.p.resize(group * T);
   float* p = scratch.p.data();
   float* m = scratch.m.data();
   float* inv = scratch.inv.data();
   float* kvbuf = scratch.kv.data();
   std::fill(m, m + group, -INFINITY);
+  auto kc = k.cursor();
   int64_t t = 0;
 #if defined(__AVX512F__)
   if (D % 16 == 0) {  // 16 keys at a time, widened once for the group: 16 dot products per hsum16
     for (; t + 16 <= T; t += 16) {
       const float* kt[16];
-      for (int r = 0; r < 16; ++r) kt[r] = widen(kh + (t + r) * ks2, kvbuf + r * D, D);
+      for (int r = 0; r < 16; ++r) kt[r] = widen(kc.next(), kvbuf + r * D, D);
       for (int64_t j = 0; j < group; ++j) {
         __m512 acc[16];
         for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
@@ -50,7 +92,7 @@ void attend_group(const float* const* qf, int64_t group, const KV* kh, int64_t k
   }
 #endif
   for (; t < T; ++t) {  // each key row is read once (then from L1) for all query heads
-    const float* kt = widen(kh + t * ks2, kvbuf, D);
+    const float* kt = widen(kc.next(), kvbuf, D);
     for (int64_t j = 0; j < group; ++j) {
       const float score = dot(qf[j], kt, D) * s;
       p[j * T + t] = score;
@@ -63,8 +105,9 @@ void attend_group(const float* const* qf, int64_t group, const KV* kh, int64_t k
   if (D % 16 == 0 && n <= 16 && group * n <= 24) {  // every output row of the group stays in registers across T
     __m512 acc[24];
     for (int64_t r = 0; r < group * n; ++r) acc[r] = _mm512_setzero_ps();
+    auto vc = v.cursor();
     for (int64_t t = 0; t < T; ++t) {
-      const KV* vt = vh + t * vs2;
+      const KV* vt = vc.next();
       __m512 vv[16];
       for (int64_t c = 0; c < n; ++c) vv[c] = load16(vt + 16 * c);
       for (int64_t j = 0; j < group; ++j) {
@@ -79,14 +122,22 @@ void attend_group(const float* const* qf, int64_t group, const KV* kh, int64_t k
   }
 #endif
   std::fill(ob, ob + group * D, 0.0f);
+  auto vc = v.cursor();
   for (int64_t t = 0; t < T; ++t) {
-    const float* vt = widen(vh + t * vs2, kvbuf, D);
+    const float* vt = widen(vc.next(), kvbuf, D);
     for (int64_t j = 0; j < group; ++j) {
       const float w = p[j * T + t] * inv[j];
       float* oj = ob + j * D;
       for (int64_t d = 0; d < D; ++d) oj[d] += w * vt[d];
     }
   }
+}
+
+// attend_group over K/V rows ks2 / vs2 elements apart from kh / vh.
+template <typename KV>
+void attend_group(const float* const* qf, int64_t group, const KV* kh, int64_t ks2, const KV* vh, int64_t vs2,
+                  int64_t T, int64_t D, float s, float* ob, AttentionScratch& scratch) {
+  attend_group(qf, group, StridedRows<KV>{kh, ks2}, StridedRows<KV>{vh, vs2}, T, D, s, ob, scratch);
 }
 
 }  // namespace simd

@@ -10,7 +10,7 @@
 // IQ4_NL, MXFP4) or k-quant super-blocks, with the same row kernels as the op-at-a-time path.
 // The K/V caches are dense (fp32, bf16, fp16) or packed low-bit codes with a full-precision window (the quantized
 // caches: kvcodec.h quantizes the token on store, kvattn.h attends over the codes), as the op-at-a-time path holds
-// them.
+// them: contiguous, or paged in the block pool (K/V rows reached through one page table per layer).
 
 #include <torch/extension.h>
 
@@ -337,12 +337,16 @@ void mix(float* h, const std::vector<std::pair<int64_t, float>>& chosen, const f
 // Where a layer's K/V go and how they are attended: a policy run() calls once per layer, store() on one thread
 // after RoPE, attend() on every thread (each its share of the KV heads) with its own Scratch.
 
-// Dense caches (1, kv_heads, capacity, head_dim) of fp32, bf16 or fp16, as DenseKVCache holds them.
+// Dense caches of fp32, bf16 or fp16: (1, kv_heads, capacity, head_dim) as DenseKVCache holds them, or with page
+// tables (layers, pages) the block pool's fields (blocks, kv_heads, block_tokens, head_dim), token t of layer li in
+// block tables[li][t / block_tokens] (PagedKVCache). A contiguous cache is the one page 0 of `capacity` tokens.
 template <typename KV>
 struct DenseKV {
   const std::vector<torch::Tensor>& keys;
   const std::vector<torch::Tensor>& values;
   int64_t pos, Hkv, hd, group;
+  const int64_t* tables;  // nullptr for contiguous caches
+  int64_t pages;  // table entries per layer
 
   struct Scratch {
     simd::AttentionScratch att;
@@ -351,23 +355,36 @@ struct DenseKV {
 
   Scratch scratch() const { return {simd::AttentionScratch(group, pos + 1, hd), std::vector<const float*>(group)}; }
 
+  KV* row(const torch::Tensor& c, size_t li, int64_t g, int64_t t) const {
+    const int64_t bt = c.size(2), page = tables ? tables[li * pages + t / bt] : 0;
+    return c.data_ptr<KV>() + page * c.stride(0) + g * c.stride(1) + t % bt * c.stride(2);
+  }
+
   void store(size_t li, const float* k, const float* v) const {
-    const int64_t cap = keys[li].size(2);
     for (int64_t g = 0; g < Hkv; ++g) {
-      simd::narrow(k + g * hd, keys[li].data_ptr<KV>() + (g * cap + pos) * hd, hd);
-      simd::narrow(v + g * hd, values[li].data_ptr<KV>() + (g * cap + pos) * hd, hd);
+      simd::narrow(k + g * hd, row(keys[li], li, g, pos), hd);
+      simd::narrow(v + g * hd, row(values[li], li, g, pos), hd);
     }
   }
 
   void attend(size_t li, const float* q, float* att, int tid, int n, Scratch& s) const {
-    const int64_t cap = keys[li].size(2);
-    const KV* kc = keys[li].data_ptr<KV>();
-    const KV* vc = values[li].data_ptr<KV>();
+    const torch::Tensor &kt = keys[li], &vt = values[li];
+    const KV* kc = kt.data_ptr<KV>();
+    const KV* vc = vt.data_ptr<KV>();
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     for (int64_t g = tid; g < Hkv; g += n) {  // the query heads of one KV head attend together (GQA)
       for (int64_t j = 0; j < group; ++j) s.qf[j] = q + (g * group + j) * hd;
-      simd::attend_group(s.qf.data(), group, kc + g * cap * hd, hd, vc + g * cap * hd, hd, pos + 1, hd, scale,
-                         att + g * group * hd, s.att);
+      const KV* kh = kc + g * kt.stride(1);
+      const KV* vh = vc + g * vt.stride(1);
+      if (tables) {
+        const int64_t* table = tables + li * pages;
+        simd::attend_group(s.qf.data(), group, simd::PagedRows<KV>{kh, table, kt.stride(0), kt.size(2), kt.stride(2)},
+                           simd::PagedRows<KV>{vh, table, vt.stride(0), vt.size(2), vt.stride(2)}, pos + 1, hd, scale,
+                           att + g * group * hd, s.att);
+      } else {
+        simd::attend_group(s.qf.data(), group, kh, kt.stride(2), vh, vt.stride(2), pos + 1, hd, scale,
+                           att + g * group * hd, s.att);
+      }
     }
   }
 };
@@ -386,7 +403,9 @@ enum class Store { kQuantize, kWindow, kShift };
 // The packed caches of every layer, one format: the new token stored as QuantizedKVCache._store stores it
 // (Hadamard-rotated keys, rounded to the window's dtype W, quantized bit-exactly as kvcodec does), then attention
 // over the packed tokens and the window as kvattn computes it, one Worker per KV head: the packed tokens, then the
-// window in the same online softmax.
+// window in the same online softmax. With page tables (layers, pages), the codes, scales and zeros are the block
+// pool's fields (blocks, kv_heads, block_tokens, width), token t of layer li in block tables[li][t / block_tokens]
+// (PagedKVCache: per-token, no window); without, one page 0 holds every token.
 template <typename W>
 struct PackedKV {
   const std::vector<PackedLayer>& layers;
@@ -395,6 +414,8 @@ struct PackedKV {
   int64_t kgroup, vgroup;  // per-token: elements along head_dim a scale; per-channel keys: tokens a scale
   bool per_channel, hadamard;
   float* tap;  // the K/V rows stored, before any rotation (layers, 2, kv_heads * head_dim), or nullptr
+  const int64_t* tables;  // nullptr for contiguous caches
+  int64_t pages;  // table entries per layer
   int64_t wcap = layers[0].wk.size(2);
   Store mode = wcap == 0 ? Store::kQuantize : held < wcap ? Store::kWindow : Store::kShift;
   int64_t tokens = quantized + (mode == Store::kWindow ? 0 : 1);  // quantized after the store
@@ -418,14 +439,15 @@ struct PackedKV {
       for (int64_t d = 0; d < n; ++d) x[d] = static_cast<float>(static_cast<W>(x[d]));
   }
 
-  // fp32 row x quantized into token t of kv head g, per-token groups of `group` (codes: hd bytes of scratch).
-  void quantize(const torch::Tensor& data, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t g,
-                int64_t t, int64_t grp, const float* x, uint8_t* codes) const {
+  // fp32 row x quantized into row t of page `page` of kv head g, per-token groups of `group` (codes: hd bytes of
+  // scratch).
+  void quantize(const torch::Tensor& data, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t page,
+                int64_t g, int64_t t, int64_t grp, const float* x, uint8_t* codes) const {
+    auto off = [&](const torch::Tensor& f) { return page * f.stride(0) + g * f.stride(1) + t * f.stride(2); };
     auto* sc = reinterpret_cast<uint16_t*>(scales.data_ptr<at::Half>());
     auto* ze = reinterpret_cast<uint16_t*>(zeros.data_ptr<at::Half>());
-    kvcodec::quantize_row(x, hd, bits, grp, codes, data.data_ptr<uint8_t>() + g * data.stride(1) + t * data.stride(2),
-                          sc + g * scales.stride(1) + t * scales.stride(2),
-                          ze + g * zeros.stride(1) + t * zeros.stride(2));
+    kvcodec::quantize_row(x, hd, bits, grp, codes, data.data_ptr<uint8_t>() + off(data), sc + off(scales),
+                          ze + off(zeros));
   }
 
   // Row x of kv head g into the window; a full one first quantizes its oldest row into token `quantized` and
@@ -435,7 +457,7 @@ struct PackedKV {
     W* rows = window.data_ptr<W>() + g * wcap * hd;
     if (mode == Store::kShift) {
       for (int64_t d = 0; d < hd; ++d) row[d] = static_cast<float>(rows[d]);
-      quantize(data, scales, zeros, g, quantized, grp, row, codes);
+      quantize(data, scales, zeros, 0, g, quantized, grp, row, codes);
       std::memmove(rows, rows + hd, (held - 1) * hd * sizeof(W));
     }
     simd::narrow(x, rows + (recent - 1) * hd, hd);
@@ -449,14 +471,16 @@ struct PackedKV {
     }
     std::vector<float> row(hd);
     std::vector<uint8_t> codes(hd);
+    const int64_t bt = c.kd.size(2), page = tables ? tables[li * pages + quantized / bt] : 0;
+    const int64_t slot = tables ? quantized % bt : quantized;  // the token's row in its page (a quantizing store)
     for (int64_t g = 0; g < Hkv; ++g) {
       float* kh = k + g * hd;
       float* vh = v + g * hd;
       if (hadamard) kvcodec::hadamard_row(kh, hd, rot);
       if (mode == Store::kQuantize) {
         round(kh, hd), round(vh, hd);
-        quantize(c.kd, c.ks, c.kz, g, quantized, kgroup, kh, codes.data());
-        quantize(c.vd, c.vs, c.vz, g, quantized, vgroup, vh, codes.data());
+        quantize(c.kd, c.ks, c.kz, page, g, slot, kgroup, kh, codes.data());
+        quantize(c.vd, c.vs, c.vz, page, g, slot, vgroup, vh, codes.data());
       } else {
         to_window(c.wk, c.kd, c.ks, c.kz, kgroup, g, kh, row.data(), codes.data());
         to_window(c.wv, c.vd, c.vs, c.vz, vgroup, g, vh, row.data(), codes.data());
@@ -466,8 +490,9 @@ struct PackedKV {
 
   void attend(size_t li, const float* q, float* att, int tid, int n, Scratch& s) const {
     const PackedLayer& c = layers[li];
-    static const int64_t page = 0;  // batch row 0's tokens all in "page" 0, which holds them all
-    const kvattn::Problem p{hadamard ? s.qr.data() : q, Hkv, group, hd, &page, 1, tokens + 1, tokens,
+    static const int64_t page = 0;  // contiguous: batch row 0's tokens all in "page" 0, which holds them all
+    const kvattn::Problem p{hadamard ? s.qr.data() : q, Hkv, group, hd, tables ? tables + li * pages : &page,
+                            tables ? pages : 1, tables ? c.kd.size(2) : tokens + 1, tokens,
                             {kvattn::field(c.kd), kvattn::field(c.ks), kvattn::field(c.kz), kgroup},
                             {kvattn::field(c.vd), kvattn::field(c.vs), kvattn::field(c.vz), vgroup},
                             per_channel, nullptr, nullptr, 0, rot, bits};
@@ -562,31 +587,43 @@ class Plan {
   }
 
   // Runs every layer for the token whose embedding is h (D, fp32, updated in place) at position `pos`, writing its
-  // K/V into each layer's cache at `pos` and attending over [0, pos]; returns the logits (vocab, fp32).
+  // K/V into each layer's cache at `pos` and attending over [0, pos]; returns the logits (vocab, fp32). The caches
+  // are contiguous (1, kv_heads, capacity, head_dim), or with `tables` (layers, pages) int64 the block pool's K/V
+  // fields (blocks, kv_heads, block_tokens, head_dim), layer li's token t in block tables[li][t / block_tokens].
   torch::Tensor forward(torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin,
                         const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
-                        int64_t pos) {
+                        int64_t pos, const c10::optional<torch::Tensor>& tables) {
     TORCH_CHECK(head_ && keys.size() == layers_.size() && values.size() == layers_.size() &&
                     (layers_.back().mlp || layers_.back().moe),
                 "fused step: one K and one V tensor per layer, an MLP per layer, and a head");
     TORCH_CHECK(h.scalar_type() == torch::kFloat && h.is_contiguous() && h.numel() == D_, "fused step: h");
     const auto kv_type = keys[0].scalar_type();
-    for (size_t i = 0; i < keys.size(); ++i)
-      TORCH_CHECK(keys[i].dim() == 4 && keys[i].size(0) == 1 && keys[i].size(1) == Hkv_ && keys[i].size(3) == hd_ &&
-                      keys[i].size(2) > pos && keys[i].is_contiguous() && values[i].is_contiguous() &&
+    for (size_t i = 0; i < keys.size(); ++i) {
+      TORCH_CHECK(keys[i].dim() == 4 && keys[i].size(1) == Hkv_ && keys[i].size(3) == hd_ &&
                       values[i].sizes() == keys[i].sizes() && keys[i].scalar_type() == kv_type &&
                       values[i].scalar_type() == kv_type,
-                  "fused step: K/V caches must be contiguous (1, kv_heads, capacity > pos, head_dim), one dtype");
+                  "fused step: K/V caches must be (1 or blocks, kv_heads, tokens, head_dim), one dtype");
+      TORCH_CHECK(tables ? keys[i].stride(3) == 1 && values[i].stride(3) == 1
+                         : keys[i].size(0) == 1 && keys[i].size(2) > pos && keys[i].is_contiguous() &&
+                               values[i].is_contiguous(),
+                  "fused step: K/V caches must be contiguous (1, kv_heads, capacity > pos, head_dim), or paged "
+                  "fields with a unit stride along head_dim");
+    }
+    const auto [table, pages] = check_tables(tables, keys, pos + 1);
     auto logits = torch::empty({vocab_}, torch::kFloat);
     pybind11::gil_scoped_release release;  // first: a thread waiting for the lock must not hold the GIL (the hook
     std::lock_guard<std::mutex> guard(mutex_);  // takes it back inside the step)
     const int64_t group = H_ / Hkv_;
     switch (kv_type) {
-      case torch::kFloat: run(h, cos, sin, DenseKV<float>{keys, values, pos, Hkv_, hd_, group}, logits); break;
-      case torch::kBFloat16:
-        run(h, cos, sin, DenseKV<c10::BFloat16>{keys, values, pos, Hkv_, hd_, group}, logits);
+      case torch::kFloat:
+        run(h, cos, sin, DenseKV<float>{keys, values, pos, Hkv_, hd_, group, table, pages}, logits);
         break;
-      case torch::kHalf: run(h, cos, sin, DenseKV<c10::Half>{keys, values, pos, Hkv_, hd_, group}, logits); break;
+      case torch::kBFloat16:
+        run(h, cos, sin, DenseKV<c10::BFloat16>{keys, values, pos, Hkv_, hd_, group, table, pages}, logits);
+        break;
+      case torch::kHalf:
+        run(h, cos, sin, DenseKV<c10::Half>{keys, values, pos, Hkv_, hd_, group, table, pages}, logits);
+        break;
       default: TORCH_CHECK(false, "fused step: K/V must be fp32, bf16 or fp16");
     }
     return logits;
@@ -597,11 +634,14 @@ class Plan {
   // quantized at `quantized` (no window), written into the window at `held`, or, the per-token window being full,
   // written after its oldest token is quantized at `quantized`; a per-channel (KIVI) window must have room (a step
   // that closes a key group runs op at a time). `tap` (layers, 2, kv_heads * head_dim) fp32, if given, receives the
-  // K/V rows stored, before any rotation.
+  // K/V rows stored, before any rotation. With `tables` (layers, pages) int64 the codes, scales and zeros are the
+  // block pool's fields (blocks, kv_heads, block_tokens, width), layer li's token t in block
+  // tables[li][t / block_tokens]: per-token, no window (empty ones give the model's dtype), every token quantized.
   torch::Tensor forward_packed(torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin,
                                const std::vector<std::vector<torch::Tensor>>& caches, int64_t pos, int64_t quantized,
                                int64_t held, int64_t bits, int64_t kgroup, int64_t vgroup, bool per_channel,
-                               bool hadamard, const c10::optional<torch::Tensor>& tap) {
+                               bool hadamard, const c10::optional<torch::Tensor>& tap,
+                               const c10::optional<torch::Tensor>& tables) {
     TORCH_CHECK(head_ && caches.size() == layers_.size() && (layers_.back().mlp || layers_.back().moe),
                 "fused step: one packed cache per layer, an MLP per layer, and a head");
     TORCH_CHECK(h.scalar_type() == torch::kFloat && h.is_contiguous() && h.numel() == D_, "fused step: h");
@@ -623,6 +663,8 @@ class Plan {
     const bool window_store = wcap > 0 && held < wcap;
     TORCH_CHECK(held <= wcap && (window_store || !per_channel) && (wcap > 0 || held == 0),
                 "fused step: a per-channel window must have room for the token");
+    const bool paged = tables.has_value();
+    TORCH_CHECK(!paged || (!per_channel && wcap == 0), "fused step: paged K/V are per-token without a window");
     // tokens the codes must hold after this step (the new one, or the window's oldest) and before it
     const int64_t need = window_store ? quantized : quantized + 1;
     for (const auto& c : layers) {
@@ -631,20 +673,26 @@ class Plan {
         const int64_t rows = channels ? need * bits / 8 : need, srows = channels ? need / grp : need;
         TORCH_CHECK(d.dim() == 4 && sc.dim() == 4 && d.scalar_type() == torch::kUInt8 &&
                         sc.scalar_type() == torch::kHalf && ze.scalar_type() == torch::kHalf &&
-                        sc.sizes() == ze.sizes() && d.size(0) == 1 && d.size(1) == Hkv_ && sc.size(1) == Hkv_ &&
+                        sc.sizes() == ze.sizes() && d.size(1) == Hkv_ && sc.size(1) == Hkv_ &&
                         d.size(3) == (channels ? hd_ : width) && sc.size(3) == (channels ? hd_ : hd_ / grp) &&
-                        d.stride(3) == 1 && sc.stride(3) == 1 && ze.stride(3) == 1 && d.size(2) >= rows &&
-                        sc.size(2) >= srows,
+                        d.stride(3) == 1 && sc.stride(3) == 1 && ze.stride(3) == 1 &&
+                        (paged ? sc.size(0) == d.size(0) && sc.size(2) == d.size(2)
+                               : d.size(0) == 1 && d.size(2) >= rows && sc.size(2) >= srows),
                     "fused step: packed K/V must be (1, kv_heads, rows, width) codes and fp16 scales/zeros holding "
-                    "every token");
+                    "every token, or the block pool's fields of them");
       };
       side(c.kd, c.ks, c.kz, per_channel, kgroup);
       side(c.vd, c.vs, c.vz, false, vgroup);
+      TORCH_CHECK(!paged || (c.vd.size(0) == c.kd.size(0) && c.vd.size(2) == c.kd.size(2)),
+                  "fused step: paged K and V must be fields of one pool");
       TORCH_CHECK(c.wk.dim() == 4 && c.wk.size(0) == 1 && c.wk.size(1) == Hkv_ && c.wk.size(2) == wcap &&
                       c.wk.size(3) == hd_ && c.wk.is_contiguous() && c.wv.is_contiguous() &&
                       c.wv.sizes() == c.wk.sizes() && c.wk.scalar_type() == w_type && c.wv.scalar_type() == w_type,
                   "fused step: windows must be contiguous (1, kv_heads, capacity, head_dim), one dtype");
     }
+    std::vector<torch::Tensor> codes;
+    for (const auto& c : layers) codes.push_back(c.kd);
+    const auto [table, pages] = check_tables(tables, codes, need);
     float* tap_ptr = nullptr;
     if (tap) {
       TORCH_CHECK(tap->scalar_type() == torch::kFloat && tap->is_contiguous() &&
@@ -660,15 +708,15 @@ class Plan {
     switch (w_type) {
       case torch::kFloat:
         run(h, cos, sin, PackedKV<float>{layers, Hkv_, hd_, group, quantized, held, b, kgroup, vgroup, per_channel,
-                                         hadamard, tap_ptr}, logits);
+                                         hadamard, tap_ptr, table, pages}, logits);
         break;
       case torch::kBFloat16:
         run(h, cos, sin, PackedKV<c10::BFloat16>{layers, Hkv_, hd_, group, quantized, held, b, kgroup, vgroup,
-                                                 per_channel, hadamard, tap_ptr}, logits);
+                                                 per_channel, hadamard, tap_ptr, table, pages}, logits);
         break;
       case torch::kHalf:
         run(h, cos, sin, PackedKV<c10::Half>{layers, Hkv_, hd_, group, quantized, held, b, kgroup, vgroup,
-                                             per_channel, hadamard, tap_ptr}, logits);
+                                             per_channel, hadamard, tap_ptr, table, pages}, logits);
         break;
       default: TORCH_CHECK(false, "fused step: the window must be fp32, bf16 or fp16");
     }
@@ -676,6 +724,28 @@ class Plan {
   }
 
  private:
+  // The page tables' data and entries per layer (nullptr, 0 without tables), checked: one row per layer, enough
+  // pages for `tokens` tokens of `fields[li]` (blocks, kv_heads, block_tokens, ...), every entry a block of it.
+  std::pair<const int64_t*, int64_t> check_tables(const c10::optional<torch::Tensor>& tables,
+                                                  const std::vector<torch::Tensor>& fields, int64_t tokens) const {
+    if (!tables) return {nullptr, 0};
+    const auto& t = *tables;
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == static_cast<int64_t>(layers_.size()) &&
+                    t.scalar_type() == torch::kLong && t.is_contiguous(),
+                "fused step: page tables must be contiguous int64 (layers, pages)");
+    const int64_t pages = t.size(1);
+    const int64_t* p = t.data_ptr<int64_t>();
+    for (size_t li = 0; li < fields.size(); ++li) {
+      const auto& f = fields[li];
+      TORCH_CHECK(f.dim() == 4 && f.size(2) > 0 && pages * f.size(2) >= tokens,
+                  "fused step: the page tables hold fewer than ", tokens, " tokens");
+      for (int64_t i = 0; i < pages; ++i)
+        TORCH_CHECK(p[li * pages + i] >= 0 && p[li * pages + i] < f.size(0), "fused step: layer ", li, "'s page ",
+                    p[li * pages + i], " is not a block of the pool");
+    }
+    return {p, pages};
+  }
+
   Layer& open_layer() {
     TORCH_CHECK(!layers_.empty() && !layers_.back().mlp && !layers_.back().moe,
                 "fused step: a feed-forward block follows add_layer, one per layer");
@@ -833,10 +903,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "the last layer's MoE block: router, experts' (gate, up, down), top_k, renormalize, shared expert, its gate")
       .def("set_head", &Plan::set_head, "the output projection (kind, weight, N, K)")
       .def("set_hook", &Plan::set_hook, "fn(layer, x, chosen) after each MoE layer's routing (expert offload)")
-      .def("forward", &Plan::forward, "one token through every layer and the head; K/V written at pos")
+      .def("forward", &Plan::forward, "one token through every layer and the head; K/V written at pos (paged with "
+           "tables)", py::arg("h"), py::arg("cos"), py::arg("sin"), py::arg("keys"), py::arg("values"), py::arg("pos"),
+           py::arg("tables") = py::none())
       .def("forward_packed", &Plan::forward_packed,
            "forward over packed (quantized) K/V caches and their full-precision windows", py::arg("h"),
            py::arg("cos"), py::arg("sin"), py::arg("caches"), py::arg("pos"), py::arg("quantized"), py::arg("held"),
            py::arg("bits"), py::arg("kgroup"), py::arg("vgroup"), py::arg("per_channel"), py::arg("hadamard"),
-           py::arg("tap") = py::none());
+           py::arg("tap") = py::none(), py::arg("tables") = py::none());
 }
