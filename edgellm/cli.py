@@ -1,4 +1,5 @@
-"""`edgellm` command line: generate, chat, info, quantize, train, bench. Errors become one line and a non-zero exit."""
+"""`edgellm` command line: generate, chat, info, quantize, train, plan, bench. Errors become one line and a non-zero
+exit."""
 
 from __future__ import annotations
 
@@ -376,6 +377,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from edgellm.plan import run_plan
+    run_plan(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="edgellm", description="On-device LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -470,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     from edgellm.kvpred import add_kvpred_arguments
     add_kvpred_arguments(p)
     p.set_defaults(func=cmd_kvpred)
+
+    p = sub.add_parser("plan", help="performance planner: memory, TTFT, tok/s per model x format x device "
+                       "(calibrate, validate)")
+    from edgellm.plan.command import add_arguments as add_plan_arguments
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="benchmarks: speed, kv, serve, quant, kernels, kvpred, structured")
     from edgellm.bench import add_bench_arguments

@@ -21,7 +21,7 @@ LAYERS = [
     ["edgellm.generate", "edgellm.train", "edgellm.kvpred"],
     ["edgellm.agents"],
     ["edgellm.serve"],
-    ["edgellm.bench", "edgellm.cli", "edgellm.__main__", "edgellm"],
+    ["edgellm.bench", "edgellm.plan", "edgellm.cli", "edgellm.__main__", "edgellm"],
 ]
 
 

@@ -1,0 +1,146 @@
+"""What calibration and validation time with edgellm's own engine: random-init checkpoints of a given shape in a
+given format, and the prefill, decode and batched decode of a loaded model.
+
+The timing functions take the best of a few repetitions: the host is shared, and only the fastest run is free of a
+neighbour's interference. Memory is counted on the loaded tensors, not read from RSS, so one process can measure
+checkpoint after checkpoint (a fresh process per checkpoint cost more than the measuring on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from edgellm.bench.common import torch_threads
+from edgellm.bench.speed import import_transformers
+
+MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
+
+
+def build_random(shape: dict, out: Path) -> Path:
+    """A seeded random-init Llama (or Qwen3-MoE when `shape` names experts) saved by transformers in fp32."""
+    transformers = import_transformers()
+    torch.manual_seed(0)
+    common = {"max_position_embeddings": 8192, "bos_token_id": 0, "eos_token_id": 1, **shape}
+    if "num_experts" in shape:
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(norm_topk_prob=True, **common))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    model.save_pretrained(out)
+    return out
+
+
+def checkpoint(base: Path, fmt: str, work: Path) -> tuple[Path, str | None]:
+    """The checkpoint and load dtype for `fmt`: the base itself for fp32/bf16, else an `edgellm quantize` copy."""
+    if fmt in ("fp32", "bf16"):
+        return base, fmt
+    out = work / f"{base.name}-{fmt}"
+    if not out.exists():
+        from edgellm.quant.convert import quantize_checkpoint
+        quantize_checkpoint(base, out, fmt)
+    return out, None
+
+
+class Engine:
+    """A loaded checkpoint and the three timings the planner predicts."""
+
+    def __init__(self, path: Path, dtype: str | None) -> None:
+        from edgellm.loader import load_model
+
+        self.model = load_model(path, dtype)
+        self.loaded_weight_bytes = self.weight_bytes()  # before any step: a first batched step adds Q4_0's copy
+        self.vocab = int(self.model.args.vocab_size)
+
+    def _prompt(self, n: int, seed: int = 0) -> list[int]:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(2, self.vocab, (n,), generator=g).tolist()
+
+    def _sequence(self, ids: list[int], steps: int, kv_format=None):
+        from edgellm.kv.prompt_cache import PromptCache
+        from edgellm.sequence import Sequence
+
+        cache = PromptCache(self.model, capacity=len(ids) + steps + 1, kv_format=kv_format)
+        return Sequence(self.model, None, ids, cache, steps + 1, ignore_eos=True)
+
+    @torch.inference_mode()
+    def prefill_s(self, tokens: int, reps: int) -> float:
+        """Best TTFT of a cold `tokens`-token prompt (cache allocation included, as in a real request)."""
+        from edgellm import runner
+
+        best = float("inf")
+        for rep in range(reps + 1):  # the first run warms up (kernels built, allocator primed) and is not kept
+            t0 = time.perf_counter()
+            runner.prefill(self.model, [self._sequence(self._prompt(tokens, rep), 1)])
+            if rep:
+                best = min(best, time.perf_counter() - t0)
+        return best
+
+    @torch.inference_mode()
+    def decode_step_s(self, context: int, steps: int, batch: int = 1, kv_format=None) -> float:
+        """Fastest of `steps` individually timed decode steps of `batch` sequences after `context`-token prompts: on a
+        shared host a neighbour preempts some steps by milliseconds, and the fastest is the one it left alone."""
+        from edgellm import runner
+
+        seqs = [self._sequence(self._prompt(context, i), steps + 2, kv_format) for i in range(batch)]
+        runner.prefill(self.model, seqs)
+        runner.decode(self.model, seqs)  # warm-up step
+        best = float("inf")
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            runner.decode(self.model, seqs)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def decode_bytes(self) -> int:
+        """Bytes one decode step reads, counted on the loaded model (bench quant's count)."""
+        from edgellm.bench.quant import _decode_bytes
+        return _decode_bytes(self.model)
+
+    def weight_bytes(self) -> int:
+        """Bytes the loaded weights hold: every parameter and buffer once, plus the table-lookup copies made at
+        load (what RSS would show without the allocator's and the runtime's own share)."""
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if t.device.type != "meta" and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        for module in self.model.modules():
+            lut = getattr(module, "lut", None)
+            if lut is not None:
+                total += sum(t.numel() * t.element_size() for t in (lut.packed, lut.scale, lut.bias))
+        return total
+
+    def kv_bytes_per_token(self, tokens: int = 256) -> tuple[float, str]:
+        """Bytes the default cache of `tokens` tokens allocates per token, and its dtype's name."""
+        from edgellm.kv.prompt_cache import PromptCache
+        from edgellm.perf.hardware import dtype_name
+        layers = PromptCache(self.model, tokens).layers
+        return sum(layer.nbytes for layer in layers) / tokens, dtype_name(layers[0].keys.dtype)
+
+
+def measure_checkpoint(path: str, dtype: str | None, plan: list[dict]) -> list[dict]:
+    """Run every timing in `plan` (dicts with kind prefill|decode, threads, tokens/context/batch/steps/reps) on one
+    checkpoint; return a header (bytes a decode step reads, weight bytes held, KV bytes per token and dtype), then
+    each item with its measured seconds."""
+    from edgellm.kv.formats import KVFormat
+
+    engine = Engine(Path(path), dtype)
+    out = []
+    for item in plan:
+        with torch_threads(item["threads"]):
+            if item["kind"] == "prefill":
+                seconds = engine.prefill_s(item["tokens"], item.get("reps", 2))
+            else:
+                kv = KVFormat.parse(item["kv"]) if item.get("kv") else None
+                seconds = engine.decode_step_s(item["context"], item.get("steps", 8), item.get("batch", 1), kv)
+        out.append({**item, "seconds": seconds})
+    kv_bytes, kv_dtype = engine.kv_bytes_per_token()
+    return [{"decode_bytes": engine.decode_bytes(), "weight_bytes": engine.loaded_weight_bytes,
+             "kv_bytes_per_token": kv_bytes, "kv_dtype": kv_dtype}, *out]
+
+
+def config_of(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
