@@ -62,7 +62,10 @@ def test_ttft_rows_say_which_model_ran_them(report):
         assert r["page_cache"] == "unknown" or r["page_cache"].startswith(("cold", "warm"))
         assert r["cold_over_disk"] == pytest.approx(r["cold_ttft_s"] / r["disk_ttft_s"])
         assert len(r["reps_s"]["cold"]) == 2 and len(r["reps_s"]["disk"]) == 2
-        assert {"restore_s", "raw_read_s", "ram_ttft_s"} <= set(r)  # reported; their values are the benchmark's
+        assert r["cold_over_warm_disk"] == pytest.approx(r["cold_ttft_s"] / r["warm_disk_ttft_s"])
+        assert len(r["reps_s"]["warm_disk"]) == 2
+        # reported; their values are the benchmark's
+        assert {"restore_s", "raw_read_s", "ram_ttft_s", "warm_restore_s", "warm_raw_read_s"} <= set(r)
 
 
 def test_decode_rows_time_every_format_against_the_first(report):

@@ -33,6 +33,7 @@ CASES: list[tuple[list[str], str]] = [
     (["serve", "--model", "{model}", "--port", "{busy_port}"], "in use"),
     (["kvpred", "train", "--base", "{model}", "--aux-prune", "half", "--out", "{tmp}/k"], "--aux-prune"),
     (["bench", "kernels", "--reps", "0"], "--reps"),
+    (["plan", "--model", "no-such-model"], "no-such-model"),
 ]
 
 

@@ -23,12 +23,16 @@ def targets(report: dict[str, Any]) -> list[dict]:
     out = []
     if ttft := report.get("ttft"):
         at = 4096 if any(r["context"] == 4096 for r in ttft) else max(r["context"] for r in ttft)
-        worst = min((r for r in ttft if r["context"] == at), key=lambda r: r["cold_over_disk"])
-        out.append(_target(f"cold prefill / restore from disk, {at} tokens (worst: {worst['format']})",
-                           worst["cold_over_disk"], "≥", 100))
+        worst = min((r for r in ttft if r["context"] == at), key=lambda r: r["cold_over_warm_disk"])
+        out.append(_target(f"cold prefill / restore from disk (page cache warm), {at} tokens (worst: "
+                           f"{worst['format']}; page cache cold: {worst['cold_over_disk']:.0f}×)",
+                           worst["cold_over_warm_disk"], "≥", 100))
         slowest = max(ttft, key=lambda r: r["restore_over_raw_read"])
-        out.append(_target(f"restore / raw read of the file (worst: {slowest['format']} at {slowest['context']})",
-                           slowest["restore_over_raw_read"], "≤", 2))
+        out.append(_target(f"restore / raw read of the file, page cache cold (worst: {slowest['format']} at "
+                           f"{slowest['context']})", slowest["restore_over_raw_read"], "≤", 1.5))
+        slowest = max(ttft, key=lambda r: r["warm_restore_over_raw_read"])
+        out.append(_target(f"restore / raw read of the file, page cache warm (worst: {slowest['format']} at "
+                           f"{slowest['context']})", slowest["warm_restore_over_raw_read"], "≤", 1.5))
     if decode := report.get("decode"):
         for context, limit in DECODE_TARGETS.items():
             fp16 = next((r for r in decode if r["context"] == context and r["format"] == "fp16"), None)
@@ -79,13 +83,15 @@ def print_tables(report: dict[str, Any]) -> None:
         console.print(t)
 
     if ttft := report.get("ttft"):
-        table("TTFT of a returning agent (one new token)",
+        table("TTFT of a returning agent (one new token); disk: page cache cold / warm",
               ["tokens", "format", "model", "cold ms", "RAM ms", "disk ms", "restore ms", "raw read ms", "cold/disk",
-               "cold/RAM", "restore/read", "file MiB", "page cache"],
+               "restore/read", "warm disk ms", "cold/warm disk", "warm restore/read", "file MiB", "page cache"],
               [[str(r["context"]), r["format"], r["model"], *(f"{r[k] * 1000:.1f}" for k in (
                   "cold_ttft_s", "ram_ttft_s", "disk_ttft_s", "restore_s", "raw_read_s")),
-                f"{r['cold_over_disk']:.0f}×", f"{r['cold_over_ram']:.0f}×", f"{r['restore_over_raw_read']:.2f}×",
-                f"{r['file_bytes'] / MIB:.2f}", r["page_cache"]] for r in ttft])
+                f"{r['cold_over_disk']:.0f}×", f"{r['restore_over_raw_read']:.2f}×",
+                f"{r['warm_disk_ttft_s'] * 1000:.1f}", f"{r['cold_over_warm_disk']:.0f}×",
+                f"{r['warm_restore_over_raw_read']:.2f}×", f"{r['file_bytes'] / MIB:.2f}", r["page_cache"]]
+               for r in ttft])
     if decode := report.get("decode"):
         table(f"Decode step over every layer's cache (median; vs {decode[0]['baseline']})",
               ["tokens", "format", "model", "attention ms", "vs base", "GB/s", "step ms", "vs base", "cache MiB"],
