@@ -301,6 +301,19 @@ class AgentStore:
             cache.release()
             raise
 
+    def private_cache(self, ids: list[int], tokens: int) -> PromptCache:
+        """A new anonymous cache sharing no K/V with any other (a LoRA adapter's request: its K/V are its own),
+        readied for `tokens` tokens; release it after use rather than park it."""
+        if self.pool is None:
+            return PromptCache(self.model, min(tokens, len(ids) + 1024), self.kv_format)
+        cache = PromptCache(self.model, pool=self.pool)
+        try:
+            self.grow(cache, tokens)
+        except PoolExhausted:
+            cache.release()
+            raise
+        return cache
+
     def park(self, cache: PromptCache) -> None:
         """Keep an anonymous cache for a later request with the same prefix (the oldest beyond the limit go)."""
         if self.pool is not None:

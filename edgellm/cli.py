@@ -85,6 +85,24 @@ def _load(args: argparse.Namespace):
     return model, tokenizer
 
 
+def _adapter(args: argparse.Namespace, model) -> str | None:
+    """Load --adapter DIR (a PEFT LoRA adapter) onto the model; its name for generation, None without one."""
+    if not args.adapter:
+        return None
+    if args.agent:
+        raise InvalidRequestError("--adapter cannot be used with --agent yet: the agent's memory was made without it")
+    from edgellm.models.lora import load_adapter
+    return load_adapter(model, args.adapter).name
+
+
+def server_adapter(text: str) -> tuple[str, str]:
+    """--adapter NAME=DIR for serve."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=DIR, e.g. sql=adapters/sql-lora")
+    return name, path
+
+
 def _use_threads(threads: int) -> None:
     """Size torch's thread pool before the model first runs. The setting is process-wide: a thread started later
     (serve's engine) picks it up on its first torch call."""
@@ -202,13 +220,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sampling = _constrain(sampling, args, schema, model, tokenizer)
     predictor = _kv_predictor(args, model, tokenizer)
     speculate, draft = _speculation(args, model, tokenizer)
+    adapter = _adapter(args, model)
     agent = _open_agent(args, model, tokenizer) if args.agent else None
     if agent:
         steps = agent.stream(args.prompt, args.max_tokens, sampling, args.stop, kv_predictor=predictor,
                              speculate=speculate, draft_model=draft)
     else:
         steps = stream_generate(model, tokenizer, args.prompt, args.max_tokens, sampling, args.stop,
-                                kv_predictor=predictor, speculate=speculate, draft_model=draft)
+                                kv_predictor=predictor, speculate=speculate, draft_model=draft, adapter=adapter)
     pieces, tokens, last = [], [], None
     for last in steps:
         if last.token is not None:
@@ -242,6 +261,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     model, tokenizer = _load(args)
     predictor = _kv_predictor(args, model, tokenizer)
     speculate, draft = _speculation(args, model, tokenizer)
+    adapter = _adapter(args, model)
     agent = _open_agent(args, model, tokenizer) if args.agent else None
     cache = agent.cache if agent else PromptCache(model, capacity=1024)
     messages: list[dict] = agent.messages if agent else []
@@ -262,7 +282,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         ids = tokenizer.encode_chat(messages)
         reply, last = [], None
         for last in stream_generate(model, tokenizer, ids, args.max_tokens, sampling, args.stop, cache, predictor,
-                                    speculate, draft):
+                                    speculate, draft, adapter):
             if agent:
                 agent.note_prediction(last.cached_tokens, last.predicted_tokens)
             reply.append(last.text)
@@ -369,7 +389,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, args.host, args.port, args.store, args.kv_format, args.memory_budget, args.max_concurrency,
           args.max_queue, args.api_key, args.dtype, args.prefill_chunk, args.kv_predictor,
           expert_budget=args.expert_budget, block_tokens=args.kv_block_tokens or None, draft_model=args.draft_model,
-          speculation=_server_speculation(args.speculative))
+          speculation=_server_speculation(args.speculative), adapters=args.adapter)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -395,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV predictor (from `edgellm kvpred train`): predict the prompt's KV cache to cut TTFT")
     _speculation_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT LoRA adapter directory, applied unmerged")
     constrain = p.add_mutually_exclusive_group()
     constrain.add_argument("--json-schema", default=None, metavar="FILE",
                            help="constrain the output to JSON valid against the JSON schema in FILE (llguidance)")
@@ -406,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     _agent_args(p)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT LoRA adapter directory, applied unmerged")
     p.add_argument("--kv-predictor", default=None, help="KV predictor: predict each turn's new prompt K/V")
     _speculation_args(p)
     p.set_defaults(func=cmd_chat)
@@ -470,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", default=None, metavar="MODE[:K]",
                    help="default speculative decoding for requests without a \"speculative\" field: ngram, draft or "
                         "kvpred, with the longest draft K (default 8); the draft length adapts")
+    p.add_argument("--adapter", type=server_adapter, action="append", default=[], metavar="NAME=DIR",
+                   help="a PEFT LoRA adapter requests select with model \"<model>:NAME\" or \"adapter\": \"NAME\" "
+                        "(repeatable)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("kvpred", help="KV Prediction: train an aux model that predicts the base's prompt KV cache")

@@ -73,7 +73,7 @@ def _decode(model: nn.Module, seq: Sequence) -> list[StepOutput]:
 def _sequence(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int,
               sampling: SamplingParams | None, stop: list[str] | None, prompt_cache: PromptCache | None,
               kv_predictor: nn.Module | None, speculate: int | Speculation,
-              draft_model: nn.Module | None) -> Sequence:
+              draft_model: nn.Module | None, adapter: str | None) -> Sequence:
     """One request as a Sequence (its cache reserved for prompt + answer when none is given); TTFT counts from here."""
     started = time.perf_counter()
     ids = prepare_prompt(tokenizer, prompt, model)
@@ -82,7 +82,7 @@ def _sequence(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], m
     if prompt_cache is None:
         prompt_cache = PromptCache(model, capacity=capacity)
     return Sequence(model, tokenizer, ids, prompt_cache, max_tokens, sampling, stop, kv_predictor, started,
-                    speculator=speculator)
+                    speculator=speculator, adapter=adapter)
 
 
 def _result(seq: Sequence, **stats) -> GenerationResult:
@@ -101,8 +101,8 @@ def _result(seq: Sequence, **stats) -> GenerationResult:
 def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int = 256,
                     sampling: SamplingParams | None = None, stop: list[str] | None = None,
                     prompt_cache: PromptCache | None = None, kv_predictor: nn.Module | None = None,
-                    speculate: int | Speculation = 0,
-                    draft_model: nn.Module | None = None) -> Iterator[GenerationResponse]:
+                    speculate: int | Speculation = 0, draft_model: nn.Module | None = None,
+                    adapter: str | None = None) -> Iterator[GenerationResponse]:
     """Yield text pieces as tokens are generated; with `prompt_cache`, reuse and extend its KV memory.
 
     With `kv_predictor` (edgellm.kvpred), the uncached prompt tokens but the last get predicted K/V instead of a
@@ -110,10 +110,10 @@ def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[i
     forward pass checks drafted tokens (fewer passes when the drafts hold): an int k > 0 drafts up to k tokens by
     prompt lookup; a `Speculation` names the proposer (prompt lookup, `draft_model` sharing the tokenizer, or the
     KV predictor's aux) and lets the draft length adapt. Greedy output is unchanged, sampled output keeps its
-    distribution (speculative sampling).
+    distribution (speculative sampling). `adapter` names a LoRA adapter loaded on the model (`load_adapter`).
     """
     seq = _sequence(model, tokenizer, prompt, max_tokens, sampling, stop, prompt_cache, kv_predictor, speculate,
-                    draft_model)
+                    draft_model, adapter)
     (_, out), = runner.prefill(model, [seq])
     yield _response(seq, out)
     while not seq.finished:
@@ -126,10 +126,11 @@ def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[i
 def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int = 256,
              sampling: SamplingParams | None = None, stop: list[str] | None = None,
              prompt_cache: PromptCache | None = None, kv_predictor: nn.Module | None = None,
-             speculate: int | Speculation = 0, draft_model: nn.Module | None = None) -> GenerationResult:
+             speculate: int | Speculation = 0, draft_model: nn.Module | None = None,
+             adapter: str | None = None) -> GenerationResult:
     """Generate to completion and return the text with timing statistics (`speculate`: see `stream_generate`)."""
     seq = _sequence(model, tokenizer, prompt, max_tokens, sampling, stop, prompt_cache, kv_predictor, speculate,
-                    draft_model)
+                    draft_model, adapter)
     if seq.speculator is None:
         runner.run_to_completion(model, [seq])
         return _result(seq)
@@ -142,22 +143,28 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], ma
 def batch_generate(model: nn.Module, tokenizer: Tokenizer, prompts: list[str | list[int]], max_tokens: int = 256,
                    sampling: SamplingParams | list[SamplingParams] | None = None, stop: list[str] | None = None,
                    prompt_caches: list[PromptCache] | None = None,
-                   kv_predictor: nn.Module | None = None) -> list[GenerationResult]:
+                   kv_predictor: nn.Module | None = None,
+                   adapters: list[str | None] | None = None) -> list[GenerationResult]:
     """Generate for several prompts (e.g. several agents' turns), decoding all of them in one forward pass a step.
 
     Each sequence keeps its own cache (reused and extended like `generate`'s); sequences leave the batch as
-    they finish. Greedy results equal generating each prompt alone.
+    they finish; with `adapters`, prompt i uses LoRA adapter adapters[i] (None: the base), all in one batch.
+    Greedy results equal generating each prompt alone.
     """
     started = time.perf_counter()
     params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-    if len(params) != len(prompts) or (prompt_caches is not None and len(prompt_caches) != len(prompts)):
-        raise InvalidRequestError(f"batch_generate got {len(prompts)} prompts but {len(params)} sampling settings "
-                                  f"and {len(prompt_caches or prompts)} caches; give one of each per prompt")
+    names = adapters or [None] * len(prompts)
+    if len(params) != len(prompts) or len(names) != len(prompts) or (
+            prompt_caches is not None and len(prompt_caches) != len(prompts)):
+        raise InvalidRequestError(f"batch_generate got {len(prompts)} prompts but {len(params)} sampling settings, "
+                                  f"{len(names)} adapters and {len(prompt_caches or prompts)} caches; give one of "
+                                  "each per prompt")
     seqs = []
     for i, prompt in enumerate(prompts):
         ids = prepare_prompt(tokenizer, prompt, model)
         cache = prompt_caches[i] if prompt_caches else PromptCache(model, capacity=len(ids) + max(1, max_tokens))
-        seqs.append(Sequence(model, tokenizer, ids, cache, max_tokens, params[i], stop, kv_predictor, started))
+        seqs.append(Sequence(model, tokenizer, ids, cache, max_tokens, params[i], stop, kv_predictor, started,
+                             adapter=names[i]))
     runner.prefill(model, seqs)
     steps, decode_start = 0, time.perf_counter()
     while active := [seq for seq in seqs if not seq.finished]:

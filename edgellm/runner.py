@@ -15,6 +15,7 @@ from torch import nn
 from edgellm.errors import InvalidRequestError
 from edgellm.kv.batch import batch_layers
 from edgellm.kv.prompt_cache import PromptCache
+from edgellm.models.lora import select
 from edgellm.sampling import TokenLogprob, token_logprobs
 from edgellm.sequence import Sequence, State, StepOutput
 
@@ -25,20 +26,24 @@ PREFILL_CHUNK = 2048  # bounds attention scratch memory on long prompts
 
 
 @torch.no_grad()
-def prefill_tokens(model: nn.Module, tokens: list[int], cache: PromptCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
-    """Run `tokens` through the model into `cache`, `chunk` at a time; returns the last position's logits (vocab,)."""
+def prefill_tokens(model: nn.Module, tokens: list[int], cache: PromptCache, chunk: int = PREFILL_CHUNK,
+                   adapter: str | None = None) -> torch.Tensor:
+    """Run `tokens` through the model into `cache`, `chunk` at a time, with the LoRA `adapter` if one is named;
+    returns the last position's logits (vocab,)."""
     if not tokens:
         raise InvalidRequestError("nothing to prefill: the prompt adds no token past the cached ones")
     logits = None
     for start in range(0, len(tokens), chunk):
         piece = tokens[start:start + chunk]
-        logits = model(torch.tensor([piece], dtype=torch.long), cache.layers, last_only=True)
+        with select(model, [adapter]):
+            logits = model(torch.tensor([piece], dtype=torch.long), cache.layers, last_only=True)
         cache.tokens.extend(piece)
     return logits[0, -1]
 
 
 @torch.no_grad()
-def score(model: nn.Module, tokens: list[int], top: int, chunk: int = PREFILL_CHUNK) -> list[TokenLogprob]:
+def score(model: nn.Module, tokens: list[int], top: int, chunk: int = PREFILL_CHUNK,
+          adapter: str | None = None) -> list[TokenLogprob]:
     """Logprobs of `tokens[1:]`, each given the tokens before it (echo): a forward of its own, in a fresh cache,
     so every token is scored even when a cache holds the prefix; only a chunk's logits are held at a time."""
     cache = PromptCache(model, capacity=len(tokens))
@@ -46,7 +51,8 @@ def score(model: nn.Module, tokens: list[int], top: int, chunk: int = PREFILL_CH
     last = None  # the previous chunk's last row, which scores this chunk's first token
     for start in range(0, len(tokens), chunk):
         piece = tokens[start:start + chunk]
-        logits = model(torch.tensor([piece], dtype=torch.long), cache.layers)[0]
+        with select(model, [adapter]):
+            logits = model(torch.tensor([piece], dtype=torch.long), cache.layers)[0]
         cache.tokens.extend(piece)
         rows = logits[:-1] if last is None else torch.cat([last, logits[:-1]])
         scored += token_logprobs(rows, tokens[max(start, 1):start + len(piece)], top)
@@ -73,7 +79,7 @@ def prefill(model: nn.Module, sequences: list[Sequence], token_budget: int | Non
         if seq.kv_predictor is not None and len(seq.pending) > 1:
             _predict(model, seq)
         piece = seq.pending[:int(min(budget, len(seq.pending)))]
-        logits = prefill_tokens(model, piece, seq.cache, chunk)
+        logits = prefill_tokens(model, piece, seq.cache, chunk, seq.adapter)
         seq.pending = seq.pending[len(piece):]
         budget -= len(piece)
         if not seq.pending:
@@ -101,7 +107,8 @@ def decode(model: nn.Module, sequences: list[Sequence]) -> list[StepOutput]:
         layers = sequences[0].cache.layers
     else:
         layers = batch_layers([seq.cache.layers for seq in sequences], model.args.sliding_window)
-    logits = model(tokens, layers, last_only=True)[:, -1]
+    with select(model, [seq.adapter for seq in sequences]):  # each row through its own adapter
+        logits = model(tokens, layers, last_only=True)[:, -1]
     outputs = []
     for seq, row in zip(sequences, logits, strict=True):
         seq.cache.tokens.append(seq.last_token)
@@ -126,7 +133,8 @@ def speculative_decode(model: nn.Module, seq: Sequence, proposer: Proposer, k: i
         return decode(model, [seq])
     probs = getattr(proposer, "probs", None)
     tokens = [seq.last_token, *draft]
-    logits = model(torch.tensor([tokens]), seq.cache.layers)[0]
+    with select(model, [seq.adapter]):
+        logits = model(torch.tensor([tokens]), seq.cache.layers)[0]
     outputs = []
     for i, row in enumerate(logits):
         seq.cache.tokens.append(tokens[i])

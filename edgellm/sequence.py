@@ -17,6 +17,7 @@ from torch import nn
 
 from edgellm.errors import EdgeLLMError, InvalidRequestError
 from edgellm.kv.prompt_cache import PromptCache
+from edgellm.models.lora import adapters
 from edgellm.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from edgellm.tokenizer import Tokenizer
 
@@ -102,16 +103,22 @@ class Sequence:
     from there (the server passes the submission time, so queueing counts too). Without a tokenizer (benchmarks
     on random models) a sequence produces token ids only: no text, no EOS. With `logprobs` (the number of top
     alternatives, 0 for none) each step also reports the token's logprob; None costs nothing. With a `speculator`
-    (edgellm.speculative) the runner's `speculative_step` decodes it, checking drafted tokens.
+    (edgellm.speculative) the runner's `speculative_step` decodes it, checking drafted tokens. `adapter` names a
+    LoRA adapter resident on the model (edgellm.models.lora) that every forward of this sequence uses.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None, ids: list[int], cache: PromptCache,
                  max_tokens: int, sampling: SamplingParams | None = None, stop: list[str] | None = None,
                  kv_predictor: nn.Module | None = None, started_at: float | None = None,
                  ignore_eos: bool = False, logprobs: int | None = None,
-                 speculator: Speculator | None = None) -> None:
+                 speculator: Speculator | None = None, adapter: str | None = None) -> None:
         if max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+        if adapter is not None:
+            adapters(model).check(adapter)
+            if kv_predictor is not None:
+                raise InvalidRequestError("a KV predictor predicts the base model's K/V, not an adapter's; use "
+                                          "one or the other")
         context = context_length(model)
         self.ids = check_prompt(ids, context)
         self.cache = cache
@@ -122,6 +129,7 @@ class Sequence:
         self.eos = set() if ignore_eos or tokenizer is None else set(tokenizer.eos_token_ids)
         self.kv_predictor = kv_predictor
         self.speculator = speculator
+        self.adapter = adapter
         self.logprobs = logprobs
         self.state = State.WAITING
         self.cached = 0  # prompt tokens whose K/V the cache already held

@@ -23,6 +23,7 @@ import uvicorn
 
 from edgellm import SamplingParams, load
 from edgellm.agents import AgentStore
+from edgellm.models.lora import load_adapter
 from edgellm.serve import ShutdownNotifyingServer, create_app, is_loopback, parse_bytes
 from edgellm.serve.metrics import ServerMetrics
 from edgellm.serve.scheduler import Engine, GenerationRequest
@@ -35,8 +36,10 @@ class Server:
     """A real uvicorn server in a background thread, on a free loopback port."""
 
     def __init__(self, model_dir: Path, store_dir: Path, budget: int | None = None, kv_format: str = "fp16",
-                 store_options: dict | None = None, **options) -> None:
+                 store_options: dict | None = None, adapters: dict[str, Path] | None = None, **options) -> None:
         model, tokenizer = load(model_dir, "fp32")
+        for name, path in (adapters or {}).items():
+            load_adapter(model, path, name)
         tokenizer.eos_token_ids = set()  # a random model may say EOS at any step; tests want fixed lengths
         store = AgentStore(store_dir, model, tokenizer, kv_format, budget, **(store_options or {}))
         self.store = store
@@ -74,6 +77,14 @@ def server(model_dir, tmp_path_factory):
     srv = Server(model_dir, tmp_path_factory.mktemp("agents"), max_concurrency=8, max_queue=64, prefill_chunk=32)
     yield srv
     srv.stop()
+
+
+def batched_steps(url: str) -> float:
+    """Decode steps so far that ran more than one sequence, from the server's own metrics."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    ones = next(x for x in lines if x.startswith('edgellm_decode_batch_size_bucket{le="1.0"}'))
+    total = next(x for x in lines if x.startswith("edgellm_decode_batch_size_count"))
+    return float(total.split()[-1]) - float(ones.split()[-1])
 
 
 def chat(client: openai.OpenAI, model: str, messages: list[dict], agent: str | None = None, **kw):
@@ -209,17 +220,11 @@ def test_concurrent_streams_equal_one_at_a_time(server):
         chunks = c.completions.create(model=server.model, prompt=prompt, max_tokens=10, temperature=0, stream=True)
         return "".join(ch.choices[0].text for ch in chunks if ch.choices)
 
-    def batched_steps() -> float:
-        lines = httpx.get(f"{server.url}/metrics").text.splitlines()
-        ones = next(x for x in lines if x.startswith('edgellm_decode_batch_size_bucket{le="1.0"}'))
-        total = next(x for x in lines if x.startswith("edgellm_decode_batch_size_count"))
-        return float(total.split()[-1]) - float(ones.split()[-1])
-
-    before = batched_steps()
+    before = batched_steps(server.url)
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(run, prompts))
     assert together == alone
-    assert batched_steps() > before  # some decode steps really ran several sequences at once
+    assert batched_steps(server.url) > before  # some decode steps really ran several sequences at once
     assert httpx.get(f"{server.url}/health").json()["active"] == 0
 
 

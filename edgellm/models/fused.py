@@ -28,6 +28,7 @@ from torch import nn
 
 from edgellm.kernels.native import load_extension
 from edgellm.kv import DenseKVCache, PagedKVCache, QuantizedKVCache
+from edgellm.models.lora import LoraLinear
 
 # Weight formats the step reads as stored; the others with a table-lookup copy (intN, ternary) through that copy
 BLOCK_KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "mxfp4", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
@@ -85,6 +86,9 @@ class _Reader:
 
     def proj(self, parent: nn.Module, name: str) -> tuple:
         module = getattr(parent, name)
+        if isinstance(module, LoraLinear):  # the base alone: decode_step declines a forward that selects adapters
+            self.refs.append((parent, name, module))
+            parent, name, module = module, "base", module.base
         weight = _weight(module)
         if weight is None:
             raise NotCovered(name)
@@ -211,6 +215,9 @@ def decode_step(model: Any, tokens: torch.Tensor, cache: list, tap: torch.Tensor
 
     `tap` (layers, 2, kv_heads * head_dim) fp32, over quantized caches, receives the K/V rows stored (for tests)."""
     if tokens.shape != (1, 1) or torch.is_grad_enabled() or not enabled() or not cache:
+        return None
+    registry = model.__dict__.get("adapters")
+    if registry is not None and registry.rows is not None:  # an adapter's low-rank path runs op at a time
         return None
     paged = type(cache[0]) is PagedKVCache
     dense = all(type(c) is DenseKVCache and c.keys.shape[0] == 1 for c in cache)

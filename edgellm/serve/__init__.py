@@ -56,17 +56,19 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, sto
           api_key: str | None = None, dtype: str = "auto", prefill_chunk: int = 512,
           kv_predictor: str | None = None, max_body_bytes: int | None = None,
           expert_budget: str | None = None, block_tokens: int | None = None, draft_model: str | None = None,
-          speculation: Speculation | None = None) -> None:
+          speculation: Speculation | None = None, adapters: list[tuple[str, str]] | None = None) -> None:
     """Load the model and run the server until interrupted; agent memories are flushed to disk on exit.
 
     With `memory_budget`, KV memory is one block pool of that size (formats it cannot hold, KIVI and windowed
     ones, keep per-agent caches under a byte budget instead). `draft_model`: a directory of a draft model sharing
-    the tokenizer; `speculation`: requests' default.
+    the tokenizer; `speculation`: requests' default. `adapters`: (name, directory) of PEFT LoRA adapters that
+    requests select by name.
     """
     from edgellm.agents import AgentStore
     from edgellm.kv.formats import KVFormat, dense_format
     from edgellm.kv.pool import BlockPool
     from edgellm.loader import load
+    from edgellm.models.lora import load_adapter
 
     if not is_loopback(host) and not api_key:
         raise InvalidRequestError(f"refusing to listen on non-loopback address {host!r} without --api-key")
@@ -78,6 +80,8 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, sto
     if expert_budget:
         from edgellm.models import offload
         offload.enable(model, expert_budget)
+    for name, path in adapters or []:
+        load_adapter(model, path, name)
     predictor = None
     if kv_predictor:
         from edgellm.kvpred import load_predictor

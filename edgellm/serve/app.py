@@ -39,6 +39,7 @@ from torch import nn
 from edgellm.agents import AgentStore, check_agent_name, is_agent_name
 from edgellm.errors import EdgeLLMError, InvalidRequestError
 from edgellm.grammar import Grammar, llg_tokenizer
+from edgellm.models.lora import LoraAdapter
 from edgellm.sampling import SamplingParams, TokenLogprob
 from edgellm.sequence import check_prompt
 from edgellm.serve import protocol as p
@@ -240,9 +241,27 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         return error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
     def check_model(name: str) -> None:
-        if name != model_id:
+        if name != model_id and not name.startswith(f"{model_id}:"):
             raise p.ServeError(f"model {name!r} not found; this server serves {model_id!r}", 404,
                                "not_found_error", "model", "model_not_found")
+
+    def request_adapter(body: p.SamplingFields) -> str | None:
+        """The LoRA adapter a request names: by `model` "<base>:<adapter>" (as vLLM lists them) or by `adapter`."""
+        named = body.model.removeprefix(f"{model_id}:") if body.model != model_id else None
+        if named is not None and body.adapter is not None and named != body.adapter:
+            raise p.ServeError(f"model {body.model!r} names adapter {named!r} but the adapter field says "
+                               f"{body.adapter!r}; give one of them", param="adapter")
+        name, param = (named, "model") if named is not None else (body.adapter, "adapter")
+        if name is not None and name not in loaded_adapters():
+            raise p.ServeError(f"adapter {name!r} is not loaded; this server has: "
+                               f"{', '.join(sorted(loaded_adapters())) or 'none'}", 404 if param == "model" else 400,
+                               "not_found_error" if param == "model" else "invalid_request_error", param,
+                               "model_not_found" if param == "model" else None)
+        return name
+
+    def loaded_adapters() -> list[str]:
+        registry = model.__dict__.get("adapters")
+        return [] if registry is None else list(registry.loaded)
 
     def agent_name(request: Request, body: p.SamplingFields) -> str | None:
         """X-Agent-Id must be a valid agent name; OpenAI's free-form `user` (e.g. an e-mail) is hashed when not."""
@@ -325,6 +344,13 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                                   seed=body.seed, logit_bias=body.token_bias(int(model.args.vocab_size)),
                                   grammar=grammar).validate()
         agent = agent_name(request, body)
+        adapter = request_adapter(body)
+        if adapter is not None and body.kv_prediction:
+            raise p.ServeError("kv_prediction predicts the base model's K/V, not an adapter's; use one or the other",
+                               param="kv_prediction")
+        if adapter is not None and agent is not None:
+            raise p.ServeError("a request with an agent cannot name a LoRA adapter yet: the agent's saved memory "
+                               "was made without it; drop the adapter or the agent", param="adapter")
         if body.kv_prediction and kv_predictor is None:
             raise p.ServeError("kv_prediction needs a server started with --kv-predictor", param="kv_prediction")
         spec = speculation if body.speculative is None else (
@@ -336,7 +362,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         generation = GenerationRequest(
             ids=ids, max_tokens=context if max_tokens is None else max_tokens, sampling=sampling,  # clamped later
             loop=asyncio.get_running_loop(), stop=body.stop_list(), agent=agent, messages=messages if agent else None,
-            kv_prediction=body.kv_prediction, speculation=spec, logprobs=logprobs, echo=echo)
+            kv_prediction=body.kv_prediction, speculation=spec, logprobs=logprobs, echo=echo, adapter=adapter)
         engine.submit(generation)
         live[id(generation)] = generation
         return generation
@@ -420,8 +446,9 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
-                                            "owned_by": "edgellm", "context_window": context}]}
+        base = {"id": model_id, "object": "model", "created": 0, "owned_by": "edgellm", "context_window": context}
+        return {"object": "list", "data": [base, *({**base, "id": f"{model_id}:{name}", "parent": model_id}
+                                                   for name in loaded_adapters())]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: p.ChatCompletionRequest) -> Response:
@@ -535,6 +562,27 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         with engine.store_lock:
             info = store.describe(name)
         return None if info is None else {"id": name, "object": "agent", **info}
+
+    def adapter_json(adapter: LoraAdapter) -> dict:
+        return {"id": f"{model_id}:{adapter.name}", "object": "adapter", "name": adapter.name,
+                "path": str(adapter.path), "rank": adapter.rank, "bytes": adapter.nbytes}
+
+    @app.get("/v1/adapters")
+    def list_adapters() -> dict:
+        registry = model.__dict__.get("adapters")
+        return {"object": "list", "data": [adapter_json(a) for a in (registry.loaded if registry else {}).values()]}
+
+    @app.post("/v1/adapters")
+    async def load_adapter(body: p.AdapterLoad) -> dict:
+        return adapter_json(await asyncio.to_thread(engine.load_adapter, body.name, body.path))
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str) -> dict:
+        try:
+            await asyncio.to_thread(engine.unload_adapter, name)
+        except InvalidRequestError as e:
+            raise p.ServeError(str(e), 404, "not_found_error", code="adapter_not_found") from None
+        return {"id": f"{model_id}:{name}", "object": "adapter", "deleted": True}
 
     @app.get("/v1/agents")
     def list_agents() -> dict:

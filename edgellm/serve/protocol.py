@@ -51,6 +51,13 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
+class AdapterLoad(_Body):
+    """POST /v1/adapters: make a PEFT LoRA adapter directory (on the server's disk) resident under `name`."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    path: Text
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
@@ -88,7 +95,7 @@ class SpeculativeField(_Body):
 
 class SamplingFields(_Body):
     """Sampling fields shared by both endpoints; top_k, min_p and repetition_penalty are extensions (as vLLM),
-    as are kv_prediction and grammar.
+    as are kv_prediction, grammar and adapter.
 
     REFUSED lists OpenAI fields this server cannot honour, with the values that ask for nothing (unset, OpenAI's
     default): they are typed `Any` so any other value gets a 400 naming the field rather than a silent ignore."""
@@ -113,6 +120,7 @@ class SamplingFields(_Body):
     user: Text | None = None
     kv_prediction: bool = False  # extension: predict the prompt's KV cache (server started with --kv-predictor)
     speculative: SpeculativeField | Literal[False] | None = None  # extension; None: the server's default
+    adapter: Text | None = None  # extension: a LoRA adapter loaded with --adapter (or model "<base>:<adapter>")
     response_format: ResponseFormat | None = None
     grammar: RawGrammar | None = None
     # OpenAI's: token id (a JSON key, so a string) -> bias added to that token's logit before sampling

@@ -21,6 +21,7 @@ from torch import nn
 from edgellm import runner
 from edgellm.agents import Agent, AgentStore
 from edgellm.kv.pool import PoolExhausted
+from edgellm.models.lora import LoraAdapter, adapters, read_adapter
 from edgellm.sampling import SamplingParams, TokenLogprob
 from edgellm.sequence import Sequence, State, StepOutput
 from edgellm.serve.metrics import ServerMetrics
@@ -60,6 +61,7 @@ class GenerationRequest:
     speculation: Speculation | None = None  # speculative decoding (checked against the engine's draft models)
     logprobs: int | None = None  # top alternatives per token (0: the token's own logprob only); None: off
     echo: bool = False  # with logprobs, score the prompt too; max_tokens 0 then only scores it
+    adapter: str | None = None  # the LoRA adapter (resident on the model) every forward of this request uses
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
@@ -101,6 +103,7 @@ class Engine:
         self.busy_agents: set[str] = set()
         self.cond = threading.Condition()
         self.store_lock = threading.RLock()  # the HTTP side lists/deletes agents while the engine saves them
+        self.model_lock = threading.Lock()  # held for each step: adapters are swapped in and out between steps
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="edgellm-engine", daemon=True)
 
@@ -150,7 +153,8 @@ class Engine:
                 if self.stopping:
                     return
             try:
-                self.step()
+                with self.model_lock:
+                    self.step()
                 self.metrics.active.set(len(self.running))
                 with self.store_lock:
                     physical, logical = self.kv_bytes()
@@ -226,7 +230,9 @@ class Engine:
 
     def _prompt_logprobs(self, req: GenerationRequest) -> list[TokenLogprob] | None:
         """Echo's prompt scores, from a forward of their own: a cached prefix has no logits to score it with."""
-        return runner.score(self.model, req.ids, req.logprobs) if req.echo and req.logprobs is not None else None
+        if not req.echo or req.logprobs is None:
+            return None
+        return runner.score(self.model, req.ids, req.logprobs, adapter=req.adapter)
 
     def _score_only(self, req: GenerationRequest) -> None:
         """max_tokens 0 (echo): score the prompt and finish; nothing is generated and no cache is touched."""
@@ -252,6 +258,8 @@ class Engine:
                     cache = agent.cache
                     if self.store.pool is not None:
                         self.store.prepare(cache, req.ids, tokens, agent.name)
+                elif req.adapter is not None:  # K/V made under an adapter are shared with no one
+                    cache = self.store.private_cache(req.ids, tokens)
                 else:
                     cache = self.store.anonymous_cache(req.ids, tokens)[0]
             predictor = self.kv_predictor if req.kv_prediction else None
@@ -259,7 +267,8 @@ class Engine:
                 req.speculation, req.sampling, len(req.ids) + min(req.max_tokens, self.context) + 64,
                 self.draft_model, self.kv_predictor)
             seq = Sequence(self.model, self.tokenizer, req.ids, cache, req.max_tokens, req.sampling, req.stop,
-                           predictor, started_at=req.submitted, logprobs=req.logprobs, speculator=speculator)
+                           predictor, started_at=req.submitted, logprobs=req.logprobs, speculator=speculator,
+                           adapter=req.adapter)
             seq.begin()
         except Exception as e:  # an agent acquired for a request that cannot start must not stay pinned
             with self.store_lock:
@@ -342,7 +351,8 @@ class Engine:
         agent = slot.agent
         if agent is None:
             with self.store_lock:
-                if slot.request.kv_prediction:  # predicted K/V must not leak into requests that did not ask for them
+                # predicted or adapted K/V must not leak into requests that did not ask for them
+                if slot.request.kv_prediction or slot.request.adapter is not None:
                     slot.seq.cache.release()
                 else:
                     self.store.park(slot.seq.cache)
@@ -366,6 +376,22 @@ class Engine:
             self.store.forget(slot.agent)  # the next request restores the last good save
         with self.cond:
             self.busy_agents.discard(slot.agent.name)
+
+    def load_adapter(self, name: str, path: str) -> LoraAdapter:
+        """Make a LoRA adapter resident between two steps: running requests go on, the base is not reloaded."""
+        adapter = read_adapter(path, name)  # the file is read and checked outside the lock
+        with self.model_lock:
+            adapters(self.model).add(adapter)
+        return adapter
+
+    def unload_adapter(self, name: str) -> None:
+        """Drop a LoRA adapter between two steps; refused (409) while a request using it is queued or running."""
+        with self.model_lock, self.cond:
+            adapters(self.model).check(name)
+            if any(r.adapter == name for r in [*self.waiting, *(s.request for s in self.running)]):
+                raise ServeError(f"adapter {name!r} has a request in flight; unload it when idle", 409,
+                                 code="adapter_busy")
+            adapters(self.model).remove(name)
 
     def delete_agent(self, name: str) -> bool:
         """Forget an agent in RAM and on disk; refused (409) while one of its requests is queued or running."""

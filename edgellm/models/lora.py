@@ -1,0 +1,292 @@
+"""PEFT LoRA adapters kept unmerged: any number resident on one base model, chosen per batch row.
+
+Each targeted projection is wrapped in a `LoraLinear`: the base (dense or quantized, untouched) runs once for the
+whole batch, then the low-rank paths run for the whole batch too, each row through its own adapter (see
+`LoraLinear`; Punica's BGMV does the same with a gather in a native kernel). A projection keeps its adapters'
+tensors in one stack, in the model's dtype, so a resident adapter costs its file's size (half that for an fp32
+file on a bf16 model; different ranks on one projection pad to the largest). Which adapter each row uses is
+set for one forward by `select`, as vLLM's LoRA metadata is: the model's forward signature does not change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from edgellm.errors import CheckpointError, InvalidRequestError
+from edgellm.kernels import linear
+
+# adapter_config.json keys whose non-default values change what the adapter computes in ways not implemented here
+UNSUPPORTED = {"modules_to_save": None, "use_dora": False, "fan_in_fan_out": False, "layers_to_transform": None,
+               "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
+               "target_parameters": None, "trainable_token_indices": None, "megatron_config": None}
+KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class LoraAdapter:
+    """One adapter as read from disk: `pairs` maps a module name to its (A (r, in), B (out, r)); once the adapter is
+    added to a model they move into its projections' stacks and `pairs` is emptied (`modules` stays)."""
+
+    name: str
+    path: Path
+    rank: int
+    scale: float
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    modules: list[str]
+    nbytes: int
+
+
+def _config(path: Path) -> dict:
+    file = path / "adapter_config.json"
+    if not file.exists():
+        raise CheckpointError(f"no adapter_config.json in {path}; pass a PEFT LoRA adapter directory")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e})") from e
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else config
+        raise CheckpointError(f"{file}: peft_type {kind!r} is not supported; only LORA adapters load")
+    for key, default in UNSUPPORTED.items():
+        if config.get(key, default) not in (default, None, {}, [], False):
+            raise CheckpointError(f"{file}: {key}={config[key]!r} is not supported; retrain the adapter without it")
+    if config.get("bias", "none") != "none":
+        raise CheckpointError(f"{file}: bias={config['bias']!r} is not supported; use bias=\"none\"")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    for key, value in (("r", r), ("lora_alpha", alpha)):
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+            raise CheckpointError(f"{file}: {key} must be a positive number, got {value!r}")
+    if not isinstance(r, int):
+        raise CheckpointError(f"{file}: r must be an integer, got {r!r}")
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise CheckpointError(f"{file}: target_modules must be a list of names or a regex, got {targets!r}")
+    return config
+
+
+def read_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
+    """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), checked on its own."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"adapter directory {path} does not exist; pass a PEFT LoRA adapter directory")
+    config = _config(path)
+    file = path / "adapter_model.safetensors"
+    if not file.exists():
+        raise CheckpointError(f"no adapter_model.safetensors in {path}; save the adapter with safetensors")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is damaged or truncated ({e})") from e
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = KEY.match(key)
+        if match is None:
+            raise CheckpointError(f"{file}: tensor {key} is not a LoRA A/B weight; only linear layers are supported")
+        halves.setdefault(match[1], {})[match[2]] = tensor
+    r, alpha = config["r"], config["lora_alpha"]
+    pairs = {}
+    for module, half in halves.items():
+        if set(half) != {"A", "B"}:
+            raise CheckpointError(f"{file}: {module} has lora_{''.join(half)} but not both lora_A and lora_B")
+        a, b = half["A"], half["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise CheckpointError(f"{file}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, not rank r={r}")
+        pairs[module] = (a, b)
+    if not pairs:
+        raise CheckpointError(f"{file} holds no LoRA weights")
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return LoraAdapter(name or path.name, path, r, scale, pairs, list(pairs), nbytes)
+
+
+class LoraLinear(nn.Module):
+    """A projection plus unmerged adapters: base(x) + scale · (x Aᵀ) Bᵀ, each batch row with its own adapter.
+
+    The adapters' A are stacked as rows of one (n·r, in) matrix and their B as columns of one (out, n·r), ranks padded
+    to the largest: a batch mixing adapters runs two matmuls over every resident adapter and zeroes, per row, the
+    paths of the others (no gather copies; the work grows with the adapters resident, a handful on a device). A
+    forward with one adapter for all rows (a prefill, one sequence) uses that adapter's slices alone."""
+
+    def __init__(self, base: nn.Module, adapters: Adapters) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.adapters = adapters  # the model's registry: which rows use which adapter in this forward
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # (A, B, scale): views into the stacks
+        self.lora_a = self.lora_b = torch.empty(0)
+        self.rank = 0  # the padded rank of each slot in the stacks
+        self.slots: dict[str, int] = {}
+        self.coef: tuple[int, torch.Tensor | None] = (-1, None)  # per registry step: (rows, 1, adapters, 1) scales
+
+    def set(self, name: str, pair: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
+        """Add (A, B, scale) under `name`, or drop `name` with None, and restack."""
+        items = {**self.lora, name: pair} if pair is not None else {k: v for k, v in self.lora.items() if k != name}
+        self.lora, self.slots, self.coef = {}, {}, (-1, None)
+        if not items:
+            return
+        self.rank = r = max(a.shape[0] for a, _, _ in items.values())
+        dtype = self.adapters.dtype  # the activations': fp32 adapters on a bf16 model are stored in bf16, as vLLM does
+        self.lora_a = torch.zeros(len(items) * r, self.in_features, dtype=dtype)
+        self.lora_b = torch.zeros(self.out_features, len(items) * r, dtype=dtype)
+        for i, (key, (a, b, scale)) in enumerate(items.items()):
+            rows = slice(i * r, i * r + a.shape[0])
+            self.lora_a[rows], self.lora_b[:, rows] = a, b
+            self.lora[key], self.slots[key] = (self.lora_a[rows], self.lora_b[:, rows], scale), i
+
+    def _coef(self, rows: list[str | None]) -> torch.Tensor | None:
+        """(rows, 1, adapters, 1): each row's scale at its adapter's slot, zeros elsewhere; None when no row's adapter
+        targets this projection."""
+        coef = torch.zeros(len(rows), len(self.slots), dtype=self.lora_a.dtype)
+        hit = False
+        for i, name in enumerate(rows):
+            if name in self.lora:
+                coef[i, self.slots[name]] = self.lora[name][2]
+                hit = True
+        return coef.view(len(rows), 1, -1, 1) if hit else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        rows = self.adapters.rows
+        if rows is None:
+            return y
+        if len(set(rows)) == 1:
+            if rows[0] not in self.lora:
+                return y
+            a, b, scale = self.lora[rows[0]]
+            return y + linear(linear(x, a) * scale, b)
+        if self.coef[0] != self.adapters.step:  # the same for every call in one forward
+            self.coef = (self.adapters.step, self._coef(rows))
+        coef = self.coef[1]
+        if coef is None:
+            return y
+        h = linear(x.reshape(len(rows), -1, self.in_features), self.lora_a)
+        h = (h.view(*h.shape[:2], -1, self.rank) * coef).flatten(2)
+        return y + linear(h, self.lora_b).view(y.shape)
+
+
+class Adapters:
+    """The adapters resident on one model, by name, and (during a forward) the rows that use each of them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.loaded: dict[str, LoraAdapter] = {}
+        self.dtype = model.dtype
+        self.rows: list[str | None] | None = None  # in a forward that selects adapters: each row's (None: the base)
+        self.step = 0  # counts forwards, so a projection builds its per-row scales once per forward
+        self.unfused: list[nn.Module] = []  # layers whose fused q/k/v or gate/up weights a wrapped projection undid
+
+    def add(self, adapter: LoraAdapter) -> None:
+        """Wrap every projection the adapter targets (once), after checking the whole adapter fits this base."""
+        if adapter.name in self.loaded:
+            raise InvalidRequestError(f"adapter {adapter.name!r} is already loaded; unload it first")
+        for module, (a, b) in adapter.pairs.items():
+            target = _find(self.model, module, adapter)
+            if (a.shape[1], b.shape[0]) != (target.in_features, target.out_features):
+                raise CheckpointError(f"adapter {adapter.name} does not fit this model: {module} is "
+                                      f"{target.out_features}x{target.in_features} but the adapter's A/B give "
+                                      f"{b.shape[0]}x{a.shape[1]}; it was trained on another base model")
+        for module, (a, b) in adapter.pairs.items():
+            wrapped = self.model.get_submodule(module)
+            if not isinstance(wrapped, LoraLinear):
+                wrapped = LoraLinear(wrapped, self)
+                parent, _, child = module.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapped)
+            wrapped.set(adapter.name, (a, b, adapter.scale))
+        self._unfuse()
+        adapter.pairs = {}  # held once, in the stacks
+        self.loaded[adapter.name] = adapter
+
+    def remove(self, name: str) -> None:
+        """Drop an adapter; projections no other adapter uses get their plain base back."""
+        self.check(name)
+        for module in self.loaded.pop(name).modules:
+            wrapped = self.model.get_submodule(module)
+            wrapped.set(name, None)
+            if not wrapped.lora:
+                parent, _, child = module.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapped.base)
+        for layer in [m for m in self.unfused if not any(isinstance(p, LoraLinear) for p in m.children())]:
+            layer.fuse()  # its projections are plain again: the fused weights come back
+            self.unfused.remove(layer)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the resident adapters hold: their projections' stacks."""
+        return sum(m.lora_a.nbytes + m.lora_b.nbytes for m in self.model.modules() if isinstance(m, LoraLinear))
+
+    def _unfuse(self) -> None:
+        """Fused q/k/v and gate/up weights bypass the projections' modules: a wrapped projection's layer runs them
+        apart until `remove` unwraps it."""
+        for module in self.model.modules():
+            for attr, parts in (("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj"))):
+                if getattr(module, attr, None) is not None and any(
+                        isinstance(getattr(module, p), LoraLinear) for p in parts):
+                    setattr(module, attr, None)
+                    self.unfused.append(module)
+
+    def check(self, name: str) -> None:
+        if name not in self.loaded:
+            known = ", ".join(sorted(self.loaded)) or "none"
+            raise InvalidRequestError(f"unknown adapter {name!r}; loaded adapters: {known}")
+
+    @contextmanager
+    def use(self, rows: list[str | None]) -> Iterator[None]:
+        """Within the block, batch row i uses adapter rows[i] (None: the base alone)."""
+        for name in set(rows) - {None}:
+            self.check(name)
+        self.rows = rows if any(name is not None for name in rows) else None
+        self.step += 1
+        try:
+            yield
+        finally:
+            self.rows = None
+
+
+def _find(model: nn.Module, module: str, adapter: LoraAdapter) -> nn.Module:
+    """The projection `module` names in `model`, or why the adapter does not fit this base."""
+    if ".experts." in f"{module}.":  # an expert sees only the tokens routed to it, not the batch's rows
+        raise CheckpointError(f"adapter {adapter.name}: {module} is a MoE expert; LoRA on experts is not supported")
+    try:
+        target = model.get_submodule(module)
+    except AttributeError:
+        raise CheckpointError(f"adapter {adapter.name} does not fit this model: it has no module {module}; "
+                              "the adapter was trained on another base model") from None
+    target = target.base if isinstance(target, LoraLinear) else target
+    if not hasattr(target, "in_features") or not hasattr(target, "out_features"):
+        raise CheckpointError(f"adapter {adapter.name}: {module} is a {type(target).__name__}, not a linear layer")
+    return target
+
+
+
+
+def adapters(model: nn.Module) -> Adapters:
+    """The model's adapter registry, made on first use."""
+    registry = model.__dict__.get("adapters")
+    if registry is None:
+        registry = model.__dict__["adapters"] = Adapters(model)
+    return registry
+
+
+def load_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> LoraAdapter:
+    """Read a PEFT LoRA adapter and make it resident on `model` under `name` (default: the directory's name)."""
+    adapter = read_adapter(path, name)
+    adapters(model).add(adapter)
+    return adapter
+
+
+def select(model: nn.Module, rows: list[str | None]) -> AbstractContextManager[None]:
+    """Run the next forward with adapter rows[i] on batch row i; free when no row names one."""
+    if all(r is None for r in rows) and "adapters" not in model.__dict__:
+        return nullcontext()
+    return adapters(model).use(rows)

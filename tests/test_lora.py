@@ -1,0 +1,290 @@
+"""PEFT LoRA adapters on edgellm models, checked against PEFT's own PeftModel on the transformers model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import peft
+import pytest
+import torch
+import transformers
+
+from edgellm.cli import build_parser
+from edgellm.errors import CheckpointError, InvalidRequestError
+from edgellm.generate import batch_generate, generate
+from edgellm.kernels import Linear
+from edgellm.kv.prompt_cache import PromptCache
+from edgellm.loader import load
+from edgellm.models.lora import LoraLinear, adapters, load_adapter, read_adapter, select
+from edgellm.quant.convert import quantize_checkpoint
+from edgellm.sequence import Sequence
+from tests.conftest import build_checkpoint
+from tests.test_errors import assert_one_line_error, run_cli
+from tests.test_serve import Server, batched_steps
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {  # name: LoraConfig arguments (target_modules as a list or as PEFT's regex)
+    "all": dict(r=8, lora_alpha=16, target_modules=ALL),
+    "qv-rslora": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=r".*\.(q_proj|v_proj)"),
+    "mlp": dict(r=16, lora_alpha=32, target_modules=["gate_proj", "down_proj"]),
+}
+
+
+def hf_model(path: Path) -> transformers.PreTrainedModel:
+    return transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+def make_adapter(base: Path, out: Path, seed: int, **config) -> Path:
+    """A PEFT adapter with random A and B (init_lora_weights=False), so it changes the logits."""
+    torch.manual_seed(seed)
+    lora = peft.get_peft_model(hf_model(base), peft.LoraConfig(init_lora_weights=False, **config))
+    lora.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_dirs(llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(llama_dir, root / name, seed, **config)
+            for seed, (name, config) in enumerate(ADAPTERS.items())}
+
+
+def ids(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(2, 300, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def peft_model(base: Path, adapter: Path) -> peft.PeftModel:
+    return peft.PeftModel.from_pretrained(hf_model(base), adapter).eval()
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_logits_match_peft(llama_dir, lora_dirs, name):
+    model, _ = load(llama_dir, "fp32")
+    prompt = ids(24, 1)
+    with torch.no_grad():
+        base = model(prompt)
+        load_adapter(model, lora_dirs[name])
+        with select(model, [name]):
+            ours = model(prompt)
+        ref = peft_model(llama_dir, lora_dirs[name])(prompt).logits
+    assert (ref - base).abs().max() > 1e-2  # the adapter matters
+    assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_greedy_generate_matches_peft_and_base_keeps_fused_step(llama_dir, lora_dirs):
+    """Batch-1 decode runs the fused native step for the base; with an adapter selected it must run op at a time."""
+    model, tokenizer = load(llama_dir, "fp32")
+    plain = generate(model, tokenizer, ids(12, 2)[0].tolist(), max_tokens=16).tokens
+    load_adapter(model, lora_dirs["all"])
+    ours = generate(model, tokenizer, ids(12, 2)[0].tolist(), max_tokens=16, adapter="all").tokens
+    ref = peft_model(llama_dir, lora_dirs["all"]).generate(ids(12, 2), max_new_tokens=16, do_sample=False)
+    assert ours == ref[0, 12:].tolist()
+    assert ours != plain
+    assert generate(model, tokenizer, ids(12, 2)[0].tolist(), max_tokens=16).tokens == plain
+    assert model.__dict__.get("_fused")  # the base's decode went through the fused step, adapters resident
+
+
+def test_quantized_base(llama_dir, lora_dirs, tmp_path):
+    """q8_0 base: each wrapped projection adds exactly the LoRA delta to the quantized layer's output, and the logits
+    are as close to PEFT on the dequantized weights as the quantized base alone is to those weights."""
+    q8 = tmp_path / "q8"
+    quantize_checkpoint(llama_dir, q8, "q8_0", dtype="fp32")
+    model, _ = load(q8, "fp32")
+    hf = hf_model(llama_dir)
+    for name, module in model.named_modules():
+        if hasattr(module, "weight_view"):
+            hf.get_submodule(name).weight.data = module.weight_view.dequantize()
+    prompt = ids(24, 3)
+    with torch.no_grad():
+        gap = (model(prompt) - hf(prompt).logits).abs().max().item()
+        load_adapter(model, lora_dirs["all"])
+        with select(model, ["all"]):
+            ours = model(prompt)
+        ref = peft.PeftModel.from_pretrained(hf, lora_dirs["all"]).eval()(prompt).logits
+        proj = model.get_submodule("model.layers.1.mlp.down_proj")
+        a, b, scale = proj.lora["all"]
+        x = torch.randn(3, 5, proj.in_features)
+        with select(model, ["all"]):
+            exact = (proj(x) - proj.base(x) - scale * (x @ a.T) @ b.T).abs().max()
+    assert exact <= 1e-5
+    assert (ours - ref).abs().max() <= max(1e-4, 2 * gap)
+
+
+def test_batch_mixing_adapters_equals_each_alone(llama_dir, lora_dirs):
+    """Rows with three different adapters and none, in one forward and in batched greedy decoding."""
+    model, tokenizer = load(llama_dir, "fp32")
+    for path in lora_dirs.values():
+        load_adapter(model, path)
+    names = ["mlp", None, "all", "qv-rslora"]
+    batch = torch.cat([ids(10, 10 + i) for i in range(4)])
+    with torch.no_grad():
+        with select(model, names):
+            together = model(batch)
+        for i, name in enumerate(names):
+            with select(model, [name]):
+                assert (together[i] - model(batch[i:i + 1])[0]).abs().max() <= 1e-5
+    prompts = [ids(6 + 3 * i, 20 + i)[0].tolist() for i in range(4)]  # different lengths: own positions per row
+    results = batch_generate(model, tokenizer, prompts, max_tokens=10, adapters=names)
+    for prompt, name, result in zip(prompts, names, results, strict=True):
+        assert result.tokens == generate(model, tokenizer, prompt, max_tokens=10, adapter=name).tokens
+
+
+def test_memory_and_unload_gives_the_base_back(llama_dir, lora_dirs):
+    model, _ = load(llama_dir, "fp32")
+    prompt = ids(8, 4)
+    with torch.no_grad():
+        base = model(prompt)
+        load_adapter(model, lora_dirs["all"])
+        assert adapters(model).nbytes == read_adapter(lora_dirs["all"]).nbytes  # resident once: the file's tensors
+        with pytest.raises(InvalidRequestError, match="KV predictor"):
+            Sequence(model, None, [1, 2], PromptCache(model, 8), 2, kv_predictor=model, adapter="all")
+        load_adapter(model, lora_dirs["mlp"])
+        adapters(model).remove("all")
+        assert isinstance(model.get_submodule("model.layers.0.mlp.down_proj"), LoraLinear)
+        assert type(model.get_submodule("model.layers.0.self_attn.q_proj")) is Linear
+        adapters(model).remove("mlp")
+        assert not any(isinstance(m, LoraLinear) for m in model.modules())
+        assert torch.equal(model(prompt), base)
+    with pytest.raises(InvalidRequestError, match="unknown adapter 'all'"):
+        generate(model, None, prompt[0].tolist(), max_tokens=2, adapter="all")
+
+
+@pytest.mark.parametrize("change", [dict(intermediate_size=96), dict(num_hidden_layers=3)])
+def test_adapter_from_another_base_is_refused(llama_dir, tmp_path, change):
+    other = build_checkpoint(tmp_path / "other", "llama", **change)
+    adapter = make_adapter(other, tmp_path / "adapter", 0, r=4, lora_alpha=8, target_modules=ALL)
+    model, _ = load(llama_dir, "fp32")
+    with pytest.raises(CheckpointError, match="another base model"):
+        load_adapter(model, adapter)
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())  # nothing half-applied
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("peft_type", "PREFIX_TUNING"), ("modules_to_save", ["lm_head"]), ("use_dora", True), ("bias", "all"),
+    ("fan_in_fan_out", True), ("layers_to_transform", [0]), ("rank_pattern", {"q_proj": 4}), ("r", "8"),
+    ("lora_alpha", 0), ("target_modules", 3)])
+def test_bad_adapter_config_is_refused(llama_dir, lora_dirs, tmp_path, key, value):
+    bad = shutil.copytree(lora_dirs["all"], tmp_path / "bad")
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+    model, _ = load(llama_dir, "fp32")
+    with pytest.raises(CheckpointError, match=key) as info:
+        load_adapter(model, bad)
+    assert "\n" not in str(info.value)
+
+
+def test_server_batches_requests_with_different_adapters(llama_dir, lora_dirs, tmp_path):
+    """Through the openai client: adapters chosen by model name or by field, in flight together, each answer equal
+    to the same request alone (a prefix cached under one adapter is not reused under another)."""
+    srv = Server(llama_dir, tmp_path, adapters={"sql": lora_dirs["all"], "mlp": lora_dirs["mlp"]}, max_concurrency=8,
+                 prefill_chunk=32)
+    try:
+        client = srv.client()
+        assert [m.id for m in client.models.list().data] == [srv.model, f"{srv.model}:sql", f"{srv.model}:mlp"]
+        choices = [(srv.model, None), (f"{srv.model}:sql", None), (srv.model, "mlp")]
+        jobs = [(f"line {i}: import os", *choice) for i in range(4) for choice in choices]  # each prompt thrice
+
+        def run(job: tuple[str, str, str | None]) -> str:
+            prompt, model, adapter = job
+            extra = {"adapter": adapter} if adapter else None
+            chunks = srv.client().completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
+                                                     stream=True, extra_body=extra)
+            return "".join(ch.choices[0].text for ch in chunks if ch.choices)
+
+        alone = [run(job) for job in jobs]
+        before = batched_steps(srv.url)
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(run, jobs))
+        assert together == alone
+        assert batched_steps(srv.url) > before  # some decode steps really ran several sequences (and adapters) at once
+        assert len({alone[0], alone[1], alone[2]}) == 3  # the adapters change the answer
+        with pytest.raises(openai.NotFoundError, match="adapter 'nope' is not loaded"):
+            client.completions.create(model=f"{srv.model}:nope", prompt="x", max_tokens=2)
+        with pytest.raises(openai.BadRequestError, match="adapter") as info:
+            client.completions.create(model=srv.model, prompt="x", max_tokens=2, extra_body={"adapter": "nope"})
+        assert info.value.body["param"] == "adapter"
+        with pytest.raises(openai.BadRequestError, match="agent"):
+            client.completions.create(model=f"{srv.model}:sql", prompt="x", max_tokens=2, user="agent1")
+    finally:
+        srv.stop()
+
+
+def test_cli_generate_with_adapter(llama_dir, lora_dirs, tmp_path):
+    model, tokenizer = load(llama_dir, "fp32")
+    load_adapter(model, lora_dirs["all"])
+    want = generate(model, tokenizer, "def f(x):", max_tokens=6, adapter="all").tokens
+    result = run_cli("generate", "--model", str(llama_dir), "--dtype", "fp32", "--adapter", str(lora_dirs["all"]),
+                     "--prompt", "def f(x):", "--max-tokens", "6", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tokens"] == want
+    bad = shutil.copytree(lora_dirs["all"], tmp_path / "bad")
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    assert_one_line_error(run_cli("generate", "--model", str(llama_dir), "--adapter", str(bad), "--prompt", "x"),
+                          "use_dora")
+
+
+def test_server_loads_and_unloads_adapters_at_run_time(llama_dir, lora_dirs, tmp_path):
+    model, tokenizer = load(llama_dir, "fp32")
+    tokenizer.eos_token_ids = set()  # as the test server's
+    load_adapter(model, lora_dirs["all"], "sql")
+    want = generate(model, tokenizer, "import os", max_tokens=8, adapter="sql").text
+    base = generate(model, tokenizer, "def f(x):", max_tokens=40).text
+    srv = Server(llama_dir, tmp_path, max_concurrency=4)
+    try:
+        client = srv.client()
+        with ThreadPoolExecutor(1) as pool:  # a base request streams on while the adapter loads
+            running = pool.submit(lambda: client.completions.create(model=srv.model, prompt="def f(x):",
+                                                                    max_tokens=40, temperature=0).choices[0].text)
+            loaded = httpx.post(f"{srv.url}/v1/adapters", json={"name": "sql", "path": str(lora_dirs["all"])})
+            assert loaded.status_code == 200, loaded.text
+            assert running.result() == base
+        assert loaded.json()["bytes"] == read_adapter(lora_dirs["all"]).nbytes
+        answer = client.completions.create(model=f"{srv.model}:sql", prompt="import os", max_tokens=8, temperature=0)
+        assert answer.choices[0].text == want
+        assert httpx.delete(f"{srv.url}/v1/adapters/sql").status_code == 200
+        assert httpx.delete(f"{srv.url}/v1/adapters/sql").status_code == 404
+        assert [m.id for m in client.models.list().data] == [srv.model]
+        wrong = httpx.post(f"{srv.url}/v1/adapters", json={"name": "x", "path": str(tmp_path / "none")})
+        assert wrong.status_code == 400 and "does not exist" in wrong.json()["error"]["message"]
+    finally:
+        srv.stop()
+
+
+def test_bf16_model_mixes_adapters_in_one_batch(llama_dir, lora_dirs):
+    """bf16: adapters stored in the model's dtype; a mixed batch's rows equal each adapter alone, and are as close to
+    PEFT's fp32 logits as bf16 allows."""
+    model, _ = load(llama_dir, "bf16")
+    prompt = torch.cat([ids(12, 5), ids(12, 6)])
+    with torch.no_grad():
+        plain = model(prompt[:1]).float()
+    load_adapter(model, lora_dirs["all"])
+    load_adapter(model, lora_dirs["mlp"])
+    with torch.no_grad():
+        with select(model, ["all", "mlp"]):
+            mixed = model(prompt).float()
+        with select(model, ["all"]):
+            alone = model(prompt[:1]).float()
+        ref = peft_model(llama_dir, lora_dirs["all"])(prompt[:1]).logits
+    assert model.get_submodule("model.layers.0.self_attn.q_proj").lora_a.dtype == torch.bfloat16
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.qkv is None and mlp.gate_up is None  # a wrapped projection's layer runs unfused
+    adapters(model).remove("all")
+    adapters(model).remove("mlp")
+    assert attn.qkv is not None and mlp.gate_up is not None  # and gets its fused weights back
+    with torch.no_grad():
+        assert (model(prompt[:1]).float() - plain).abs().max() == 0
+    assert (mixed[:1] - alone).abs().max() <= 1e-2
+    assert (alone - ref).abs().max() <= 5e-2
+
+
+def test_serve_adapter_arguments():
+    args = build_parser().parse_args(["serve", "--adapter", "sql=a/sql", "--adapter", "chat=b"])
+    assert args.adapter == [("sql", "a/sql"), ("chat", "b")]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--adapter", "a/sql"])
