@@ -291,8 +291,7 @@ class AgentStore:
             if common_prefix(self.anonymous[best].tokens, ids) > 1 or len(self.anonymous) >= self.anonymous_caches:
                 cache = self.anonymous.pop(best)
         if self.pool is None:
-            # reserve modestly: max_tokens defaults to the whole context window, and the cache grows when needed
-            cache = cache or PromptCache(self.model, min(tokens, len(ids) + 1024), self.kv_format)
+            cache = cache or self.private_cache(ids, tokens)
             return cache, cache.reuse(ids)
         cache = cache or PromptCache(self.model, pool=self.pool)
         try:
@@ -305,6 +304,7 @@ class AgentStore:
         """A new anonymous cache sharing no K/V with any other (a LoRA adapter's request: its K/V are its own),
         readied for `tokens` tokens; release it after use rather than park it."""
         if self.pool is None:
+            # reserve modestly: max_tokens defaults to the whole context window, and the cache grows when needed
             return PromptCache(self.model, min(tokens, len(ids) + 1024), self.kv_format)
         cache = PromptCache(self.model, pool=self.pool)
         try:
@@ -363,9 +363,7 @@ class AgentStore:
     def live_bytes(self) -> int:
         """Physical KV bytes of live agents and idle anonymous caches: with a pool, its blocks in use (shared blocks
         once, running anonymous requests' too)."""
-        if self.pool is not None:
-            return self.pool.bytes_in_use
-        return sum(a.nbytes for a in self.live.values()) + sum(c.nbytes for c in self.anonymous)
+        return self.pool.bytes_in_use if self.pool is not None else self.logical_bytes()
 
     def logical_bytes(self) -> int:
         """KV bytes as if nothing were shared: every live agent's and idle anonymous cache's own count."""

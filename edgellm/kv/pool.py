@@ -273,8 +273,7 @@ class PagedKVCache(SingleOffset):
 
     def _gather(self, name: str) -> torch.Tensor:
         """Field `name` of tokens 0..offset as one (1, kv_heads, offset, width) tensor (a copy)."""
-        used = torch.tensor(self.table[: self._blocks_for(self.offset)], dtype=torch.long)
-        blocks = self.pool.fields[name][used]  # (blocks, heads, block_tokens, width)
+        blocks = self.pool.fields[name][self._table()]  # (blocks, heads, block_tokens, width)
         return blocks.transpose(0, 1).flatten(1, 2)[:, : self.offset].unsqueeze(0)
 
     def _read(self, name: str, block: int, n: int) -> torch.Tensor:
@@ -330,10 +329,12 @@ class PagedKVCache(SingleOffset):
         b, n_heads, t, d = q.shape
         rows = q.float().reshape(b, pool.kv_heads, n_heads // pool.kv_heads * t, d)
         rows = hadamard(rows) if pool.hadamard else rows
-        past = self._native(rows, start + 1 if t == 1 else start, scale) if start or t == 1 else None
-        if past is None and (start or t == 1):
-            return None
-        parts = [] if past is None else [past]
+        parts = []
+        if past_tokens := start + 1 if t == 1 else start:  # a decode step attends to its own token natively too
+            past = self._native(rows, past_tokens, scale)
+            if past is None:
+                return None
+            parts.append(past)
         if t > 1:
             k, v = (self._rows(name, start, start + t) for name in ("keys", "values"))
             scores = (rows @ k.transpose(2, 3)).mul_(scale).view(b, pool.kv_heads, -1, t, t)
