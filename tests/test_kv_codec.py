@@ -114,3 +114,40 @@ def test_crc32_matches_zlib(n, init):
     assert kvattn.crc32(data, init) == zlib.crc32(data.numpy().tobytes(), init)
     if n % 2 == 0:  # any dtype: the bytes as they lie
         assert kvattn.crc32(data.view(torch.float16), init) == zlib.crc32(data.numpy().tobytes(), init)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("tokens", [0, 1, 777, 70_000])  # 70K fp16 rows of 64: 8.5 MiB, chunked and threaded
+def test_read_into_fills_strided_views_like_a_plain_read(tmp_path, monkeypatch, native, tokens):
+    """Views of wider buffers (a cache's first `tokens` rows per head) filled from a file in C order, each view's
+    CRC32 continuing from its own init: the same bytes and checksums as reading the file and slicing it."""
+    gen = torch.Generator().manual_seed(tokens)
+    parts = [torch.randn(1, 2, tokens, 32, generator=gen).half(),
+             torch.randint(0, 256, (1, 2, tokens, 7), generator=gen, dtype=torch.uint8),
+             torch.randn(3, 5, generator=gen)]
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"junk" + b"".join(p.numpy().tobytes() for p in parts) + b"tail")
+    buffers = [torch.zeros(1, 2, tokens + 9, 32, dtype=torch.float16),
+               torch.zeros(1, 2, tokens + 1, 7, dtype=torch.uint8), torch.zeros(3, 5)]
+    views = [buffers[0][:, :, :tokens], buffers[1][:, :, :tokens], buffers[2]]
+    inits = [0, 0x1234567, 0xFFFFFFFF]
+    if not native:
+        monkeypatch.setattr(kvattn, "_codec", lambda: None)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(4)
+        crcs = kvattn.read_into(f, views, inits)
+        assert f.tell() == 4
+    for part, view, init, crc in zip(parts, views, inits, crcs, strict=True):
+        assert torch.equal(view, part)
+        assert crc == zlib.crc32(part.numpy().tobytes(), init)
+    assert not buffers[0][:, :, tokens:].any() and not buffers[1][:, :, tokens:].any()  # nothing past the views
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_read_into_raises_when_the_file_ends_early(tmp_path, monkeypatch, native):
+    path = tmp_path / "short.bin"
+    path.write_bytes(bytes(100))
+    if not native:
+        monkeypatch.setattr(kvattn, "_codec", lambda: None)
+    with open(path, "rb", buffering=0) as f, pytest.raises((ValueError, RuntimeError), match="ended early"):
+        kvattn.read_into(f, [torch.zeros(64, dtype=torch.uint8), torch.zeros(64, dtype=torch.uint8)], [0, 0])

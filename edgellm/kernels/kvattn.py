@@ -9,10 +9,11 @@ PyTorch path: this module only knows the packed layout, not the caches.
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -99,6 +100,35 @@ def packed_attention(q: torch.Tensor, keys: PackedKV, values: PackedKV, bits: in
                                       values.scales, values.zeros, table, page_tokens, tokens, bits, keys.group,
                                       values.group, keys.per_channel, recent_keys.float().contiguous(),
                                       recent_values.float().contiguous(), scale))
+
+
+def runs(view: torch.Tensor) -> list[torch.Tensor]:
+    """The contiguous pieces of a strided view in C order, each flattened (one piece when it is contiguous)."""
+    if view.is_contiguous():
+        return [view.reshape(-1)]
+    return [piece for sub in view.unbind(0) for piece in runs(sub)]
+
+
+def read_into(f: BinaryIO, views: list[torch.Tensor], inits: list[int]) -> list[int]:
+    """Fill each view (strided allowed) in turn, in C order, from the open file `f` at its position; returns each
+    view's bytes' zlib.crc32 continuing from inits[i] (the file position is left as it was).
+
+    Natively: one pass, each 256 KiB chunk checksummed right after it lands, the GIL released; else view by view.
+    """
+    if _codec() is not None:
+        return [crc & 0xFFFFFFFF for crc in _codec().read_into(f.fileno(), f.tell(), views, inits)]
+    crcs, offset = [], f.tell()
+    for view, crc in zip(views, inits, strict=True):
+        for piece in runs(view):
+            buffer, done = memoryview(piece.view(torch.uint8).numpy()), 0
+            while done < len(buffer):
+                got = os.preadv(f.fileno(), [buffer[done:]], offset)
+                if not got:
+                    raise ValueError("the file ended early")
+                done, offset = done + got, offset + got
+            crc = zlib.crc32(buffer, crc)
+        crcs.append(crc)
+    return crcs
 
 
 def crc32(t: torch.Tensor, init: int = 0) -> int:

@@ -6,7 +6,7 @@ per-layer storage kind (dense, quantized, paged) also offers to the rest of the 
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,33 @@ class KVCache(AttentionCache, Protocol):
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Replace the contents with a `state()` taken from a cache of the same format."""
         ...
+
+
+class Layout(NamedTuple):
+    """A tensor's shape and dtype without its data: what a file's header says it holds."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+@runtime_checkable
+class ContiguousCache(KVCache, Protocol):
+    """A cache holding each (batch row, head) in one strided buffer (dense, quantized): a restore fills it in place."""
+
+    def receive(self, state: dict[str, torch.Tensor | Layout]) -> dict[str, torch.Tensor]:
+        """Make room for a `state()` shaped like `state` and hold it; returns where each entry goes.
+
+        Only shapes and dtypes are read (a `Layout` will do), and checked against this cache's format. Each entry maps
+        to a view of this cache's own buffers with its shape: a restore reads the file straight into them, and the
+        cache holds the state once they are filled.
+        """
+        ...
+
+
+def load_state(cache: ContiguousCache, state: dict[str, torch.Tensor]) -> None:
+    """`cache.load_state` for caches that `receive`: check, make room, copy."""
+    for name, view in cache.receive(state).items():
+        view.copy_(state[name])
 
 
 class SingleOffset:
@@ -120,16 +147,24 @@ class DenseKVCache(SingleOffset):
     def state(self) -> dict[str, torch.Tensor]:
         return {"keys": self.keys[:, :, : self.offset], "values": self.values[:, :, : self.offset]}
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+    def receive(self, state: dict[str, torch.Tensor | Layout]) -> dict[str, torch.Tensor]:
+        if set(state) != {"keys", "values"}:
+            raise InvalidRequestError(f"saved state holds {sorted(state)}, a dense cache holds ['keys', 'values']")
         keys, values = state["keys"], state["values"]
         b, h, _, d = self.keys.shape
         for t in (keys, values):
-            if t.dtype != self.keys.dtype or t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (b, h, d) \
+            if t.dtype != self.keys.dtype or len(t.shape) != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (b, h, d) \
                     or t.shape != keys.shape:
                 raise InvalidRequestError(f"saved K/V {tuple(t.shape)} {t.dtype} do not fit this cache "
                                           f"({b}, {h}, *, {d}) {self.keys.dtype}")
-        self.offset = 0
-        self.update_and_fetch(keys, values)
+        self.offset = 0  # nothing held is kept: a grow copies nothing
+        if keys.shape[2] > self.capacity:
+            self._grow(keys.shape[2])
+        self.offset = keys.shape[2]
+        return {"keys": self.keys[:, :, :self.offset], "values": self.values[:, :, :self.offset]}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_state(self, state)
 
     @property
     def nbytes(self) -> int:

@@ -5,9 +5,10 @@ format version, model and tokenizer fingerprints, KV format, a CRC32 per tensor 
 the token count are checked, and the tensors are loaded into fresh cache objects; on any mismatch `RestoreError`
 says why, so a stale, damaged or edited file costs a prefill but never gives a wrong answer.
 
-A restore reads the file into one buffer (no memory map: a page fault per 4 KiB page cost more than the read),
-checksumming each tensor on a second thread as soon as its bytes are in, and checks the safetensors layout
-itself: every tensor's offsets, dtype and shape, and that the tensors tile the data exactly.
+A restore checks the header first (the safetensors layout itself: every tensor's offsets, dtype and shape, and that
+the tensors tile the data exactly), then reads the file straight into a fresh cache's buffers in one native pass,
+checksumming each chunk right after it lands (no memory map: a page fault per 4 KiB page cost more than the read;
+no staging buffer: the second copy cost as much as the read).
 """
 
 from __future__ import annotations
@@ -20,23 +21,23 @@ import tempfile
 import time
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from edgellm.errors import EdgeLLMError
-from edgellm.kernels.kvattn import crc32
+from edgellm.errors import EdgeLLMError, InvalidRequestError
+from edgellm.kernels.kvattn import crc32, read_into
+from edgellm.kv.cache import Layout
 from edgellm.kv.formats import KVFormat, dense_format
 from edgellm.kv.prompt_cache import PromptCache
 
 SAFETENSORS_DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 HEADER_LIMIT = 100 * 2**20  # safetensors' own bound on the JSON header
-READ_CHUNK = 4 * 2**20  # bytes read at a time; each tensor's checksum starts once its bytes are in
 FORMAT_VERSION = 2  # 2: metadata checksummed, tensor CRCs cover dtype and shape
 HEADER_CHECKSUM = "header_sha256"
 TMP_SUFFIX = ".tmp"
@@ -48,10 +49,14 @@ class RestoreError(EdgeLLMError):
     """A saved KV memory cannot be used for this model, tokenizer or KV format, or is damaged."""
 
 
+def layout_crc32(t: torch.Tensor | Layout) -> int:
+    """The CRC32 a tensor's checksum starts from: of its dtype and shape."""
+    return zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode())
+
+
 def tensor_crc32(t: torch.Tensor) -> str:
     """CRC32 of a tensor's dtype, shape and bytes: a header edit that reinterprets intact bytes is caught too."""
-    layout = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode())
-    return f"{crc32(t.contiguous(), layout):08x}"
+    return f"{crc32(t.contiguous(), layout_crc32(t)):08x}"
 
 
 def header_checksum(meta: dict[str, str]) -> str:
@@ -171,75 +176,92 @@ def verified_metadata(label: str, meta: dict[str, str]) -> dict[str, str]:
     return meta
 
 
-def read_safetensors(path: Path, pool: ThreadPoolExecutor) -> tuple[dict[str, str], dict[str, torch.Tensor],
-                                                                    dict[str, Future[str]]]:
-    """(metadata, tensors, their `tensor_crc32`s as futures) of a safetensors file; tensors are views of one buffer.
+def read_header(f: BinaryIO) -> tuple[dict[str, str], dict[str, Layout], list[tuple[int, int, str]]]:
+    """(metadata, each tensor's layout, (begin, end, name) spans in file order) of an open safetensors file,
+    which is left at the start of its data.
 
-    The data is read READ_CHUNK at a time and each tensor's checksum starts on `pool` as soon as its bytes are in,
-    so checksums run while the rest is still read (the read and the checksum op both release the GIL). Raises
-    ValueError when the layout is not one safetensors writes: a header past the file, not JSON, a dtype a cache
-    never holds, a shape that does not match its byte span, or spans that do not tile the data exactly.
+    Raises ValueError when the layout is not one safetensors writes: a header past the file, not JSON, a dtype a
+    cache never holds, a shape that does not match its byte span, or spans that do not tile the data exactly.
     """
-    with open(path, "rb", buffering=0) as f:  # one open file: a concurrent atomic replace cannot swap it mid-read
-        size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
-        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if not 0 < n <= min(size - 8, HEADER_LIMIT):
-            raise ValueError(f"header length {n} does not fit a {size}-byte file")
-        raw = f.read(n)
-        header = json.loads(raw.decode("utf-8")) if len(raw) == n else None
-        meta = header.pop("__metadata__", {}) if isinstance(header, dict) else None
-        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise ValueError("the header is not a safetensors header")
-        data = torch.empty(size - 8 - n, dtype=torch.uint8)
-        tensors, spans = {}, []
-        for name, info in header.items():
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"tensor {name} has dtype {info['dtype']}, which no KV cache holds")
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-            if not all(type(d) is int and d >= 0 for d in shape) or not (type(begin) is type(end) is int) or \
-                    end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= data.numel():
-                raise ValueError(f"tensor {name}: shape {shape} and bytes [{begin}, {end}) disagree")
-            spans.append((begin, end, name))
-            tensors[name] = data[begin:end].view(dtype).view(shape)
-        spans.sort()
-        if [b for b, _, _ in spans] != [0, *(e for _, e, _ in spans)][:len(spans)] or \
-                (spans[-1][1] if spans else 0) != data.numel():
-            raise ValueError("the tensors do not tile the file's data exactly")
-        view, done, crcs = memoryview(data.numpy()), 0, {}
-        pending = iter(spans)
-        span = next(pending, None)
-        while done < data.numel():
-            got = f.readinto(view[done:done + READ_CHUNK])
-            if not got:
-                raise ValueError("the file shrank while it was read")
-            done += got
-            while span is not None and span[1] <= done:
-                crcs[span[2]] = pool.submit(tensor_crc32, tensors[span[2]])
-                span = next(pending, None)
-        for _, _, name in spans:  # a file of empty tensors only: nothing was read
-            if name not in crcs:
-                crcs[name] = pool.submit(tensor_crc32, tensors[name])
-    return meta, tensors, crcs
+    size = os.fstat(f.fileno()).st_size
+    prefix = f.read(8)
+    n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if not 0 < n <= min(size - 8, HEADER_LIMIT):
+        raise ValueError(f"header length {n} does not fit a {size}-byte file")
+    raw = f.read(n)
+    header = json.loads(raw.decode("utf-8")) if len(raw) == n else None
+    meta = header.pop("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError("the header is not a safetensors header")
+    data_bytes = size - 8 - n
+    shapes, spans = {}, []
+    for name, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name} has dtype {info['dtype']}, which no KV cache holds")
+        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        if not all(type(d) is int and d >= 0 for d in shape) or not (type(begin) is type(end) is int) or \
+                end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= data_bytes:
+            raise ValueError(f"tensor {name}: shape {shape} and bytes [{begin}, {end}) disagree")
+        spans.append((begin, end, name))
+        shapes[name] = Layout(torch.Size(shape), dtype)
+    spans.sort()
+    if [b for b, _, _ in spans] != [0, *(e for _, e, _ in spans)][:len(spans)] or \
+            (spans[-1][1] if spans else 0) != data_bytes:
+        raise ValueError("the tensors do not tile the file's data exactly")
+    return meta, shapes, spans
 
 
 def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
                    kv_format: KVFormat) -> tuple[PromptCache, dict]:
-    """Validate the saved memory, then build a fresh cache from it; returns (cache, metadata)."""
+    """Validate the saved memory and read it straight into a fresh cache; returns (cache, metadata).
+
+    The header is checked before any tensor is read, the data goes into the cache's own buffers, and the cache
+    stays private until every checksum has passed.
+    """
     if not path.exists():
         raise RestoreError(f"no saved memory at {path}")
+    label = path.name
     try:
-        # Checksums run on a second thread while the file is read and the tensors are copied into the fresh
-        # cache, which stays private until every checksum has passed.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            meta, tensors, crcs = read_safetensors(path, pool)
-            return _restore(path.name, meta, tensors, crcs, model, tokenizer_fingerprint, kv_format)
+        with open(path, "rb", buffering=0) as f:  # one open file: a concurrent atomic replace cannot swap it mid-read
+            meta, shapes, spans = read_header(f)
+            meta, tokens, checksums = _check_metadata(label, meta, model, tokenizer_fingerprint, kv_format)
+            if set(shapes) != set(checksums):
+                raise RestoreError(f"{label}: the file's tensors do not match its checksum list")
+            layers = model.args.num_hidden_layers
+            states: list[dict[str, Layout]] = [{} for _ in range(layers)]
+            for key, t in shapes.items():
+                _, i, field = key.split(".", 2)
+                if not i.isdigit() or int(i) >= layers:
+                    raise RestoreError(f"{label}: tensor {key} names no layer of this model")
+                states[int(i)][field] = t
+            cache = PromptCache(model, capacity=len(tokens) + 256, kv_format=kv_format)
+            views = {}
+            try:
+                for i, (layer, state) in enumerate(zip(cache.layers, states, strict=True)):
+                    got = layer.receive(state)
+                    if set(got) != set(state) or any(got[k].shape != t.shape or got[k].dtype != t.dtype
+                                                     for k, t in state.items()):
+                        raise InvalidRequestError(f"layer {i} holds {sorted(got)}, the file {sorted(state)}")
+                    views |= {f"layers.{i}.{name}": view for name, view in got.items()}
+            except EdgeLLMError as e:
+                raise RestoreError(f"{label}: memory tensors do not fit this KV format ({e})") from e
+            names = [name for _, _, name in spans]
+            crcs = read_into(f, [views[name] for name in names], [layout_crc32(shapes[name]) for name in names])
+            for name, crc in zip(names, crcs, strict=True):
+                if f"{crc:08x}" != checksums[name]:
+                    raise RestoreError(f"{label}: checksum mismatch in {name}; the file is damaged")
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise RestoreError(f"{path.name}: memory file is damaged or inconsistent ({e})") from e
+        raise RestoreError(f"{label}: memory file is damaged or inconsistent ({e})") from e
+    if any(layer.offset != len(tokens) for layer in cache.layers):
+        raise RestoreError(f"{label}: memory holds a different number of tokens than it claims")
+    cache.tokens = tokens
+    return cache, meta
 
 
-def _restore(label: str, meta: dict[str, str], tensors: dict[str, torch.Tensor], crcs: dict[str, Future[str]],
-             model: nn.Module, tokenizer_fingerprint: str, kv_format: KVFormat) -> tuple[PromptCache, dict]:
+def _check_metadata(label: str, meta: dict[str, str], model: nn.Module, tokenizer_fingerprint: str,
+                    kv_format: KVFormat) -> tuple[dict[str, str], list[int], dict[str, str]]:
+    """(metadata, tokens, tensor checksums) when the header is intact and written for this model, tokenizer,
+    dtype and KV format; else RestoreError."""
     meta = verified_metadata(label, meta)
     if meta.get("model_fingerprint") != model.fingerprint:
         raise RestoreError(f"{label}: memory was saved for a different model")
@@ -260,24 +282,4 @@ def _restore(label: str, meta: dict[str, str], tensors: dict[str, torch.Tensor],
         raise RestoreError(f"{label}: memory is in KV format {saved_format}, this store uses {kv_format}")
     if layers != model.args.num_hidden_layers or len(tokens) != num_tokens:
         raise RestoreError(f"{label}: memory shape does not match the model")
-    if set(tensors) != set(checksums):
-        raise RestoreError(f"{label}: the file's tensors do not match its checksum list")
-    states: list[dict[str, torch.Tensor]] = [{} for _ in range(layers)]
-    for key, t in tensors.items():
-        _, i, field = key.split(".", 2)
-        if not i.isdigit() or int(i) >= layers:
-            raise RestoreError(f"{label}: tensor {key} names no layer of this model")
-        states[int(i)][field] = t
-    cache = PromptCache(model, capacity=num_tokens + 256, kv_format=kv_format)
-    try:
-        for layer, state in zip(cache.layers, states, strict=True):
-            layer.load_state(state)
-    except EdgeLLMError as e:
-        raise RestoreError(f"{label}: memory tensors do not fit this KV format ({e})") from e
-    for key, crc in crcs.items():
-        if crc.result() != checksums[key]:
-            raise RestoreError(f"{label}: checksum mismatch in {key}; the file is damaged")
-    if any(layer.offset != num_tokens for layer in cache.layers):
-        raise RestoreError(f"{label}: memory holds a different number of tokens than it claims")
-    cache.tokens = list(tokens)
-    return cache, meta
+    return meta, tokens, checksums

@@ -17,7 +17,7 @@ import torch
 
 from edgellm.errors import InvalidRequestError
 from edgellm.kernels.kvattn import PackedKV, packed_attention, quantize_into
-from edgellm.kv.cache import SingleOffset
+from edgellm.kv.cache import Layout, SingleOffset, load_state
 from edgellm.kv.codec import BITS, QuantizedTensor, dequantize, hadamard, quantize
 
 SCHEMES = ("token", "kivi")
@@ -215,13 +215,13 @@ class _PackedBuffer:
         return {f"{prefix}.data": self.data[:, :, :data_rows], f"{prefix}.scales": self.scales[:, :, :scale_rows],
                 f"{prefix}.zeros": self.zeros[:, :, :scale_rows]}
 
-    def held_in(self, state: dict[str, torch.Tensor], prefix: str) -> int:
+    def held_in(self, state: dict[str, torch.Tensor | Layout], prefix: str) -> int:
         """Tokens a `state()` holds, after checking it has this buffer's layout (nothing is copied yet)."""
         names = [f"{prefix}.{name}" for name in ("data", "scales", "zeros")]
         if any(name not in state for name in names):
             raise InvalidRequestError(f"saved state has no {', '.join(names)}: it is not from a quantized cache")
         data, scales, zeros = (state[name] for name in names)
-        tokens = scales.shape[2] * (self.group if self.per_channel else 1) if scales.dim() == 4 else -1
+        tokens = scales.shape[2] * (self.group if self.per_channel else 1) if len(scales.shape) == 4 else -1
         data_rows, scale_rows = self._rows(tokens)
         want_data = (*self.data.shape[:2], data_rows, self.data.shape[3])
         want_scales = (*self.scales.shape[:2], scale_rows, self.scales.shape[3])
@@ -231,14 +231,13 @@ class _PackedBuffer:
                                       f"({self.bits}-bit, group {self.group}, batch/heads/head_dim {self.shape})")
         return tokens
 
-    def load(self, state: dict[str, torch.Tensor], prefix: str, tokens: int) -> None:
-        """Copy in a `state()` already checked by `held_in`."""
+    def receive(self, prefix: str, tokens: int) -> dict[str, torch.Tensor]:
+        """Room for `tokens` tokens of a `state()` already checked by `held_in`: where its bytes go."""
         if tokens > self.capacity:
             self._grow(tokens, 0)
         data_rows, scale_rows = self._rows(tokens)
-        self.data[:, :, :data_rows] = state[f"{prefix}.data"]
-        self.scales[:, :, :scale_rows] = state[f"{prefix}.scales"]
-        self.zeros[:, :, :scale_rows] = state[f"{prefix}.zeros"]
+        return {f"{prefix}.data": self.data[:, :, :data_rows], f"{prefix}.scales": self.scales[:, :, :scale_rows],
+                f"{prefix}.zeros": self.zeros[:, :, :scale_rows]}
 
 
 class QuantizedKVCache(SingleOffset):
@@ -388,9 +387,13 @@ class QuantizedKVCache(SingleOffset):
             state |= {"keys.window": self.recent_keys[:, :, :held], "values.window": self.recent_values[:, :, :held]}
         return state
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the contents with a `state()` of a cache of the same format: bit-exact, all or nothing."""
+    def receive(self, state: dict[str, torch.Tensor | Layout]) -> dict[str, torch.Tensor]:
         quantized = self.keys.held_in(state, "keys")
+        window = self.recent_keys.shape[2] > 0
+        names = {f"{kv}.{part}" for kv in ("keys", "values") for part in ("data", "scales", "zeros")}
+        if set(state) - names - ({"keys.window", "values.window"} if window else set()):
+            raise InvalidRequestError(f"saved state holds {sorted(set(state) - names)}, which this "
+                                      f"{'windowed' if window else 'window-less'} quantized cache does not hold")
         empty = self.recent_keys[:, :, :0]
         windows = state.get("keys.window", empty), state.get("values.window", empty)
         held = windows[0].shape[2]
@@ -401,9 +404,13 @@ class QuantizedKVCache(SingleOffset):
                                                    for w in windows):
             raise InvalidRequestError(f"saved full-precision window {tuple(windows[0].shape)} "
                                       f"{windows[0].dtype} does not fit this cache ({self.dtype})")
-        self.keys.load(state, "keys", quantized)
-        self.values.load(state, "values", quantized)
-        self.recent_keys[:, :, :held] = windows[0]
-        self.recent_values[:, :, :held] = windows[1]
+        pieces = self.keys.receive("keys", quantized) | self.values.receive("values", quantized)
+        if window and "keys.window" in state:
+            pieces |= {"keys.window": self.recent_keys[:, :, :held], "values.window": self.recent_values[:, :, :held]}
         self.quantized, self.offset = quantized, quantized + held
+        return pieces
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the contents with a `state()` of a cache of the same format: bit-exact, all or nothing."""
+        load_state(self, state)
 
