@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgellm.kernels.native import cpu_has_native_bf16, gemv_bf16_op
+from edgellm.kernels.native import cpu_has_native_bf16, gemv_bf16_op, load_extension
 
 # Without hardware bf16, up to here the native kernel beats fp32 upcast + GEMM and bf16 F.linear beats the upcast
 # (measured at 2048x8192: the upcast's cost is converting the weight on every call; both cross over at ~128 rows).
@@ -39,6 +39,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if gemv is not None:
             return gemv(x, weight, bias)
     return torch_linear(x, weight, bias)
+
+
+def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor,
+              scales: torch.Tensor, rank: int) -> bool:
+    """y (B, T, N) += scales[i] · (x[i] A_s^T) B_s^T for s = slots[i] (-1: none), in place, natively; False (y
+    untouched) where the native kernel does not apply. a (S·rank, K) and bt (S·rank, N) stack S adapters' A and Bᵀ."""
+    ext = load_extension("gemv")
+    if ext is None or not (x.is_cpu and y.is_contiguous() and a.is_contiguous() and bt.is_contiguous()) or (
+            torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or bt.requires_grad)):
+        return False
+    ext.lora_bgmv(y, x.contiguous(), a, bt, slots, scales, rank)
+    return True
 
 
 class Linear(nn.Linear):

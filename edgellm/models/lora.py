@@ -1,8 +1,8 @@
 """PEFT LoRA adapters kept unmerged: any number resident on one base model, chosen per batch row.
 
 Each targeted projection is wrapped in a `LoraLinear`: the base (dense or quantized, untouched) runs once for the
-whole batch, then the low-rank paths run for the whole batch too, each row through its own adapter (see
-`LoraLinear`; Punica's BGMV does the same with a gather in a native kernel). A projection keeps its adapters'
+whole batch, then the low-rank paths run for the whole batch too, each row through its own adapter (Punica's BGMV:
+one native call gathers each row's slices; see `LoraLinear`). A projection keeps its adapters'
 tensors in one stack, in the model's dtype, so a resident adapter costs its file's size (half that for an fp32
 file on a bf16 model; different ranks on one projection pad to the largest). Which adapter each row uses is
 set for one forward by `select`, as vLLM's LoRA metadata is: the model's forward signature does not change.
@@ -25,11 +25,13 @@ from torch import nn
 
 from edgellm.errors import CheckpointError, InvalidRequestError
 from edgellm.kernels import linear
+from edgellm.kernels.linear import lora_bgmv
 
 # adapter_config.json keys whose non-default values change what the adapter computes in ways not implemented here
 UNSUPPORTED = {"modules_to_save": None, "use_dora": False, "fan_in_fan_out": False, "layers_to_transform": None,
                "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
                "target_parameters": None, "trainable_token_indices": None, "megatron_config": None}
+BGMV_MAX_TOKENS = 16  # tokens per row up to which the native gather kernel runs (decode, a speculative check)
 KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -113,10 +115,11 @@ def read_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
 class LoraLinear(nn.Module):
     """A projection plus unmerged adapters: base(x) + scale · (x Aᵀ) Bᵀ, each batch row with its own adapter.
 
-    The adapters' A are stacked as rows of one (n·r, in) matrix and their B as columns of one (out, n·r), ranks padded
-    to the largest: a batch mixing adapters runs two matmuls over every resident adapter and zeroes, per row, the
-    paths of the others (no gather copies; the work grows with the adapters resident, a handful on a device). A
-    forward with one adapter for all rows (a prefill, one sequence) uses that adapter's slices alone."""
+    The adapters' A are stacked as rows of one (n·r, in) matrix and their Bᵀ as rows of one (n·r, out), ranks padded
+    to the largest. Decode (up to BGMV_MAX_TOKENS tokens per row) runs one native gather kernel in which each row
+    reads only its own adapter's slices; a prefill with one adapter for all rows runs that adapter's slices as
+    GEMMs; otherwise (a mixed prefill, or no native build) two matmuls run over every resident adapter and the
+    other adapters' paths are zeroed per row."""
 
     def __init__(self, base: nn.Module, adapters: Adapters) -> None:
         super().__init__()
@@ -124,55 +127,62 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.adapters = adapters  # the model's registry: which rows use which adapter in this forward
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # (A, B, scale): views into the stacks
-        self.lora_a = self.lora_b = torch.empty(0)
+        self.lora_a = self.lora_bt = torch.empty(0)
         self.rank = 0  # the padded rank of each slot in the stacks
         self.slots: dict[str, int] = {}
-        self.coef: tuple[int, torch.Tensor | None] = (-1, None)  # per registry step: (rows, 1, adapters, 1) scales
+        self.meta: tuple[tuple[str | None, ...], tuple[torch.Tensor, torch.Tensor] | None] = ((), None)  # per batch
 
     def set(self, name: str, pair: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
         """Add (A, B, scale) under `name`, or drop `name` with None, and restack."""
         items = {**self.lora, name: pair} if pair is not None else {k: v for k, v in self.lora.items() if k != name}
-        self.lora, self.slots, self.coef = {}, {}, (-1, None)
+        self.lora, self.slots, self.meta = {}, {}, ((), None)
         if not items:
             return
         self.rank = r = max(a.shape[0] for a, _, _ in items.values())
         dtype = self.adapters.dtype  # the activations': fp32 adapters on a bf16 model are stored in bf16, as vLLM does
         self.lora_a = torch.zeros(len(items) * r, self.in_features, dtype=dtype)
-        self.lora_b = torch.zeros(self.out_features, len(items) * r, dtype=dtype)
+        self.lora_bt = torch.zeros(len(items) * r, self.out_features, dtype=dtype)  # B transposed: rows read whole
         for i, (key, (a, b, scale)) in enumerate(items.items()):
             rows = slice(i * r, i * r + a.shape[0])
-            self.lora_a[rows], self.lora_b[:, rows] = a, b
-            self.lora[key], self.slots[key] = (self.lora_a[rows], self.lora_b[:, rows], scale), i
+            self.lora_a[rows], self.lora_bt[rows] = a, b.t()
+            self.lora[key], self.slots[key] = (self.lora_a[rows], self.lora_bt[rows].t(), scale), i
 
-    def _coef(self, rows: list[str | None]) -> torch.Tensor | None:
-        """(rows, 1, adapters, 1): each row's scale at its adapter's slot, zeros elsewhere; None when no row's adapter
-        targets this projection."""
-        coef = torch.zeros(len(rows), len(self.slots), dtype=self.lora_a.dtype)
-        hit = False
-        for i, name in enumerate(rows):
-            if name in self.lora:
-                coef[i, self.slots[name]] = self.lora[name][2]
-                hit = True
-        return coef.view(len(rows), 1, -1, 1) if hit else None
+    def _rows(self, rows: tuple[str | None, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each row's slot in the stacks (-1: none) and scale, as the native kernel takes them; None when no row's
+        adapter targets this projection."""
+        slots = [self.slots.get(name, -1) for name in rows]
+        if max(slots) < 0:
+            return None
+        scales = [self.lora[name][2] if slot >= 0 else 0.0 for name, slot in zip(rows, slots, strict=True)]
+        return torch.tensor(slots, dtype=torch.long), torch.tensor(scales, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         rows = self.adapters.rows
         if rows is None:
             return y
-        if len(set(rows)) == 1:
+        if len(set(rows)) == 1 and x.shape[-2] > BGMV_MAX_TOKENS:  # a prefill: its adapter's slices as GEMMs
             if rows[0] not in self.lora:
                 return y
             a, b, scale = self.lora[rows[0]]
             return y + linear(linear(x, a) * scale, b)
-        if self.coef[0] != self.adapters.step:  # the same for every call in one forward
-            self.coef = (self.adapters.step, self._coef(rows))
-        coef = self.coef[1]
-        if coef is None:
+        if self.meta[0] != rows:  # the same batch step after step: built once
+            self.meta = (rows, self._rows(rows))
+        if self.meta[1] is None:
             return y
-        h = linear(x.reshape(len(rows), -1, self.in_features), self.lora_a)
-        h = (h.view(*h.shape[:2], -1, self.rank) * coef).flatten(2)
-        return y + linear(h, self.lora_b).view(y.shape)
+        slots, scales = self.meta[1]
+        n = len(rows)
+        native = x.shape[-2] <= BGMV_MAX_TOKENS and y.is_contiguous()  # each row reading its own slices
+        if native and lora_bgmv(y.view(n, -1, self.out_features), x.reshape(n, -1, self.in_features), self.lora_a,
+                                self.lora_bt, slots, scales, self.rank):
+            return y
+        # every resident adapter's path for every row, each zeroed but the row's own
+        coef = torch.zeros(n, len(self.slots), dtype=self.lora_a.dtype)
+        hit = slots >= 0
+        coef[hit.nonzero().flatten(), slots[hit]] = scales[hit].to(coef.dtype)
+        h = linear(x.reshape(n, -1, self.in_features), self.lora_a)
+        h = (h.view(*h.shape[:2], -1, self.rank) * coef.view(n, 1, -1, 1)).flatten(2)
+        return y + (h @ self.lora_bt).view(y.shape)
 
 
 class Adapters:
@@ -182,8 +192,7 @@ class Adapters:
         self.model = model
         self.loaded: dict[str, LoraAdapter] = {}
         self.dtype = model.dtype
-        self.rows: list[str | None] | None = None  # in a forward that selects adapters: each row's (None: the base)
-        self.step = 0  # counts forwards, so a projection builds its per-row scales once per forward
+        self.rows: tuple[str | None, ...] | None = None  # in a forward selecting adapters: each row's (None: base)
         self.unfused: list[nn.Module] = []  # layers whose fused q/k/v or gate/up weights a wrapped projection undid
 
     def add(self, adapter: LoraAdapter) -> None:
@@ -223,7 +232,7 @@ class Adapters:
     @property
     def nbytes(self) -> int:
         """Bytes the resident adapters hold: their projections' stacks."""
-        return sum(m.lora_a.nbytes + m.lora_b.nbytes for m in self.model.modules() if isinstance(m, LoraLinear))
+        return sum(m.lora_a.nbytes + m.lora_bt.nbytes for m in self.model.modules() if isinstance(m, LoraLinear))
 
     def _unfuse(self) -> None:
         """Fused q/k/v and gate/up weights bypass the projections' modules: a wrapped projection's layer runs them
@@ -245,8 +254,7 @@ class Adapters:
         """Within the block, batch row i uses adapter rows[i] (None: the base alone)."""
         for name in set(rows) - {None}:
             self.check(name)
-        self.rows = rows if any(name is not None for name in rows) else None
-        self.step += 1
+        self.rows = tuple(rows) if any(name is not None for name in rows) else None
         try:
             yield
         finally:
