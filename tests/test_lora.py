@@ -77,7 +77,7 @@ def test_logits_match_peft(llama_dir, lora_dirs, name):
 
 
 def test_greedy_generate_matches_peft_and_base_keeps_fused_step(llama_dir, lora_dirs):
-    """Batch-1 decode runs the fused native step for the base; with an adapter selected it must run op at a time."""
+    """Batch-1 decode runs the fused native step, for the base and with an adapter (its side path inside the step)."""
     model, tokenizer = load(llama_dir, "fp32")
     plain = generate(model, tokenizer, ids(12, 2)[0].tolist(), max_tokens=16).tokens
     load_adapter(model, lora_dirs["all"])
@@ -277,10 +277,10 @@ def test_bf16_model_mixes_adapters_in_one_batch(llama_dir, lora_dirs):
         ref = peft_model(llama_dir, lora_dirs["all"])(prompt[:1]).logits
     assert model.get_submodule("model.layers.0.self_attn.q_proj").lora_a.dtype == torch.bfloat16
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    assert attn.qkv is None and mlp.gate_up is None  # a wrapped projection's layer runs unfused
+    assert attn.qkv is not None and mlp.gate_up is not None  # fused q/k/v and gate/up stay: paths add into them
     adapters(model).remove("all")
     adapters(model).remove("mlp")
-    assert attn.qkv is not None and mlp.gate_up is not None  # and gets its fused weights back
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
     with torch.no_grad():
         assert (model(prompt[:1]).float() - plain).abs().max() == 0
     assert (mixed[:1] - alone).abs().max() <= 1e-2
@@ -318,3 +318,33 @@ def test_native_bgmv_matches_the_plain_reference(dtype, weights):
     tol = 1e-4 if dtype == torch.float32 else 0.1  # bf16 y: the sum is rounded once, to bf16
     assert (y.float() - want).abs().max() <= tol * max(1.0, want.abs().max().item() / 10)
     assert torch.equal(y[1], before[1])  # the row without an adapter is left exactly as it was
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "q8_0", "int4-g32"])
+def test_fused_step_applies_the_selected_adapter(llama_dir, lora_dirs, tmp_path, monkeypatch, fmt):
+    """One decode step with an adapter (or two adapters in turn, then none) through the fused native step equals the
+    op-at-a-time forward on the same cache state, dense and quantized bases."""
+    from edgellm.kv.prompt_cache import PromptCache
+    from edgellm.models import fused
+    path = llama_dir
+    if fmt in ("q8_0", "int4-g32"):
+        path = tmp_path / fmt
+        quantize_checkpoint(llama_dir, path, fmt, dtype="fp32")
+    model, _ = load(path, "bf16" if fmt == "bf16" else "fp32")
+    load_adapter(model, lora_dirs["all"])
+    load_adapter(model, lora_dirs["mlp"])
+    prompt = ids(9, 4)
+    tol = 5e-2 if fmt == "bf16" else 1e-4
+    for name in ("all", "mlp", None, "all"):
+        cache = PromptCache(model, 32)
+        with torch.no_grad(), select(model, [name]):
+            model(prompt, cache.layers)
+            token = torch.tensor([[7]])
+            monkeypatch.setenv("EDGELLM_FUSED_STEP", "1")
+            ours = fused.decode_step(model, token, cache.layers)
+            assert ours is not None, "the fused step declined"
+            for layer in cache.layers:
+                layer.trim(1)
+            monkeypatch.setenv("EDGELLM_FUSED_STEP", "0")
+            ref = model(token, cache.layers)
+        assert (ours.float() - ref.float()).abs().max() <= tol, name

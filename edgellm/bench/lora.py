@@ -93,15 +93,20 @@ def run(args: argparse.Namespace) -> None:
         names = [f"a{i}" for i in range(args.batch)]
         batch_tok_s(model, ids, 4, names)
         base, adapted = [], []
+        single_base, single = [], []  # one sequence: the fused native step, with the adapter's side path in it
         for _ in range(args.reps):
             base.append(batch_tok_s(model, ids, args.tokens, [None] * args.batch))
             adapted.append(batch_tok_s(model, ids, args.tokens, names))
+            single_base.append(batch_tok_s(model, ids, args.tokens, [None]))
+            single.append(batch_tok_s(model, ids, args.tokens, names[:1]))
     ratio = statistics.median(a / b for a, b in zip(adapted, base, strict=True))
+    single_ratio = statistics.median(a / b for a, b in zip(single, single_base, strict=True))
     report = {"model": getattr(model, "name", "built-in"), "dtype": str(model.dtype).removeprefix("torch."),
               "cpu": cpu_model_name(), "platform": platform.platform(), "torch": torch.__version__,
               "settings": {"batch": args.batch, "rank": args.rank, "tokens": args.tokens, "reps": args.reps,
                            "threads": args.threads},
               "plain_tok_s": plain, "base_tok_s": base, "adapters_tok_s": adapted, "ratio": ratio,
+              "single_base_tok_s": single_base, "single_adapter_tok_s": single, "single_ratio": single_ratio,
               "ratio_vs_plain": statistics.median(adapted) / statistics.median(plain), "target_ratio": TARGET_RATIO,
               "load_ms": load_ms, "target_load_ms": TARGET_LOAD_MS, "file_bytes": file_bytes,
               "resident_bytes": resident,
@@ -113,6 +118,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"{args.batch} adapters, one per row {statistics.median(adapted):8.1f} tok/s (median)")
     print(f"ratio (median of paired runs) {ratio:.3f}  (target >= {TARGET_RATIO}); vs no adapter loaded "
           f"{report['ratio_vs_plain']:.3f}")
+    print(f"one sequence: {statistics.median(single):.1f} tok/s with an adapter, {statistics.median(single_base):.1f} "
+          f"without (ratio {single_ratio:.3f})")
     print(f"load per adapter {statistics.median(load_ms):.1f} ms median, {max(load_ms):.1f} max "
           f"(target < {TARGET_LOAD_MS:.0f}); resident {resident} B for files of {sum(file_bytes)} B")
     write_report(report, args.json)

@@ -44,9 +44,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor,
               scales: torch.Tensor, rank: int) -> bool:
     """y (B, T, N) += scales[i] · (x[i] A_s^T) B_s^T for s = slots[i] (-1: none), in place, natively; False (y
-    untouched) where the native kernel does not apply. a (S·rank, K) and bt (S·rank, N) stack S adapters' A and Bᵀ."""
+    untouched) where the native kernel does not apply. a (S·rank, K) and bt (S·rank, N) stack S adapters' A and Bᵀ;
+    y may be a column slice of a wider output."""
     ext = load_extension("gemv")
-    if ext is None or not (x.is_cpu and y.is_contiguous() and a.is_contiguous() and bt.is_contiguous()) or (
+    if ext is None or not (x.is_cpu and y.stride(-1) == 1 and a.is_contiguous() and bt.is_contiguous()) or (
             torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or bt.requires_grad)):
         return False
     ext.lora_bgmv(y, x.contiguous(), a, bt, slots, scales, rank)

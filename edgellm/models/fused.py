@@ -69,13 +69,24 @@ class FusedStep:
     An MoE model has hundreds of them (every expert's projections), checked before every step: each is looked up in
     the dict nn.Module keeps it in, where a swap (setattr, a new buffer, a deleted attribute) shows."""
 
-    def __init__(self, plan: Any, refs: list[tuple[nn.Module, str, Any]], settle: Any = None) -> None:
+    def __init__(self, plan: Any, refs: list[tuple[nn.Module, str, Any]], settle: Any = None,
+                 loras: list[LoraLinear] | None = None) -> None:
         self.plan = plan
         self.refs = [(_slots(module, name), name, value) for module, name, value in refs]
         self.settle = settle  # called after each step: an expert budget's deferred re-pin
+        self.loras = loras or []  # projections with adapters, in the plan's set_lora order
+        self.adapter: str | None = None  # the adapter the plan applies now
 
     def current(self) -> bool:
         return all(slots.get(name) is value for slots, name, value in self.refs)
+
+    def select(self, adapter: str | None) -> None:
+        """Make the plan apply `adapter` (None: the base alone) from the next step on."""
+        if adapter != self.adapter:
+            slots = [m.slots.get(adapter, -1) for m in self.loras]
+            scales = [m.lora[adapter][2] if slot >= 0 else 0.0 for m, slot in zip(self.loras, slots, strict=True)]
+            self.plan.select_lora(slots, scales)
+            self.adapter = adapter
 
 
 class _Reader:
@@ -83,15 +94,20 @@ class _Reader:
 
     def __init__(self) -> None:
         self.refs: list[tuple[nn.Module, str, Any]] = []
+        self.loras: list[tuple[LoraLinear, Any]] = []  # with the tensor the plan reads as each one's base weight
 
     def proj(self, parent: nn.Module, name: str) -> tuple:
         module = getattr(parent, name)
-        if isinstance(module, LoraLinear):  # the base alone: decode_step declines a forward that selects adapters
-            self.refs.append((parent, name, module))
-            parent, name, module = module, "base", module.base
+        lora = None
+        if isinstance(module, LoraLinear):  # the base, plus the adapters' side path (set_lora after the layers)
+            self.refs += [(parent, name, module), (module, "lora_a", module.lora_a),
+                          (module, "lora_bt", module.lora_bt)]
+            lora, parent, name, module = module, module, "base", module.base
         weight = _weight(module)
         if weight is None:
             raise NotCovered(name)
+        if lora is not None:
+            self.loras.append((lora, weight[1].packed if weight[0] == "lut" else weight[1]))
         attr = {"f32": "weight", "bf16": "weight", "lut": "lut"}.get(weight[0], "blocks")
         self.refs += [(parent, name, module), (module, attr, getattr(module, attr))]
         bias = getattr(module, "bias", None)
@@ -154,7 +170,12 @@ def build(model: Any) -> FusedStep | None:
         plan.set_hook(lambda li, x, chosen: store.before(layers[li].mlp.offload_layer, x, chosen, in_step=True))
     read.refs += [(model, "lm_head", model.lm_head), (model.model.norm, "weight", model.model.norm.weight),
                   (model.model, "embed_tokens", model.model.embed_tokens)]
-    return FusedStep(plan, read.refs, None if store is None else store.settle)
+    try:
+        for lora, weight in read.loras:
+            plan.set_lora(weight, lora.lora_a, lora.lora_bt, lora.rank)
+    except RuntimeError:  # an adapter on a projection the step reads elsewhere (a MoE router)
+        return None
+    return FusedStep(plan, read.refs, None if store is None else store.settle, [lora for lora, _ in read.loras])
 
 
 def _packed(cache: list) -> tuple[tuple, int] | None:
@@ -217,8 +238,7 @@ def decode_step(model: Any, tokens: torch.Tensor, cache: list, tap: torch.Tensor
     if tokens.shape != (1, 1) or torch.is_grad_enabled() or not enabled() or not cache:
         return None
     registry = model.__dict__.get("adapters")
-    if registry is not None and registry.rows is not None:  # an adapter's low-rank path runs op at a time
-        return None
+    adapter = None if registry is None or registry.rows is None else registry.rows[0]
     paged = type(cache[0]) is PagedKVCache
     dense = all(type(c) is DenseKVCache and c.keys.shape[0] == 1 for c in cache)
     if not dense and not paged and type(cache[0]) is not QuantizedKVCache:
@@ -233,6 +253,7 @@ def decode_step(model: Any, tokens: torch.Tensor, cache: list, tap: torch.Tensor
         model.__dict__["_fused"] = fused
     if fused is False:
         return None
+    fused.select(adapter)
     if paged:
         tables = _paged(cache, pos)
         if tables is None:

@@ -20,6 +20,7 @@ from edgellm.kernels import Linear, fuse_linears, linear
 from edgellm.kernels.decode import rms_norm
 from edgellm.kv import AttentionCache, DenseKVCache, KVCache, KVFormat, causal_mask, make_caches
 from edgellm.models import fused
+from edgellm.models.lora import add_lora
 from edgellm.models.rope import RotaryEmbedding, apply_rope
 
 # Called per layer as tap(layer, k, v) with the pre-norm, pre-RoPE K/V (batch, seq, kv_heads*head_dim); returns
@@ -156,7 +157,9 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         if self.qkv is not None:
             kv_dim = self.n_kv_heads * self.head_dim
-            q, k, v = linear(x, *self.qkv).split([self.n_heads * self.head_dim, kv_dim, kv_dim], -1)
+            qkv = linear(x, *self.qkv)
+            add_lora(qkv, x, (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = qkv.split([self.n_heads * self.head_dim, kv_dim, kv_dim], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if kv_tap is not None:
@@ -187,7 +190,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = linear(x, *self.gate_up).chunk(2, -1)
+            gate_up = linear(x, *self.gate_up)
+            add_lora(gate_up, x, (self.gate_proj, self.up_proj))
+            gate, up = gate_up.chunk(2, -1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)

@@ -158,31 +158,46 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        self.add_delta(y, x)
+        return y
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """Add each row's adapter path into y (B, T, out), this projection's output (or its columns of a fused
+        q/k/v or gate/up output), in place."""
         rows = self.adapters.rows
         if rows is None:
-            return y
-        if len(set(rows)) == 1 and x.shape[-2] > BGMV_MAX_TOKENS:  # a prefill: its adapter's slices as GEMMs
-            if rows[0] not in self.lora:
-                return y
-            a, b, scale = self.lora[rows[0]]
-            return y + linear(linear(x, a) * scale, b)
+            return
+        if len(set(rows)) == 1 and (x.shape[-2] > BGMV_MAX_TOKENS or x.shape[0] != len(rows)):
+            # a prefill (or one adapter named for a whole batch): its slices as GEMMs
+            if rows[0] in self.lora:
+                a, b, scale = self.lora[rows[0]]
+                y += linear(linear(x, a) * scale, b)
+            return
         if self.meta[0] != rows:  # the same batch step after step: built once
             self.meta = (rows, self._rows(rows))
         if self.meta[1] is None:
-            return y
+            return
         slots, scales = self.meta[1]
-        n = len(rows)
-        native = x.shape[-2] <= BGMV_MAX_TOKENS and y.is_contiguous()  # each row reading its own slices
-        if native and lora_bgmv(y.view(n, -1, self.out_features), x.reshape(n, -1, self.in_features), self.lora_a,
-                                self.lora_bt, slots, scales, self.rank):
-            return y
+        x = x.reshape(len(rows), -1, self.in_features)
+        if x.shape[1] <= BGMV_MAX_TOKENS and lora_bgmv(y, x, self.lora_a, self.lora_bt, slots, scales, self.rank):
+            return  # natively, each row reading its own adapter's slices
         # every resident adapter's path for every row, each zeroed but the row's own
-        coef = torch.zeros(n, len(self.slots), dtype=self.lora_a.dtype)
+        coef = torch.zeros(len(rows), len(self.slots), dtype=self.lora_a.dtype)
         hit = slots >= 0
         coef[hit.nonzero().flatten(), slots[hit]] = scales[hit].to(coef.dtype)
-        h = linear(x.reshape(n, -1, self.in_features), self.lora_a)
-        h = (h.view(*h.shape[:2], -1, self.rank) * coef.view(n, 1, -1, 1)).flatten(2)
-        return y + (h @ self.lora_bt).view(y.shape)
+        h = linear(x, self.lora_a)
+        h = (h.view(*h.shape[:2], -1, self.rank) * coef.view(len(rows), 1, -1, 1)).flatten(2)
+        y += (h @ self.lora_bt).view(y.shape)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, projections: tuple[nn.Module, ...]) -> None:
+    """Add the adapter paths of the LoRA-wrapped ones among `projections` into their columns of y, their fused
+    output: q/k/v or gate/up keep one GEMV for the base when adapters are resident."""
+    start = 0
+    for proj in projections:
+        if isinstance(proj, LoraLinear):
+            proj.add_delta(y[..., start:start + proj.out_features], x)
+        start += proj.out_features
 
 
 class Adapters:
@@ -193,7 +208,6 @@ class Adapters:
         self.loaded: dict[str, LoraAdapter] = {}
         self.dtype = model.dtype
         self.rows: tuple[str | None, ...] | None = None  # in a forward selecting adapters: each row's (None: base)
-        self.unfused: list[nn.Module] = []  # layers whose fused q/k/v or gate/up weights a wrapped projection undid
 
     def add(self, adapter: LoraAdapter) -> None:
         """Wrap every projection the adapter targets (once), after checking the whole adapter fits this base."""
@@ -212,7 +226,6 @@ class Adapters:
                 parent, _, child = module.rpartition(".")
                 setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapped)
             wrapped.set(adapter.name, (a, b, adapter.scale))
-        self._unfuse()
         adapter.pairs = {}  # held once, in the stacks
         self.loaded[adapter.name] = adapter
 
@@ -225,24 +238,11 @@ class Adapters:
             if not wrapped.lora:
                 parent, _, child = module.rpartition(".")
                 setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapped.base)
-        for layer in [m for m in self.unfused if not any(isinstance(p, LoraLinear) for p in m.children())]:
-            layer.fuse()  # its projections are plain again: the fused weights come back
-            self.unfused.remove(layer)
 
     @property
     def nbytes(self) -> int:
         """Bytes the resident adapters hold: their projections' stacks."""
         return sum(m.lora_a.nbytes + m.lora_bt.nbytes for m in self.model.modules() if isinstance(m, LoraLinear))
-
-    def _unfuse(self) -> None:
-        """Fused q/k/v and gate/up weights bypass the projections' modules: a wrapped projection's layer runs them
-        apart until `remove` unwraps it."""
-        for module in self.model.modules():
-            for attr, parts in (("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj"))):
-                if getattr(module, attr, None) is not None and any(
-                        isinstance(getattr(module, p), LoraLinear) for p in parts):
-                    setattr(module, attr, None)
-                    self.unfused.append(module)
 
     def check(self, name: str) -> None:
         if name not in self.loaded:

@@ -71,8 +71,8 @@ inline float to_float(at::BFloat16 v) {  // the high half of an fp32: a shift th
 }
 
 template <typename X, typename W>
-void bgmv(const X* x, const W* a, const W* bt, const int64_t* slots, const float* scales, X* y, int64_t rows,
-          int64_t tokens, int64_t K, int64_t N, int64_t rank) {
+void bgmv(const X* x, const W* a, const W* bt, const int64_t* slots, const float* scales, X* y, int64_t ys0,
+          int64_t ys1, int64_t rows, int64_t tokens, int64_t K, int64_t N, int64_t rank) {
   // per token: h = scale * A_slot x (rank dots over K), then y += Bt_slot^T h (rank axpys over N), all in fp32
   std::vector<float> h(rank), xr(K), acc(N);
   for (int64_t r = 0; r < rows * tokens; ++r) {
@@ -93,19 +93,21 @@ void bgmv(const X* x, const W* a, const W* bt, const int64_t* slots, const float
 #pragma omp simd
       for (int64_t n = 0; n < N; ++n) acc[n] += hj * to_float(bj[n]);
     }
-    X* yr = y + r * N;
+    X* yr = y + r / tokens * ys0 + r % tokens * ys1;
     for (int64_t n = 0; n < N; ++n) yr[n] = static_cast<X>(to_float(yr[n]) + acc[n]);
   }
 }
 
 // Punica's BGMV for unmerged LoRA: y (B, T, N) += scales[b] * (x[b] A_s^T) B_s^T with s = slots[b] (-1: none), in
 // place. a (S*rank, K) and bt (S*rank, N) stack S adapters' A and B^T, each padded to `rank`: every row reads only
-// its own adapter's slices, in one call instead of a handful of ops over every resident adapter. Single-threaded:
-// an adapter's slices are ~1/20 of the base weight's bytes, too little work to split.
+// its own adapter's slices, in one call instead of a handful of ops over every resident adapter. y may be a column
+// slice of a wider output (fused q/k/v). Single-threaded: an adapter's slices are ~1/20 of the base weight's
+// bytes, too little work to split.
 torch::Tensor lora_bgmv(torch::Tensor y, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& bt,
                         const torch::Tensor& slots, const torch::Tensor& scales, int64_t rank) {
-  TORCH_CHECK(x.dim() == 3 && y.dim() == 3 && x.is_contiguous() && y.is_contiguous() && x.scalar_type() ==
-              y.scalar_type() && x.size(0) == y.size(0) && x.size(1) == y.size(1), "lora_bgmv: x, y (B, T, *)");
+  TORCH_CHECK(x.dim() == 3 && y.dim() == 3 && x.is_contiguous() && y.stride(2) == 1 && x.scalar_type() ==
+              y.scalar_type() && x.size(0) == y.size(0) && x.size(1) == y.size(1),
+              "lora_bgmv: x (B, T, K) contiguous, y (B, T, N) with unit stride along N");
   TORCH_CHECK(a.dim() == 2 && bt.dim() == 2 && a.is_contiguous() && bt.is_contiguous() && a.scalar_type() ==
               bt.scalar_type() && rank > 0 && a.size(0) % rank == 0 && a.size(0) == bt.size(0) &&
               a.size(1) == x.size(2) && bt.size(1) == y.size(2), "lora_bgmv: a (S*rank, K), bt (S*rank, N)");
@@ -119,8 +121,8 @@ torch::Tensor lora_bgmv(torch::Tensor y, const torch::Tensor& x, const torch::Te
   TORCH_CHECK((xf || x.scalar_type() == torch::kBFloat16) && (wf || a.scalar_type() == torch::kBFloat16),
               "lora_bgmv: fp32 or bf16 tensors");
   auto run = [&](auto* xp, auto* yp, auto* ap, auto* bp) {
-    bgmv(xp, ap, bp, slots.data_ptr<int64_t>(), scales.data_ptr<float>(), yp, x.size(0), x.size(1), x.size(2),
-         y.size(2), rank);
+    bgmv(xp, ap, bp, slots.data_ptr<int64_t>(), scales.data_ptr<float>(), yp, y.stride(0), y.stride(1), x.size(0),
+         x.size(1), x.size(2), y.size(2), rank);
   };
   using bf = at::BFloat16;
   if (xf && wf) run(x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(), bt.data_ptr<float>());

@@ -72,6 +72,12 @@ struct Proj {
   int64_t bits = 0, group = 0, Kp = 0, C = 0, G = 0;
   std::vector<float> xpad, ts, xsum;
   std::vector<int8_t> tables;
+  // an unmerged LoRA side path (models/lora.py's stacks: A (S*rank, K) and B^T (S*rank, N), fp32 or bf16), the slot of
+  // the adapter this token uses (-1: none) and its scale; prepare() fills lora_h = scale * A_slot x
+  torch::Tensor lora_a, lora_bt;
+  int64_t lora_rank = 0, lora_slot = -1;
+  float lora_scale = 0.0f;
+  std::vector<float> lora_h;
 
   Proj(const std::string& kind_name, torch::Tensor w, const c10::optional<torch::Tensor>& b, int64_t n, int64_t k)
       : kind(parse_kind(kind_name)), weight(w.contiguous()), N(n), K(k) {
@@ -119,6 +125,33 @@ struct Proj {
         lut::build_tables(xpad.data(), Kp, group, G, tables.data(), ts.data(), xsum.data());
         break;
       default: q8k = kq::quantize_q8k(in, K / kq::kQK);
+    }
+    if (lora_slot >= 0) {
+      if (lora_a.scalar_type() == torch::kFloat)
+        lora_down(lora_a.data_ptr<float>(), in);
+      else
+        lora_down(lora_a.data_ptr<at::BFloat16>(), in);
+    }
+  }
+
+  template <typename W>
+  void lora_down(const W* a, const float* in) {
+    a += lora_slot * lora_rank * K;
+    for (int64_t j = 0; j < lora_rank; ++j) {
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t k = 0; k < K; ++k) dot += in[k] * static_cast<float>(a[j * K + k]);
+      lora_h[j] = dot * lora_scale;
+    }
+  }
+
+  template <typename W>
+  void lora_up(const W* bt, int64_t n0, int64_t n1, float* y) const {
+    bt += lora_slot * lora_rank * N;
+    for (int64_t j = 0; j < lora_rank; ++j) {
+      const float hj = lora_h[j];
+#pragma omp simd
+      for (int64_t n = n0; n < n1; ++n) y[n] += hj * static_cast<float>(bt[j * N + n]);
     }
   }
 
@@ -183,6 +216,12 @@ struct Proj {
     }
     if (bias.defined())
       for (int64_t n = n0; n < n1; ++n) y[n] += bias.data_ptr<float>()[n];
+    if (lora_slot >= 0) {
+      if (lora_bt.scalar_type() == torch::kFloat)
+        lora_up(lora_bt.data_ptr<float>(), n0, n1, y);
+      else
+        lora_up(lora_bt.data_ptr<at::BFloat16>(), n0, n1, y);
+    }
   }
 };
 
@@ -586,6 +625,40 @@ class Plan {
     head_ = std::make_unique<Proj>(kind, w, c10::nullopt, n, k);
   }
 
+  // Gives the projection whose weight is `weight` (the tensor its tuple passed) a LoRA side path over the stacks a
+  // (S*rank, K) and bt (S*rank, N); returns its index among them for select_lora. No adapter is selected yet.
+  int64_t set_lora(const torch::Tensor& weight, torch::Tensor a, torch::Tensor bt, int64_t rank) {
+    Proj* p = nullptr;
+    auto visit = [&](Proj* q) {
+      if (q && q->weight.data_ptr() == weight.data_ptr()) p = q;
+    };
+    for (auto& l : layers_) {
+      for (auto& q : l.attn) visit(q.get());
+      if (l.mlp) visit(l.mlp->gate.get()), visit(l.mlp->up.get()), visit(l.mlp->down.get());
+    }
+    TORCH_CHECK(p, "fused step: set_lora names no attention or dense MLP projection of the plan");
+    TORCH_CHECK(rank > 0 && a.dim() == 2 && bt.dim() == 2 && a.size(0) == bt.size(0) && a.size(0) % rank == 0 &&
+                    a.size(1) == p->K && bt.size(1) == p->N && a.is_contiguous() && bt.is_contiguous() &&
+                    a.scalar_type() == bt.scalar_type() &&
+                    (a.scalar_type() == torch::kFloat || a.scalar_type() == torch::kBFloat16),
+                "fused step: LoRA stacks must be contiguous fp32/bf16 A (S*rank, K) and B^T (S*rank, N)");
+    std::lock_guard<std::mutex> guard(mutex_);
+    p->lora_a = a, p->lora_bt = bt, p->lora_rank = rank, p->lora_slot = -1, p->lora_h.assign(rank, 0.0f);
+    loras_.push_back(p);
+    return static_cast<int64_t>(loras_.size()) - 1;
+  }
+
+  // The adapter each LoRA projection (in set_lora order) applies from the next step on: its slot (-1: none), scale.
+  void select_lora(const std::vector<int64_t>& slots, const std::vector<double>& scales) {
+    TORCH_CHECK(slots.size() == loras_.size() && scales.size() == loras_.size(),
+                "fused step: one slot and one scale per LoRA projection");
+    std::lock_guard<std::mutex> guard(mutex_);
+    for (size_t i = 0; i < loras_.size(); ++i) {
+      TORCH_CHECK(slots[i] < loras_[i]->lora_a.size(0) / loras_[i]->lora_rank, "fused step: LoRA slot out of range");
+      loras_[i]->lora_slot = slots[i], loras_[i]->lora_scale = static_cast<float>(scales[i]);
+    }
+  }
+
   // Runs every layer for the token whose embedding is h (D, fp32, updated in place) at position `pos`, writing its
   // K/V into each layer's cache at `pos` and attending over [0, pos]; returns the logits (vocab, fp32). The caches
   // are contiguous (1, kv_heads, capacity, head_dim), or with `tables` (layers, pages) int64 the block pool's K/V
@@ -888,6 +961,7 @@ class Plan {
   int64_t vocab_, ffn_ = 0, slots_ = 0, experts_ = 0;  // the widest feed-forward block, most blocks at once, router
   std::vector<Layer> layers_;
   std::unique_ptr<Proj> head_;
+  std::vector<Proj*> loras_;  // projections with a LoRA side path, in set_lora order
   std::mutex mutex_;
   py::object hook_ = py::none();
 };
@@ -902,6 +976,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_moe", &Plan::set_moe,
            "the last layer's MoE block: router, experts' (gate, up, down), top_k, renormalize, shared expert, its gate")
       .def("set_head", &Plan::set_head, "the output projection (kind, weight, N, K)")
+      .def("set_lora", &Plan::set_lora, "a LoRA side path (A, B^T stacks, rank) on the projection of this weight",
+           py::call_guard<py::gil_scoped_release>())
+      .def("select_lora", &Plan::select_lora, "each LoRA projection's adapter slot (-1: none) and scale",
+           py::call_guard<py::gil_scoped_release>())
       .def("set_hook", &Plan::set_hook, "fn(layer, x, chosen) after each MoE layer's routing (expert offload)")
       .def("forward", &Plan::forward, "one token through every layer and the head; K/V written at pos (paged with "
            "tables)", py::arg("h"), py::arg("cos"), py::arg("sin"), py::arg("keys"), py::arg("values"), py::arg("pos"),
