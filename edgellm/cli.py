@@ -1,5 +1,5 @@
-"""`edgellm` command line: generate, chat, info, quantize, train, plan, bench. Errors become one line and a non-zero
-exit."""
+"""`edgellm` command line: generate, chat, info, quantize, train, lora, plan, bench. Errors become one line and a
+non-zero exit."""
 
 from __future__ import annotations
 
@@ -351,6 +351,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_train(args)
 
 
+def cmd_lora_train(args: argparse.Namespace) -> None:
+    from edgellm.train import run_lora_train
+    run_lora_train(args)
+
+
 def cmd_kvpred(args: argparse.Namespace) -> None:
     from edgellm.kvpred import run_kvpred
     run_kvpred(args)
@@ -467,6 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     from edgellm.train import add_train_arguments
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("lora", help="LoRA adapters: train one on a text file (PEFT format)")
+    lora = p.add_subparsers(dest="lora_command", required=True)
+    p = lora.add_parser("train", help="fine-tune a LoRA adapter on a text file, the base frozen")
+    from edgellm.train import add_lora_train_arguments
+    add_lora_train_arguments(p)
+    p.set_defaults(func=cmd_lora_train)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server with continuous batching and persistent agents")
     _model_args(p)

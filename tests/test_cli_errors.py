@@ -32,6 +32,7 @@ CASES: list[tuple[list[str], str]] = [
     (["serve", "--model", "{model}", "--port", "70000"], "--port"),
     (["serve", "--model", "{model}", "--port", "{busy_port}"], "in use"),
     (["kvpred", "train", "--base", "{model}", "--aux-prune", "half", "--out", "{tmp}/k"], "--aux-prune"),
+    (["lora", "train", "--model", "{model}", "--data", "{tmp}/none.txt", "--out", "{tmp}/l"], "does not exist"),
     (["bench", "kernels", "--reps", "0"], "--reps"),
     (["plan", "--model", "no-such-model"], "no-such-model"),
 ]
@@ -100,6 +101,9 @@ def test_every_subcommand_reports_bad_arguments_in_one_line(llama_dir: Path, tmp
     (["serve", "--port", "0"], "--port"),
     (["serve", "--port", "http"], "--port"),
     (["kvpred"], "required"),
+    (["lora"], "required"),
+    (["lora", "train", "--model", "m", "--out", "o"], "--data"),
+    (["lora", "train", "--model", "m", "--data", "d", "--out", "o", "--rank", "two"], "--rank"),
     (["bench", "frobnicate"], "invalid choice"),
     (["bench", "kv", "--formats", "q5"], "--formats"),
 ])

@@ -1,4 +1,5 @@
-"""`edgellm train`: build the built-in models (tokenizer + Llama) from the Python stdlib, offline."""
+"""`edgellm train`: build the built-in models (tokenizer + Llama) from the Python stdlib, offline; `edgellm lora
+train`: fine-tune a PEFT LoRA adapter on a frozen base."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 from edgellm.errors import EdgeLLMError
 from edgellm.train.trainer import PRESETS, TrainingError, export_checkpoint, make_recipe, train
 
-__all__ = ["PRESETS", "TrainingError", "add_train_arguments", "apply_run_limits", "export_checkpoint", "make_recipe",
-           "run_train", "train"]
+__all__ = ["PRESETS", "TrainingError", "add_lora_train_arguments", "add_train_arguments", "apply_run_limits",
+           "export_checkpoint", "make_recipe", "run_lora_train", "run_train", "train"]
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,3 +62,35 @@ def run_train(args: argparse.Namespace) -> None:
                              seed=args.seed, tokenizer=tokenizer, corpus=corpus)
         summary = train(recipe, args.out, minutes=args.minutes, progress=not args.quiet)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("recipe", "evals")}, indent=2))
+
+
+def add_lora_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `edgellm lora train` options."""
+    from edgellm.train.lora import TARGETS, LoraRecipe
+    parser.add_argument("--model", required=True, help="the base: an fp32 or bf16 HF model directory (kept frozen)")
+    parser.add_argument("--data", required=True, help="a UTF-8 text file to train on (its end is held out)")
+    parser.add_argument("--out", type=Path, required=True, help="the adapter directory to write (PEFT format)")
+    parser.add_argument("--rank", type=int, default=LoraRecipe.rank, help="LoRA rank r (default %(default)s)")
+    parser.add_argument("--alpha", type=float, help="lora_alpha: the update is scaled by alpha/r (default 2·rank)")
+    parser.add_argument("--targets", default=",".join(TARGETS),
+                        help="comma-separated projection names to adapt (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=LoraRecipe.steps, help="optimizer steps (default %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=LoraRecipe.seq_len,
+                        help="tokens per training window (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=LoraRecipe.batch, help="windows per step (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=LoraRecipe.lr,
+                        help="peak learning rate, cosine decay to 10%% (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=LoraRecipe.seed, help="seed for A's init and the data order")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_lora_train(args: argparse.Namespace) -> None:
+    """Train an adapter as `args` asks and print its training_summary.json."""
+    from edgellm.train.lora import LoraRecipe, train_lora
+    apply_run_limits(args.threads, None, TrainingError)
+    recipe = LoraRecipe(model=str(Path(args.model).resolve()), data=str(Path(args.data).resolve()), rank=args.rank,
+                        alpha=args.alpha, targets=tuple(t.strip() for t in args.targets.split(",")),
+                        steps=args.steps, seq_len=args.seq_len, batch=args.batch, lr=args.lr, seed=args.seed)
+    summary = train_lora(recipe, args.out, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in summary.items() if k != "recipe"}, indent=2))
