@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from edgellm.bench.common import torch_threads
 from edgellm.cli import main
 from edgellm.generate import generate
 from edgellm.loader import load
@@ -30,10 +31,8 @@ STEPS, SEQ_LEN = 30, 32
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
     """One thread: the fastest for these tiny GEMMs on a busy machine, and what makes a run repeat bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import edgellm
+from edgellm.bench.common import torch_threads
 from edgellm.train import add_train_arguments, export_checkpoint, make_recipe, run_train, train, trainer
 from edgellm.train.corpus import CorpusError, load_corpus, stdlib_root
 from edgellm.train.tokenizer import SPECIAL_TOKENS, TokenizerFileError, load_tokenizer_file, train_tokenizer
@@ -38,10 +39,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
