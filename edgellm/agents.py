@@ -18,6 +18,7 @@ from edgellm.kv.formats import KVFormat, dense_format
 from edgellm.kv.persist import RestoreError, read_metadata, remove_stale_temp_files, restore_memory, save_memory
 from edgellm.kv.pool import DEFAULT_BLOCK_TOKENS, BlockPool, PoolExhausted
 from edgellm.kv.prompt_cache import PromptCache, common_prefix
+from edgellm.models.lora import resident
 from edgellm.sampling import SamplingParams
 from edgellm.sequence import context_length, prepare_prompt
 from edgellm.speculative import Speculation
@@ -47,6 +48,7 @@ class AgentInfo:
     kv_format: str
     modified: float
     predicted: bool
+    adapter: str | None  # the LoRA adapter its memory was made under
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -60,22 +62,25 @@ def list_agents(root: Path) -> list[AgentInfo]:
             meta = read_metadata(file)
             fmt = str(KVFormat.from_metadata(json.loads(meta.get("kv_format", "{}"))))
             tokens, predicted = int(meta.get("num_tokens", 0)), meta.get("predicted") == "1"
+            adapter = meta.get("adapter") or None
         except (EdgeLLMError, ValueError):
-            fmt, tokens, predicted = "damaged", 0, False
+            fmt, tokens, predicted, adapter = "damaged", 0, False, None
         stat = file.stat()
         infos.append(AgentInfo(file.name.removesuffix(".safetensors"), tokens, stat.st_size, fmt, stat.st_mtime,
-                               predicted))
+                               predicted, adapter))
     return infos
 
 
 class Agent:
-    """One agent's conversation state: its KV memory and, for chat, its messages."""
+    """One agent's conversation state: its KV memory and, for chat, its messages; with a LoRA adapter (`adapter`,
+    resident on the model), every turn runs under it, as its memory was made."""
 
     def __init__(self, store: AgentStore, name: str, cache: PromptCache, messages: list[dict] | None = None,
-                 restore_note: str | None = None) -> None:
+                 restore_note: str | None = None, adapter: tuple[str | None, str] = (None, "")) -> None:
         self.store, self.name, self.cache = store, name, cache
         self.messages: list[dict] = messages or []
         self.restore_note = restore_note  # why a saved memory was refused, if one was
+        self.adapter, self.adapter_fingerprint = adapter  # (None, "") without one
         self.pinned = False
         self.predicted = False  # whether the memory holds K/V from a KV predictor (saved in its metadata)
         self.ttl_s: float | None = None
@@ -98,7 +103,7 @@ class Agent:
         prompt = self.store.reserve(self, prompt, max_tokens)
         try:
             for step in stream_generate(self.store.model, self.store.tokenizer, prompt, max_tokens, sampling, stop,
-                                        self.cache, kv_predictor, speculate, draft_model):
+                                        self.cache, kv_predictor, speculate, draft_model, self.adapter):
                 self.note_prediction(step.cached_tokens, step.predicted_tokens)
                 yield step
         finally:  # also when the client stops reading early
@@ -115,7 +120,7 @@ class Agent:
         self.last_used = time.monotonic()
         prompt = self.store.reserve(self, prompt, max_tokens)
         result = generate(self.store.model, self.store.tokenizer, prompt, max_tokens, sampling, stop, self.cache,
-                          kv_predictor)
+                          kv_predictor, adapter=self.adapter)
         self.note_prediction(result.cached_tokens, result.stats.get("predicted_tokens", 0))
         self.cache.trim_reservation()
         self.store.publish(self)
@@ -165,11 +170,18 @@ class AgentStore:
     def path(self, name: str) -> Path:
         return self.root / f"{check_agent_name(name)}.safetensors"
 
-    def agent(self, name: str) -> Agent:
-        """The live agent, else its memory restored from disk, else a new empty agent."""
+    def agent(self, name: str, adapter: str | None = None) -> Agent:
+        """The live agent, else its memory restored from disk, else a new empty agent made under `adapter`.
+
+        An agent runs under the LoRA adapter its memory was made with: `adapter` None means that one (its default);
+        naming another is refused (InvalidRequestError) before anything is restored or changed on disk.
+        """
+        chosen = self.agent_adapter(name, adapter)
         if name in self.live:
+            agent = self.live[name]
+            agent.adapter, agent.adapter_fingerprint = chosen
             self.live.move_to_end(name)
-            return self.live[name]
+            return agent
         cache, messages, note, meta = None, None, None, {}
         if self.path(name).exists():
             try:
@@ -178,17 +190,62 @@ class AgentStore:
             except RestoreError as e:
                 note = str(e)
         if self.pool is not None and cache is not None:
-            cache = self._into_pool(name, cache)
-        agent = Agent(self, name, cache or PromptCache(self.model, 256, self.kv_format, self.pool), messages, note)
+            cache = self._into_pool(name, cache, share=chosen[0] is None)
+        agent = Agent(self, name, cache or PromptCache(self.model, 256, self.kv_format, self.pool), messages, note,
+                      chosen)
         agent.predicted = cache is not None and meta.get("predicted") == "1"
         self.live[name] = agent
         self.enforce_budget(keep=name)
         return agent
 
-    def acquire(self, name: str) -> tuple[Agent, bool]:
-        """The agent, pinned (never evicted) until `release`; and whether its memory was just read from disk."""
+    def agent_adapter(self, name: str, adapter: str | None) -> tuple[str | None, str]:
+        """(name, fingerprint) of the adapter agent `name` runs under for a request naming `adapter` (None: the
+        agent's own): the one its memory was made under, or `adapter` for an agent with no memory yet.
+        InvalidRequestError, in one line, when they differ or the agent's adapter is not loaded."""
+        made = self._made_with(name)
+        loaded = resident(self.model)
+        if made is None:
+            made = (adapter, loaded[adapter].fingerprint if adapter in loaded else "")
+        made_name, made_fp = made
+        if adapter is None and made_name is not None:  # the default: the same weights, under its name if loaded
+            same = [n for n, a in loaded.items() if a.fingerprint == made_fp]
+            adapter = made_name if made_name in same or not same else same[0]
+            if adapter not in loaded:
+                raise InvalidRequestError(f"agent {name!r} was made with adapter {made_name!r}, which is not loaded; "
+                                          "load it or use another agent")
+        if adapter is not None and adapter not in loaded:
+            raise InvalidRequestError(f"unknown adapter {adapter!r}; loaded adapters: "
+                                      f"{', '.join(sorted(loaded)) or 'none'}")
+        fingerprint = loaded[adapter].fingerprint if adapter is not None else ""
+        if fingerprint != made_fp:
+            raise InvalidRequestError(
+                f"agent {name!r} was made without an adapter; drop the adapter or use another agent"
+                if made_name is None else
+                f"agent {name!r} was made with another version of adapter {made_name!r} (other weights); load that "
+                "version or use another agent" if adapter == made_name else
+                f"agent {name!r} was made with adapter {made_name!r}; use that adapter or another agent")
+        return adapter, fingerprint
+
+    def _made_with(self, name: str) -> tuple[str | None, str] | None:
+        """The adapter (name, fingerprint) agent `name`'s memory was made under: the live agent's, else its saved
+        header's (read alone, so a refused request leaves the file as it was); None while it has no memory."""
+        if name in self.live:
+            agent = self.live[name]
+            return None if not agent.cache.tokens and not agent.messages else (agent.adapter,
+                                                                               agent.adapter_fingerprint)
+        if not self.path(name).exists():
+            return None
+        try:
+            meta = read_metadata(self.path(name))
+        except RestoreError:  # the restore will say why, and the agent starts afresh
+            return None
+        return meta.get("adapter") or None, meta.get("adapter_fingerprint", "")
+
+    def acquire(self, name: str, adapter: str | None = None) -> tuple[Agent, bool]:
+        """The agent, pinned (never evicted) until `release`; and whether its memory was just read from disk.
+        `adapter`: as `agent`'s."""
         from_disk = name not in self.live
-        agent = self.agent(name)
+        agent = self.agent(name, adapter)
         agent.pinned = True
         agent.last_used = time.monotonic()
         return agent, from_disk and agent.restore_note is None and bool(agent.cache.tokens)
@@ -215,11 +272,12 @@ class AgentStore:
         info, live = saved.get(name), self.live.get(name)
         if info is None and live is None:
             return None
-        out = {"name": name, "tokens": 0, "file_bytes": 0, "kv_format": str(self.kv_format), "live": False}
+        out = {"name": name, "tokens": 0, "file_bytes": 0, "kv_format": str(self.kv_format), "live": False,
+               "adapter": None}
         out |= info.to_json() if info else {}
         if live is not None:
             out |= {"tokens": len(live.cache.tokens), "live": True, "live_bytes": live.nbytes,
-                    "messages": len(live.messages)}
+                    "messages": len(live.messages), "adapter": live.adapter}
             if self.pool is not None:  # blocks it shares are stored once, for every agent holding them
                 out["private_bytes"] = live.cache.private_blocks * self.pool.block_bytes
         return out
@@ -229,11 +287,13 @@ class AgentStore:
         return [self.describe(name, saved) for name in sorted(set(saved) | set(self.live))]
 
     def fork(self, source: str, name: str) -> Agent:
-        """A new agent starting from `source`'s memory (e.g. a shared system prompt), its blocks shared in the pool."""
+        """A new agent starting from `source`'s memory (e.g. a shared system prompt), its blocks shared in the pool;
+        it inherits `source`'s adapter, which made those K/V."""
         if name in self.live or self.path(name).exists():
             raise InvalidRequestError(f"agent {name!r} already exists")
         parent = self.agent(source)
-        agent = Agent(self, name, parent.cache.fork(), list(parent.messages))
+        agent = Agent(self, name, parent.cache.fork(), list(parent.messages),
+                      adapter=(parent.adapter, parent.adapter_fingerprint))
         agent.predicted = parent.predicted
         self.live[name] = agent
         return agent
@@ -248,14 +308,18 @@ class AgentStore:
         if self.pool is None:
             return prompt
         ids = prepare_prompt(self.tokenizer, prompt, self.model)
-        self.prepare(agent.cache, ids, min(len(ids) + max(max_tokens, 0), context_length(self.model)), agent.name)
+        self.prepare(agent.cache, ids, min(len(ids) + max(max_tokens, 0), context_length(self.model)), agent.name,
+                     share=agent.adapter is None)
         return ids
 
-    def prepare(self, cache: PromptCache, ids: list[int], tokens: int, keep: str | None = None) -> int:
-        """Ready a pool cache for prompt `ids`: keep what it reuses, adopt published blocks for more, and reserve
-        room for `tokens` tokens (making room as needed; agent `keep` is never evicted). Returns the tokens held."""
-        cache.reuse(ids)
-        held = cache.adopt(ids)
+    def prepare(self, cache: PromptCache, ids: list[int], tokens: int, keep: str | None = None,
+                share: bool = True) -> int:
+        """Ready a pool cache for prompt `ids`: keep what it reuses, adopt published blocks for more (unless not
+        `share`: an adapter's K/V are its own), and reserve room for `tokens` tokens (making room as needed; agent
+        `keep` is never evicted). Returns the tokens held."""
+        held = cache.reuse(ids)
+        if share:
+            held = cache.adopt(ids)
         self.grow(cache, tokens, keep)
         return held
 
@@ -324,15 +388,17 @@ class AgentStore:
             self.anonymous.pop(0).release()
 
     def publish(self, agent: Agent) -> None:
-        """Offer an agent's full blocks to others that start the same way, unless they hold predicted K/V."""
-        if self.pool is not None and not agent.predicted:
+        """Offer an agent's full blocks to others that start the same way, unless they hold predicted K/V or K/V
+        made under a LoRA adapter."""
+        if self.pool is not None and not agent.predicted and agent.adapter is None:
             agent.cache.publish()
 
-    def _into_pool(self, name: str, restored: PromptCache) -> PromptCache:
+    def _into_pool(self, name: str, restored: PromptCache, share: bool = True) -> PromptCache:
         """Copy a restored (contiguous) cache into pool blocks, taking over published blocks for its leading tokens
-        (stored once, shared with the agents that published them); the saved tensors are the same either way."""
+        when it may `share` (stored once, shared with the agents that published them); the saved tensors are the
+        same either way."""
         cache = PromptCache(self.model, pool=self.pool)
-        held = cache.adopt(restored.tokens, len(restored.tokens))
+        held = cache.adopt(restored.tokens, len(restored.tokens)) if share else 0
 
         def load() -> None:
             try:
@@ -353,7 +419,8 @@ class AgentStore:
 
     def save(self, agent: Agent) -> Path:
         return save_memory(self.path(agent.name), agent.cache, self.model, self.tokenizer.fingerprint,
-                           agent.messages, predicted=agent.predicted)
+                           agent.messages, predicted=agent.predicted, adapter=agent.adapter,
+                           adapter_fingerprint=agent.adapter_fingerprint)
 
     def save_all(self) -> None:
         for agent in self.live.values():

@@ -89,8 +89,6 @@ def _adapter(args: argparse.Namespace, model) -> str | None:
     """Load --adapter DIR (a PEFT LoRA adapter) onto the model; its name for generation, None without one."""
     if not args.adapter:
         return None
-    if args.agent:
-        raise InvalidRequestError("--adapter cannot be used with --agent yet: the agent's memory was made without it")
     from edgellm.models.lora import load_adapter
     return load_adapter(model, args.adapter).name
 
@@ -135,9 +133,10 @@ def _agent_args(p: argparse.ArgumentParser) -> None:
                    help="agent KV format: fp16, bf16, fp32, q8, q4, q2 (+ -kivi, -h); default: the model's dtype")
 
 
-def _open_agent(args: argparse.Namespace, model, tokenizer):
+def _open_agent(args: argparse.Namespace, model, tokenizer, adapter: str | None):
+    """The agent; it runs under the adapter its memory was made with (another --adapter is refused)."""
     from edgellm.agents import AgentStore
-    agent = AgentStore(args.store, model, tokenizer, args.kv_format).agent(args.agent)
+    agent = AgentStore(args.store, model, tokenizer, args.kv_format).agent(args.agent, adapter)
     if agent.restore_note:
         print(f"edgellm: saved memory not used ({agent.restore_note}); prefilling from scratch", file=sys.stderr)
     return agent
@@ -221,7 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     predictor = _kv_predictor(args, model, tokenizer)
     speculate, draft = _speculation(args, model, tokenizer)
     adapter = _adapter(args, model)
-    agent = _open_agent(args, model, tokenizer) if args.agent else None
+    agent = _open_agent(args, model, tokenizer, adapter) if args.agent else None
     if agent:
         steps = agent.stream(args.prompt, args.max_tokens, sampling, args.stop, kv_predictor=predictor,
                              speculate=speculate, draft_model=draft)
@@ -262,8 +261,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
     predictor = _kv_predictor(args, model, tokenizer)
     speculate, draft = _speculation(args, model, tokenizer)
     adapter = _adapter(args, model)
-    agent = _open_agent(args, model, tokenizer) if args.agent else None
+    agent = _open_agent(args, model, tokenizer, adapter) if args.agent else None
     cache = agent.cache if agent else PromptCache(model, capacity=1024)
+    adapter = agent.adapter if agent else adapter
     messages: list[dict] = agent.messages if agent else []
     if args.system and not messages:
         messages.append({"role": "system", "content": args.system})

@@ -14,10 +14,13 @@ import pytest
 import torch
 import transformers
 
+from edgellm.agents import AgentStore
 from edgellm.cli import build_parser
 from edgellm.errors import CheckpointError, InvalidRequestError
 from edgellm.generate import batch_generate, generate
 from edgellm.kernels import Linear
+from edgellm.kv import BlockPool, KVFormat
+from edgellm.kv.persist import read_metadata
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.loader import load
 from edgellm.models.lora import LoraLinear, adapters, load_adapter, read_adapter, select
@@ -212,8 +215,6 @@ def test_server_batches_requests_with_different_adapters(llama_dir, lora_dirs, t
         with pytest.raises(openai.BadRequestError, match="adapter") as info:
             client.completions.create(model=srv.model, prompt="x", max_tokens=2, extra_body={"adapter": "nope"})
         assert info.value.body["param"] == "adapter"
-        with pytest.raises(openai.BadRequestError, match="agent"):
-            client.completions.create(model=f"{srv.model}:sql", prompt="x", max_tokens=2, user="agent1")
     finally:
         srv.stop()
 
@@ -348,3 +349,170 @@ def test_fused_step_applies_the_selected_adapter(llama_dir, lora_dirs, tmp_path,
             monkeypatch.setenv("EDGELLM_FUSED_STEP", "0")
             ref = model(token, cache.layers)
         assert (ours.float() - ref.float()).abs().max() <= tol, name
+
+
+def adapted_model(llama_dir: Path, loaded: dict[str, Path]) -> tuple[torch.nn.Module, object]:
+    """An fp32 model with `loaded` adapters (name: directory) resident and EOS off, so answers have fixed lengths."""
+    model, tokenizer = load(llama_dir, "fp32")
+    tokenizer.eos_token_ids = set()
+    for name, path in loaded.items():
+        load_adapter(model, path, name)
+    return model, tokenizer
+
+
+def test_agent_with_adapter_answers_as_generate_across_turns_and_restores(llama_dir, lora_dirs, tmp_path):
+    model, tok = adapted_model(llama_dir, {"all": lora_dirs["all"], "mlp": lora_dirs["mlp"]})
+    first = ids(10, 30)[0].tolist()
+    agent = AgentStore(tmp_path, model, tok).agent("bob", "all")
+    one = agent.generate(first, 8)
+    assert one.tokens == generate(model, tok, first, 8, adapter="all").tokens
+    assert one.tokens != generate(model, tok, first, 8).tokens  # the adapter matters
+    second = [*first, *one.tokens, *ids(5, 31)[0].tolist()]
+    two = agent.generate(second, 8)
+    assert two.cached_tokens == len(first) + 7 and two.tokens == generate(model, tok, second, 8, adapter="all").tokens
+    agent.save()
+    meta = read_metadata(tmp_path / "bob.safetensors")
+    assert meta["adapter"] == "all" and meta["adapter_fingerprint"] == read_adapter(lora_dirs["all"]).fingerprint
+
+    restored = AgentStore(tmp_path, model, tok).agent("bob")  # no adapter named: the one its memory was made with
+    assert restored.adapter == "all" and restored.cache.tokens == agent.cache.tokens
+    third = [*second, *two.tokens, *ids(4, 32)[0].tolist()]
+    three = restored.generate(third, 8)
+    assert three.cached_tokens == len(second) + 7
+    assert three.tokens == generate(model, tok, third, 8, adapter="all").tokens
+
+
+def test_agent_under_another_adapter_is_refused_and_its_file_kept(llama_dir, lora_dirs, tmp_path):
+    same = shutil.copytree(lora_dirs["all"], tmp_path / "same")  # the same weights under another name
+    model, tok = adapted_model(llama_dir, {"all": lora_dirs["all"], "mlp": lora_dirs["mlp"], "same": same})
+    prompt = ids(9, 40)[0].tolist()
+    store = AgentStore(tmp_path / "agents", model, tok)
+    bob = store.agent("bob", "all")
+    bob.generate(prompt, 4)
+    bob.save()
+    carl = store.agent("carl")
+    carl.generate(prompt, 4)
+    carl.save()
+    with pytest.raises(InvalidRequestError, match=r"^agent 'bob' was made with adapter 'all'; use that adapter or "
+                                                  r"another agent$"):
+        store.agent("bob", "mlp")  # live
+    files = {name: store.path(name).read_bytes() for name in ("bob", "carl")}
+
+    fresh = AgentStore(tmp_path / "agents", model, tok)
+    with pytest.raises(InvalidRequestError, match=r"^agent 'bob' was made with adapter 'all'; use that adapter"):
+        fresh.acquire("bob", "mlp")
+    with pytest.raises(InvalidRequestError, match=r"^agent 'carl' was made without an adapter; drop the adapter"):
+        fresh.agent("carl", "all")
+    assert not fresh.live and {n: fresh.path(n).read_bytes() for n in files} == files
+    follow = [*prompt, *ids(3, 41)[0].tolist()]
+    renamed = fresh.agent("bob", "same")  # judged by weights, not name
+    assert renamed.adapter == "same" and renamed.generate(follow, 6).tokens == generate(
+        model, tok, follow, 6, adapter="all").tokens
+
+    other, _ = adapted_model(llama_dir, {"all": lora_dirs["mlp"]})  # another adapter under bob's adapter's name
+    with pytest.raises(InvalidRequestError, match="another version of adapter 'all'"):
+        AgentStore(tmp_path / "agents", other, tok).agent("bob")
+    bare, _ = adapted_model(llama_dir, {})
+    with pytest.raises(InvalidRequestError, match="made with adapter 'all', which is not loaded"):
+        AgentStore(tmp_path / "agents", bare, tok).agent("bob")
+    only_copy, _ = adapted_model(llama_dir, {"same": same})
+    assert AgentStore(tmp_path / "agents", only_copy, tok).agent("bob").adapter == "same"  # its default, renamed
+    assert store.path("carl").read_bytes() == files["carl"]
+
+
+def test_adapted_agent_never_shares_pool_blocks(llama_dir, lora_dirs, tmp_path):
+    """In a block pool an adapted agent adopts no published block and publishes none (also after a restore); a fork
+    inherits its adapter. Answers equal generate() with the adapter on a contiguous cache."""
+    model, tok = adapted_model(llama_dir, {"all": lora_dirs["all"]})
+    probe = BlockPool(model.args, KVFormat.parse("fp32"), 1 << 20, 16)
+    store = AgentStore(tmp_path, model, tok, "fp32", pool_bytes=200 * probe.block_bytes, block_tokens=16)
+    system = ids(3 * 16 + 5, 50)[0].tolist()
+
+    def blocks(name: str) -> set[int]:
+        return {b for layer in store.live[name].cache.layers for b in layer.table}
+
+    store.agent("plain").generate([*system, *ids(4, 51)[0].tolist()], 3)
+    published = set(store.pool.published)
+    assert len(published) == 3 * model.args.num_hidden_layers
+    question = [*system, *ids(4, 52)[0].tolist()]
+    result = store.agent("ad", "all").generate(question, 6)
+    assert result.cached_tokens == 0 and result.tokens == generate(model, tok, question, 6, adapter="all").tokens
+    assert not blocks("ad") & blocks("plain") and set(store.pool.published) == published
+    second = store.agent("ad2", "all").generate(question, 6)  # the same adapter: still nothing shared
+    assert second.cached_tokens == 0 and second.tokens == result.tokens and not blocks("ad") & blocks("ad2")
+
+    store.evict("ad")
+    restored = store.agent("ad")
+    assert restored.adapter == "all" and not blocks("ad") & (blocks("plain") | blocks("ad2"))
+    follow = [*question, *result.tokens, *ids(3, 53)[0].tolist()]
+    kid = store.fork("ad", "kid")
+    assert kid.adapter == "all"
+    assert kid.generate(follow, 5).tokens == generate(model, tok, follow, 5, adapter="all").tokens
+    assert set(store.pool.published) == published
+    plain = store.agent("plain2").generate(question, 2)
+    assert plain.cached_tokens == 3 * 16  # plain agents still share the plain agent's blocks
+
+
+def test_server_agent_with_adapter(llama_dir, lora_dirs, tmp_path):
+    """An agent named by `user` with an adapter in extra_body; later turns name none and get it; another is 400;
+    /v1/agents shows it; unloading the adapter writes the idle agent back to disk until it is loaded again."""
+    model, tok = adapted_model(llama_dir, {"sql": lora_dirs["all"]})
+    prompts = ["import os\n", "\ndef main():", "\n    return"]
+    srv = Server(llama_dir, tmp_path, kv_format="fp32", adapters={"sql": lora_dirs["all"], "mlp": lora_dirs["mlp"]})
+    try:
+        client = srv.client()
+        texts, text = [], ""
+        for i, extra in enumerate([{"adapter": "sql"}, None]):
+            text += prompts[i]
+            answer = client.completions.create(model=srv.model, prompt=text, max_tokens=8, temperature=0,
+                                               user="bob", extra_body=extra)
+            assert answer.choices[0].text == generate(model, tok, text, 8, adapter="sql").text
+            texts.append(answer.choices[0].text)
+            text += answer.choices[0].text
+        assert answer.usage.prompt_tokens_details.cached_tokens > 0
+        assert texts[0] != generate(model, tok, prompts[0], 8).text  # the adapter matters
+        client.completions.create(model=srv.model, prompt="x", max_tokens=2, user="carl")
+        file = tmp_path / "bob.safetensors"
+        saved = file.read_bytes()  # bob's save is done: the engine saves before it takes the next request
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError, match="agent 'bob' was made with adapter 'sql'; use that "
+                                                             "adapter or another agent") as info:
+                client.completions.create(model=f"{srv.model}:mlp", prompt=text, max_tokens=2, user="bob",
+                                          stream=stream)
+            assert info.value.body["param"] == "adapter"
+        with pytest.raises(openai.BadRequestError, match="agent 'carl' was made without an adapter"):
+            client.completions.create(model=srv.model, prompt="x y", max_tokens=2, user="carl",
+                                      extra_body={"adapter": "sql"})
+        assert file.read_bytes() == saved
+        agents = {a["name"]: a for a in httpx.get(f"{srv.url}/v1/agents").json()["data"]}
+        assert agents["bob"]["adapter"] == "sql" and agents["bob"]["live"] and agents["carl"]["adapter"] is None
+
+        assert httpx.delete(f"{srv.url}/v1/adapters/sql").status_code == 200
+        bob = httpx.get(f"{srv.url}/v1/agents/bob").json()
+        assert not bob["live"] and bob["adapter"] == "sql" and read_metadata(file)["adapter"] == "sql"
+        with pytest.raises(openai.BadRequestError, match="made with adapter 'sql', which is not loaded"):
+            client.completions.create(model=srv.model, prompt=text, max_tokens=2, user="bob")
+        loaded = httpx.post(f"{srv.url}/v1/adapters", json={"name": "sql", "path": str(lora_dirs["all"])})
+        assert loaded.status_code == 200, loaded.text
+        text += prompts[2]
+        answer = client.completions.create(model=srv.model, prompt=text, max_tokens=8, temperature=0, user="bob")
+        assert answer.choices[0].text == generate(model, tok, text, 8, adapter="sql").text
+        assert answer.usage.prompt_tokens_details.cached_tokens > 0  # restored from disk under its adapter
+    finally:
+        srv.stop()
+
+
+def test_cli_agent_with_adapter(llama_dir, lora_dirs, tmp_path):
+    model, tok = load(llama_dir, "fp32")
+    load_adapter(model, lora_dirs["all"])
+    store = tmp_path / "agents"
+    common = ["--model", str(llama_dir), "--dtype", "fp32", "--agent", "bob", "--store", str(store), "--max-tokens",
+              "6"]
+    result = run_cli("generate", *common, "--adapter", str(lora_dirs["all"]), "--prompt", "def f(x):", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tokens"] == generate(model, tok, "def f(x):", max_tokens=6, adapter="all").tokens
+    saved = (store / "bob.safetensors").read_bytes()
+    assert_one_line_error(run_cli("generate", *common, "--adapter", str(lora_dirs["mlp"]), "--prompt", "x"),
+                          "agent 'bob' was made with adapter 'all'; use that adapter or another agent")
+    assert_one_line_error(run_cli("generate", *common, "--prompt", "x"), "which is not loaded")
+    assert (store / "bob.safetensors").read_bytes() == saved

@@ -105,8 +105,13 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def save_memory(path: Path, cache: PromptCache, model: nn.Module, tokenizer_fingerprint: str,
-                messages: list[dict] | None = None, predicted: bool = False) -> Path:
-    """Write `cache` exactly as held in memory (quantized stays quantized); atomic via temp file, fsync, rename."""
+                messages: list[dict] | None = None, predicted: bool = False, adapter: str | None = None,
+                adapter_fingerprint: str = "") -> Path:
+    """Write `cache` exactly as held in memory (quantized stays quantized); atomic via temp file, fsync, rename.
+
+    `adapter` / `adapter_fingerprint`: the LoRA adapter the K/V were computed under (none: ""), so a restore under
+    another one can be refused; a file without them was made without an adapter.
+    """
     tensors = {f"layers.{i}.{key}": t.contiguous()
                for i, layer in enumerate(cache.layers) for key, t in layer.state().items()}
     args = model.args
@@ -123,6 +128,8 @@ def save_memory(path: Path, cache: PromptCache, model: nn.Module, tokenizer_fing
         "tokens": json.dumps(cache.tokens),
         "messages": json.dumps(messages or [], ensure_ascii=False),
         "predicted": "1" if predicted else "0",
+        "adapter": adapter or "",
+        "adapter_fingerprint": adapter_fingerprint,
         "checksums": json.dumps({k: tensor_crc32(t) for k, t in tensors.items()}, sort_keys=True),
     }
     metadata[HEADER_CHECKSUM] = header_checksum(metadata)

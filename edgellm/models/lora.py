@@ -10,6 +10,7 @@ set for one forward by `select`, as vLLM's LoRA metadata is: the model's forward
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -47,6 +48,7 @@ class LoraAdapter:
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
     modules: list[str]
     nbytes: int
+    fingerprint: str  # what the adapter computes (its weights, rank, scale), whatever it is named or where it lies
 
 
 def _config(path: Path) -> dict:
@@ -109,7 +111,9 @@ def read_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         raise CheckpointError(f"{file} holds no LoRA weights")
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return LoraAdapter(name or path.name, path, r, scale, pairs, list(pairs), nbytes)
+    digest = hashlib.sha256(file.read_bytes())  # an adapter's file is small
+    digest.update(f"r={r} scale={scale!r}".encode())  # rslora changes the scale, not the file
+    return LoraAdapter(name or path.name, path, r, scale, pairs, list(pairs), nbytes, digest.hexdigest())
 
 
 class LoraLinear(nn.Module):
@@ -276,14 +280,18 @@ def _find(model: nn.Module, module: str, adapter: LoraAdapter) -> nn.Module:
     return target
 
 
-
-
 def adapters(model: nn.Module) -> Adapters:
     """The model's adapter registry, made on first use."""
     registry = model.__dict__.get("adapters")
     if registry is None:
         registry = model.__dict__["adapters"] = Adapters(model)
     return registry
+
+
+def resident(model: nn.Module) -> dict[str, LoraAdapter]:
+    """The adapters loaded on `model` by name (a copy; empty when none ever was)."""
+    registry = model.__dict__.get("adapters")
+    return {} if registry is None else dict(registry.loaded)
 
 
 def load_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> LoraAdapter:

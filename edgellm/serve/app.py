@@ -2,7 +2,8 @@
 
 Agents: a request names its agent with the `X-Agent-Id` header or, failing that, OpenAI's `user` field (the
 header wins). The agent's KV memory is reused (only new tokens are prefilled), saved after every request and
-restored after a restart. A second request for an agent that is already generating waits in the queue.
+restored after a restart. A second request for an agent that is already generating waits in the queue. An agent
+runs under the LoRA adapter of its first request: later requests naming none get it, one naming another is refused.
 Requests without an agent reuse the longest matching prefix among a few anonymous caches.
 
 Size limits keep one huge request from stalling the others (tokenizing runs in a worker thread, but parsing
@@ -332,9 +333,17 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         """One Speculation per setting: its requests share the step times they measure."""
         return Speculation(mode, k, adaptive)
 
-    def submit(request: Request, body: p.SamplingFields, ids: list[int], max_tokens: int | None,
-               messages: list[dict] | None = None, logprobs: int | None = None,
-               echo: bool = False, grammar: Grammar | None = None) -> GenerationRequest:
+    def agent_adapter(agent: str, adapter: str | None) -> str | None:
+        """The adapter an agent's request runs under: the one its memory was made with (400 when another is named)."""
+        try:
+            with engine.store_lock:
+                return store.agent_adapter(agent, adapter)[0]
+        except InvalidRequestError as e:
+            raise p.ServeError(str(e), param="adapter") from None
+
+    async def submit(request: Request, body: p.SamplingFields, ids: list[int], max_tokens: int | None,
+                     messages: list[dict] | None = None, logprobs: int | None = None,
+                     echo: bool = False, grammar: Grammar | None = None) -> GenerationRequest:
         if closing:
             raise p.ServeError("server is shutting down", 503, "server_error")
         temperature = body.temperature if body.temperature >= GREEDY_BELOW else 0.0
@@ -345,12 +354,11 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
                                   grammar=grammar).validate()
         agent = agent_name(request, body)
         adapter = request_adapter(body)
+        if agent is not None:  # reads the agent's saved header: off the event loop
+            adapter = await asyncio.to_thread(agent_adapter, agent, adapter)
         if adapter is not None and body.kv_prediction:
             raise p.ServeError("kv_prediction predicts the base model's K/V, not an adapter's; use one or the other",
                                param="kv_prediction")
-        if adapter is not None and agent is not None:
-            raise p.ServeError("a request with an agent cannot name a LoRA adapter yet: the agent's saved memory "
-                               "was made without it; drop the adapter or the agent", param="adapter")
         if body.kv_prediction and kv_predictor is None:
             raise p.ServeError("kv_prediction needs a server started with --kv-predictor", param="kv_prediction")
         spec = speculation if body.speculative is None else (
@@ -469,8 +477,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
             grammar = await asyncio.to_thread(request_grammar, body, forced is not None)
         else:
             grammar = await asyncio.to_thread(lambda: t.tool_grammar(body.tools or [], forced, grammar_tokenizer()))
-        generation = submit(request, body, ids, body.max_completion_tokens or body.max_tokens, messages, logprobs,
-                            grammar=grammar)
+        generation = await submit(request, body, ids, body.max_completion_tokens or body.max_tokens, messages,
+                                  logprobs, grammar=grammar)
         id_, created = p.new_id("chatcmpl"), int(time.time())
         limit = 1 if body.parallel_tool_calls is False else None
         if body.stream:
@@ -529,8 +537,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         if body.echo and body.stream:
             raise p.ServeError("echo is not supported with stream: true", param="echo")
         grammar = await asyncio.to_thread(request_grammar, body)
-        generation = submit(request, body, ids, body.max_tokens, logprobs=body.logprobs, echo=body.echo,
-                            grammar=grammar)
+        generation = await submit(request, body, ids, body.max_tokens, logprobs=body.logprobs, echo=body.echo,
+                                  grammar=grammar)
         id_, created = p.new_id("cmpl"), int(time.time())
         if body.stream:
             offset = 0  # characters streamed so far: where the next chunk's text_offset starts

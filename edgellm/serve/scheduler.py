@@ -243,25 +243,27 @@ class Engine:
                 self.busy_agents.discard(req.agent)
 
     def _start(self, req: GenerationRequest) -> Slot:
-        prompt_logprobs = self._prompt_logprobs(req)  # before the agent is acquired: a failure leaves nothing held
         agent, cache = None, None
         # pool blocks for the prompt and the first RESERVE_AHEAD tokens now; decode takes more a block at a time
         tokens = min(len(req.ids) + min(req.max_tokens, RESERVE_AHEAD), self.context)
         try:
             with self.store_lock:
                 if req.agent is not None:
-                    agent, restored = self.store.acquire(req.agent)  # pinned: never evicted while it is generating
+                    # pinned: never evicted while it is generating; under its own adapter when the request names none
+                    agent, restored = self.store.acquire(req.agent, req.adapter)
+                    req.adapter = agent.adapter
                     if agent.restore_note:
                         log.warning("agent %s: saved memory not used (%s)", req.agent, agent.restore_note)
                     elif restored:
                         self.metrics.restored_tokens.inc(len(agent.cache.tokens))
                     cache = agent.cache
                     if self.store.pool is not None:
-                        self.store.prepare(cache, req.ids, tokens, agent.name)
+                        self.store.prepare(cache, req.ids, tokens, agent.name, share=agent.adapter is None)
                 elif req.adapter is not None:  # K/V made under an adapter are shared with no one
                     cache = self.store.private_cache(req.ids, tokens)
                 else:
                     cache = self.store.anonymous_cache(req.ids, tokens)[0]
+            prompt_logprobs = self._prompt_logprobs(req)  # under the agent's adapter: it is known now
             predictor = self.kv_predictor if req.kv_prediction else None
             speculator = None if req.speculation is None else make_speculator(
                 req.speculation, req.sampling, len(req.ids) + min(req.max_tokens, self.context) + 64,
@@ -385,12 +387,20 @@ class Engine:
         return adapter
 
     def unload_adapter(self, name: str) -> None:
-        """Drop a LoRA adapter between two steps; refused (409) while a request using it is queued or running."""
-        with self.model_lock, self.cond:
+        """Drop a LoRA adapter between two steps; refused (409) while a request using it is queued or running.
+
+        Idle live agents made under it are written back to disk and dropped from RAM first: they cannot run without
+        it, and their saved memory keeps its adapter, usable again once the same weights are loaded.
+        """
+        with self.model_lock, self.cond, self.store_lock:
             adapters(self.model).check(name)
-            if any(r.adapter == name for r in [*self.waiting, *(s.request for s in self.running)]):
+            holders = [n for n, agent in self.store.live.items() if agent.adapter == name]
+            requests = [*self.waiting, *(slot.request for slot in self.running)]
+            if any(r.adapter == name or r.agent in holders for r in requests):
                 raise ServeError(f"adapter {name!r} has a request in flight; unload it when idle", 409,
                                  code="adapter_busy")
+            for agent in holders:
+                self.store.evict(agent)
             adapters(self.model).remove(name)
 
     def delete_agent(self, name: str) -> bool:
