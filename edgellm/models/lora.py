@@ -26,6 +26,7 @@ from torch import nn
 
 from edgellm.errors import CheckpointError, InvalidRequestError
 from edgellm.kernels import linear
+from edgellm.kernels.kvattn import crc32
 from edgellm.kernels.linear import lora_bgmv
 
 # adapter_config.json keys whose non-default values change what the adapter computes in ways not implemented here
@@ -111,8 +112,11 @@ def read_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         raise CheckpointError(f"{file} holds no LoRA weights")
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    digest = hashlib.sha256(file.read_bytes())  # an adapter's file is small
-    digest.update(f"r={r} scale={scale!r}".encode())  # rslora changes the scale, not the file
+    # the weights by name, shape and CRC32 (natively, at memory speed: hashing the file cost as much as loading it)
+    digest = hashlib.sha256(f"r={r} scale={scale!r}".encode())  # rslora changes the scale, not the weights
+    for key in sorted(tensors):
+        t = tensors[key]
+        digest.update(f"{key} {t.dtype} {tuple(t.shape)} {crc32(t.contiguous()):08x}\n".encode())
     return LoraAdapter(name or path.name, path, r, scale, pairs, list(pairs), nbytes, digest.hexdigest())
 
 
@@ -137,18 +141,28 @@ class LoraLinear(nn.Module):
         self.meta: tuple[tuple[str | None, ...], tuple[torch.Tensor, torch.Tensor] | None] = ((), None)  # per batch
 
     def set(self, name: str, pair: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
-        """Add (A, B, scale) under `name`, or drop `name` with None, and restack."""
+        """Add (A, B, scale) under `name`, or drop `name` with None, and restack (an added adapter that fits the
+        padded rank is appended: one copy of the stacks, not one per resident adapter)."""
         items = {**self.lora, name: pair} if pair is not None else {k: v for k, v in self.lora.items() if k != name}
+        appended = pair is not None and name not in self.lora and self.lora and pair[0].shape[0] <= self.rank
         self.lora, self.slots, self.meta = {}, {}, ((), None)
         if not items:
             return
-        self.rank = r = max(a.shape[0] for a, _, _ in items.values())
         dtype = self.adapters.dtype  # the activations': fp32 adapters on a bf16 model are stored in bf16, as vLLM does
-        self.lora_a = torch.zeros(len(items) * r, self.in_features, dtype=dtype)
-        self.lora_bt = torch.zeros(len(items) * r, self.out_features, dtype=dtype)  # B transposed: rows read whole
-        for i, (key, (a, b, scale)) in enumerate(items.items()):
+        if appended:
+            r, (a, b, _) = self.rank, pair
+            new_a = torch.zeros(r, self.in_features, dtype=dtype)
+            new_bt = torch.zeros(r, self.out_features, dtype=dtype)
+            new_a[:a.shape[0]], new_bt[:a.shape[0]] = a, b.t()
+            self.lora_a, self.lora_bt = torch.cat([self.lora_a, new_a]), torch.cat([self.lora_bt, new_bt])
+        else:
+            self.rank = r = max(a.shape[0] for a, _, _ in items.values())
+            self.lora_a = torch.zeros(len(items) * r, self.in_features, dtype=dtype)
+            self.lora_bt = torch.zeros(len(items) * r, self.out_features, dtype=dtype)  # Bᵀ: rows read whole
+            for i, (a, b, _) in enumerate(items.values()):
+                self.lora_a[i * r:i * r + a.shape[0]], self.lora_bt[i * r:i * r + a.shape[0]] = a, b.t()
+        for i, (key, (a, _, scale)) in enumerate(items.items()):
             rows = slice(i * r, i * r + a.shape[0])
-            self.lora_a[rows], self.lora_bt[rows] = a, b.t()
             self.lora[key], self.slots[key] = (self.lora_a[rows], self.lora_bt[rows].t(), scale), i
 
     def _rows(self, rows: tuple[str | None, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
