@@ -18,6 +18,7 @@ from edgellm.kv.formats import KVFormat, dense_format
 from edgellm.kv.persist import RestoreError, read_metadata, remove_stale_temp_files, restore_memory, save_memory
 from edgellm.kv.pool import DEFAULT_BLOCK_TOKENS, BlockPool, PoolExhausted
 from edgellm.kv.prompt_cache import PromptCache, common_prefix
+from edgellm.kv.store import LeasedMemory, StaleLeaseError
 from edgellm.models.lora import resident
 from edgellm.sampling import SamplingParams
 from edgellm.sequence import context_length, prepare_prompt
@@ -146,13 +147,16 @@ class AgentStore:
     shared BlockPool of that size: agents starting with the same tokens share their full blocks (one physical copy),
     and when the pool is full idle anonymous caches are dropped, then idle unpinned agents are written back to disk
     (expired first, then least recently used) and their blocks reused.
+
+    With `memory` (a LeasedMemory over a shared store), agents are leased as they are restored and saved through the
+    store under their lease; `root` is then the store's local directory (memory.directory).
     """
 
     def __init__(self, root: str | Path, model: nn.Module, tokenizer: Tokenizer,
                  kv_format: str | KVFormat | None = None, budget_bytes: int | None = None,
                  pool_bytes: int | None = None, block_tokens: int = DEFAULT_BLOCK_TOKENS,
-                 anonymous_caches: int = 8) -> None:
-        self.root = Path(root)
+                 anonymous_caches: int = 8, memory: LeasedMemory | None = None) -> None:
+        self.root, self.memory = Path(root), memory
         self.root.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(self.root)
         self.model, self.tokenizer = model, tokenizer
@@ -171,11 +175,14 @@ class AgentStore:
         return self.root / f"{check_agent_name(name)}.safetensors"
 
     def agent(self, name: str, adapter: str | None = None) -> Agent:
-        """The live agent, else its memory restored from disk, else a new empty agent made under `adapter`.
+        """The live agent, else its memory restored from disk (or the shared store), else a new empty agent made
+        under `adapter`.
 
         An agent runs under the LoRA adapter its memory was made with: `adapter` None means that one (its default);
         naming another is refused (InvalidRequestError) before anything is restored or changed on disk.
         """
+        if name in self.live and self.memory is not None and not self.memory.hold(name):
+            self.forget(self.live[name])  # another replica took the agent over: its copy in RAM may be stale
         chosen = self.agent_adapter(name, adapter)
         if name in self.live:
             agent = self.live[name]
@@ -183,12 +190,15 @@ class AgentStore:
             self.live.move_to_end(name)
             return agent
         cache, messages, note, meta = None, None, None, {}
-        if self.path(name).exists():
+        path = self.path(name) if self.memory is None else self.memory.checkout(name)
+        if path is not None and path.exists():
             try:
-                cache, meta = restore_memory(self.path(name), self.model, self.tokenizer.fingerprint, self.kv_format)
+                cache, meta = restore_memory(path, self.model, self.tokenizer.fingerprint, self.kv_format)
                 messages = json.loads(meta.get("messages", "[]"))
             except RestoreError as e:
                 note = str(e)
+        if cache is not None and meta.get("adapter_fingerprint", "") != chosen[1]:  # changed since it was checked
+            raise InvalidRequestError(f"agent {name!r}'s memory was just saved under another adapter; retry the turn")
         if self.pool is not None and cache is not None:
             cache = self._into_pool(name, cache, share=chosen[0] is None)
         agent = Agent(self, name, cache or PromptCache(self.model, 256, self.kv_format, self.pool), messages, note,
@@ -233,10 +243,15 @@ class AgentStore:
             agent = self.live[name]
             return None if not agent.cache.tokens and not agent.messages else (agent.adapter,
                                                                                agent.adapter_fingerprint)
-        if not self.path(name).exists():
+        if self.memory is None:
+            path = self.path(name) if self.path(name).exists() else None
+        else:  # the newest saved memory in the shared store (reading takes no lease)
+            found = self.memory.store.get(name)
+            path = None if found is None else found[0]
+        if path is None:
             return None
         try:
-            meta = read_metadata(self.path(name))
+            meta = read_metadata(path)
         except RestoreError:  # the restore will say why, and the agent starts afresh
             return None
         return meta.get("adapter") or None, meta.get("adapter_fingerprint", "")
@@ -289,7 +304,7 @@ class AgentStore:
     def fork(self, source: str, name: str) -> Agent:
         """A new agent starting from `source`'s memory (e.g. a shared system prompt), its blocks shared in the pool;
         it inherits `source`'s adapter, which made those K/V."""
-        if name in self.live or self.path(name).exists():
+        if name in self.live or (self.memory.exists(name) if self.memory else self.path(name).exists()):
             raise InvalidRequestError(f"agent {name!r} already exists")
         parent = self.agent(source)
         agent = Agent(self, name, parent.cache.fork(), list(parent.messages),
@@ -417,15 +432,26 @@ class AgentStore:
         cache.tokens = list(restored.tokens)
         return cache
 
-    def save(self, agent: Agent) -> Path:
-        return save_memory(self.path(agent.name), agent.cache, self.model, self.tokenizer.fingerprint,
+    def save(self, agent: Agent, path: Path | None = None) -> Path:
+        """Write the agent's memory to `path` (default: its file in the store, or with a shared store, a staged file
+        put under the agent's lease: StaleLeaseError, and the agent dropped from RAM, if another replica took it)."""
+        if self.memory is not None and path is None:
+            try:
+                return self.memory.commit(agent.name, lambda staged: self.save(agent, staged))
+            except StaleLeaseError:
+                self.forget(agent)
+                raise
+        return save_memory(path or self.path(agent.name), agent.cache, self.model, self.tokenizer.fingerprint,
                            agent.messages, predicted=agent.predicted, adapter=agent.adapter,
                            adapter_fingerprint=agent.adapter_fingerprint)
 
     def save_all(self) -> None:
-        for agent in self.live.values():
+        for agent in list(self.live.values()):
             if agent.cache.tokens:
-                self.save(agent)
+                try:
+                    self.save(agent)
+                except StaleLeaseError:  # another replica holds it now: its newer memory stays as it is
+                    continue
 
     def live_bytes(self) -> int:
         """Physical KV bytes of live agents and idle anonymous caches: with a pool, its blocks in use (shared blocks
@@ -457,9 +483,13 @@ class AgentStore:
             self.save(agent)
         del self.live[name]
         agent.cache.release()
+        if self.memory is not None:
+            self.memory.release(name)
         self.evictions += 1
 
     def list(self) -> list[AgentInfo]:
+        if self.memory is not None:  # a shared store: names, sizes and times (headers may be remote)
+            return [AgentInfo(m.name, 0, m.size, "unknown", m.modified, False, None) for m in self.memory.store.list()]
         return list_agents(self.root)
 
     def delete(self, name: str) -> bool:
@@ -468,6 +498,8 @@ class AgentStore:
         if agent is not None:
             agent.cache.release()
         removed = agent is not None
+        if self.memory is not None:
+            return self.memory.delete(name) or removed
         path = self.path(name)
         if path.exists():
             path.unlink()
@@ -475,8 +507,9 @@ class AgentStore:
         return removed
 
     def stats(self) -> dict:
+        saved = self.memory.store.list() if self.memory else list(self.root.glob("*.safetensors"))
         out = {"live_agents": len(self.live), "live_bytes": self.live_bytes(), "logical_bytes": self.logical_bytes(),
-               "budget_bytes": self.budget_bytes, "saved_agents": len(list(self.root.glob("*.safetensors"))),
+               "budget_bytes": self.budget_bytes, "saved_agents": len(saved),
                "evictions": self.evictions, "kv_format": str(self.kv_format)}
         if self.pool is not None:
             out |= {"pool_bytes": self.pool.capacity_blocks * self.pool.block_bytes,

@@ -484,7 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address; non-loopback needs --api-key")
     p.add_argument("--port", type=int_in(1, 65535), default=8000)
-    p.add_argument("--store", default="edgellm-agents", help="directory of agent memories")
+    p.add_argument("--store", default="edgellm-agents",
+                   help="directory of agent memories, or a shared store leased per agent: file:///dir, "
+                        "redis://host:port/db")
     p.add_argument("--kv-format", default=None,
                    help="KV format: fp16, bf16, fp32, q8, q4, q2 (+ -kivi, -h); default: the model's dtype")
     p.add_argument("--memory-budget", default=None,

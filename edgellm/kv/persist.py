@@ -96,7 +96,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -143,7 +143,7 @@ def save_memory(path: Path, cache: PromptCache, model: nn.Module, tokenizer_fing
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

@@ -62,11 +62,13 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, sto
     With `memory_budget`, KV memory is one block pool of that size (formats it cannot hold, KIVI and windowed
     ones, keep per-agent caches under a byte budget instead). `draft_model`: a directory of a draft model sharing
     the tokenizer; `speculation`: requests' default. `adapters`: (name, directory) of PEFT LoRA adapters that
-    requests select by name.
+    requests select by name. `store_dir`: a directory, or a shared store's URL (file:///dir, redis://host:port/db)
+    whose agents this server leases while it holds them.
     """
     from edgellm.agents import AgentStore
     from edgellm.kv.formats import KVFormat, dense_format
     from edgellm.kv.pool import BlockPool
+    from edgellm.kv.store import LeasedMemory, check_store_url, is_store_url, open_store
     from edgellm.loader import load
     from edgellm.models.lora import load_adapter
 
@@ -75,6 +77,8 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, sto
     if max_concurrency < 1 or max_queue < 0 or prefill_chunk < 1:
         raise InvalidRequestError("--max-concurrency and --prefill-chunk must be >= 1, --max-queue >= 0")
     budget = parse_bytes(memory_budget) if memory_budget else None
+    if is_store_url(store_dir):
+        check_store_url(store_dir)  # before minutes of model loading
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVES))  # before the first matmul
     model, tokenizer = load(model_path, dtype)
     if expert_budget:
@@ -98,8 +102,12 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, sto
     if budget is not None and not pooled:
         print(f"edgellm: KV format {fmt} has no block-pool layout (KIVI keys, a full-precision window): "
               "--memory-budget bounds the live agents' caches instead, without prefix sharing", file=sys.stderr)
+    memory = None
+    if is_store_url(store_dir):
+        memory = LeasedMemory(open_store(store_dir, model.fingerprint))
+        store_dir = memory.directory
     store = AgentStore(store_dir, model, tokenizer, fmt, None if pooled else budget, budget if pooled else None,
-                       block_tokens or SERVER_BLOCK_TOKENS)
+                       block_tokens or SERVER_BLOCK_TOKENS, memory=memory)
     app = create_app(model, tokenizer, store, max_concurrency=max_concurrency, max_queue=max_queue, api_key=api_key,
                      prefill_chunk=prefill_chunk, kv_predictor=predictor, max_body_bytes=max_body_bytes,
                      draft_model=draft, speculation=speculation)

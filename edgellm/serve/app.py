@@ -40,6 +40,7 @@ from torch import nn
 from edgellm.agents import AgentStore, check_agent_name, is_agent_name
 from edgellm.errors import EdgeLLMError, InvalidRequestError
 from edgellm.grammar import Grammar, llg_tokenizer
+from edgellm.kv.store import LeaseHeldError, StoreUnavailableError
 from edgellm.models.lora import LoraAdapter
 from edgellm.sampling import SamplingParams, TokenLogprob
 from edgellm.sequence import check_prompt
@@ -226,6 +227,14 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
     @app.exception_handler(EdgeLLMError)
     async def on_edgellm_error(_: Request, e: EdgeLLMError) -> JSONResponse:
         return error(400, str(e))
+
+    @app.exception_handler(LeaseHeldError)  # another replica serves this agent: retry there, or after its lease
+    async def on_lease_held(_: Request, e: LeaseHeldError) -> JSONResponse:
+        return error(409, str(e), code="agent_leased")
+
+    @app.exception_handler(StoreUnavailableError)
+    async def on_store_unavailable(_: Request, e: StoreUnavailableError) -> JSONResponse:
+        return error(503, str(e), "server_error", code="store_unavailable")
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, e: RequestValidationError) -> JSONResponse:

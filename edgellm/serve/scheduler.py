@@ -21,6 +21,7 @@ from torch import nn
 from edgellm import runner
 from edgellm.agents import Agent, AgentStore
 from edgellm.kv.pool import PoolExhausted
+from edgellm.kv.store import MemoryStoreError
 from edgellm.models.lora import LoraAdapter, adapters, read_adapter
 from edgellm.sampling import SamplingParams, TokenLogprob
 from edgellm.sequence import Sequence, State, StepOutput
@@ -121,6 +122,8 @@ class Engine:
         self.waiting.clear()
         self.running.clear()
         self.store.save_all()
+        if self.store.memory is not None:  # another replica may take these agents over without waiting out a TTL
+            self.store.memory.release_all()
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request, or refuse it with 429 when the admission queue is full."""
@@ -364,7 +367,7 @@ class Engine:
         try:
             with self.store_lock:
                 self.store.release(agent, save)
-        except OSError as e:  # a full or read-only disk must not wedge the agent or stop other streams
+        except (OSError, MemoryStoreError) as e:  # a full disk or a lost lease must not wedge the agent or others
             log.error("could not persist agent %r: %s", agent.name, e)
         finally:
             with self.cond:
