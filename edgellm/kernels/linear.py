@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -46,12 +47,18 @@ def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tenso
     """y (B, T, N) += scales[i] · (x[i] A_s^T) B_s^T for s = slots[i] (-1: none), in place, natively; False (y
     untouched) where the native kernel does not apply. a (S·rank, K) and bt (S·rank, N) stack S adapters' A and Bᵀ;
     y may be a column slice of a wider output."""
-    ext = load_extension("gemv")
-    if ext is None or not (x.is_cpu and y.stride(-1) == 1 and a.is_contiguous() and bt.is_contiguous()) or (
+    op = _bgmv_op()
+    if op is None or not (x.is_cpu and y.stride(-1) == 1 and a.is_contiguous() and bt.is_contiguous()) or (
             torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or bt.requires_grad)):
         return False
-    ext.lora_bgmv(y, x.contiguous(), a, bt, slots, scales, rank)
+    op(y, x.contiguous(), a, bt, slots, scales, rank)
     return True
+
+
+@cache
+def _bgmv_op() -> Callable[..., torch.Tensor] | None:
+    ext = load_extension("gemv")
+    return None if ext is None else ext.lora_bgmv
 
 
 class Linear(nn.Linear):

@@ -138,14 +138,15 @@ class LoraLinear(nn.Module):
         self.lora_a = self.lora_bt = torch.empty(0)
         self.rank = 0  # the padded rank of each slot in the stacks
         self.slots: dict[str, int] = {}
-        self.meta: tuple[tuple[str | None, ...], tuple[torch.Tensor, torch.Tensor] | None] = ((), None)  # per batch
+        # per batch: (rows, their slots and scales or None, whether one adapter serves every row)
+        self.meta: tuple[tuple[str | None, ...], tuple[torch.Tensor, torch.Tensor] | None, bool] = ((), None, False)
 
     def set(self, name: str, pair: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
         """Add (A, B, scale) under `name`, or drop `name` with None, and restack (an added adapter that fits the
         padded rank is appended: one copy of the stacks, not one per resident adapter)."""
         items = {**self.lora, name: pair} if pair is not None else {k: v for k, v in self.lora.items() if k != name}
         appended = pair is not None and name not in self.lora and self.lora and pair[0].shape[0] <= self.rank
-        self.lora, self.slots, self.meta = {}, {}, ((), None)
+        self.lora, self.slots, self.meta = {}, {}, ((), None, False)
         if not items:
             return
         dtype = self.adapters.dtype  # the activations': fp32 adapters on a bf16 model are stored in bf16, as vLLM does
@@ -185,18 +186,19 @@ class LoraLinear(nn.Module):
         rows = self.adapters.rows
         if rows is None:
             return
-        if len(set(rows)) == 1 and (x.shape[-2] > BGMV_MAX_TOKENS or x.shape[0] != len(rows)):
+        if self.meta[0] != rows:  # the same batch step after step: built once
+            self.meta = (rows, self._rows(rows), len(set(rows)) == 1)
+        _, found, single = self.meta
+        if single and (x.shape[-2] > BGMV_MAX_TOKENS or x.shape[0] != len(rows)):
             # a prefill (or one adapter named for a whole batch): its slices as GEMMs
-            if rows[0] in self.lora:
+            if found is not None:
                 a, b, scale = self.lora[rows[0]]
                 y += linear(linear(x, a) * scale, b)
             return
-        if self.meta[0] != rows:  # the same batch step after step: built once
-            self.meta = (rows, self._rows(rows))
-        if self.meta[1] is None:
+        if found is None:
             return
-        slots, scales = self.meta[1]
-        x = x.reshape(len(rows), -1, self.in_features)
+        slots, scales = found
+        x = x if x.dim() == 3 else x.reshape(len(rows), -1, self.in_features)
         if x.shape[1] <= BGMV_MAX_TOKENS and lora_bgmv(y, x, self.lora_a, self.lora_bt, slots, scales, self.rank):
             return  # natively, each row reading its own adapter's slices
         # every resident adapter's path for every row, each zeroed but the row's own
