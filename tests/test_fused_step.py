@@ -275,3 +275,58 @@ def test_a_weight_without_a_kernel_the_step_reads_runs_op_at_a_time(checkpoint, 
     model.model.layers[1].mlp.down_proj.lut = None
     logits_per_step(model, tokens(model), use_fused=True)
     assert model.__dict__["_fused"] is False
+
+
+@pytest.mark.parametrize("arch,dtype,cache_dtype", [
+    ("llama", "fp32", torch.float32), ("qwen3", "fp32", torch.float32), ("llama", "bf16", torch.bfloat16),
+    ("qwen2", "bf16", torch.float32)])
+def test_multi_step_equals_single_steps(checkpoint, arch, dtype, cache_dtype):
+    """11 tokens through multi_step (two groups of rows per weight read) give, row for row, the logits 11 single
+    decode steps give, bit for bit, and leave the same cache: checking drafts changes no greedy choice."""
+    model, _ = load(checkpoint(arch), dtype=dtype)
+    ids = tokens(model)
+    n = 11
+
+    def run(one_at_a_time: bool) -> tuple[torch.Tensor, list[DenseKVCache]]:
+        cache = [DenseKVCache(1, model.args.num_key_value_heads, model.args.head_dim, 8, cache_dtype)
+                 for _ in model.model.layers]  # small: both ways grow it
+        with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
+            mp.setenv("EDGELLM_FUSED_STEP", "1")
+            assert fused.multi_step(model, ids[:, :PROMPT], cache) is not None
+            if one_at_a_time:
+                rows = torch.cat([fused.decode_step(model, ids[:, i:i + 1], cache)[0]
+                                  for i in range(PROMPT, PROMPT + n)])
+            else:
+                rows = fused.multi_step(model, ids[:, PROMPT:PROMPT + n], cache)[0]
+        return rows, cache
+
+    single, single_cache = run(True)
+    many, many_cache = run(False)
+    assert torch.equal(single, many)
+    for a, b in zip(single_cache, many_cache, strict=True):
+        assert a.offset == b.offset == PROMPT + n
+        assert torch.equal(a.keys[:, :, :a.offset], b.keys[:, :, :b.offset])
+        assert torch.equal(a.values[:, :, :a.offset], b.values[:, :, :b.offset])
+
+
+def test_multi_step_matches_op_path_and_declines_what_it_does_not_cover(checkpoint):
+    """fp32 logits of a short chunk within 1e-4 of the op path; a quantized model and a selected batch of two
+    rows go op at a time."""
+    model, _ = load(checkpoint("llama"), dtype="fp32")
+    ids = tokens(model)
+    cache = [DenseKVCache(1, model.args.num_key_value_heads, model.args.head_dim, 64, torch.float32)
+             for _ in model.model.layers]
+    with pytest.MonkeyPatch.context() as mp, torch.inference_mode():
+        mp.setenv("EDGELLM_FUSED_STEP", "0")
+        ref = model(ids[:, :9], cache)
+        for c in cache:
+            c.trim(9)
+        mp.setenv("EDGELLM_FUSED_STEP", "1")
+        got = fused.multi_step(model, ids[:, :9], cache)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+        assert fused.multi_step(model, ids[:, :fused.MANY_MAX + 1], cache) is None  # longer: GEMMs
+        assert fused.multi_step(model, torch.cat([ids[:, :4], ids[:, :4]]), cache) is None  # a batch
+    quantize_model(model, "q8_0")
+    prepare_quantized(model)
+    with torch.inference_mode():
+        assert fused.multi_step(model, ids[:, :4], cache) is None

@@ -34,6 +34,7 @@ from edgellm.models.lora import LoraLinear
 BLOCK_KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "mxfp4", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+MANY_MAX = 16  # tokens up to which multi_step runs (a speculative check of up to 15 drafts); past it, GEMMs win
 
 
 def enabled() -> bool:
@@ -231,6 +232,49 @@ def _paged_forward(plan: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
                                pool.group, False, pool.hadamard, tap, tables)
 
 
+def _current(model: Any) -> FusedStep | None:
+    """The model's plan, rebuilt when a weight it read was swapped; None where the step does not cover the model."""
+    fused = model.__dict__.get("_fused")
+    if fused is None or (fused is not False and not fused.current()):
+        fused = build(model) or False
+        model.__dict__["_fused"] = fused
+    return fused or None
+
+
+def multi_step(model: Any, tokens: torch.Tensor, cache: list) -> torch.Tensor | None:
+    """Logits (1, T, vocab) for 2..MANY_MAX tokens of one sequence through the fused step, each weight read once for
+    all of them (a speculative check, a short prompt), or None to run op at a time. Row t's logits are those one
+    decode step at that position gives, bit for bit: checking drafts changes no greedy choice."""
+    t = tokens.shape[1]
+    if tokens.shape[0] != 1 or not 1 < t <= MANY_MAX or torch.is_grad_enabled() or not enabled() or not cache:
+        return None
+    registry = model.__dict__.get("adapters")
+    if registry is not None and registry.rows is not None:  # adapters' paths: op at a time
+        return None
+    if not all(type(c) is DenseKVCache and c.keys.shape[0] == 1 for c in cache):
+        return None
+    pos = cache[0].offset
+    window = model.args.sliding_window
+    if (window is not None and pos + t > window) or any(c.offset != pos for c in cache):
+        return None
+    fused = _current(model)
+    if fused is None:
+        return None
+    fused.select(None)
+    if not fused.plan.covers_many():
+        return None
+    for c in cache:
+        if pos + t > c.capacity:
+            c._grow(pos + t)
+    h = model.model.embed_tokens(tokens).reshape(t, -1).float().contiguous()
+    cos, sin = model.rope.cos_sin(torch.arange(pos, pos + t).unsqueeze(0), torch.float32)
+    cos, sin = cos.reshape(t, -1).contiguous(), sin.reshape(t, -1).contiguous()
+    logits = fused.plan.forward_many(h, cos, sin, [c.keys for c in cache], [c.values for c in cache], pos)
+    for c in cache:
+        c.offset = pos + t
+    return logits.to(model.dtype).view(1, t, -1)
+
+
 def decode_step(model: Any, tokens: torch.Tensor, cache: list, tap: torch.Tensor | None = None) -> torch.Tensor | None:
     """Logits (1, 1, vocab) for one token of one sequence through the fused step, or None to run op at a time.
 
@@ -247,11 +291,8 @@ def decode_step(model: Any, tokens: torch.Tensor, cache: list, tap: torch.Tensor
     window = model.args.sliding_window
     if (window is not None and pos + 1 > window) or any(c.offset != pos for c in cache):
         return None
-    fused = model.__dict__.get("_fused")
-    if fused is None or (fused is not False and not fused.current()):
-        fused = build(model) or False
-        model.__dict__["_fused"] = fused
-    if fused is False:
+    fused = _current(model)
+    if fused is None:
         return None
     fused.select(adapter)
     if paged:

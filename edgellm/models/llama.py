@@ -289,6 +289,10 @@ class Model(nn.Module):
             logits = fused.decode_step(self, tokens, cache)
             if logits is not None:
                 return logits
+        elif t <= fused.MANY_MAX and cache and kv_tap is None and num_layers is None:
+            logits = fused.multi_step(self, tokens, cache)
+            if logits is not None:
+                return logits[:, -1:] if last_only else logits
         h = self.model.embed_tokens(tokens)
         offsets = cache[0].offsets if cache else [0]
         positions = torch.tensor(offsets, device=tokens.device).unsqueeze(1) + torch.arange(t, device=tokens.device)

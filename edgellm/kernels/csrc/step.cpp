@@ -155,6 +155,39 @@ struct Proj {
     }
   }
 
+  // Several rows of activations at once (forward_many): fp32 and bf16 weights only, each weight byte read once for
+  // up to bf16::kGroupRows rows; row t's outputs bit for bit those of prepare(x_t) + rows() (the same per-row sums).
+  const float* xs = nullptr;
+  int64_t nrows = 0;
+  std::vector<float> packed_rows;
+
+  bool reads_many() const { return kind == WKind::kF32 || kind == WKind::kBF16; }
+
+  void prepare_many(const float* in, int64_t T) {
+    xs = in, nrows = T;
+    if (kind == WKind::kBF16) {
+      kpad = (K + bf16::kChunk - 1) / bf16::kChunk * bf16::kChunk;
+      packed_rows = bf16::pack_x(in, T, K, kpad);
+    }
+  }
+
+  // y (T, N): rows [n0, n1) of every row's output.
+  void rows_many(int64_t n0, int64_t n1, float* y) const {
+    if (n0 >= n1) return;
+    if (kind == WKind::kBF16) {
+      const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+      for (int64_t g = 0; g < nrows; g += bf16::kGroupRows)
+        bf16::gemv_group(std::min(bf16::kGroupRows, nrows - g), packed_rows.data() + g * kpad, kpad, w, nullptr,
+                         y + g * N, N, K, n0, n1);
+    } else {
+      for (int64_t t = 0; t < nrows; ++t)
+        for (int64_t n = n0; n < n1; ++n) y[t * N + n] = simd::dot(xs + t * K, weight.data_ptr<float>() + n * K, K);
+    }
+    if (bias.defined())
+      for (int64_t t = 0; t < nrows; ++t)
+        for (int64_t n = n0; n < n1; ++n) y[t * N + n] += bias.data_ptr<float>()[n];
+  }
+
   template <class F>
   void kquant_rows(const uint8_t* w, int64_t n0, int64_t n1, float* y) const {
     const kq::Q8K* xs[1] = {&q8k};
@@ -246,6 +279,28 @@ void split_rows(const std::vector<std::pair<Proj*, float*>>& outs, int tid, int 
       proj->rows(a, b, add ? scratch : y);
       if (add)
         for (int64_t r = a; r < b; ++r) y[r] += scratch[r];
+    }
+    base += n;
+  }
+}
+
+// split_rows for forward_many: each projection's outputs are (T, N) row-major; with `add`, added into them
+// through `scratch` (T * N floats).
+void split_rows_many(const std::vector<std::pair<Proj*, float*>>& outs, int64_t T, int tid, int nth, float* scratch,
+                     bool add = false) {
+  int64_t total = 0;
+  for (const auto& [proj, y] : outs) total += proj->N;
+  const int64_t per = (total + nth - 1) / nth;
+  const int64_t chunk = (per + 15) / 16 * 16;  // the bf16 kernel's blocks
+  const int64_t lo = std::min(total, tid * chunk), hi = std::min(total, lo + chunk);
+  int64_t base = 0;
+  for (const auto& [proj, y] : outs) {
+    const int64_t n = proj->N, a = std::max(lo - base, int64_t{0}), b = std::min(hi - base, n);
+    if (a < b) {
+      proj->rows_many(a, b, add ? scratch : y);
+      if (add)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t r = a; r < b; ++r) y[t * n + r] += scratch[t * n + r];
     }
     base += n;
   }
@@ -659,6 +714,125 @@ class Plan {
     }
   }
 
+  // Whether forward_many covers this plan: dense feed-forward blocks, fp32/bf16 weights, no adapter selected.
+  bool covers_many() const {
+    if (!head_ || !head_->reads_many()) return false;
+    for (const auto& l : layers_) {
+      if (!l.mlp) return false;
+      for (const Proj* p : {l.attn[0].get(), l.attn[1].get(), l.attn[2].get(), l.attn[3].get(), l.mlp->gate.get(),
+                            l.mlp->up.get(), l.mlp->down.get()})
+        if (!p->reads_many() || p->lora_slot >= 0) return false;
+    }
+    return true;
+  }
+
+  // T tokens (h (T, D) fp32, their embeddings) at positions pos..pos+T-1 through every layer, as T calls of forward
+  // would run them (row t's logits bit for bit forward's at pos + t) but with each weight read once for the T rows:
+  // a speculative check of T - 1 drafted tokens, or a short prompt. Contiguous dense caches; returns (T, vocab).
+  torch::Tensor forward_many(torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin,
+                             const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
+                             int64_t pos) {
+    TORCH_CHECK(covers_many(), "fused step: forward_many needs dense MLPs and fp32/bf16 weights, no adapter");
+    TORCH_CHECK(h.scalar_type() == torch::kFloat && h.is_contiguous() && h.dim() == 2 && h.size(1) == D_,
+                "fused step: h must be (T, D) fp32");
+    const int64_t T = h.size(0);
+    TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) == T && cos.size(1) == hd_ &&
+                    cos.is_contiguous() && sin.is_contiguous(), "fused step: cos/sin must be (T, head_dim)");
+    TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "fused step: K/V per layer");
+    const auto kv_type = keys[0].scalar_type();
+    for (size_t i = 0; i < keys.size(); ++i)
+      TORCH_CHECK(keys[i].dim() == 4 && keys[i].size(0) == 1 && keys[i].size(1) == Hkv_ && keys[i].size(3) == hd_ &&
+                      keys[i].size(2) >= pos + T && values[i].sizes() == keys[i].sizes() &&
+                      keys[i].scalar_type() == kv_type && values[i].scalar_type() == kv_type &&
+                      keys[i].is_contiguous() && values[i].is_contiguous(),
+                  "fused step: K/V caches must be contiguous (1, kv_heads, capacity >= pos + T, head_dim)");
+    auto logits = torch::empty({T, vocab_}, torch::kFloat);
+    pybind11::gil_scoped_release release;
+    std::lock_guard<std::mutex> guard(mutex_);
+    switch (kv_type) {
+      case torch::kFloat: run_many<float>(h, cos, sin, keys, values, pos, logits); break;
+      case torch::kBFloat16: run_many<c10::BFloat16>(h, cos, sin, keys, values, pos, logits); break;
+      case torch::kHalf: run_many<c10::Half>(h, cos, sin, keys, values, pos, logits); break;
+      default: TORCH_CHECK(false, "fused step: K/V must be fp32, bf16 or fp16");
+    }
+    return logits;
+  }
+
+  template <typename KV>
+  void run_many(torch::Tensor& h_t, const torch::Tensor& cos_t, const torch::Tensor& sin_t,
+                const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values, int64_t pos,
+                torch::Tensor& logits_t) {
+    const int64_t T = h_t.size(0), qd = H_ * hd_, kvd = Hkv_ * hd_, group = H_ / Hkv_;
+    std::vector<float> xn(T * std::max(D_, qd)), q(T * qd), k(T * kvd), v(T * kvd), att(T * qd), gate(T * ffn_),
+        up(T * ffn_), act(T * ffn_);
+    std::vector<DenseKV<KV>> caches;
+    for (int64_t t = 0; t < T; ++t) caches.push_back(DenseKV<KV>{keys, values, pos + t, Hkv_, hd_, group, nullptr, 0});
+    float* h = h_t.data_ptr<float>();
+    const float* cos = cos_t.data_ptr<float>();
+    const float* sin = sin_t.data_ptr<float>();
+    const int nth = std::max(1, at::get_num_threads());
+#pragma omp parallel num_threads(nth)
+    {
+      const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+      std::vector<float> scratch(T * D_), sq(std::max(D_, qd));
+      std::vector<typename DenseKV<KV>::Scratch> cs;
+      for (const auto& c : caches) cs.push_back(c.scratch());
+      for (size_t li = 0; li < layers_.size(); ++li) {
+        Layer& L = layers_[li];
+#pragma omp single
+        {
+          for (int64_t t = 0; t < T; ++t)
+            rms_norm(h + t * D_, L.in_norm.data_ptr<float>(), D_, eps_, xn.data() + t * D_, sq.data());
+          for (int i = 0; i < 3; ++i) L.attn[i]->prepare_many(xn.data(), T);
+        }
+        split_rows_many({{L.attn[0].get(), q.data()}, {L.attn[1].get(), k.data()}, {L.attn[2].get(), v.data()}}, T,
+                        tid, n, scratch.data());
+#pragma omp barrier
+#pragma omp single
+        for (int64_t t = 0; t < T; ++t) {
+          float *qt = q.data() + t * qd, *kt = k.data() + t * kvd, *vt = v.data() + t * kvd;
+          if (L.q_norm.defined()) {
+            qk_norm(qt, L.q_norm, H_, hd_, eps_, sq.data());
+            qk_norm(kt, L.k_norm, Hkv_, hd_, eps_, sq.data());
+          }
+          if (std::isfinite(L.clip)) clamp(qt, qd, L.clip), clamp(kt, kvd, L.clip), clamp(vt, kvd, L.clip);
+          for (int64_t hh = 0; hh < H_; ++hh) rope(qt + hh * hd_, cos + t * hd_, sin + t * hd_, hd_);
+          for (int64_t g = 0; g < Hkv_; ++g) rope(kt + g * hd_, cos + t * hd_, sin + t * hd_, hd_);
+          caches[t].store(li, kt, vt);
+        }
+        for (int64_t t = 0; t < T; ++t) caches[t].attend(li, q.data() + t * qd, att.data() + t * qd, tid, n, cs[t]);
+#pragma omp barrier
+#pragma omp single
+        L.attn[3]->prepare_many(att.data(), T);
+        split_rows_many({{L.attn[3].get(), h}}, T, tid, n, scratch.data(), true);
+#pragma omp barrier
+#pragma omp single
+        {
+          for (int64_t t = 0; t < T; ++t)
+            rms_norm(h + t * D_, L.post_norm.data_ptr<float>(), D_, eps_, xn.data() + t * D_, sq.data());
+          L.mlp->gate->prepare_many(xn.data(), T), L.mlp->up->prepare_many(xn.data(), T);
+        }
+        split_rows_many({{L.mlp->gate.get(), gate.data()}, {L.mlp->up.get(), up.data()}}, T, tid, n, scratch.data());
+#pragma omp barrier
+#pragma omp single
+        {
+          const int64_t F = L.mlp->gate->N;
+          for (int64_t t = 0; t < T; ++t) swiglu(gate.data() + t * F, up.data() + t * F, F, act.data() + t * F);
+          L.mlp->down->prepare_many(act.data(), T);
+        }
+        split_rows_many({{L.mlp->down.get(), h}}, T, tid, n, scratch.data(), true);
+#pragma omp barrier
+      }
+#pragma omp single
+      {
+        for (int64_t t = 0; t < T; ++t)
+          rms_norm(h + t * D_, final_norm_.data_ptr<float>(), D_, eps_, xn.data() + t * D_, sq.data());
+        head_->prepare_many(xn.data(), T);
+      }
+      split_rows_many({{head_.get(), logits_t.data_ptr<float>()}}, T, tid, n, scratch.data());
+    }
+  }
+
   // Runs every layer for the token whose embedding is h (D, fp32, updated in place) at position `pos`, writing its
   // K/V into each layer's cache at `pos` and attending over [0, pos]; returns the logits (vocab, fp32). The caches
   // are contiguous (1, kv_heads, capacity, head_dim), or with `tables` (layers, pages) int64 the block pool's K/V
@@ -976,6 +1150,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_moe", &Plan::set_moe,
            "the last layer's MoE block: router, experts' (gate, up, down), top_k, renormalize, shared expert, its gate")
       .def("set_head", &Plan::set_head, "the output projection (kind, weight, N, K)")
+      .def("covers_many", &Plan::covers_many, "whether forward_many runs this plan (dense MLPs, fp32/bf16 weights)")
+      .def("forward_many", &Plan::forward_many,
+           "T tokens at pos..pos+T-1 through every layer and the head, each weight read once; (T, vocab) logits")
       .def("set_lora", &Plan::set_lora, "a LoRA side path (A, B^T stacks, rank) on the projection of this weight",
            py::call_guard<py::gil_scoped_release>())
       .def("select_lora", &Plan::select_lora, "each LoRA projection's adapter slot (-1: none) and scale",
