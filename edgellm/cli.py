@@ -394,7 +394,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, args.host, args.port, args.store, args.kv_format, args.memory_budget, args.max_concurrency,
           args.max_queue, args.api_key, args.dtype, args.prefill_chunk, args.kv_predictor,
           expert_budget=args.expert_budget, block_tokens=args.kv_block_tokens or None, draft_model=args.draft_model,
-          speculation=_server_speculation(args.speculative), adapters=args.adapter)
+          speculation=_server_speculation(args.speculative), adapters=args.adapter, replicas=args.replicas,
+          ray_address=args.ray_address, replica_threads=args.replica_threads)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -509,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", type=server_adapter, action="append", default=[], metavar="NAME=DIR",
                    help="a PEFT LoRA adapter requests select with model \"<model>:NAME\" or \"adapter\": \"NAME\" "
                         "(repeatable)")
+    p.add_argument("--replicas", type=int_in(1, 1024), default=0,
+                   help="run N engine replicas under Ray Serve (pip install 'ray[serve]'), each agent routed to a home "
+                        "replica and taken over by another from the shared --store when it is down or busy")
+    p.add_argument("--ray-address", default=None, help="with --replicas: a running Ray cluster (default: start one)")
+    p.add_argument("--replica-threads", type=int_in(1, 1024), default=1,
+                   help="with --replicas: CPU threads per replica")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("kvpred", help="KV Prediction: train an aux model that predicts the base's prompt KV cache")
