@@ -260,9 +260,10 @@ struct Proj {
 
 // Thread `tid` of `nth`'s share of the rows of some projections of one input, each into its own output: a slice of
 // their concatenation, rounded to 16 rows (the bf16 kernel's blocks). With `add`, the rows are added into the output
-// (a residual) instead of stored, through `scratch`.
+// (a residual) instead of stored, through `scratch`. With T > 0, forward_many's T rows (prepare_many): each output
+// (T, N) row-major, `scratch` T * N floats.
 void split_rows(const std::vector<std::pair<Proj*, float*>>& outs, int tid, int nth, float* scratch,
-                bool add = false) {
+                bool add = false, int64_t T = 0) {
   int64_t total = 0;
   int64_t align = 16;  // the bf16 kernel's blocks; the table-lookup kernel's are kBlockRows
   for (const auto& [proj, y] : outs) {
@@ -276,30 +277,12 @@ void split_rows(const std::vector<std::pair<Proj*, float*>>& outs, int tid, int 
   for (const auto& [proj, y] : outs) {
     const int64_t n = proj->N, a = std::max(lo - base, int64_t{0}), b = std::min(hi - base, n);
     if (a < b) {
-      proj->rows(a, b, add ? scratch : y);
+      if (T)
+        proj->rows_many(a, b, add ? scratch : y);
+      else
+        proj->rows(a, b, add ? scratch : y);
       if (add)
-        for (int64_t r = a; r < b; ++r) y[r] += scratch[r];
-    }
-    base += n;
-  }
-}
-
-// split_rows for forward_many: each projection's outputs are (T, N) row-major; with `add`, added into them
-// through `scratch` (T * N floats).
-void split_rows_many(const std::vector<std::pair<Proj*, float*>>& outs, int64_t T, int tid, int nth, float* scratch,
-                     bool add = false) {
-  int64_t total = 0;
-  for (const auto& [proj, y] : outs) total += proj->N;
-  const int64_t per = (total + nth - 1) / nth;
-  const int64_t chunk = (per + 15) / 16 * 16;  // the bf16 kernel's blocks
-  const int64_t lo = std::min(total, tid * chunk), hi = std::min(total, lo + chunk);
-  int64_t base = 0;
-  for (const auto& [proj, y] : outs) {
-    const int64_t n = proj->N, a = std::max(lo - base, int64_t{0}), b = std::min(hi - base, n);
-    if (a < b) {
-      proj->rows_many(a, b, add ? scratch : y);
-      if (add)
-        for (int64_t t = 0; t < T; ++t)
+        for (int64_t t = 0; t < std::max<int64_t>(T, 1); ++t)
           for (int64_t r = a; r < b; ++r) y[t * n + r] += scratch[t * n + r];
     }
     base += n;
@@ -785,8 +768,8 @@ class Plan {
             rms_norm(h + t * D_, L.in_norm.data_ptr<float>(), D_, eps_, xn.data() + t * D_, sq.data());
           for (int i = 0; i < 3; ++i) L.attn[i]->prepare_many(xn.data(), T);
         }
-        split_rows_many({{L.attn[0].get(), q.data()}, {L.attn[1].get(), k.data()}, {L.attn[2].get(), v.data()}}, T,
-                        tid, n, scratch.data());
+        split_rows({{L.attn[0].get(), q.data()}, {L.attn[1].get(), k.data()}, {L.attn[2].get(), v.data()}}, tid, n,
+                   scratch.data(), false, T);
 #pragma omp barrier
 #pragma omp single
         for (int64_t t = 0; t < T; ++t) {
@@ -804,7 +787,7 @@ class Plan {
 #pragma omp barrier
 #pragma omp single
         L.attn[3]->prepare_many(att.data(), T);
-        split_rows_many({{L.attn[3].get(), h}}, T, tid, n, scratch.data(), true);
+        split_rows({{L.attn[3].get(), h}}, tid, n, scratch.data(), true, T);
 #pragma omp barrier
 #pragma omp single
         {
@@ -812,7 +795,7 @@ class Plan {
             rms_norm(h + t * D_, L.post_norm.data_ptr<float>(), D_, eps_, xn.data() + t * D_, sq.data());
           L.mlp->gate->prepare_many(xn.data(), T), L.mlp->up->prepare_many(xn.data(), T);
         }
-        split_rows_many({{L.mlp->gate.get(), gate.data()}, {L.mlp->up.get(), up.data()}}, T, tid, n, scratch.data());
+        split_rows({{L.mlp->gate.get(), gate.data()}, {L.mlp->up.get(), up.data()}}, tid, n, scratch.data(), false, T);
 #pragma omp barrier
 #pragma omp single
         {
@@ -820,7 +803,7 @@ class Plan {
           for (int64_t t = 0; t < T; ++t) swiglu(gate.data() + t * F, up.data() + t * F, F, act.data() + t * F);
           L.mlp->down->prepare_many(act.data(), T);
         }
-        split_rows_many({{L.mlp->down.get(), h}}, T, tid, n, scratch.data(), true);
+        split_rows({{L.mlp->down.get(), h}}, tid, n, scratch.data(), true, T);
 #pragma omp barrier
       }
 #pragma omp single
@@ -829,7 +812,7 @@ class Plan {
           rms_norm(h + t * D_, final_norm_.data_ptr<float>(), D_, eps_, xn.data() + t * D_, sq.data());
         head_->prepare_many(xn.data(), T);
       }
-      split_rows_many({{head_.get(), logits_t.data_ptr<float>()}}, T, tid, n, scratch.data());
+      split_rows({{head_.get(), logits_t.data_ptr<float>()}}, tid, n, scratch.data(), false, T);
     }
   }
 
