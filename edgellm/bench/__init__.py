@@ -18,6 +18,7 @@ BENCHMARKS = {
     "moe": ("edgellm.bench.moe", "MoE decode/prefill vs llama.cpp on the same GGUF, bandwidth on active bytes"),
     "spec": ("edgellm.bench.spec", "speculative decoding (ngram, draft model, KV-pred aux) vs plain decode tok/s"),
     "structured": ("edgellm.bench.structured", "JSON-schema constrained decoding: tok/s cost and per-token mask time"),
+    "lmeval": ("edgellm.bench.lmeval", "lm-evaluation-harness against edgellm serve, every score checked directly"),
     "lora": ("edgellm.bench.lora", "LoRA adapters: batched decode with one adapter per row vs none, load time, bytes"),
 }
 
