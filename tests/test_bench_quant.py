@@ -27,7 +27,7 @@ def test_bench_quant_reports_size_bits_and_quality(checkpoint, tmp_path, capsys)
     kl = {f: r["quality"]["mean_kl"] for f, r in rows.items()}
     assert abs(kl["fp32"]) < 1e-4 and kl["fp32"] < kl["q8_0"] < kl["int2-g64"]
     speed = rows["q8_0"]["speed"]["1"]
-    assert {"decode_tok_s", "prefill_tok_s", "decode_pct_bandwidth", "dequant_share_pct"} <= set(speed)
+    assert {"decode_tok_s", "prefill_tok_s", "decode_pct_bandwidth", "dequant_share_pct", "rss_mib"} <= set(speed)
     # --op-split: every format's decode step, split by kind of op (the accounting is tested in test_threads)
     assert all(set(r["speed"]["1"]["op_split"]["ops"]) >= {"mlp_down", "attention", "other"} for r in rows.values())
     printed = capsys.readouterr().out

@@ -509,3 +509,38 @@ def test_bench_speed_refuses_quantized_models_with_a_pointer(checkpoint, tmp_pat
     assert main(["bench", "speed", "--model", str(gguf_path), "--no-transformers"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bench quant" in err[0]
+
+
+def mapping_rss(address: int) -> int:
+    """Resident bytes of this process's memory mapping that contains `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                low, high = (int(x, 16) for x in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no mapping holds the address")
+
+
+def test_release_drops_a_replaced_tensors_pages_from_the_process(tmp_path):
+    """Q/K rows reordered at load are copies: the mapped originals must not stay resident beside them, and a
+    released range still reads back the file's bytes."""
+    writer = gguf.GGUFWriter(tmp_path / "big.gguf", "llama")
+    values = np.random.default_rng(0).standard_normal((512, 1024)).astype(np.float32)  # 2 MiB
+    writer.add_tensor("blk.0.attn_q.weight", values)
+    writer.add_tensor("blk.0.attn_k.weight", values[:8].copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = open_gguf(tmp_path / "big.gguf")
+    big, small = reader.tensors
+    big.data.sum(), small.data.sum()  # touch every page
+    address = big.data.ctypes.data
+    before = mapping_rss(address)
+    reader.release(big)
+    assert before - mapping_rss(address) >= big.data.nbytes - 2 * 4096
+    np.testing.assert_array_equal(big.data.view(np.float32).reshape(512, 1024), values)

@@ -65,6 +65,12 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
                    help="threads running the model (default: %(default)s, one per physical core)")
 
 
+def rss_bytes() -> int:
+    """This process's resident set now (Linux /proc: mapped file pages it touched count, the page cache does not)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """torch's pool at `threads` inside the block only: a benchmark run in-process (tests) must not resize it."""

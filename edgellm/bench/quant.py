@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from edgellm.bench.common import env_var, positive_int, thread_counts, torch_threads, write_report
+from edgellm.bench.common import env_var, positive_int, rss_bytes, thread_counts, torch_threads, write_report
 from edgellm.bench.speed import RANDOM_LLAMAS
 from edgellm.errors import EdgeLLMError
 from edgellm.perf import measure_hardware
@@ -149,6 +149,7 @@ def _edgellm_speed(path: str, dtype: str | None, threads: int, prompt: list[int]
     from edgellm.sequence import Sequence
 
     torch.set_num_threads(threads)
+    base = rss_bytes()
     model = _load(path, dtype)
     state = {}
 
@@ -162,12 +163,13 @@ def _edgellm_speed(path: str, dtype: str | None, threads: int, prompt: list[int]
             runner.decode(model, [state["seq"]])
 
     prefill_s, decode_s = _prefill_decode_seconds(prefill_once, decode, reps)
+    rss = rss_bytes() - base
     with env_var("EDGELLM_FUSED_STEP", "0"):  # the same decode op at a time: what the fused native step gains
         op_decode_s = _prefill_decode_seconds(prefill_once, decode, reps)[1]
     with torch.inference_mode():
         dequant_s = _dequant_seconds(model, reps)
     speed = {"prefill_tok_s": len(prompt) / prefill_s, "decode_tok_s": steps / decode_s,
-             "decode_tok_s_op_at_a_time": steps / op_decode_s,
+             "decode_tok_s_op_at_a_time": steps / op_decode_s, "rss_mib": rss / MIB,
              "decode_bytes": _decode_bytes(model), "bits_per_weight": _bits_per_weight(model),
              "dequant_share_pct": min(100.0, 100 * dequant_s * steps / decode_s)}
     if op_split:
@@ -211,6 +213,7 @@ def _llama_cpp_speed(gguf: str, threads: int, prompt: list[int], steps: int, rep
     import llama_cpp
     import numpy as np
 
+    base = rss_bytes()
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=len(prompt) + steps + 8, n_threads=threads,
                           n_threads_batch=threads, n_batch=512, verbose=False)
     vocab = llm.n_vocab()
@@ -231,7 +234,8 @@ def _llama_cpp_speed(gguf: str, threads: int, prompt: list[int], steps: int, rep
             token = next_token()
 
     prefill_s, decode_s = _prefill_decode_seconds(prefill_once, decode, reps)
-    return {"prefill_tok_s": len(prompt) / prefill_s, "decode_tok_s": steps / decode_s}
+    return {"prefill_tok_s": len(prompt) / prefill_s, "decode_tok_s": steps / decode_s,
+            "rss_mib": (rss_bytes() - base) / MIB}
 
 
 def _llama_cpp_quality(gguf: str, windows: list[list[int]], reference: str) -> dict[str, float]:
@@ -478,8 +482,8 @@ def print_table(report: dict[str, Any]) -> None:
     threads = report["settings"]["threads"]
     table = Table(title=f"bench quant: {report['model']} (DRAM {report['hardware']['mem_read_gbs']:.1f} GB/s)")
     for col in ["engine", "format", "MiB", "bits/w", *[f"decode tok/s ({t}T)" for t in threads],
-                *[f"prefill tok/s ({t}T)" for t in threads], "fused gain", "% BW", "dequant %", "ppl", "KL",
-                "top-1 %"]:
+                *[f"prefill tok/s ({t}T)" for t in threads], "RSS/file", "fused gain", "% BW", "dequant %", "ppl",
+                "KL", "top-1 %"]:
         table.add_column(col, justify="right")
     for row in report["rows"]:
         first = row["speed"][threads[0]]
@@ -493,6 +497,7 @@ def print_table(report: dict[str, Any]) -> None:
         table.add_row(row["engine"], row["format"], f"{row['file_mib']:.1f}",
                       f"{row['bits_per_weight']:.2f}" if "bits_per_weight" in row else "-",
                       *[speed(t, "decode_tok_s") for t in threads], *[speed(t, "prefill_tok_s") for t in threads],
+                      f"{first['rss_mib'] / row['file_mib']:.2f}x",
                       f"{first['decode_tok_s'] / first['decode_tok_s_op_at_a_time']:.2f}x"
                       if "decode_tok_s_op_at_a_time" in first else "-",
                       f"{first['decode_pct_bandwidth']:.0f}" if "decode_pct_bandwidth" in first else "-",
@@ -501,6 +506,8 @@ def print_table(report: dict[str, Any]) -> None:
                       f"{q['top1_agreement_pct']:.1f}" if q else "-")
     Console(width=220).print(table)
     print("fused gain: decode with the fused native step over the same decode op at a time, first thread count")
+    print("RSS/file: the process's RSS after load, prefill and decode (KV cache included) over its RSS with the "
+          "engine imported and no model loaded, / the file size; first thread count")
     if report["settings"]["llama_cpp"]:
         print("(x) on llama.cpp rows: edgellm / llama.cpp for the paired edgellm format, same thread count; "
               f"{report['settings']['llama_cpp']}")

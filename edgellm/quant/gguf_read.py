@@ -106,6 +106,17 @@ class GGUFFile:
         align = self.fields.get("general.alignment", 32)
         self.data_offset = -(-self.pos // align) * align
         self.tensors = [self._tensor(*info) for info in infos]
+        self.base = np.frombuffer(self.map, np.uint8, 1).ctypes.data
+
+    def release(self, t: GGUFTensor) -> None:
+        """Drop a tensor's mapped pages from this process once a copy has replaced it (Q/K rows reordered at
+        load): touched to make the copy, they would otherwise stay resident beside it for the process's life.
+        Only whole pages inside the tensor go, so a neighbour's pages stay mapped."""
+        start = t.data.ctypes.data - self.base
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (start + t.data.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > first:
+            self.map.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     def _unpack(self, fmt: str) -> tuple:
         values = struct.unpack_from(fmt, self.map, self.pos)
@@ -289,6 +300,7 @@ def read_weights(reader: GGUFFile, config: dict, dtype: torch.dtype,
                 w.data = {k: unpermute_qk(v, n) for k, v in w.data.items()}
             else:
                 w = unpermute_qk(w, n)
+            reader.release(t)
         weights[name] = w
     return weights, rope_freqs
 
