@@ -263,16 +263,22 @@ class AgentStore:
         agent = self.agent(name, adapter)
         agent.pinned = True
         agent.last_used = time.monotonic()
+        if self.memory is not None:  # its lease is renewed in the background until `release`, however long the turn
+            self.memory.pin(name)
         return agent, from_disk and agent.restore_note is None and bool(agent.cache.tokens)
 
     def release(self, agent: Agent, save: bool) -> None:
         """Unpin an agent after a turn, writing its memory to disk if asked; the budget applies again."""
         agent.pinned = False
-        if self.pool is not None:
-            agent.cache.trim_reservation()
-            self.publish(agent)
-        if save:
-            self.save(agent)
+        try:
+            if self.pool is not None:
+                agent.cache.trim_reservation()
+                self.publish(agent)
+            if save:
+                self.save(agent)
+        finally:
+            if self.memory is not None:
+                self.memory.unpin(agent.name)
         self.enforce_budget(keep=agent.name)
 
     def forget(self, agent: Agent) -> None:
@@ -280,6 +286,8 @@ class AgentStore:
         if self.live.get(agent.name) is agent:
             del self.live[agent.name]
             agent.cache.release()  # pool blocks go back; a contiguous cache is simply dropped
+        if self.memory is not None:
+            self.memory.unpin(agent.name)
 
     def describe(self, name: str, saved: dict[str, AgentInfo] | None = None) -> dict | None:
         """What is known of an agent, on disk and in RAM; None when it exists in neither."""
@@ -293,6 +301,8 @@ class AgentStore:
         if live is not None:
             out |= {"tokens": len(live.cache.tokens), "live": True, "live_bytes": live.nbytes,
                     "messages": len(live.messages), "adapter": live.adapter}
+            if self.memory is not None:  # whether this server still holds it: an idle agent's lease may lapse
+                out["leased"] = self.memory.holds(name)
             if self.pool is not None:  # blocks it shares are stored once, for every agent holding them
                 out["private_bytes"] = live.cache.private_blocks * self.pool.block_bytes
         return out

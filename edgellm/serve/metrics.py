@@ -39,3 +39,32 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merge_by_replica(texts: dict[str, str]) -> str:
+    """Several servers' expositions as one, each sample labelled `replica`: the text format wants a family's
+    samples together under one HELP/TYPE, so they are regrouped rather than concatenated. Sum across the cluster
+    with `sum without (replica) (...)`."""
+    headers: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for replica, text in texts.items():
+        family = ""
+        for line in text.splitlines():
+            if line.startswith("#"):
+                parts = line.split(" ", 3)
+                if len(parts) > 2 and parts[1] in ("HELP", "TYPE"):
+                    family = parts[2]
+                    if line not in headers.setdefault(family, []):
+                        headers[family].append(line)
+                continue
+            if not line:
+                continue
+            end = min(i for i in (line.find("{"), line.find(" ")) if i >= 0)  # a metric name holds neither
+            if line[end] == "{":
+                rest = line[end + 1:]
+                line = f'{line[:end]}{{replica="{replica}"{"" if rest.startswith("}") else ","}{rest}'
+            else:
+                line = f'{line[:end]}{{replica="{replica}"}}{line[end:]}'
+            samples.setdefault(family, []).append(line)
+    return "".join(f"{line}\n" for family in {**headers, **samples}
+                   for line in [*headers.get(family, []), *samples.get(family, [])])

@@ -7,7 +7,9 @@ replicas (`AgentAffinityRouter`, a Ray Serve request router): the replicas follo
 the home is down or its queue is full Serve routes the turn to the next one, which restores the agent from the
 shared store. A replica answering 409 agent_leased (another holds the agent) or 429 is skipped by the gateway,
 which retries the turn on the rest of the ring until the lease can have expired. Requests without an agent go to
-the least-loaded replica. Every response carries X-Edgellm-Replica, the id of the replica that answered.
+the least-loaded replica. Every response carries X-Edgellm-Replica, the id of the replica that answered. GET
+/health, /metrics, /v1/agents and /v1/agents/{name} are answered for the whole cluster: the gateway asks every live
+replica and merges their answers.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from edgellm.serve import protocol as p
+from edgellm.serve.metrics import merge_by_replica
 
 REPLICA_HEADER = "x-edgellm-replica"
 AGENT_HEADER = "x-agent-id"
@@ -39,6 +42,9 @@ VIRTUAL_NODES = 64  # ring points per replica: agents spread evenly, and a lost 
 # a killed replica's agents stay leased to it until their lease expires: short leases make failover quick, and
 # fencing tokens keep a replica whose lease lapsed from overwriting newer memory
 REPLICA_LEASE_S = 10.0
+# a draining replica looks this often for its requests to end (Serve's default: 2 s), then releases its agents'
+# leases: sooner than they expire, so other replicas take the agents over without waiting
+DRAIN_POLL_S = 0.5
 OBJECT_STORE_BYTES = 256 * 2**20  # requests and chunks are small; Ray's default reserves 30% of RAM
 
 
@@ -141,8 +147,16 @@ class EngineReplica:
         await asyncio.to_thread(self.app.state.engine.stop)
 
 
+Answer = tuple[int, list[tuple[str, str]], bytes]  # status, headers, body of one replica's reply
+HEALTH_SUMMED = ("active", "queued", "max_concurrency", "max_queue")  # the cluster's load and capacity
+# a replica's own agents and KV memory; saved_agents, kv_format and block sizes describe the shared store or model
+AGENTS_SUMMED = ("live_agents", "live_bytes", "logical_bytes", "evictions", "budget_bytes", "pool_bytes",
+                 "free_blocks", "shared_blocks")
+
+
 class Gateway:
-    """The HTTP ingress: forwards each request to an engine replica, retrying refused turns on the next one."""
+    """The HTTP ingress: forwards each request to an engine replica, retrying refused turns on the next one.
+    GET /health, /metrics, /v1/agents and /v1/agents/{name} ask every replica and answer for the cluster."""
 
     def __init__(self, engine: Any, retry_s: float) -> None:
         self.engine, self.retry_s = engine, retry_s
@@ -150,13 +164,25 @@ class Gateway:
     async def __call__(self, request: Request) -> Response:
         body = await request.body()
         headers = [(k, v) for k, v in request.headers.items() if k not in ("host", "content-length")]
-        agent = agent_key(dict(request.headers), body)
-        avoid: list[str] = []
+        path = request.url.path
+        if request.method == "GET" and (path in ("/health", "/metrics", "/v1/agents")
+                                        or path.startswith("/v1/agents/")):
+            return await self.cluster_answer(path, request.url.query, headers)
+        # /v1/agents/{name}: to the agent's home, which most likely holds it
+        agent = path.removeprefix("/v1/agents/") if path.startswith("/v1/agents/") else None
+        return await self.forward(request.method, path, request.url.query, headers, body,
+                                  agent or agent_key(dict(request.headers), body))
+
+    async def forward(self, method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes,
+                      agent: str | None, avoid: list[str] | None = None) -> Response:
+        """Send the request to a replica (skipping `avoid`); one that refuses the turn (429, or 409 because another
+        replica holds the agent) is skipped, and the turn retried, until `retry_s` has passed."""
+        avoid = list(avoid or ())
         deadline = time.monotonic() + self.retry_s
-        refused: tuple[int, list[tuple[str, str]], bytes] | None = None
+        refused: Answer | None = None
         while True:
-            chunks = self.engine.options(stream=True).handle.remote(
-                request.method, request.url.path, request.url.query, headers, body, agent=agent, avoid=tuple(avoid))
+            chunks = self.engine.options(stream=True).handle.remote(method, path, query, headers, body, agent=agent,
+                                                                    avoid=tuple(avoid))
             try:
                 status, reply_headers = await chunks.__anext__()
             except RayActorError:  # the replica died before it answered; Serve drops it from the candidates
@@ -165,6 +191,8 @@ class Gateway:
                 if status not in RETRY_STATUSES or time.monotonic() > deadline:
                     return StreamingResponse(chunks, status, dict(reply_headers))
                 refused = (status, reply_headers, b"".join([c async for c in chunks]))
+                if status == 409 and error_code(refused[2]) != "agent_leased":  # busy here: not another's
+                    return Response(refused[2], status, dict(reply_headers))
                 replica = dict(reply_headers)[REPLICA_HEADER]
                 if replica in avoid:  # every live replica refused it: wait for the lease or the queue
                     avoid.clear()
@@ -172,9 +200,90 @@ class Gateway:
                 avoid.append(replica)
             if time.monotonic() > deadline:
                 if refused is None:
-                    return JSONResponse(p.error_body("no engine replica answered", "server_error",
-                                                     code="replica_unavailable"), 503)
+                    return unavailable()
                 return Response(refused[2], refused[0], dict(refused[1]))
+
+    async def ask_all(self, path: str, query: str, headers: list[tuple[str, str]]) -> dict[str, Answer]:
+        """Each live replica's answer to a GET, by replica id: each request avoids the replicas that answered,
+        until one answers twice (the router falls back to all of them once every one is avoided)."""
+        answers: dict[str, Answer] = {}
+        deadline = time.monotonic() + self.retry_s
+        while time.monotonic() < deadline:
+            chunks = self.engine.options(stream=True).handle.remote("GET", path, query, headers, b"",
+                                                                    avoid=tuple(answers))
+            try:
+                status, reply_headers = await chunks.__anext__()
+                body = b"".join([c async for c in chunks])
+            except RayActorError:
+                await asyncio.sleep(0.1)
+                continue
+            replica = dict(reply_headers)[REPLICA_HEADER]
+            if replica in answers:
+                break
+            answers[replica] = (status, reply_headers, body)
+        return answers
+
+    async def cluster_answer(self, path: str, query: str, headers: list[tuple[str, str]]) -> Response:
+        """The cluster's /health (loads and KV bytes summed), /metrics (samples labelled by replica), agent list
+        and agent (each agent once, with the replica holding it live)."""
+        answers = await self.ask_all(path, query, headers)
+        if not answers:
+            return unavailable()
+        refused = [a for a in answers.values() if a[0] != 200]
+        # refused by all (no API key, an agent found nowhere), or by any for what every replica must answer
+        if refused and (not path.startswith("/v1/agents") or len(refused) == len(answers)):
+            status, reply_headers, body = refused[0]
+            return Response(body, status, dict(reply_headers))
+        if path == "/metrics":
+            text = merge_by_replica({r: a[2].decode() for r, a in answers.items()})
+            return Response(text, 200, media_type=dict(next(iter(answers.values()))[1]).get("content-type"))
+        found = {r: json.loads(a[2]) for r, a in answers.items() if a[0] == 200}
+        if path == "/health":
+            return JSONResponse(cluster_health(found))
+        if path == "/v1/agents":
+            listed = [{**agent, "replica": replica} for replica, page in found.items() for agent in page["data"]]
+            return JSONResponse({"object": "list", "data": merge_agents(listed)})
+        return JSONResponse(merge_agents([{**agent, "replica": replica} for replica, agent in found.items()])[0])
+
+
+def error_code(body: bytes) -> str | None:
+    try:
+        return json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def unavailable() -> JSONResponse:
+    return JSONResponse(p.error_body("no engine replica answered", "server_error", code="replica_unavailable"), 503)
+
+
+def cluster_health(replies: dict[str, dict]) -> dict:
+    """The replicas' /health as one: loads, capacities and their agents' KV bytes summed, and each reply by
+    replica. Without the API key a replica says only "ok", and so does this."""
+    first = next(iter(replies.values()))
+    if "model" not in first:
+        return {"status": "ok"}
+    out = {**first, "replicas": replies}
+    out |= {key: sum(r[key] for r in replies.values()) for key in HEALTH_SUMMED}
+    out["agents"] = dict(first["agents"])
+    for key in AGENTS_SUMMED:
+        values = [r["agents"].get(key) for r in replies.values()]
+        if any(v is not None for v in values):  # budget_bytes is None on replicas without one
+            out["agents"][key] = sum(v or 0 for v in values)
+    return out
+
+
+def merge_agents(listed: list[dict]) -> list[dict]:
+    """Each agent once, by name: the entry of the replica that holds its lease, else of one holding it live
+    (an idle agent's lease may have lapsed), else the shared store's; `replica` is None unless it is live."""
+    best: dict[str, dict] = {}
+    for agent in listed:
+        agent = {**agent, "replica": agent["replica"] if agent.get("live") else None}
+        rank = (agent.get("leased", False), agent.get("live", False), agent.get("tokens", 0))
+        held = best.get(agent["id"])
+        if held is None or rank > (held.get("leased", False), held.get("live", False), held.get("tokens", 0)):
+            best[agent["id"]] = agent
+    return [best[name] for name in sorted(best)]
 
 
 def deploy(app_kwargs: dict[str, Any], replicas: int, threads: int, host: str = "127.0.0.1", port: int = 8000,
@@ -185,7 +294,7 @@ def deploy(app_kwargs: dict[str, Any], replicas: int, threads: int, host: str = 
     max_ongoing = app_kwargs.get("max_concurrency", 8) + app_kwargs.get("max_queue", 64)
     engine = serve.deployment(EngineReplica, name="EngineReplica", num_replicas=replicas,
                               ray_actor_options={"num_cpus": threads}, max_ongoing_requests=max_ongoing,
-                              graceful_shutdown_timeout_s=30,
+                              graceful_shutdown_timeout_s=30, graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
                               request_router_config=RequestRouterConfig(request_router_class=AgentAffinityRouter))
     gateway = serve.deployment(Gateway, name="Gateway", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=max_ongoing * replicas)

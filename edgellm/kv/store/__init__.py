@@ -10,8 +10,9 @@ its lease's expiry, while another took the agent over, has its save rejected wit
 overwriting the newer memory. An expired lease nobody took over stays valid for writes (no newer token exists), so
 a slow writer loses nothing unless someone else actually took the agent.
 
-`LeasedMemory` is a replica's view of a store: it leases agents as it restores them, renews on every use and save,
-and releases them when it writes them back; `AgentStore` uses it when given one.
+`LeasedMemory` is a replica's view of a store: it leases agents as it restores them, renews on every use and save
+(and in the background while a turn runs), and releases them when it writes them back; `AgentStore` uses it when
+given one.
 """
 
 from __future__ import annotations

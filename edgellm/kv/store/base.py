@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -18,6 +20,9 @@ from edgellm.kv.persist import remove_stale_temp_files
 MEMORY_SUFFIX = ".safetensors"
 POLL_S = 0.05  # how often a waiting acquire looks again
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+RENEWALS_PER_TTL = 3  # a pinned agent's lease is renewed this often per lease period: two renewals may fail in a row
+
+log = logging.getLogger("edgellm.kv.store")
 
 
 class MemoryStoreError(EdgeLLMError):
@@ -134,7 +139,9 @@ def default_holder() -> str:
 
 class LeasedMemory:
     """A replica's hold on the agents it serves: leased when restored, renewed on every use and save, released
-    when written back. A lease lost to another replica (expired, then taken over) surfaces as StaleLeaseError
+    when written back. While an agent is pinned (a turn is running on it) a background thread renews its lease
+    every ttl/3, so a turn longer than the lease keeps it; an idle agent's lease lapses, and another replica may
+    take the agent over. A lease lost to another replica (expired, then taken over) surfaces as StaleLeaseError
     on the next use or save, never as a silently lost or overwritten memory."""
 
     def __init__(self, store: MemoryStore, holder: str | None = None, ttl_s: float = 60.0,
@@ -142,6 +149,11 @@ class LeasedMemory:
         self.store, self.holder = store, holder or default_holder()
         self.ttl_s, self.wait_s = ttl_s, wait_s
         self.leases: dict[str, Lease] = {}
+        self.pinned: set[str] = set()
+        # the engine thread and the renewal thread both update `leases`; held only for quick lease calls, so a
+        # renewal never waits behind a long acquire or a memory's upload
+        self.lock = threading.RLock()
+        self.renewer: threading.Thread | None = None  # runs while any agent is pinned
         # per host: the stale-file sweep judges writers by PID, which means nothing for another host's files
         self.staging = store.directory / ".staging" / socket.gethostname()
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -153,7 +165,9 @@ class LeasedMemory:
 
     def checkout(self, name: str) -> Path | None:
         """Lease the agent (a new token), then a local file of its newest memory, or None when it has none."""
-        self.leases[name] = self.store.acquire_lease(name, self.holder, self.ttl_s, self.wait_s)
+        lease = self.store.acquire_lease(name, self.holder, self.ttl_s, self.wait_s)
+        with self.lock:
+            self.leases[name] = lease
         found = self.store.get(name)
         return None if found is None else found[0]
 
@@ -166,6 +180,42 @@ class LeasedMemory:
         except StaleLeaseError:
             return False
 
+    def holds(self, name: str) -> bool:
+        """Whether this replica's lease on the agent is unexpired (by its own clock), without asking the store."""
+        lease = self.leases.get(name)
+        return lease is not None and lease.expires > time.time()
+
+    def pin(self, name: str) -> None:
+        """Keep renewing the agent's lease in the background until `unpin`: for the length of a turn."""
+        with self.lock:
+            self.pinned.add(name)
+            if self.renewer is None:
+                self.renewer = threading.Thread(target=self._renew_pinned, name="edgellm-lease-renewal", daemon=True)
+                self.renewer.start()
+
+    def unpin(self, name: str) -> None:
+        with self.lock:
+            self.pinned.discard(name)
+
+    def _renew_pinned(self) -> None:
+        """Renew the pinned agents' leases every ttl/3 until none is pinned. A lease taken over is left as it is
+        (not dropped): the turn's save must be rejected, not granted a fresh lease that overwrites the newer
+        memory."""
+        while True:
+            time.sleep(self.ttl_s / RENEWALS_PER_TTL)
+            with self.lock:
+                if not self.pinned:
+                    self.renewer = None
+                    return
+                for name in sorted(self.pinned & self.leases.keys()):
+                    try:
+                        self.leases[name] = self.store.renew(self.leases[name])
+                    except StaleLeaseError:
+                        self.pinned.discard(name)
+                        log.warning("agent %s: its lease was taken over by another replica mid-turn", name)
+                    except MemoryStoreError as e:  # unreachable for now: the next renewal tries again
+                        log.warning("agent %s: could not renew its lease: %s", name, e)
+
     def commit(self, name: str, write: Callable[[Path], object]) -> Path:
         """Renew the lease, have `write` produce the memory file at a staging path, put it under the lease; returns
         the store's local file of it."""
@@ -175,7 +225,8 @@ class LeasedMemory:
             write(staged)
             self.store.put(name, staged, lease)
         except StaleLeaseError:
-            self.leases.pop(name, None)
+            with self.lock:
+                self.leases.pop(name, None)
             raise
         finally:
             staged.unlink(missing_ok=True)
@@ -185,9 +236,11 @@ class LeasedMemory:
         return found[0]
 
     def release(self, name: str) -> None:
-        lease = self.leases.pop(name, None)
-        if lease is not None:
-            self.store.release(lease)
+        with self.lock:  # not renewed meanwhile: a renewal after the release would lease the agent again
+            lease = self.leases.pop(name, None)
+            self.pinned.discard(name)
+            if lease is not None:
+                self.store.release(lease)
 
     def release_all(self) -> None:
         for name in list(self.leases):
@@ -203,14 +256,16 @@ class LeasedMemory:
 
     def _lease(self, name: str) -> Lease:
         """The held lease, renewed; a new one when none is held. StaleLeaseError when it was taken over."""
-        lease = self.leases.get(name)
-        if lease is None:
-            lease = self.store.acquire_lease(name, self.holder, self.ttl_s, self.wait_s)
-        else:
-            try:
-                lease = self.store.renew(lease)
-            except StaleLeaseError:
-                del self.leases[name]
-                raise
-        self.leases[name] = lease
+        with self.lock:
+            lease = self.leases.get(name)
+            if lease is not None:
+                try:
+                    lease = self.leases[name] = self.store.renew(lease)
+                except StaleLeaseError:
+                    del self.leases[name]
+                    raise
+                return lease
+        lease = self.store.acquire_lease(name, self.holder, self.ttl_s, self.wait_s)  # may wait: not under the lock
+        with self.lock:
+            self.leases[name] = lease
         return lease
