@@ -38,6 +38,7 @@ class ModelArgs(llama.ModelArgs):
     num_experts_per_tok: int = 4
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    split_gate_up: bool = False  # experts as separate gate_proj/up_proj (a GGUF file's layout), not gate_up_proj
     attention_bias: bool = True
     rope_theta: float = 150000.0
 
@@ -128,18 +129,29 @@ class Attention(llama.Attention):
 
 
 class Expert(nn.Module):
-    """One expert: `gate_up_proj` (gate and up columns interleaved), the clamped SwiGLU, `down_proj`; both biased."""
+    """One expert: `gate_up_proj` (gate and up columns interleaved), the clamped SwiGLU, `down_proj`; all biased.
+
+    With `split_gate_up`, gate and up are two projections instead: a GGUF file stores them as separate stacked
+    tensors, and interleaving their rows into one would copy every expert out of the file mapping.
+    """
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=True)
+        if args.split_gate_up:
+            self.gate_proj = Linear(args.hidden_size, args.intermediate_size, bias=True)
+            self.up_proj = Linear(args.hidden_size, args.intermediate_size, bias=True)
+        else:
+            self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=True)
         self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=True)
         self.alpha, self.limit = args.swiglu_alpha, args.swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        gate = gate_up[..., ::2].clamp(max=self.limit)
-        up = gate_up[..., 1::2].clamp(-self.limit, self.limit)
+        if hasattr(self, "gate_up_proj"):
+            gate_up = self.gate_up_proj(x)
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
         return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
 
 
@@ -154,7 +166,7 @@ class MoeBlock(nn.Module):
         self.experts = nn.ModuleList(Expert(args) for _ in range(args.num_local_experts))
 
     def fuse(self) -> None:
-        pass  # gate and up are one projection already
+        pass  # gate and up are one projection already, or (GGUF) two views of the file that fusing would copy
 
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits, weights, chosen experts) of tokens `flat` (tokens, hidden)."""

@@ -20,6 +20,7 @@ ARCHITECTURES: dict[str, tuple[str, str, bool]] = {
     "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe", False),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe", False),
     "olmoe": ("OlmoeForCausalLM", "olmoe", False),
+    "gpt-oss": ("GptOssForCausalLM", "gpt_oss", False),  # NEOX rope: HF's half-split order, nothing permuted
 }
 MIXTRAL = ("MixtralForCausalLM", "mixtral")  # llama.cpp stores Mixtral as arch llama with `llama.expert_count` > 0
 # Whether llama.cpp renormalises the top-k router probabilities: fixed per architecture, not read from the file.
@@ -38,34 +39,49 @@ LAYER_NAMES = {
     "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
     "ffn_down_exps": "mlp.experts.down_proj",
 }
-HF_LAYER_NAMES = {v: k for k, v in LAYER_NAMES.items()}
+# Where an architecture names a layer tensor differently: gpt-oss's router is `mlp.router` (with a bias), its
+# second norm `post_attention_norm`, and its attention sinks a parameter without a `.weight` suffix in HF.
+ARCH_LAYER_NAMES = {"gpt-oss": {"post_attention_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.router",
+                                "attn_sinks": "self_attn.sinks"}}
+SUFFIXLESS = ("self_attn.sinks",)  # HF parameters GGUF stores as `<name>.weight`
 HF_GLOBAL_NAMES = {v: k for k, v in GLOBAL_NAMES.items()}
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors, how Llama 3.1 rope scaling is stored
+
+
+def layer_names(arch: str | None) -> dict[str, str]:
+    """GGUF → HF layer tensor stems of `arch` (LAYER_NAMES with the architecture's own names swapped in)."""
+    own = ARCH_LAYER_NAMES.get(arch or "", {})
+    return {k: v for k, v in LAYER_NAMES.items() if v not in own.values()} | own
 
 
 class GGUFError(CheckpointError):
     """A GGUF file is damaged or truncated, or cannot be written as asked."""
 
 
-def hf_name(name: str) -> str | None:
+def hf_name(name: str, arch: str | None = None) -> str | None:
     """The HF tensor name of a GGUF tensor name (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`)."""
     stem, _, suffix = name.rpartition(".")
     if stem in GLOBAL_NAMES:
         return f"{GLOBAL_NAMES[stem]}.{suffix}"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{suffix}"
+    names = layer_names(arch)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
+        hf = names[parts[2]]
+        return f"model.layers.{parts[1]}.{hf}" + ("" if hf in SUFFIXLESS and suffix == "weight" else f".{suffix}")
     return None
 
 
-def gguf_name(name: str) -> str | None:
+def gguf_name(name: str, arch: str | None = None) -> str | None:
     """The GGUF tensor name of an HF tensor name; None for tensors GGUF does not store."""
+    if name.endswith(SUFFIXLESS):
+        name += ".weight"
     stem, _, suffix = name.rpartition(".")
     if stem in HF_GLOBAL_NAMES:
         return f"{HF_GLOBAL_NAMES[stem]}.{suffix}"
     parts = stem.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in HF_LAYER_NAMES:
-        return f"blk.{parts[2]}.{HF_LAYER_NAMES[parts[3]]}.{suffix}"
+    names = {v: k for k, v in layer_names(arch).items()}
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in names:
+        return f"blk.{parts[2]}.{names[parts[3]]}.{suffix}"
     return None
 
 

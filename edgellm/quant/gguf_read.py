@@ -1,5 +1,5 @@
-"""Load a llama.cpp GGUF file (llama, qwen2, qwen3 and the MoE qwen2moe, qwen3moe, olmoe and Mixtral as llama with
-experts) as an edgellm model and tokenizer.
+"""Load a llama.cpp GGUF file (llama, qwen2, qwen3 and the MoE qwen2moe, qwen3moe, olmoe, gpt-oss and Mixtral as
+llama with experts) as an edgellm model and tokenizer.
 
 Q8_0, Q4_0, MXFP4, Q4_1, Q5_0, Q5_1, IQ4_NL and k-quant (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) projections and output
 heads stay quantized: their raw GGUF blocks are edgellm's block layout, memory-mapped without a copy. Where a type's
@@ -15,6 +15,7 @@ import hashlib
 import math
 import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,13 +216,44 @@ def gguf_config(reader: GGUFFile, path: Path) -> dict:
         config.update(moe_config(reader, arch, names, path))
         if arch == "llama" and "num_experts" in config:
             config["architectures"], config["model_type"] = [MIXTRAL[0]], MIXTRAL[1]
+    if arch == "gpt-oss":
+        config.update(gpt_oss_config(get))
     scaling = field(reader, f"{arch}.rope.scaling.type", "none")
     if scaling == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+    elif scaling == "yarn":
+        config["rope_scaling"] = yarn_config(reader, arch, path)
     elif scaling != "none":
         raise UnsupportedModelError(f"{path}: GGUF rope scaling {scaling!r} is not supported; supported: linear, "
-                                    "llama3 (rope_freqs)")
+                                    "yarn, llama3 (rope_freqs)")
     return config
+
+
+def gpt_oss_config(get: Callable[[str], Any]) -> dict:
+    """gpt-oss's config.json keys. llama.cpp fixes what the file does not say: every even layer slides (HF's default
+    layer_types), top-k-then-softmax routing, the SwiGLU's alpha 1.702 and limit 7 (ModelArgs' defaults)."""
+    return {"num_local_experts": get("expert_count"), "num_experts_per_tok": get("expert_used_count"),
+            "intermediate_size": get("expert_feed_forward_length"), "sliding_window": get("attention.sliding_window"),
+            "attention_bias": True, "split_gate_up": True}
+
+
+def yarn_config(reader: GGUFFile, arch: str, path: Path) -> dict:
+    """transformers' YaRN rope_scaling as llama.cpp runs it: the correction range always rounded outward
+    (truncate), attention factor 0.1·ln(factor) + 1; a file asking for other YaRN factors is refused."""
+    for key, default in (("attn_factor", 1.0), ("yarn_attn_factor", 1.0), ("yarn_ext_factor", 1.0),
+                         ("yarn_log_multiplier", 0.0)):
+        value = field(reader, f"{arch}.rope.scaling.{key}", default)
+        if value != default:
+            raise UnsupportedModelError(f"{path}: GGUF {arch}.rope.scaling.{key} = {value} is not supported "
+                                        f"(only {default})")
+    scaling = {"rope_type": "yarn", "truncate": True}
+    for key, hf, default in (("factor", "factor", None), ("original_context_length",
+                             "original_max_position_embeddings", None), ("yarn_beta_fast", "beta_fast", 32.0),
+                             ("yarn_beta_slow", "beta_slow", 1.0)):
+        scaling[hf] = field(reader, f"{arch}.rope.scaling.{key}", default)
+        if scaling[hf] is None:
+            raise GGUFError(f"{path}: GGUF metadata {arch}.rope.scaling.{key} is missing; the file is incomplete")
+    return scaling
 
 
 def moe_config(reader: GGUFFile, arch: str, names: dict[str, GGUFTensor], path: Path) -> dict:
@@ -271,7 +303,8 @@ def read_tensor(t: GGUFTensor, dtype: torch.dtype, path: Path, keep_quantized: b
 def read_weights(reader: GGUFFile, config: dict, dtype: torch.dtype,
                  path: Path) -> tuple[dict[str, torch.Tensor | QuantizedTensor], torch.Tensor | None]:
     """HF-named weights (Q/K rows back in HF order) and llama.cpp's rope frequency divisors if the file has them."""
-    permuted = ARCHITECTURES[field(reader, "general.architecture")][2]
+    arch = field(reader, "general.architecture")
+    permuted = ARCHITECTURES[arch][2]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     weights: dict[str, torch.Tensor | QuantizedTensor] = {}
     rope_freqs = None
@@ -279,14 +312,14 @@ def read_weights(reader: GGUFFile, config: dict, dtype: torch.dtype,
         if t.name == ROPE_FREQS:
             rope_freqs = read_tensor(t, torch.float32, path, keep_quantized=False)
             continue
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             raise UnsupportedModelError(f"{path}: GGUF tensor {t.name} is not part of a {config['model_type']} "
                                         "model edgellm implements")
         # The projections, the head and the token table stay quantized as stored, as llama.cpp runs them (a tied
         # head reads the table's blocks); a float head is run as Q8_0 by quantize_lm_head.
         kept = name in ("lm_head.weight", "model.embed_tokens.weight") or name.rsplit(".", 2)[-2] in PROJECTIONS
-        if len(t.shape) == 3:  # stacked experts: each expert's rows are a contiguous run of whole blocks
+        if "_exps." in t.name:  # stacked experts (and their biases): each expert's rows are a contiguous run
             for e in range(t.shape[0]):
                 expert = GGUFTensor(t.name, t.tensor_type, t.shape[1:], t.data[e])
                 weights[expert_name(name, e)] = read_tensor(expert, dtype, path, keep_quantized=kept)
@@ -317,7 +350,7 @@ def gguf_fingerprint(reader: GGUFFile, samples: int = 32, sample_bytes: int = 40
 
 
 def install_weights(model: nn.Module, weights: dict[str, torch.Tensor | QuantizedTensor], path: Path,
-                    dtype: torch.dtype) -> None:
+                    dtype: torch.dtype, arch: str) -> None:
     """Assign float tensors to the meta-device model and swap projections for QuantizedLinear over the blocks (the
     token table for a QuantizedEmbedding, which dequantizes the rows it looks up to `dtype`)."""
     expected = dict(model.state_dict())
@@ -328,8 +361,8 @@ def install_weights(model: nn.Module, weights: dict[str, torch.Tensor | Quantize
         raise GGUFError(f"{path}: {len(missing)} tensor(s) missing, e.g. {missing[0]}; the GGUF file is incomplete")
     for name, w in weights.items():
         if name not in expected:
-            raise GGUFError(f"{path}: tensor {gguf_name(name)} does not belong in this {model.args.model_type} model; "
-                            "the file is inconsistent with its metadata")
+            raise GGUFError(f"{path}: tensor {gguf_name(name, arch)} does not belong in this "
+                            f"{model.args.model_type} model; the file is inconsistent with its metadata")
         if tuple(w.shape) != tuple(expected[name].shape):
             raise GGUFError(f"{path}: tensor {name} has shape {tuple(w.shape)}, which the GGUF metadata does not "
                             "imply; the file is inconsistent")
@@ -358,7 +391,7 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
     with torch.device("meta"):
         model = family.Model(args)
     weights, rope_freqs = read_weights(reader, config, dtype, path)
-    install_weights(model, weights, path, dtype)
+    install_weights(model, weights, path, dtype, field(reader, "general.architecture"))
     model.tie_weights()
     model.fuse()
     prepare_quantized(model)

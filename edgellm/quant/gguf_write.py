@@ -48,7 +48,8 @@ QUANT_TYPES_BY_GT = {v: k for k, v in QUANT_TYPES.items()}
 CARRIED_FORMATS = {**QUANT_TYPES, "mxfp4": GT.MXFP4}  # edgellm formats whose blocks are GGUF's, byte for byte
 GGUF_ARCH = {model_type: arch for arch, (_, model_type, _) in ARCHITECTURES.items()} | {"mistral": "llama",
                                                                                       MIXTRAL[1]: "llama"}
-EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight")  # one expert's projection, after Model.sanitize
+EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.(weight|bias)")  # one expert's projection, after Model.sanitize
+GATE_UP = re.compile(r"(.+\.experts\.\d+)\.gate_up_proj\.(weight|bias)")  # a gpt-oss expert's interleaved gate/up
 
 
 Source = torch.Tensor | QuantizedTensor
@@ -98,17 +99,32 @@ def target_type(name: str, tensor: torch.Tensor, ftype: str, tied: bool) -> GT:
 
 
 def stack_experts(weights: dict[str, Source]) -> dict[str, Source | list[Source]]:
-    """Per-expert projections grouped into one list per layer and projection under llama.cpp's stacked name
-    (`...mlp.experts.3.up_proj.weight` → `...mlp.experts.up_proj.weight`, expert 3 at index 3)."""
+    """Per-expert projections (and biases) grouped into one list per layer and projection under llama.cpp's stacked
+    name (`...mlp.experts.3.up_proj.weight` → `...mlp.experts.up_proj.weight`, expert 3 at index 3)."""
     out: dict[str, Source | list[Source]] = {}
     experts: dict[str, dict[int, Source]] = {}
     for name, tensor in weights.items():
         if m := EXPERT.fullmatch(name):
-            experts.setdefault(f"{m[1]}.{m[3]}.weight", {})[int(m[2])] = tensor
+            experts.setdefault(f"{m[1]}.{m[3]}.{m[4]}", {})[int(m[2])] = tensor
         else:
             out[name] = tensor
     for name, parts in experts.items():
         out[name] = [parts[e] for e in sorted(parts)]
+    return out
+
+
+def split_gate_up(weights: dict[str, Source]) -> dict[str, Source]:
+    """gpt-oss experts' interleaved `gate_up_proj` rows (gate even, up odd) as the separate gate and up projections
+    llama.cpp's converter writes; quantized rows are whole blocks along K, so this is exact for them too."""
+    out: dict[str, Source] = {}
+    for name, w in weights.items():
+        m = GATE_UP.fullmatch(name)
+        if m is None:
+            out[name] = w
+            continue
+        for proj, rows in (("gate_proj", slice(0, None, 2)), ("up_proj", slice(1, None, 2))):
+            out[f"{m[1]}.{proj}.{m[2]}"] = QuantizedTensor(w.fmt, (w.shape[0] // 2, w.shape[1]), {
+                "blocks": w.data["blocks"][rows]}) if isinstance(w, QuantizedTensor) else w[rows]
     return out
 
 
@@ -119,10 +135,10 @@ def plan_tensors(weights: dict[str, Source], config: dict, arch: str, ftype: str
     kv_heads = config.get("num_key_value_heads") or heads
     tied = bool(config.get("tie_word_embeddings"))
     plans = []
-    for hf, tensor in stack_experts(weights).items():
+    for hf, tensor in stack_experts(split_gate_up(weights)).items():
         if "rotary_emb.inv_freq" in hf or (tied and hf == "lm_head.weight"):
             continue
-        name = gguf_name(hf)
+        name = gguf_name(hf, arch)
         if name is None:
             raise UnsupportedModelError(f"{path}: tensor {hf} has no GGUF equivalent; cannot export it")
         if isinstance(tensor, list):  # experts: blocks carried or float quantized as a 2-D weight would be
@@ -241,10 +257,46 @@ def add_hyperparameters(writer: gguf.GGUFWriter, args: Any, path: Path) -> torch
         writer.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
     elif rope.kind == "llama3":  # stored as per-frequency divisors, as llama.cpp's converter does
         return (rope._inv_freq(args.rope_theta) / rope.inv_freq).float()
+    elif rope.kind == "yarn":
+        add_yarn(writer, args.rope_scaling, args.max_position_embeddings, path)
     elif rope.kind != "default":
         raise UnsupportedModelError(f"{path}: rope scaling {rope.kind!r} has no GGUF equivalent; "
-                                    "exportable: none, linear, llama3")
+                                    "exportable: none, linear, llama3, yarn")
     return None
+
+
+def add_yarn(writer: gguf.GGUFWriter, scaling: dict, max_position: int, path: Path) -> None:
+    """YaRN's factor, original context and betas. llama.cpp always rounds the correction range outward, so a
+    `truncate: false` model (gpt-oss) runs slightly differently there, as after llama.cpp's own converter; an
+    explicit attention factor or DeepSeek mscale has no key llama.cpp reads the same way and is refused."""
+    extra = sorted({"attention_factor", "mscale", "mscale_all_dim"} & {k for k, v in scaling.items() if v})
+    if extra:
+        raise UnsupportedModelError(f"{path}: YaRN rope scaling with {', '.join(extra)} cannot be exported to GGUF")
+    original = int(scaling["original_max_position_embeddings"])
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(float(scaling.get("factor") or max_position / original))  # rope.py's default
+    writer.add_rope_scaling_orig_ctx_len(original)
+    writer.add_rope_scaling_yarn_beta_fast(float(scaling.get("beta_fast") or 32.0))
+    writer.add_rope_scaling_yarn_beta_slow(float(scaling.get("beta_slow") or 1.0))
+
+
+def add_gpt_oss(writer: gguf.GGUFWriter, args: Any, path: Path) -> None:
+    """gpt-oss's expert and window keys, refusing what llama.cpp's gpt-oss graph fixes otherwise: sliding windows on
+    the even layers only, the SwiGLU's alpha 1.702 and limit 7, and an output head of its own."""
+    default = [i % 2 == 0 for i in range(args.num_hidden_layers)]
+    if [args.window(i) is not None for i in range(args.num_hidden_layers)] != default:
+        raise UnsupportedModelError(f"{path}: llama.cpp's gpt-oss slides the window on even layers only; this "
+                                    f"model's layer_types {args.extra['layer_types']} cannot be exported to GGUF")
+    if (args.swiglu_alpha, args.swiglu_limit) != (1.702, 7.0):
+        raise UnsupportedModelError(f"{path}: llama.cpp's gpt-oss fixes swiglu alpha 1.702 and limit 7.0; this "
+                                    f"model's {args.swiglu_alpha}, {args.swiglu_limit} cannot be exported to GGUF")
+    if args.tie_word_embeddings:
+        raise UnsupportedModelError(f"{path}: llama.cpp's gpt-oss needs its own output.weight; a model with tied "
+                                    "embeddings cannot be exported to GGUF")
+    writer.add_expert_count(args.num_local_experts)
+    writer.add_expert_used_count(args.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(args.intermediate_size)
+    writer.add_sliding_window(args.sliding_window)
 
 
 def add_experts(writer: gguf.GGUFWriter, args: Any, arch: str, path: Path) -> None:
@@ -309,7 +361,9 @@ def export_gguf(src: str | Path, out: str | Path, ftype: str = "f16") -> Path:
     writer = gguf.GGUFWriter(tmp, arch)
     try:
         rope_freqs = add_hyperparameters(writer, args, src)
-        if getattr(args, "num_experts", None):
+        if arch == "gpt-oss":
+            add_gpt_oss(writer, args, src)
+        elif getattr(args, "num_experts", None):
             add_experts(writer, args, arch, src)
         carried = quant_format(config, src)  # an edgellm-quantized checkpoint's blocks decide the file type
         writer.add_file_type(EXPORT_TYPES[carried.name if carried and carried.name in QUANT_TYPES else ftype])
