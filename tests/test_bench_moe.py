@@ -67,3 +67,25 @@ def test_bench_moe_routing_compares_topk_and_moge(tmp_path, capsys):
     assert topk["perplexity"] > 1 and moge["perplexity"] > 1 and topk["tokens"] == moge["tokens"] == 300
     assert 0 < moge["load_entropy_bits"] <= moge["max_entropy_bits"] == 4
     assert "moge" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_moe_offload_curve_of_a_given_model(tmp_path):
+    """--offload-model: the curve on a checkpoint given (here the tiny random one), prompted with held-out text."""
+    from edgellm.bench.moe import build_random_moe
+
+    model = build_random_moe("qwen3-moe-tiny", str(tmp_path / "moe"))
+    out = tmp_path / "offload.json"
+    assert main(["bench", "moe", "--offload-model", model, "--formats", "q8_0", "--threads", "1", "--prompt-len",
+                 "16", "--decode-tokens", "4", "--offload", "0.5", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (half,) = report["offload"]["curve"]  # one share keeps the test short: no all-resident run to compare with
+    assert report["settings"]["format"] == "q8_0" and report["model"] == model
+    assert half["share"] == 0.5 and 0 < half["hit_rate"] < 1 and half["budget_bytes"] < half["expert_bytes"]
+    assert half["vs_resident"] is None and half["tokens"] > 0
+
+
+def test_bench_moe_offload_model_needs_an_edgellm_export(capsys):
+    assert main(["bench", "moe", "--offload-model", "somewhere", "--formats", "q4_k_m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "q4_k_m" in err[0] and "q4_0" in err[0]

@@ -110,6 +110,12 @@ PRESETS: dict[str, Recipe] = {
                    intermediate_size=1024, vocab_size=8192, max_position_embeddings=1024, seq_len=256, batch=4,
                    steps=400, lr=2e-3, warmup_steps=30, experts=16, experts_per_tok=4, expert_size=256,
                    moe_routing="moge", moe_groups=4),
+    # The sparsity of released MoEs (Qwen3-30B-A3B: 8 of 128 experts; here 4 of 64, 6.25% per token) at the moe
+    # preset's active size: a trained model whose routing makes expert offload a real question.
+    "moe-sparse": Recipe("moe-sparse", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=1024, vocab_size=8192, max_position_embeddings=1024,
+                         seq_len=256, batch=4, steps=400, lr=2e-3, warmup_steps=30, experts=64, experts_per_tok=4,
+                         expert_size=256),
     "tiny": Recipe("tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=128, vocab_size=512, max_position_embeddings=256, seq_len=64, batch=4,
                    steps=30, lr=3e-3, warmup_steps=3),
