@@ -322,6 +322,29 @@ def test_reinterpreted_tensor_dtype_is_refused(engine, tmp_path):
     assert len({tensor_crc32(codes), tensor_crc32(codes.view(torch.int8)), tensor_crc32(codes.view(8, 8))}) == 3
 
 
+@pytest.mark.parametrize("edit", ["float size", "bool size", "short span"])
+def test_every_tensor_of_a_shared_layout_is_checked(engine, tmp_path, edit):
+    """The header check runs once per distinct layout, yet a later tensor of the same layout whose shape is written
+    differently (32.0, true for 1) or whose byte span no longer fits is refused, as the first one would be."""
+    _, path = saved_agent(engine, tmp_path)
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    first, *later = sorted((k for k in header if k.endswith(".keys.data")), key=lambda k: header[k]["data_offsets"])
+    assert later and all(header[k]["shape"] == header[first]["shape"] for k in later)
+    entry = header[later[-1]]
+    if edit == "float size":
+        entry["shape"] = [*entry["shape"][:-1], float(entry["shape"][-1])]
+    elif edit == "bool size":
+        entry["shape"] = [True if d == 1 else d for d in entry["shape"]]
+    else:
+        entry["data_offsets"] = [entry["data_offsets"][0], entry["data_offsets"][1] - 1]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    assert_refused(engine, tmp_path, "q4", "is not a list of sizes|disagree")
+
+
 def test_stale_temp_files_are_removed_on_open(engine, tmp_path):
     model, tok = engine
     saved_agent(engine, tmp_path)

@@ -66,7 +66,10 @@ def test_ttft_rows_say_which_model_ran_them(report):
         assert r["cold_over_warm_disk"] == pytest.approx(r["cold_ttft_s"] / r["warm_disk_ttft_s"])
         assert len(r["reps_s"]["warm_disk"]) == 2
         # reported; their values are the benchmark's
-        assert {"restore_s", "raw_read_s", "ram_ttft_s", "warm_restore_s", "warm_raw_read_s"} <= set(r)
+        assert {"restore_s", "raw_read_s", "ram_ttft_s", "warm_restore_s", "warm_raw_read_s",
+                "warm_raw_into_reused_s"} <= set(r)
+        assert r["warm_restore_over_raw_into_reused"] == pytest.approx(r["warm_restore_s"]
+                                                                       / r["warm_raw_into_reused_s"])
 
 
 def test_decode_rows_time_every_format_against_the_first(report):

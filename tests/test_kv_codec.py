@@ -107,7 +107,8 @@ def test_cache_filled_natively_equals_reference_fill(monkeypatch, scheme, rotate
         assert torch.equal(native[name], reference[name]), name
 
 
-@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 63, 64, 65, 80, 127, 128, 1000, 4099, 65536 + 7])
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 63, 64, 65, 80, 127, 128, 255, 256, 257, 272, 319, 320, 511, 512,
+                               575, 1000, 4099, 65536 + 7])
 @pytest.mark.parametrize("init", [0, 0x1234567, 0xFFFFFFFF])
 def test_crc32_matches_zlib(n, init):
     data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
@@ -117,7 +118,7 @@ def test_crc32_matches_zlib(n, init):
 
 
 @pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("tokens", [0, 1, 777, 70_000])  # 70K fp16 rows of 64: 8.5 MiB, chunked and threaded
+@pytest.mark.parametrize("tokens", [0, 1, 777, 70_000])  # 70K fp16 rows of 64: 8.5 MiB, in chunks
 def test_read_into_fills_strided_views_like_a_plain_read(tmp_path, monkeypatch, native, tokens):
     """Views of wider buffers (a cache's first `tokens` rows per head) filled from a file in C order, each view's
     CRC32 continuing from its own init: the same bytes and checksums as reading the file and slicing it."""
@@ -141,6 +142,29 @@ def test_read_into_fills_strided_views_like_a_plain_read(tmp_path, monkeypatch, 
         assert torch.equal(view, part)
         assert crc == zlib.crc32(part.numpy().tobytes(), init)
     assert not buffers[0][:, :, tokens:].any() and not buffers[1][:, :, tokens:].any()  # nothing past the views
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_read_into_gathers_many_small_runs(tmp_path, monkeypatch, native):
+    """More runs than one preadv takes (IOV_MAX is 1024), of odd sizes, some past a chunk: bytes and CRCs as a
+    plain read gives, each view's CRC32 over its own runs only."""
+    gen = torch.Generator().manual_seed(0)
+    sizes = [1, 3, 700, 5, 300_000, 2, 17]
+    buffers = [torch.zeros(1500, s + 1, dtype=torch.uint8) if s < 100 else torch.zeros(2, s + 3, dtype=torch.uint8)
+               for s in sizes]
+    views = [b[:, :s] for b, s in zip(buffers, sizes, strict=True)]
+    parts = [torch.randint(0, 256, v.shape, generator=gen, dtype=torch.uint8) for v in views]
+    path = tmp_path / "runs.bin"
+    path.write_bytes(b"".join(p.numpy().tobytes() for p in parts))
+    inits = list(range(len(views)))
+    if not native:
+        monkeypatch.setattr(kvattn, "_codec", lambda: None)
+    with open(path, "rb", buffering=0) as f:
+        crcs = kvattn.read_into(f, views, inits)
+    for part, view, init, crc in zip(parts, views, inits, crcs, strict=True):
+        assert torch.equal(view, part)
+        assert crc == zlib.crc32(part.numpy().tobytes(), init)
+    assert not any(b[:, s:].any() for b, s in zip(buffers, sizes, strict=True))
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -123,10 +123,10 @@ def make_caches(model: nn.Module, fmt: KVFormat, capacity: int, batch: int = 1) 
     Quantized caches keep their window and return K/V in the model's dtype; a dense cache holds `fmt`'s dtype.
     Paged caches come from a BlockPool instead (`pool.make_caches`), so formats need not know about pools.
     """
-    args = model.args
+    args, dtype, device = model.args, model.dtype, model.device  # properties that search the model: asked once
     heads, head_dim = args.num_key_value_heads, args.head_dim
     if fmt.kind in DENSE:
-        return [DenseKVCache(batch, heads, head_dim, capacity, DENSE[fmt.kind], model.device)
+        return [DenseKVCache(batch, heads, head_dim, capacity, DENSE[fmt.kind], device)
                 for _ in range(args.num_hidden_layers)]
     return [QuantizedKVCache(batch, heads, head_dim, capacity, QUANTIZED[fmt.kind], fmt.group, fmt.scheme, fmt.window,
-                             fmt.hadamard, model.dtype, model.device) for _ in range(args.num_hidden_layers)]
+                             fmt.hadamard, dtype, device) for _ in range(args.num_hidden_layers)]

@@ -13,6 +13,7 @@ no staging buffer: the second copy cost as much as the read).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -51,7 +52,13 @@ class RestoreError(EdgeLLMError):
 
 def layout_crc32(t: torch.Tensor | Layout) -> int:
     """The CRC32 a tensor's checksum starts from: of its dtype and shape."""
-    return zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode())
+    return _layout_crc32(t.dtype, tuple(t.shape))
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_crc32(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """Memoised: a cache's ~100 tensors share a handful of layouts, and a restore asks for every one."""
+    return zlib.crc32(f"{dtype}{shape}".encode())
 
 
 def tensor_crc32(t: torch.Tensor) -> str:
@@ -202,15 +209,22 @@ def read_header(f: BinaryIO) -> tuple[dict[str, str], dict[str, Layout], list[tu
         raise ValueError("the header is not a safetensors header")
     data_bytes = size - 8 - n
     shapes, spans = {}, []
+    layouts: dict[tuple, tuple[Layout, int]] = {}  # a cache's ~100 tensors share a handful of layouts
     for name, info in header.items():
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name} has dtype {info['dtype']}, which no KV cache holds")
-        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-        if not all(type(d) is int and d >= 0 for d in shape) or not (type(begin) is type(end) is int) or \
-                end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= data_bytes:
+        shape, (begin, end) = info["shape"], info["data_offsets"]
+        if not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name}: shape {shape} is not a list of sizes")
+        key = (info["dtype"], *shape)
+        if key not in layouts:
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name} has dtype {info['dtype']}, which no KV cache holds")
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            layouts[key] = Layout(torch.Size(shape), dtype), math.prod(shape) * dtype.itemsize
+        layout, nbytes = layouts[key]
+        if not (type(begin) is type(end) is int) or end - begin != nbytes or not 0 <= begin <= end <= data_bytes:
             raise ValueError(f"tensor {name}: shape {shape} and bytes [{begin}, {end}) disagree")
         spans.append((begin, end, name))
-        shapes[name] = Layout(torch.Size(shape), dtype)
+        shapes[name] = layout
     spans.sort()
     if [b for b, _, _ in spans] != [0, *(e for _, e, _ in spans)][:len(spans)] or \
             (spans[-1][1] if spans else 0) != data_bytes:

@@ -27,6 +27,9 @@ SCHEMES = ("token", "kivi")
 STORED_CHUNK_MAX = 65
 ATTENTION_BLOCK = 256  # tokens dequantized at a time: bounds attention's float scratch memory
 PREFILL_SPAN = 2048  # past tokens dequantized at a time for a prefill chunk: fewer, larger attention calls
+FIELDS = {kv: (f"{kv}.data", f"{kv}.scales", f"{kv}.zeros") for kv in ("keys", "values")}  # a state()'s names
+_PACKED_STATE = frozenset(FIELDS["keys"] + FIELDS["values"])
+_WINDOWED_STATE = _PACKED_STATE | {"keys.window", "values.window"}
 
 
 def head_group(group: int, head_dim: int) -> int:
@@ -217,14 +220,14 @@ class _PackedBuffer:
 
     def held_in(self, state: dict[str, torch.Tensor | Layout], prefix: str) -> int:
         """Tokens a `state()` holds, after checking it has this buffer's layout (nothing is copied yet)."""
-        names = [f"{prefix}.{name}" for name in ("data", "scales", "zeros")]
+        names = FIELDS[prefix]
         if any(name not in state for name in names):
             raise InvalidRequestError(f"saved state has no {', '.join(names)}: it is not from a quantized cache")
         data, scales, zeros = (state[name] for name in names)
         tokens = scales.shape[2] * (self.group if self.per_channel else 1) if len(scales.shape) == 4 else -1
         data_rows, scale_rows = self._rows(tokens)
-        want_data = (*self.data.shape[:2], data_rows, self.data.shape[3])
-        want_scales = (*self.scales.shape[:2], scale_rows, self.scales.shape[3])
+        b, h, _, data_w = self.data.shape
+        want_data, want_scales = (b, h, data_rows, data_w), (b, h, scale_rows, self.scales.shape[3])
         if (tuple(data.shape), tuple(scales.shape), tuple(zeros.shape)) != (want_data, want_scales, want_scales) or \
                 (data.dtype, scales.dtype, zeros.dtype) != (torch.uint8, torch.float16, torch.float16):
             raise InvalidRequestError(f"saved {prefix} do not match this cache's format "
@@ -236,8 +239,9 @@ class _PackedBuffer:
         if tokens > self.capacity:
             self._grow(tokens, 0)
         data_rows, scale_rows = self._rows(tokens)
-        return {f"{prefix}.data": self.data[:, :, :data_rows], f"{prefix}.scales": self.scales[:, :, :scale_rows],
-                f"{prefix}.zeros": self.zeros[:, :, :scale_rows]}
+        data, scales, zeros = FIELDS[prefix]
+        return {data: self.data.narrow(2, 0, data_rows), scales: self.scales.narrow(2, 0, scale_rows),
+                zeros: self.zeros.narrow(2, 0, scale_rows)}
 
 
 class QuantizedKVCache(SingleOffset):
@@ -390,9 +394,8 @@ class QuantizedKVCache(SingleOffset):
     def receive(self, state: dict[str, torch.Tensor | Layout]) -> dict[str, torch.Tensor]:
         quantized = self.keys.held_in(state, "keys")
         window = self.recent_keys.shape[2] > 0
-        names = {f"{kv}.{part}" for kv in ("keys", "values") for part in ("data", "scales", "zeros")}
-        if set(state) - names - ({"keys.window", "values.window"} if window else set()):
-            raise InvalidRequestError(f"saved state holds {sorted(set(state) - names)}, which this "
+        if state.keys() - (_WINDOWED_STATE if window else _PACKED_STATE):
+            raise InvalidRequestError(f"saved state holds {sorted(state.keys() - _PACKED_STATE)}, which this "
                                       f"{'windowed' if window else 'window-less'} quantized cache does not hold")
         empty = self.recent_keys[:, :, :0]
         windows = state.get("keys.window", empty), state.get("values.window", empty)
@@ -406,7 +409,8 @@ class QuantizedKVCache(SingleOffset):
                                       f"{windows[0].dtype} does not fit this cache ({self.dtype})")
         pieces = self.keys.receive("keys", quantized) | self.values.receive("values", quantized)
         if window and "keys.window" in state:
-            pieces |= {"keys.window": self.recent_keys[:, :, :held], "values.window": self.recent_values[:, :, :held]}
+            pieces |= {"keys.window": self.recent_keys.narrow(2, 0, held),
+                       "values.window": self.recent_values.narrow(2, 0, held)}
         self.quantized, self.offset = quantized, quantized + held
         return pieces
 
