@@ -395,7 +395,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
           args.max_queue, args.api_key, args.dtype, args.prefill_chunk, args.kv_predictor,
           expert_budget=args.expert_budget, block_tokens=args.kv_block_tokens or None, draft_model=args.draft_model,
           speculation=_server_speculation(args.speculative), adapters=args.adapter, replicas=args.replicas,
-          ray_address=args.ray_address, replica_threads=args.replica_threads)
+          ray_address=args.ray_address, replica_threads=args.replica_threads,
+          replica_lease_s=args.replica_lease)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -516,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, help="with --replicas: a running Ray cluster (default: start one)")
     p.add_argument("--replica-threads", type=int_in(1, 1024), default=1,
                    help="with --replicas: CPU threads per replica")
+    p.add_argument("--replica-lease", type=finite_float, default=None, metavar="SECONDS",
+                   help="with --replicas: how long an agent stays leased to its replica after its last use (default "
+                        "10): a killed replica's agents wait this long before another takes them over; shorter "
+                        "fails over sooner but renews leases more often")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("kvpred", help="KV Prediction: train an aux model that predicts the base's prompt KV cache")

@@ -240,6 +240,11 @@ def test_replicas_need_a_shared_store_and_ray(tmp_path, monkeypatch, capsys):
     from edgellm.cli import main
     assert main(["serve", "--replicas", "2", "--store", str(tmp_path), "--port", str(free_port())]) == 2
     assert "--replicas needs a shared --store (file:///dir or redis://" in capsys.readouterr().err
+    assert main(["serve", "--replica-lease", "3", "--port", str(free_port())]) == 2
+    assert "--replica-lease applies only with --replicas" in capsys.readouterr().err
+    assert main(["serve", "--replicas", "2", "--replica-lease", "0", "--store", f"file://{tmp_path}", "--port",
+                 str(free_port())]) == 2
+    assert "--replica-lease must be > 0 seconds" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "edgellm.serve.replicas", raising=False)
     with pytest.raises(InvalidRequestError, match=r"not installed: pip install 'ray\[serve\]'"):

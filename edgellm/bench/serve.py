@@ -4,6 +4,7 @@ A concurrency sweep in the style of published vLLM serving studies (find where t
 a multi-agent scenario: K agents taking turns over a long shared context (or each its own), cold (first turn) vs
 warm TTFT, the share of each warm prompt served from memory, and the server's physical vs logical KV bytes.
 Works against any server speaking /v1/completions with streaming; agents are named with the `X-Agent-Id` header.
+With --replicas instead of --url it starts `serve --replicas N` itself, and can time failover (`bench.replicas`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ WORDS = ("model", "memory", "agent", "token", "cache", "server", "stream", "batc
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", required=True, help="server root, e.g. http://127.0.0.1:8000")
-    p.add_argument("--model", default=None, help="model id (default: the server's first /v1/models entry)")
+    p.add_argument("--url", default=None, help="server root, e.g. http://127.0.0.1:8000 (or --replicas)")
+    p.add_argument("--model", default=None,
+                   help="model id (default: the server's first /v1/models entry); with --replicas, the model to "
+                        "serve (default: the built-in one)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--concurrency", type=positive_ints, default=[1, 2, 4, 8, 16, 32, 64], help="comma-separated")
     p.add_argument("--requests", type=positive_int, default=None,
@@ -46,6 +49,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
+    p.add_argument("--replicas", type=positive_ints, default=None, metavar="N[,M...]",
+                   help="instead of --url: start a local Ray and bench `serve --replicas N` for each N in turn "
+                        "(1 thread per replica, pip install 'ray[serve]')")
+    p.add_argument("--failover", action="store_true",
+                   help="with --replicas (N >= 2): kill an agent's home replica between its turns and time the "
+                        "next turn's first token on another replica")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="with --replicas: the replicas' shared store (default: file:// in a temporary directory)")
+    p.add_argument("--replica-lease", type=float, default=None, metavar="SECONDS",
+                   help="with --replicas: serve's --replica-lease, the failover time (default 10)")
 
 
 @dataclass
@@ -58,6 +71,7 @@ class RequestResult:
     prompt_tokens: int = 0
     text: str = ""
     error: str | None = None
+    replica: str | None = None  # X-Edgellm-Replica: which engine replica answered
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -78,6 +92,7 @@ async def stream_completion(client: httpx.AsyncClient, body: dict, headers: dict
     last, first, gaps, pieces, usage = t0, None, [], [], {}
     try:
         async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            replica = r.headers.get("x-edgellm-replica")
             if r.status_code != 200:
                 return RequestResult(False, error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
             async for line in r.aiter_lines():
@@ -101,7 +116,7 @@ async def stream_completion(client: httpx.AsyncClient, body: dict, headers: dict
         return RequestResult(False, error=f"{type(e).__name__}: {e}")
     return RequestResult(True, (first or last) - t0, gaps, usage.get("completion_tokens", len(pieces)),
                          (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
-                         usage.get("prompt_tokens", 0), "".join(pieces))
+                         usage.get("prompt_tokens", 0), "".join(pieces), replica=replica)
 
 
 async def sweep_level(client: httpx.AsyncClient, model: str, concurrency: int, requests: int, args: argparse.Namespace,
@@ -261,8 +276,33 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{mem.get('logical_bytes', 0) / 2**20:>8.1f}")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """One line for each bad combination, before a server or Ray is started."""
+    if (args.url is None) == (args.replicas is None):
+        raise InvalidRequestError("give either --url of a running server or --replicas N[,M...] to start one")
+    if args.replicas is None and (args.failover or args.store or args.replica_lease is not None):
+        raise InvalidRequestError("--failover, --store and --replica-lease need --replicas")
+    if args.failover and max(args.replicas) < 2:
+        raise InvalidRequestError("--failover needs 2 or more replicas: another one takes the agent over")
+    if args.replica_lease is not None and not 0 < args.replica_lease < float("inf"):
+        raise InvalidRequestError(f"--replica-lease must be a positive number of seconds, got {args.replica_lease}")
+    if args.store is not None:
+        from edgellm.kv.store import check_store_url, is_store_url
+        if not is_store_url(args.store):
+            raise InvalidRequestError(f"--store {args.store}: replicas need a shared store URL, file:///dir or "
+                                      "redis://host:port/db")
+        check_store_url(args.store)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the sweep (and agent scenario), print the tables, write --json; returns the report."""
+    """Run the sweep (and agent scenario), print the tables, write --json; returns the report. With --replicas,
+    once per replica count on a local Ray (see `edgellm.bench.replicas`)."""
+    check_args(args)
+    if args.replicas is not None:
+        from edgellm.bench.replicas import run_replicas
+        report = run_replicas(args)
+        write_report(report, args.json)
+        return report
     report = asyncio.run(bench(args))
     print_report(report)
     write_report(report, args.json)

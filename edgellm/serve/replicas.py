@@ -39,8 +39,10 @@ REPLICA_HEADER = "x-edgellm-replica"
 AGENT_HEADER = "x-agent-id"
 RETRY_STATUSES = {409, 429}  # agent leased by another replica, queue full: another replica may serve the turn
 VIRTUAL_NODES = 64  # ring points per replica: agents spread evenly, and a lost replica's agents spread over the rest
-# a killed replica's agents stay leased to it until their lease expires: short leases make failover quick, and
-# fencing tokens keep a replica whose lease lapsed from overwriting newer memory
+# a killed replica's agents stay leased to it until their lease expires, so this is the failover time (`serve
+# --replica-lease`). Shorter fails over sooner but renews more often (every third of it, per running turn) and lets
+# an idle agent move off a slow or partitioned home sooner; fencing tokens keep a replica whose lease lapsed from
+# overwriting newer memory, whatever the length
 REPLICA_LEASE_S = 10.0
 # a draining replica looks this often for its requests to end (Serve's default: 2 s), then releases its agents'
 # leases: sooner than they expire, so other replicas take the agents over without waiting
@@ -303,25 +305,26 @@ def deploy(app_kwargs: dict[str, Any], replicas: int, threads: int, host: str = 
               route_prefix="/")
 
 
-def init_ray(address: str | None, num_cpus: int) -> None:
-    """Connect to `address`, else start a local Ray sized for the replicas; workers import this edgellm."""
+def init_ray(address: str | None, num_cpus: int, log_to_driver: bool = True) -> None:
+    """Connect to `address`, else start a local Ray sized for the replicas; workers import this edgellm.
+    `log_to_driver` False keeps the replicas' request logs out of a benchmark's tables."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to send (and often no network)
     root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH")) if x)
     runtime_env = {"env_vars": {"PYTHONPATH": path}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
     else:
         ray.init(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
-                 runtime_env=runtime_env)
+                 runtime_env=runtime_env, log_to_driver=log_to_driver)
 
 
 def serve_replicas(app_kwargs: dict[str, Any], replicas: int, threads: int, host: str, port: int,
-                   ray_address: str | None) -> None:
+                   ray_address: str | None, lease_ttl_s: float | None = None) -> None:
     """Run `replicas` engines behind the gateway until interrupted, then drain them."""
     init_ray(ray_address, replicas * threads)
     try:
-        deploy(app_kwargs, replicas, threads, host, port)
+        deploy(app_kwargs, replicas, threads, host, port, lease_ttl_s or REPLICA_LEASE_S)
         print(f"edgellm: {replicas} replicas serving on http://{host}:{port}", flush=True)
         while True:
             time.sleep(3600)

@@ -343,9 +343,14 @@ class Engine:
             if out.text or out.logprob or prompt_logprobs:
                 req.emit(Event(text=out.text, logprob=out.logprob, prompt_logprobs=prompt_logprobs))
             return
-        req.emit(Event(text=out.text, finish=out.finish_reason, usage=(len(req.ids), len(seq.generated), seq.cached),
-                       logprob=out.logprob, prompt_logprobs=prompt_logprobs))
-        self._finish(slot, save=True)
+        # an agent's memory is saved before its turn's last event: once a client has seen the turn end, a replica
+        # taking the agent over (its home killed) restores that turn, not the one before
+        try:
+            self._finish(slot, save=True)
+        finally:
+            req.emit(Event(text=out.text, finish=out.finish_reason,
+                           usage=(len(req.ids), len(seq.generated), seq.cached), logprob=out.logprob,
+                           prompt_logprobs=prompt_logprobs))
 
     def _finish(self, slot: Slot, save: bool) -> None:
         self.running.remove(slot)
