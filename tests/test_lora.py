@@ -297,28 +297,75 @@ def test_serve_adapter_arguments():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
-def test_native_bgmv_matches_the_plain_reference(dtype, weights):
-    """y += scale_i · (x_i A_s^T) B_s^T per row i with its own slot s (-1: none), against plain PyTorch in fp32."""
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_native_bgmv_matches_the_plain_reference(dtype, weights, tokens):
+    """One call for the projections of a fused output (q/k/v-like: different ranks, widths, adapter counts, one
+    without any adapter on some rows): y[..., columns of p] += scale_pi · (x_i A_ps^T) B_ps^T per row i with its own
+    slot s (-1: none), against plain PyTorch in fp32; rows sharing an adapter run together in the kernel."""
     from edgellm.kernels.linear import lora_bgmv
     gen = torch.Generator().manual_seed(0)
-    rank, slots_n, k, n = 8, 3, 67, 300
-    a = torch.randn(slots_n * rank, k, generator=gen).to(weights)
-    b = torch.randn(n, slots_n * rank, generator=gen).to(weights)  # each adapter's B side by side; the kernel takes Bᵀ
-    x = torch.randn(5, 2, k, generator=gen).to(dtype)
-    y = torch.randn(5, 2, n, generator=gen).to(dtype)
-    slots = torch.tensor([2, -1, 0, 1, 2])
-    scales = torch.tensor([0.5, 0.0, 2.0, -1.0, 0.25])
+    k, rows = 67, 6
+    specs = [(8, 3, 300, 0), (4, 2, 37, 300), (16, 1, 90, 350)]  # (rank, adapters, N, first column) per projection
+    width = 450  # columns 337..349 and 440.. belong to no projection: untouched
+    slots = torch.tensor([[2, -1, 0, 1, 2, 2], [1, 1, -1, -1, 0, 1], [-1, -1, -1, 0, 0, 0]])
+    scales = torch.tensor([[0.5, 0.0, 2.0, -1.0, 0.25, 0.25], [1.5, 1.5, 0.0, 0.0, -2.0, 1.5],
+                           [0.0, 0.0, 0.0, 3.0, 3.0, 3.0]])
+    a = [torch.randn(n_ad * r, k, generator=gen).to(weights) for r, n_ad, _, _ in specs]
+    b = [torch.randn(n, n_ad * r, generator=gen).to(weights) for r, n_ad, n, _ in specs]  # B side by side
+    x = torch.randn(rows, tokens, k, generator=gen).to(dtype)
+    y = torch.randn(rows, tokens, width, generator=gen).to(dtype)
     before = y.clone()
     want = y.float().clone()
-    for i, s in enumerate(slots.tolist()):
-        if s >= 0:
-            rows = slice(s * rank, (s + 1) * rank)
-            want[i] += scales[i] * (x[i].float() @ a[rows].float().T) @ b[:, rows].float().T
-    if not lora_bgmv(y, x, a, b.t().contiguous(), slots, scales, rank):
+    for p, (r, _, n, first) in enumerate(specs):
+        for i, s in enumerate(slots[p].tolist()):
+            if s >= 0:
+                ranks = slice(s * r, (s + 1) * r)
+                want[i, :, first:first + n] += scales[p, i] * (x[i].float() @ a[p][ranks].float().T) @ \
+                    b[p][:, ranks].float().T
+    if not lora_bgmv(y, x, a, [t.t().contiguous() for t in b], slots, scales, [r for r, *_ in specs],
+                     [first for *_, first in specs]):
         pytest.skip("native kernel unavailable")
     tol = 1e-4 if dtype == torch.float32 else 0.1  # bf16 y: the sum is rounded once, to bf16
     assert (y.float() - want).abs().max() <= tol * max(1.0, want.abs().max().item() / 10)
-    assert torch.equal(y[1], before[1])  # the row without an adapter is left exactly as it was
+    assert torch.equal(y[..., 337:350], before[..., 337:350]) and torch.equal(y[..., 440:], before[..., 440:])
+    # rows without an adapter on a projection: its columns left exactly as they were
+    assert torch.equal(y[1, :, :300], before[1, :, :300]) and torch.equal(y[2, :, 300:], before[2, :, 300:])
+    if dtype == torch.bfloat16:  # the fp32 sum rounded once as torch rounds: the same call on fp32 x and y, cast
+        y32 = before.float()
+        lora_bgmv(y32, x.float(), a, [t.t().contiguous() for t in b], slots, scales, [r for r, *_ in specs],
+                  [first for *_, first in specs])
+        assert torch.equal(y, y32.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_decode_batch_takes_one_native_call_per_fused_output(llama_dir, lora_dirs, monkeypatch, dtype):
+    """A decode batch mixing adapters of different ranks and targets (q/v only, gate/down only, all, none) makes one
+    native call per fused q/k/v or gate/up output (bf16 fuses them) and per other projection, and each row equals
+    the plain PyTorch path (the stacked matmuls) on that row alone."""
+    from edgellm.kv.batch import batch_layers
+    from edgellm.models import lora
+    model, _ = load(llama_dir, dtype)
+    for path in lora_dirs.values():
+        load_adapter(model, path)
+    calls = []
+    native = lora.lora_bgmv
+    monkeypatch.setattr(lora, "lora_bgmv", lambda y, x, *args: calls.append(len(args[0])) or native(y, x, *args))
+    names = ["qv-rslora", "mlp", None, "all"]
+    batch = torch.cat([ids(1, 30 + i) for i in range(4)])
+    with torch.no_grad():
+        with select(model, names):
+            together = model(batch, batch_layers([PromptCache(model, 8).layers for _ in names]))
+        if not calls:
+            pytest.skip("native kernel unavailable")
+        layers = len(model.model.layers)
+        fused = [3] * layers + [2] * layers + [1] * 2 * layers  # q/k/v, gate/up, o, down
+        assert sorted(calls) == sorted(fused if dtype == "bf16" else [1] * 7 * layers)
+        monkeypatch.setattr(lora, "lora_bgmv", lambda *args: False)
+        monkeypatch.setenv("EDGELLM_FUSED_STEP", "0")
+        for i, name in enumerate(names):
+            with select(model, [name]):
+                alone = model(batch[i:i + 1], PromptCache(model, 8).layers)
+            assert (together[i] - alone[0]).abs().max() <= (1e-5 if dtype == "fp32" else 2e-2)
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "q8_0", "int4-g32"])

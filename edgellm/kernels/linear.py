@@ -42,16 +42,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch_linear(x, weight, bias)
 
 
-def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor,
-              scales: torch.Tensor, rank: int) -> bool:
-    """y (B, T, N) += scales[i] · (x[i] A_s^T) B_s^T for s = slots[i] (-1: none), in place, natively; False (y
-    untouched) where the native kernel does not apply. a (S·rank, K) and bt (S·rank, N) stack S adapters' A and Bᵀ;
-    y may be a column slice of a wider output."""
+def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], bt: list[torch.Tensor], slots: torch.Tensor,
+              scales: torch.Tensor, ranks: list[int], starts: list[int]) -> bool:
+    """For each projection p of a fused output: y[..., starts[p]:starts[p] + N_p] (B, T, ·) += scales[p, i] ·
+    (x[i] A_ps^T) B_ps^T for s = slots[p, i] (-1: none), in place, in one native call; False (y untouched) where the
+    native kernel does not apply. a[p] (S·ranks[p], K) and bt[p] (S·ranks[p], N_p) stack S adapters' A and Bᵀ."""
     op = _bgmv_op()
-    if op is None or not (x.is_cpu and y.stride(-1) == 1 and a.is_contiguous() and bt.is_contiguous()) or (
-            torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or bt.requires_grad)):
+    if op is None or not (x.is_cpu and y.stride(-1) == 1 and all(t.is_contiguous() for t in a + bt)) or (
+            torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in a + bt))):
         return False
-    op(y, x.contiguous(), a, bt, slots, scales, rank)
+    op(y, x.contiguous(), a, bt, slots, scales, ranks, starts)
     return True
 
 

@@ -2,10 +2,11 @@
 
 Each targeted projection is wrapped in a `LoraLinear`: the base (dense or quantized, untouched) runs once for the
 whole batch, then the low-rank paths run for the whole batch too, each row through its own adapter (Punica's BGMV:
-one native call gathers each row's slices; see `LoraLinear`). A projection keeps its adapters'
-tensors in one stack, in the model's dtype, so a resident adapter costs its file's size (half that for an fp32
-file on a bf16 model; different ranks on one projection pad to the largest). Which adapter each row uses is
-set for one forward by `select`, as vLLM's LoRA metadata is: the model's forward signature does not change.
+one native call gathers each row's slices, for all the projections of a fused q/k/v or gate/up output; see
+`add_lora`). A projection keeps its adapters' tensors in one stack, in the model's dtype, so a resident adapter
+costs its file's size (half that for an fp32 file on a bf16 model; different ranks on one projection pad to the
+largest). Which adapter each row uses is set for one forward by `select`, as vLLM's LoRA metadata is: the model's
+forward signature does not change.
 """
 
 from __future__ import annotations
@@ -125,9 +126,9 @@ class LoraLinear(nn.Module):
 
     The adapters' A are stacked as rows of one (n·r, in) matrix and their Bᵀ as rows of one (n·r, out), ranks padded
     to the largest. Decode (up to BGMV_MAX_TOKENS tokens per row) runs one native gather kernel in which each row
-    reads only its own adapter's slices; a prefill with one adapter for all rows runs that adapter's slices as
-    GEMMs; otherwise (a mixed prefill, or no native build) two matmuls run over every resident adapter and the
-    other adapters' paths are zeroed per row."""
+    reads only its own adapter's slices (`add_lora`); a prefill with one adapter for all rows runs that adapter's
+    slices as GEMMs; otherwise (a mixed prefill, or no native build) two matmuls run over every resident adapter and
+    the other adapters' paths are zeroed per row (`add_delta`)."""
 
     def __init__(self, base: nn.Module, adapters: Adapters) -> None:
         super().__init__()
@@ -140,6 +141,9 @@ class LoraLinear(nn.Module):
         self.slots: dict[str, int] = {}
         # per batch: (rows, their slots and scales or None, whether one adapter serves every row)
         self.meta: tuple[tuple[str | None, ...], tuple[torch.Tensor, torch.Tensor] | None, bool] = ((), None, False)
+        # add_lora's native call, where this is the first wrapped projection of a fused output: (rows, the
+        # registry's version, lora_bgmv's arguments after x or None)
+        self.merged: tuple[tuple[str | None, ...], int, tuple | None] = ((), -1, None)
 
     def set(self, name: str, pair: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
         """Add (A, B, scale) under `name`, or drop `name` with None, and restack (an added adapter that fits the
@@ -166,28 +170,26 @@ class LoraLinear(nn.Module):
             rows = slice(i * r, i * r + a.shape[0])
             self.lora[key], self.slots[key] = (self.lora_a[rows], self.lora_bt[rows].t(), scale), i
 
-    def _rows(self, rows: tuple[str | None, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Each row's slot in the stacks (-1: none) and scale, as the native kernel takes them; None when no row's
-        adapter targets this projection."""
+    def row_slots(self, rows: tuple[str | None, ...]) -> tuple[list[int], list[float]] | None:
+        """Each row's slot in the stacks (-1: none) and scale; None when no row's adapter targets this projection."""
         slots = [self.slots.get(name, -1) for name in rows]
         if max(slots) < 0:
             return None
-        scales = [self.lora[name][2] if slot >= 0 else 0.0 for name, slot in zip(rows, slots, strict=True)]
-        return torch.tensor(slots, dtype=torch.long), torch.tensor(scales, dtype=torch.float32)
+        return slots, [self.lora[name][2] if slot >= 0 else 0.0 for name, slot in zip(rows, slots, strict=True)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        self.add_delta(y, x)
+        add_lora(y, x, (self,))
         return y
 
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> None:
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, rows: tuple[str | None, ...]) -> None:
         """Add each row's adapter path into y (B, T, out), this projection's output (or its columns of a fused
-        q/k/v or gate/up output), in place."""
-        rows = self.adapters.rows
-        if rows is None:
-            return
+        q/k/v or gate/up output), in place, where add_lora's native call does not apply: a prefill, no native
+        build, autograd."""
         if self.meta[0] != rows:  # the same batch step after step: built once
-            self.meta = (rows, self._rows(rows), len(set(rows)) == 1)
+            found = self.row_slots(rows)
+            tensors = None if found is None else (torch.tensor(found[0]), torch.tensor(found[1]))
+            self.meta = (rows, tensors, len(set(rows)) == 1)
         _, found, single = self.meta
         if single and (x.shape[-2] > BGMV_MAX_TOKENS or x.shape[0] != len(rows)):
             # a prefill (or one adapter named for a whole batch): its slices as GEMMs
@@ -199,8 +201,6 @@ class LoraLinear(nn.Module):
             return
         slots, scales = found
         x = x if x.dim() == 3 else x.reshape(len(rows), -1, self.in_features)
-        if x.shape[1] <= BGMV_MAX_TOKENS and lora_bgmv(y, x, self.lora_a, self.lora_bt, slots, scales, self.rank):
-            return  # natively, each row reading its own adapter's slices
         # every resident adapter's path for every row, each zeroed but the row's own
         coef = torch.zeros(len(rows), len(self.slots), dtype=self.lora_a.dtype)
         hit = slots >= 0
@@ -211,13 +211,45 @@ class LoraLinear(nn.Module):
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, projections: tuple[nn.Module, ...]) -> None:
-    """Add the adapter paths of the LoRA-wrapped ones among `projections` into their columns of y, their fused
-    output: q/k/v or gate/up keep one GEMV for the base when adapters are resident."""
+    """Add the adapter paths of the LoRA-wrapped ones among `projections` into their columns of y, their outputs side
+    by side (q/k/v or gate/up keep one GEMV for the base when adapters are resident), in place.
+
+    Decode runs one native call for all of them: x is read and converted once and the call's overhead is paid once,
+    not per projection."""
+    head = next((proj for proj in projections if isinstance(proj, LoraLinear)), None)
+    if head is None:
+        return
+    registry = head.adapters
+    rows = registry.rows
+    if rows is None:
+        return
+    if head.merged[0] != rows or head.merged[1] != registry.version:  # the same batch step after step: built once
+        head.merged = (rows, registry.version, _merged(projections, rows))
+    args = head.merged[2]
+    if args is None:
+        return  # no row's adapter targets these projections
+    if x.dim() == 3 and x.shape[0] == len(rows) and x.shape[1] <= BGMV_MAX_TOKENS and lora_bgmv(y, x, *args):
+        return
     start = 0
     for proj in projections:
         if isinstance(proj, LoraLinear):
-            proj.add_delta(y[..., start:start + proj.out_features], x)
+            proj.add_delta(y[..., start:start + proj.out_features], x, rows)
         start += proj.out_features
+
+
+def _merged(projections: tuple[nn.Module, ...], rows: tuple[str | None, ...]) -> tuple | None:
+    """lora_bgmv's arguments after x for the wrapped projections some row's adapter targets, or None if none."""
+    a, bt, slots, scales, ranks, starts = [], [], [], [], [], []
+    start = 0
+    for proj in projections:
+        found = proj.row_slots(rows) if isinstance(proj, LoraLinear) else None
+        if found is not None:
+            a.append(proj.lora_a), bt.append(proj.lora_bt), ranks.append(proj.rank), starts.append(start)
+            slots.append(found[0]), scales.append(found[1])
+        start += proj.out_features
+    if not a:
+        return None
+    return a, bt, torch.tensor(slots, dtype=torch.long), torch.tensor(scales, dtype=torch.float32), ranks, starts
 
 
 class Adapters:
@@ -228,6 +260,7 @@ class Adapters:
         self.loaded: dict[str, LoraAdapter] = {}
         self.dtype = model.dtype
         self.rows: tuple[str | None, ...] | None = None  # in a forward selecting adapters: each row's (None: base)
+        self.version = 0  # bumped whenever projections' stacks change: add_lora's cached arguments are stale
 
     def add(self, adapter: LoraAdapter) -> None:
         """Wrap every projection the adapter targets (once), after checking the whole adapter fits this base."""
@@ -248,6 +281,7 @@ class Adapters:
             wrapped.set(adapter.name, (a, b, adapter.scale))
         adapter.pairs = {}  # held once, in the stacks
         self.loaded[adapter.name] = adapter
+        self.version += 1
 
     def remove(self, name: str) -> None:
         """Drop an adapter; projections no other adapter uses get their plain base back."""
@@ -258,6 +292,7 @@ class Adapters:
             if not wrapped.lora:
                 parent, _, child = module.rpartition(".")
                 setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapped.base)
+        self.version += 1
 
     @property
     def nbytes(self) -> int:
