@@ -83,6 +83,8 @@ def prefill(model: nn.Module, sequences: list[Sequence], token_budget: int | Non
         seq.pending = seq.pending[len(piece):]
         budget -= len(piece)
         if not seq.pending:
+            if seq.speculator is not None:
+                seq.speculator.begin(seq.ids)
             done.append((seq, seq.advance(logits)))
     return done
 

@@ -8,6 +8,7 @@ sharing the tokenizer (`DraftModelProposer`), and KV Prediction's aux model, who
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -26,7 +27,11 @@ MODES = ("ngram", "draft", "kvpred")
 
 class Proposer(Protocol):
     """Guesses the next tokens. A proposer that samples its guesses also sets `probs` (one row per guess: the
-    distribution it was drawn from) for the verifier's min(1, p/q) rule; a deterministic one leaves it None."""
+    distribution it was drawn from) for the verifier's min(1, p/q) rule; a deterministic one leaves it None.
+    `resync_seconds`: what the last `propose` spent catching up with a context it had fallen behind (a one-off the
+    adaptive length should not charge to the draft length it chose), reset by `Speculator.record`."""
+
+    resync_seconds: float
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
         """Up to `k` guesses at the tokens that follow `tokens` (prompt then generated); [] when there is no guess."""
@@ -41,6 +46,7 @@ class NGramProposer:
     """
 
     probs = None  # deterministic: each guess has probability 1
+    resync_seconds = 0.0  # nothing to catch up: the lookup reads the context as it is
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
@@ -80,16 +86,27 @@ def check_draft_model(draft: nn.Module, draft_tokenizer: Tokenizer, model: nn.Mo
 class DraftModelProposer:
     """A smaller model sharing the tokenizer drafts `k` tokens one at a time from its own cache.
 
-    The cache follows the context lazily: each `propose` keeps the longest prefix of the context it holds (so
-    drafts the model rejected are trimmed there) and runs the rest in one pass. Greedy requests draft the draft
-    model's argmax; sampled ones draw from its distribution under the request's temperature and filters, seeded
-    from the request's seed, and leave those distributions in `probs`. Over KV Prediction's aux, the predictor
-    fills `cache` with the prompt as it predicts (`runner.prefill`), so drafting costs no prefill of its own.
+    The prompt goes through the draft with the model's prefill (`prefill`, from `Speculator.begin`): a catch-up
+    over it at the first draft would cost a tenth of a short answer's decoding. Then the cache follows the context
+    lazily: each `propose` keeps the longest prefix it holds of the context from `start` on (so drafts the model
+    rejected are trimmed there) and runs the rest in one pass. A cache more than `window` tokens behind (a long
+    stretch decoded with drafting off) starts over on the last `window` tokens: catching up costs a few plain steps
+    at most, and the draft conditions on less context (the check keeps the output exact).
+    Greedy requests draft the draft model's argmax; sampled ones draw from its distribution under the request's
+    temperature and filters, seeded from the request's seed, and leave those distributions in `probs`. Over KV
+    Prediction's aux, the predictor fills `cache` with the prompt as it predicts (`runner.prefill`), so drafting
+    costs no prefill of its own.
     """
 
-    def __init__(self, model: nn.Module, capacity: int, sampling: SamplingParams | None = None) -> None:
+    WINDOW = 32
+
+    def __init__(self, model: nn.Module, capacity: int, sampling: SamplingParams | None = None,
+                 window: int = WINDOW) -> None:
         self.model = model
         self.cache = PromptCache(model, capacity)
+        self.window = window
+        self.start = 0  # the context position of the cache's first token
+        self.resync_seconds = 0.0
         self.params = sampling or SamplingParams()
         self.generator: torch.Generator | None = None
         if self.params.temperature > 0:
@@ -101,9 +118,25 @@ class DraftModelProposer:
         self.probs: torch.Tensor | None = None
 
     @torch.no_grad()
+    def prefill(self, prompt: list[int], chunk: int = 2048) -> None:
+        """Run all of `prompt` but its last token (which the first `propose` runs, with the first answer token),
+        `chunk` tokens at a time (as the runner's prefill, to bound attention scratch)."""
+        rest = prompt[self.cache.reuse(prompt):-1]
+        for i in range(0, len(rest), chunk):
+            self._run(rest[i:i + chunk])
+
+    @torch.no_grad()
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        self.cache.reuse(tokens)
-        logits = self._run(tokens[len(self.cache.tokens):])
+        context = tokens[self.start:]
+        held = self.cache.reuse(context)
+        if len(context) - held > self.window:
+            self.start = len(tokens) - self.window
+            context = tokens[self.start:]
+            held = self.cache.reuse([])
+        began = time.perf_counter()
+        logits = self._run(context[held:])
+        # a step's own catch-up is one or two tokens (the model's token, after the last kept draft)
+        self.resync_seconds = time.perf_counter() - began if len(context) - held > 2 else 0.0
         draft, probs = [], []
         for _ in range(k):
             if draft:
@@ -125,15 +158,27 @@ class DraftModelProposer:
 
 
 @dataclass
+class Measured:
+    """What the requests sharing a `Speculation` have measured, so later ones start from it instead of from
+    scratch: smoothed seconds per step by draft length, the decayed counts behind the acceptance rate, and how
+    far apart probes have grown (a draft that keeps not paying is probed ever more rarely, across requests)."""
+
+    seconds: dict[int, float] = field(default_factory=dict)
+    kept: float = 1.0  # drafts kept
+    missed: float = 0.5  # checks that ended in a rejection
+    interval: int = 0  # plain steps between probes while off (0: not yet off)
+
+
+@dataclass
 class Speculation:
     """How a request speculates: the proposer (`mode`), the longest draft `k`, and whether `DraftLength` adapts
-    the length to what pays on this machine (a fixed length always drafts up to `k`). `step_seconds` holds the
-    step times measured by the requests given this object, so later ones start from them instead of measuring."""
+    the length to what pays on this machine (a fixed length always drafts up to `k`). `measured` holds what the
+    requests given this object measured (step times, acceptance), which later ones start from."""
 
     mode: str = "ngram"
     k: int = 8
     adaptive: bool = True
-    step_seconds: dict[int, float] = field(default_factory=dict, repr=False, compare=False)
+    measured: Measured = field(default_factory=Measured, repr=False, compare=False)
 
     def validate(self) -> Speculation:
         if self.mode not in MODES:
@@ -144,66 +189,110 @@ class Speculation:
 
 
 class DraftLength:
-    """Each step's draft length from measured acceptance and measured step times; 0 turns speculation off.
+    """Each step's draft length from measured acceptance and step times; 0 is a plain step.
 
-    With per-token acceptance a, a draft of k yields (1 - a^(k+1)) / (1 - a) tokens per step. Step times are
-    measured per draft length (verify pass plus drafting, as they ran) and interpolated linearly in k, so the
-    choice maximises tokens per second on this machine, with plain decoding (k = 0) as one option. Exploring is
-    kept cheap, since a wasted step costs a few plain ones: the first draft is at most `PROBE_K` long, and while
-    off a probe of at most `PROBE_K` every `probe` steps (the interval doubling while speculation keeps not
-    paying) re-measures the acceptance; while on, a plain step every `probe` steps re-measures plain decoding
-    (a busy machine's speed drifts).
+    While on, the length maximises expected tokens per second: with per-token acceptance a, a draft of k yields
+    (1 - a^(k+1)) / (1 - a) tokens per step, and step times are measured per draft length (verify pass plus
+    drafting, smoothed) and interpolated in k; a plain step every `retime` steps re-measures plain decoding (a busy
+    machine's speed drifts). Each check is also booked against plain decoding: (kept + 1) plain steps' time minus
+    its own. Speculation turns off as soon as the expected gain is none or the last `patience` checks together lost
+    time (every check that does not pay is a loss, so waiting for the averages to settle is what lost), and stays
+    off but for a short probe (at most `PROBE_K` drafts) after `interval` plain steps: the interval starts at
+    `probe` and doubles after each probe that does not pay, one that pays turns speculation on again. Intervals,
+    acceptance and step times carry over to the next request sharing the `Measured`. `patience` None: no losing
+    streak turns speculation off, the expected gain alone does; `margin`: the expected gain drafting must show.
     """
 
     PROBE_K = 3
+    MIN_SLOPE = 0.05
 
-    def __init__(self, max_k: int, probe: int = 32, decay: float = 0.9,
-                 seconds: dict[int, float] | None = None) -> None:
-        self.max_k, self.probe, self.decay = max_k, probe, decay
-        self.kept, self.missed = 1.0, 0.5  # decayed counts of kept drafts and of steps ending in a rejection
-        self.seconds = {} if seconds is None else seconds  # draft length -> smoothed seconds per step (shareable)
-        self.idle = self.busy = 0  # steps since speculation, or plain decoding, was last tried
-        self.interval = probe
+    def __init__(self, max_k: int, probe: int = 32, retime: int = 32, patience: int | None = 3, margin: float = 0.05,
+                 decay: float = 0.9, measured: Measured | None = None) -> None:
+        self.max_k, self.probe, self.retime, self.patience, self.decay = max_k, probe, retime, patience, decay
+        self.margin = margin
+        self.measured = Measured() if measured is None else measured
+        self.seconds = self.measured.seconds  # draft length -> smoothed seconds per step
+        self.on = True  # until the first check says otherwise; a plain step comes first (checks are booked on it)
+        self.gains: list[float] = []  # seconds each check saved over plain decoding since speculation (re)started
+        self.idle = self.busy = 0  # plain steps while off; steps since plain decoding was re-measured while on
 
     @property
     def acceptance(self) -> float:
-        return self.kept / (self.kept + self.missed)
+        return self.measured.kept / (self.measured.kept + self.measured.missed)
 
     def tokens_per_step(self, k: int) -> float:
         a = min(self.acceptance, 0.999)
         return (1 - a ** (k + 1)) / (1 - a)
 
     def step_seconds(self, k: int) -> float:
-        """Measured, or interpolated from plain steps and the measured draft lengths: t(k) = t(0) + slope * k."""
+        """Measured, or interpolated from plain steps and the measured draft lengths: t(k) = t(0) + slope * k, the
+        slope at least `MIN_SLOPE` of a plain step (each checked position costs something)."""
         if k in self.seconds:
             return self.seconds[k]
         slopes = [(t - self.seconds[0]) / n for n, t in self.seconds.items() if n]
-        return self.seconds[0] + max(0.0, sum(slopes) / len(slopes)) * k
+        return self.seconds[0] * (1 + self.MIN_SLOPE * k) + max(0.0, sum(slopes) / len(slopes)) * k
+
+    def best(self, top: int) -> int:
+        """The draft length from 1 to `top` with the most tokens per second expected, at most twice the longest
+        measured one (lengths grow as their cost is measured, not on an extrapolation)."""
+        top = min(top, 2 * max(self.seconds))
+        return max(range(1, top + 1), key=lambda k: self.tokens_per_step(k) / self.step_seconds(k))
+
+    @property
+    def interval(self) -> int:
+        return self.measured.interval or self.probe
+
+    def pays(self, k: int) -> bool:
+        """Expected to beat plain decoding by `margin`: around break-even, costly checks add only variance."""
+        return self.tokens_per_step(k) / self.step_seconds(k) > (1 + self.margin) / self.seconds[0]
+
+    def promising(self) -> bool:
+        """Whether a request starts drafting: yes until a plain step and a check are measured, then while it pays."""
+        return len(self.seconds) < 2 or 0 not in self.seconds or self.pays(self.best(self.max_k))
 
     def choose(self) -> int:
-        if 0 not in self.seconds or len(self.seconds) < 2:  # measure a plain step, then a short draft
-            return min(self.max_k, self.PROBE_K) if self.seconds else 0
-        best = max(range(self.max_k + 1), key=lambda k: self.tokens_per_step(k) / self.step_seconds(k))
-        if best:
-            self.idle, self.interval, self.busy = 0, self.probe, self.busy + 1
-            if self.busy < self.probe:
-                return best
+        if 0 not in self.seconds:
+            return 0
+        if not self.on:
+            self.idle += 1
+            if self.idle < self.interval:
+                return 0
+            self.idle = 0
+            return self.best(min(self.max_k, self.PROBE_K)) if len(self.seconds) > 1 else \
+                min(self.max_k, self.PROBE_K)
+        if len(self.seconds) < 2:  # no check measured yet: a short first draft
+            return min(self.max_k, self.PROBE_K)
+        self.busy += 1
+        if self.busy >= self.retime:
             self.busy = 0
             return 0
-        self.idle += 1
-        if self.idle < self.interval:
-            return 0
-        self.idle, self.interval = 0, min(self.interval * 2, 16 * self.probe)
-        return max(range(1, min(self.max_k, self.PROBE_K) + 1),
-                   key=lambda k: self.tokens_per_step(k) / self.step_seconds(k))
+        k = self.best(self.max_k)
+        if self.pays(k):
+            return k
+        self._switch_off()
+        return 0
+
+    def _switch_off(self) -> None:
+        self.on, self.idle, self.gains = False, 0, []
 
     def record(self, drafted: int, kept: int, seconds: float) -> None:
         """One step: `drafted` guesses checked (0: a plain step), `kept` of them accepted, in `seconds`."""
-        if drafted:
-            self.kept = self.decay * self.kept + kept
-            self.missed = self.decay * self.missed + (kept < drafted)
         old = self.seconds.get(drafted)
         self.seconds[drafted] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        if not drafted or 0 not in self.seconds:
+            return
+        m = self.measured
+        m.kept = self.decay * m.kept + kept
+        m.missed = self.decay * m.missed + (kept < drafted)
+        gain = (kept + 1) * self.seconds[0] - self.seconds[drafted]  # what this check's tokens cost plain, less its own
+        if not self.on:  # a probe: on again if it paid, else the next one comes later
+            self.on = gain > 0
+            self.gains = [gain] if self.on else []
+            m.interval = self.probe if self.on else min(self.interval * 2, 16 * self.probe)
+        else:
+            self.gains.append(gain)
+            if self.patience and len(self.gains) >= self.patience and sum(self.gains[-self.patience:]) < 0:
+                self._switch_off()
 
 
 class Speculator:
@@ -213,36 +302,52 @@ class Speculator:
     """
 
     def __init__(self, proposer: Proposer, k: int, adaptive: bool = True, drafts_with_aux: bool = False,
-                 step_seconds: dict[int, float] | None = None) -> None:
+                 measured: Measured | None = None, probe: int = 32, patience: int | None = 3,
+                 margin: float = 0.05) -> None:
         self.proposer, self.k, self.drafts_with_aux = proposer, k, drafts_with_aux
-        self.length = DraftLength(k, seconds=step_seconds) if adaptive else None
+        self.length = DraftLength(k, probe=probe, patience=patience, margin=margin, measured=measured) \
+            if adaptive else None
+
+    def begin(self, prompt: list[int]) -> None:
+        """At the end of the prompt's prefill: a draft model runs it too (the aux already holds it), unless what
+        earlier requests measured says drafting does not pay (a probe then catches up on a window)."""
+        if isinstance(self.proposer, DraftModelProposer) and not self.drafts_with_aux and \
+                (self.length is None or self.length.promising()):
+            self.proposer.prefill(prompt)
 
     def choose(self) -> int:
         return self.k if self.length is None else self.length.choose()
 
     def record(self, drafted: int, kept: int, seconds: float) -> None:
+        """A step as `DraftLength` should see it: without the proposer's catch-up after a stretch off."""
+        resync, self.proposer.resync_seconds = self.proposer.resync_seconds, 0.0
         if self.length is not None:
-            self.length.record(drafted, kept, seconds)
+            self.length.record(drafted, kept, seconds - resync)
 
 
 def make_speculator(speculate: int | Speculation, sampling: SamplingParams | None, capacity: int,
                     draft_model: nn.Module | None = None, kv_predictor: nn.Module | None = None) -> Speculator | None:
     """The speculator a request asks for: an int k is prompt lookup with a fixed draft length k (0: none); a
-    `Speculation` names the mode. `capacity`: tokens a draft model's cache should hold (prompt + answer + draft)."""
+    `Speculation` names the mode. `capacity`: tokens a draft model's cache should hold (prompt + answer + draft).
+    Prompt lookup drafts for free: a check that misses costs only a slightly longer pass and a run of misses is
+    often followed by a long copy, so it goes by the expected gain alone (no losing streak, no margin) and probes
+    every 8 steps while off; a draft model's checks also run the draft, so losing ones turn it off, it drafts only
+    when expected to beat plain decoding by 5%, and it probes every 32."""
     if isinstance(speculate, int):
         if speculate < 0:
             raise InvalidRequestError(f"speculate is a draft length (0 = off), got {speculate}")
         return Speculator(NGramProposer(), speculate, adaptive=False) if speculate else None
     spec = speculate.validate()
     if spec.mode == "ngram":
-        return Speculator(NGramProposer(), spec.k, spec.adaptive, step_seconds=spec.step_seconds)
+        return Speculator(NGramProposer(), spec.k, spec.adaptive, measured=spec.measured, probe=8, patience=None,
+                          margin=0.0)
     if spec.mode == "draft":
         if draft_model is None:
             raise InvalidRequestError("speculative mode 'draft' needs a draft model (--draft-model DIR)")
         return Speculator(DraftModelProposer(draft_model, capacity, sampling), spec.k, spec.adaptive,
-                          step_seconds=spec.step_seconds)
+                          measured=spec.measured)
     if kv_predictor is None:
         raise InvalidRequestError("speculative mode 'kvpred' drafts with a KV predictor's aux model; give one "
                                   "(--kv-predictor DIR)")
     return Speculator(DraftModelProposer(kv_predictor.aux, capacity, sampling), spec.k, spec.adaptive,
-                      drafts_with_aux=True, step_seconds=spec.step_seconds)
+                      drafts_with_aux=True, measured=spec.measured)

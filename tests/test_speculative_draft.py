@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
+from itertools import pairwise
 
 import pytest
 import torch
@@ -19,7 +21,14 @@ from edgellm.kvpred import KVPredictor, default_layer_map
 from edgellm.kvpred.predictor import prune_model
 from edgellm.sampling import Sampler, filter_logits
 from edgellm.sequence import Sequence
-from edgellm.speculative import DraftLength, DraftModelProposer, Speculation, Speculator, make_speculator
+from edgellm.speculative import (
+    DraftLength,
+    DraftModelProposer,
+    Measured,
+    Speculation,
+    Speculator,
+    make_speculator,
+)
 from tests.test_speculative import PROMPT, SHARP, chi2_critical, homogeneity_chi2, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,12 +79,50 @@ def test_draft_cache_follows_the_accepted_tokens(engine, draft):
     runner.prefill(model, [seq])
     while not seq.finished:
         runner.speculative_step(model, seq)
-        context = ids + seq.generated
+        context = (ids + seq.generated)[proposer.start:]
         held = proposer.cache.tokens
         assert context[:len(held) - 3] == held[:-3]  # at most the last step's unverified drafts differ
     proposer.propose(ids + seq.generated, 1)  # the next proposal trims what the model rejected
-    assert proposer.cache.tokens == ids + seq.generated
+    assert proposer.cache.tokens == (ids + seq.generated)[proposer.start:]
     assert all(layer.offset == len(proposer.cache.tokens) for layer in proposer.cache.layers)
+
+
+def test_draft_model_runs_the_prompt_with_the_prefill(engine, draft):
+    """The prompt's prefill runs the draft over it too: the first draft needs no catch-up, and greedy output stays
+    plain decoding's."""
+    model, tok = engine
+    ids = tok.encode(PROMPT)
+    seq = Sequence(model, tok, ids, PromptCache(model, 256), 30,
+                   speculator=make_speculator(Speculation("draft", 4), None, 256, draft_model=draft))
+    runner.prefill(model, [seq])
+    proposer = seq.speculator.proposer
+    assert proposer.cache.tokens == ids[:-1] and proposer.start == 0
+    proposer.propose(ids + seq.generated, 2)
+    assert proposer.resync_seconds == 0.0  # only the last prompt token and the first answer token were left
+    while not seq.finished:
+        runner.speculative_step(model, seq)
+    assert seq.generated == generate(model, tok, ids, 30).tokens and seq.drafted > 0
+
+
+def test_draft_cache_catches_up_on_a_window_of_the_context(engine, draft):
+    """Far behind (a long prompt, a stretch with drafting off), the draft restarts on the last `window` tokens: the
+    catch-up is bounded, and greedy output stays plain decoding's."""
+    model, tok = engine
+    ids = tok.encode(PROMPT)
+    proposer = DraftModelProposer(draft, 256, window=8)
+    assert len(ids) > 8
+    proposer.propose(ids, 2)
+    assert proposer.start == len(ids) - 8 and proposer.cache.tokens[:8] == ids[-8:]
+    assert proposer.resync_seconds > 0  # a catch-up of more than a step's tokens, for the speculator to set aside
+    plain = generate(model, tok, ids, 30)
+    fast = generate(model, tok, ids, 30, speculate=Speculation("draft", 4, adaptive=False), draft_model=draft)
+    assert fast.tokens == plain.tokens
+    seq = Sequence(model, tok, ids, PromptCache(model, 256), 40,
+                   speculator=Speculator(DraftModelProposer(draft, 256, window=8), 3))
+    runner.prefill(model, [seq])
+    while not seq.finished:
+        runner.speculative_step(model, seq)
+    assert seq.generated == generate(model, tok, ids, 40).tokens
 
 
 def test_verify_with_a_draft_distribution_draws_from_the_target():
@@ -169,17 +216,47 @@ def test_speculation_modes_refuse_what_they_lack():
             make_speculator(spec, None, 64)
 
 
-def test_draft_length_turns_speculation_off_when_it_does_not_pay():
+def drive(length: DraftLength, steps: int, kept: Callable[[int], int], draft_cost: float = 0.3) -> list[int]:
+    """`steps` steps of a request: a plain step costs 1 s, a check of k drafts 1 + `draft_cost` * k s (the
+    drafting, the verify pass); returns the draft lengths chosen."""
+    picks = []
+    for _ in range(steps):
+        k = length.choose()
+        picks.append(k)
+        length.record(k, min(k, kept(k)), 1.0 + draft_cost * k if k else 1.0)
+    return picks
+
+
+def test_draft_length_turns_speculation_off_after_checks_that_do_not_pay():
+    length = DraftLength(8, probe=4, patience=3)
+    picks = drive(length, 200, kept=lambda k: 0)  # drafts never kept
+    assert picks[0] == 0 and picks[1] == DraftLength.PROBE_K  # a plain step to book checks on, a short first draft
+    assert not length.on
+    checks = [i for i, k in enumerate(picks) if k]
+    first = [i for i in checks if i <= 4]
+    assert 1 <= len(first) <= 3  # off after at most 3 losing checks (as soon as the expected gain is none)
+    probes = checks[len(first):]
+    assert max(picks[i] for i in probes) <= DraftLength.PROBE_K  # off, with short probes
+    gaps = [b - a for a, b in pairwise(probes)]
+    assert len(probes) <= 6 and gaps == sorted(gaps) and gaps[-1] >= 4 * gaps[0]  # spaced out exponentially
+
+
+def test_draft_length_probe_that_pays_turns_speculation_on_again():
     length = DraftLength(8, probe=4)
-    assert length.choose() == 0
-    length.record(0, 0, 1.0)
-    assert length.choose() == DraftLength.PROBE_K  # a short first draft
-    for _ in range(20):  # drafts almost never kept, a check of 8 costing 1.5 plain steps
-        length.record(8, 0, 1.5)
-        length.record(0, 0, 1.0)
-    picks = [length.choose() for _ in range(40)]
-    probes = [k for k in picks if k]
-    assert 0 < len(probes) <= 4 and max(probes) <= DraftLength.PROBE_K  # off, with a few short probes
+    drive(length, 30, kept=lambda k: 0)
+    assert not length.on
+    picks = drive(length, 60, kept=lambda k: k)  # now every draft is kept
+    assert length.on and picks[-10:].count(0) <= 1 and max(picks) > DraftLength.PROBE_K
+
+
+def test_a_later_request_starts_from_what_earlier_ones_measured():
+    shared = Measured()
+    drive(DraftLength(4, measured=shared), 40, kept=lambda k: 0)
+    later = DraftLength(4, measured=shared)
+    assert drive(later, 20, kept=lambda k: 0) == [0] * 20  # known not to pay: no check before the first probe
+    assert not later.promising()  # so a draft model skips the prompt's prefill (`Speculator.begin`)
+    fresh = DraftLength(4)
+    assert fresh.promising() and any(drive(fresh, 20, kept=lambda k: 0))
 
 
 def test_draft_length_grows_with_acceptance():
