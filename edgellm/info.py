@@ -40,7 +40,9 @@ def model_info(path: str | Path | None) -> dict:
                     module, _, key = name.rpartition(".")
                     if fmt is not None and key in ("blocks", "codes"):  # count the weights a quantized one stands for
                         params += meta.get_submodule(module).weight.numel()
-                    elif fmt is None or key not in ("scales", "biases"):
+                    elif fmt is not None and key.endswith("_proj_blocks"):  # gpt-oss MXFP4 release: 2 codes a byte
+                        params += 2 * _numel(f.get_slice(name).get_shape())
+                    elif fmt is None or not (key in ("scales", "biases") or key.endswith("_proj_scales")):
                         params += _numel(f.get_slice(name).get_shape())
         except (SafetensorError, OSError) as e:  # the damage load() reports the same way
             raise CheckpointError(f"{file} is damaged or truncated ({e}); re-download or re-save it") from e

@@ -94,11 +94,23 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def mxfp4_release(config: dict) -> bool:
+    """True for OpenAI's gpt-oss release layout: experts as MXFP4 blocks + scales, everything else as stored."""
+    qc = config.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == "mxfp4"
+
+
 def quant_format(config: dict, path: Path) -> WeightFormat | None:
-    """The weight format of an `edgellm quantize` checkpoint, None for a full-precision one."""
+    """The weight format of an `edgellm quantize` checkpoint or gpt-oss's MXFP4 release, None for a full-precision
+    one."""
     qc = config.get("quantization_config")
     if qc is None:
         return None
+    if mxfp4_release(config):
+        if config.get("model_type") != "gpt_oss":
+            raise CheckpointError(f"{path}: quantization method 'mxfp4' is supported for gpt-oss checkpoints only, "
+                                  f"not model_type {config.get('model_type')!r}")
+        return WeightFormat.parse("mxfp4")
     if not isinstance(qc, dict) or qc.get("quant_method") != "edgellm":
         method = qc.get("quant_method") if isinstance(qc, dict) else qc
         raise CheckpointError(f"{path}: quantization method {method!r} is not supported; load the full-precision "
@@ -118,8 +130,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):
         model = family.Model(args)
-    weights = model.sanitize(read_weights(path))
     fmt = quant_format(config, path)
+    weights = model.sanitize(read_weights(path))
     if fmt is not None:  # a projection stored without `.weight` holds the format's tensors instead
         quantize_structure(model, fmt, [n for n in projection_names(model) if f"{n}.weight" not in weights])
     expected = dict(model.state_dict())
@@ -148,7 +160,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     model.tie_weights()
     model.fuse()
     prepare_quantized(model)
-    quantize_lm_head(model)
+    if not mxfp4_release(config):  # the release's head is bf16 by its authors' choice (and transformers runs it so)
+        quantize_lm_head(model)
     model.rope.inv_freq = model.rope.inv_freq.to(device)
     model.name = path.name
     model.path = path

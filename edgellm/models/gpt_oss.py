@@ -6,6 +6,7 @@
 - q/k/v/o biases and YaRN RoPE (rope.py);
 - a sparse MoE block: a router with bias, softmax over the top-k logits only, experts with biases computing the
   clamped SwiGLU `(clamp(up, ±limit) + 1) · g · σ(alpha · g)`, `g = min(gate, limit)`, gate/up columns interleaved.
+- the MXFP4 release checkpoints' experts kept as mxfp4 blocks, repacked at load (`Model.mxfp4_experts`).
 
 The KV cache protocol's `attend` has no sink term, so attention here fetches K/V from dense caches (alone or batched
 by SequenceBatch) and computes the softmax with its sink column itself; other cache kinds are refused, never run
@@ -26,6 +27,8 @@ from edgellm.kv import AttentionCache, DenseKVCache, KVCache, KVFormat, Sequence
 from edgellm.models import llama
 from edgellm.models.llama import RMSNorm
 from edgellm.models.moe import mix_experts
+from edgellm.models.offload import release_pages
+from edgellm.quant.formats import mxfp4_from_packed
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -210,9 +213,9 @@ class Model(llama.Model):
     def sanitize(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fused 3-D experts → per-expert Linear weights as transposed views (no copies, still memory-mapped):
         `gate_up_proj` (E, H, 2I) → `experts.N.gate_up_proj.weight` (2I, H), `down_proj` (E, I, H) → (H, I);
-        `*_bias` (E, n) → `experts.N.*.bias`."""
+        `*_bias` (E, n) → `experts.N.*.bias`; MXFP4 experts → `experts.N.*.blocks` (see `mxfp4_experts`)."""
         out: dict[str, torch.Tensor] = {}
-        for name, tensor in super().sanitize(weights).items():
+        for name, tensor in self.mxfp4_experts(super().sanitize(weights)).items():
             prefix, _, part = name.rpartition(".")
             if prefix.endswith(".experts") and part in ("gate_up_proj", "down_proj", "gate_up_proj_bias",
                                                         "down_proj_bias"):
@@ -221,4 +224,41 @@ class Model(llama.Model):
                     out[f"{prefix}.{i}.{proj}.{key}"] = w if key == "bias" else w.t()
             else:
                 out[name] = tensor
+        return out
+
+    def mxfp4_experts(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The release checkpoints' MXFP4 experts, `experts.{gate_up,down}_proj_blocks` uint8 (E, out, in/32, 16) +
+        `_scales` uint8 (E, out, in/32), → `experts.N.{gate_up,down}_proj.blocks`, edgellm's mxfp4 rows (out,
+        in/32 · 17) for QuantizedLinear. Rows are output features in the bf16 tensors' order (gate_up's interleave
+        gate and up, as the experts expect). The nibble order differs, so each expert is repacked: an anonymous
+        copy as large as its stored bytes (17 per 32 weights), made one expert at a time; the mapped pages read
+        for it are released after each layer's projection."""
+        stems = {name.rsplit("_", 1)[0] for name in weights
+                 if name.endswith(("_proj_blocks", "_proj_scales")) and ".experts." in name}
+        if not stems:
+            return weights
+        out = dict(weights)
+        hidden, inner, count = self.args.hidden_size, self.args.intermediate_size, self.args.num_local_experts
+        for stem in sorted(stems):
+            blocks, scales = out.pop(f"{stem}_blocks", None), out.pop(f"{stem}_scales", None)
+            if blocks is None or scales is None:
+                raise CheckpointError(f"MXFP4 tensor {stem}_{'blocks' if blocks is None else 'scales'} is missing "
+                                      f"(its _{'scales' if blocks is None else 'blocks'} is there); the checkpoint "
+                                      "is incomplete")
+            prefix, _, proj = stem.rpartition(".")
+            rows, k = {"gate_up_proj": (2 * inner, hidden), "down_proj": (hidden, inner)}.get(proj, (0, 0))
+            if not rows or k % 32:
+                raise CheckpointError(f"{stem}_blocks: MXFP4 experts are gate_up_proj and down_proj with inputs in "
+                                      f"whole blocks of 32; config.json has hidden_size {hidden}, intermediate_size "
+                                      f"{inner}")
+            want = (count, rows, k // 32)
+            if (blocks.dtype, scales.dtype) != (torch.uint8, torch.uint8) or tuple(blocks.shape) != (*want, 16) \
+                    or tuple(scales.shape) != want:
+                raise CheckpointError(f"MXFP4 tensors {stem}_blocks {tuple(blocks.shape)} {blocks.dtype} and _scales "
+                                      f"{tuple(scales.shape)} {scales.dtype}: config.json implies uint8 "
+                                      f"{(*want, 16)} and {want}")
+            for i in range(count):
+                out[f"{prefix}.{i}.{proj}.blocks"] = mxfp4_from_packed(blocks[i], scales[i])
+            release_pages(blocks)
+            release_pages(scales)
         return out

@@ -62,6 +62,16 @@ def _pages(t: torch.Tensor) -> tuple[int, int]:
     return start, end - start
 
 
+def release_pages(t: torch.Tensor) -> None:
+    """Reclaim the whole pages of a memory-mapped tensor once a copy has replaced it (gpt-oss's repacked MXFP4
+    experts): touched to make the copy, they would stay resident beside it while the file is mapped. MADV_PAGEOUT,
+    unlike MADV_DONTNEED, keeps the data of anonymous memory; a neighbour's partial pages stay."""
+    start = -(-t.data_ptr() // PAGE) * PAGE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // PAGE * PAGE
+    if end > start:
+        _libc.madvise(start, end - start, MADV_PAGEOUT)
+
+
 class _Mappings:
     """Where this process's file mappings lie (/proc/self/maps), to turn a tensor's pages into a file range."""
 
@@ -88,7 +98,8 @@ class _Mappings:
                     _libc.madvise(start, end - start, MADV_RANDOM)
                 return address, length, self.fds[path], offset + address - start
         raise InvalidRequestError("--expert-budget needs the experts memory-mapped from their file (load the model "
-                                  "without converting its dtype, e.g. --dtype matching the checkpoint)")
+                                  "without converting its dtype, e.g. --dtype matching the checkpoint; gpt-oss's "
+                                  "MXFP4 release experts are repacked in memory at load, so they stay resident)")
 
 
 @dataclass

@@ -60,9 +60,9 @@ def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, fmt: str | Weig
     check_method(fmt, method)
     config = read_config(in_dir)
     family = family_for(config)  # an unsupported architecture fails here, before any work
-    if quant_format(config, in_dir) is not None:
-        raise CheckpointError(f"{in_dir} is already quantized ({config['quantization_config']['format']}); "
-                              "quantize the full-precision checkpoint instead")
+    if (stored := quant_format(config, in_dir)) is not None:
+        raise CheckpointError(f"{in_dir} is already quantized ({stored.name}); quantize the full-precision "
+                              "checkpoint instead")
     _check_out_dir(in_dir, out_dir, force)
     store_dtype = resolve_dtype(dtype)
     with torch.device("meta"):

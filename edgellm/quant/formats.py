@@ -270,6 +270,24 @@ def _mxfp4(w: torch.Tensor) -> torch.Tensor:
 BLOCK_QUANTIZERS = {"q8_0": _q8_0, "q4_0": _q4_0, "mxfp4": _mxfp4}
 
 
+def mxfp4_from_packed(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """OCP MX FP4 as HF's gpt-oss release stores it — codes uint8 [..., G, 16], E8M0 exponents uint8 [..., G] — as
+    mxfp4 rows uint8 [..., G * 17] of llama.cpp's block_mxfp4 (one exponent byte, then 16 code bytes).
+
+    Both mean w = E2M1(code) · 2^(e − 127) with the same 4-bit codes (sign bit 3) and the same exponent byte (ggml's
+    doubled levels take 2^(e − 128)); only the nibble order differs: byte j holds elements 2j (low) and 2j + 1
+    (high) in HF's, elements j and j + 16 in ggml's. Hence ggml byte 2m takes the low nibbles of HF bytes m and
+    m + 8, byte 2m + 1 their high nibbles: a byte shuffle, one new tensor the size of the inputs.
+    """
+    out = torch.empty(*scales.shape, 1 + 16, dtype=torch.uint8, device=blocks.device)
+    out[..., 0] = scales
+    first, second = blocks[..., :8], blocks[..., 8:]
+    pairs = out[..., 1:].unflatten(-1, (8, 2))
+    torch.bitwise_or(first & 0x0F, second << 4, out=pairs[..., 0])
+    torch.bitwise_or(first >> 4, second & 0xF0, out=pairs[..., 1])
+    return out.flatten(-2)
+
+
 def _group_view(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] as [N, G, group], the last group padded by repeating the row's last weight (min/max unchanged),
     and the count of real weights per group [G]."""
