@@ -10,7 +10,7 @@ import importlib
 
 BENCHMARKS = {
     "speed": ("edgellm.bench.speed", "prefill and decode speed vs transformers, against the machine's roofline"),
-    "serve": ("edgellm.bench.serve", "load-test an OpenAI-compatible server: concurrency sweep, multi-agent TTFT"),
+    "serve": ("edgellm.bench.replicas", "load-test an OpenAI-compatible server: concurrency sweep, multi-agent TTFT"),
     "quant": ("edgellm.bench.quant", "weight formats: size, speed, % bandwidth, dequant share, quality, vs llama.cpp"),
     "kernels": ("edgellm.bench.kernels", "low-bit GEMV (table lookup, VNNI) vs dequant + matmul; two-pass softmax"),
     "kv": ("edgellm.bench.kv", "per-agent KV memory: restore TTFT, agents per budget, quality, peak memory, batching"),

@@ -1,5 +1,5 @@
-"""`edgellm bench serve --replicas N[,M...] [--failover]`: the serve benchmark against `serve --replicas N` on a
-local Ray, started and torn down here for each N, so that 1 vs N replicas and failover are measured the same way.
+"""`edgellm bench serve`: load-test a server at --url (`bench.serve`), or `serve --replicas N` on a local Ray,
+started and torn down here for each N of --replicas N[,M...], so 1 vs N replicas and failover are measured alike.
 
 Each N gets its own Ray (N CPUs, 1 thread per replica), a gateway on a free loopback port and a shared store (a new
 temporary directory unless --store names one). With --failover an agent talks two turns, its home replica (the
@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from edgellm.bench import serve as bs
+from edgellm.bench.common import write_report
 from edgellm.errors import InvalidRequestError
 
 MAX_CONCURRENCY = 4  # running sequences per replica; the rest of a level queues on it
@@ -113,6 +114,19 @@ def command(args: argparse.Namespace) -> str:
     out += [*(["--model", args.model] if args.model else []), *(["--store", args.store] if args.store else [])]
     out += ["--replica-lease", str(args.replica_lease)] if args.replica_lease is not None else []
     return "edgellm bench serve " + " ".join(out + bs._command_args(args)[2:])
+
+
+add_arguments = bs.add_arguments
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """`bench serve`'s entry: against --url as `bench.serve` runs it, or once per replica count."""
+    if args.replicas is None:
+        return bs.run(args)
+    bs.check_args(args)
+    report = run_replicas(args)
+    write_report(report, args.json)
+    return report
 
 
 def run_replicas(args: argparse.Namespace) -> dict[str, Any]:

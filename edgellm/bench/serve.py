@@ -4,7 +4,7 @@ A concurrency sweep in the style of published vLLM serving studies (find where t
 a multi-agent scenario: K agents taking turns over a long shared context (or each its own), cold (first turn) vs
 warm TTFT, the share of each warm prompt served from memory, and the server's physical vs logical KV bytes.
 Works against any server speaking /v1/completions with streaming; agents are named with the `X-Agent-Id` header.
-With --replicas instead of --url it starts `serve --replicas N` itself, and can time failover (`bench.replicas`).
+With --replicas instead of --url, `bench.replicas` starts `serve --replicas N` itself and can time failover.
 """
 
 from __future__ import annotations
@@ -295,16 +295,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the sweep (and agent scenario), print the tables, write --json; returns the report. With --replicas,
-    once per replica count on a local Ray (see `edgellm.bench.replicas`)."""
+    """Run the sweep (and agent scenario) against --url, print the tables, write --json; returns the report.
+    `edgellm bench serve` enters through `edgellm.bench.replicas.run`, which sends --replicas runs elsewhere."""
     check_args(args)
-    if args.replicas is not None:
-        from edgellm.bench.replicas import run_replicas
-        report = run_replicas(args)
-        write_report(report, args.json)
-        return report
     report = asyncio.run(bench(args))
     print_report(report)
     write_report(report, args.json)
     return report
-
