@@ -65,6 +65,15 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
                    help="threads running the model (default: %(default)s, one per physical core)")
 
 
+def free_port() -> int:
+    """A loopback port free now, for a server a benchmark starts itself."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def rss_bytes() -> int:
     """This process's resident set now (Linux /proc: mapped file pages it touched count, the page cache does not)."""
     with open("/proc/self/statm") as f:

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import random
-import socket
 import tempfile
 import threading
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 
 import edgellm
-from edgellm.bench.common import add_threads_argument, positive_int, torch_threads, write_report
+from edgellm.bench.common import add_threads_argument, free_port, positive_int, torch_threads, write_report
 from edgellm.errors import InvalidRequestError
 from edgellm.perf.hardware import cpu_model_name
 from edgellm.train.corpus import load_corpus
@@ -139,9 +138,7 @@ def running_server(model: str, dtype: str, store_dir: Path) -> Iterator[tuple[st
     from edgellm.serve import ShutdownNotifyingServer, build_app
 
     app = build_app(model, str(store_dir), dtype=dtype)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ShutdownNotifyingServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"),
                                      app.state.begin_shutdown)
     thread = threading.Thread(target=server.run, daemon=True)

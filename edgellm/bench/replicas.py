@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import random
 import shutil
-import socket
 import tempfile
 import time
 from typing import Any
@@ -22,17 +21,11 @@ from typing import Any
 import httpx
 
 from edgellm.bench import serve as bs
-from edgellm.bench.common import write_report
+from edgellm.bench.common import free_port, write_report
 from edgellm.errors import InvalidRequestError
 
 MAX_CONCURRENCY = 4  # running sequences per replica; the rest of a level queues on it
 FAILOVER_AGENT = "bench-failover"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_replica(replica_id: str) -> None:
