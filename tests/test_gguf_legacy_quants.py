@@ -23,7 +23,7 @@ from edgellm.kernels.ggml_blocks import (
     quantize_activations,
     quantize_activations_q8_1,
 )
-from edgellm.kernels.native import cpu_flags
+from edgellm.kernels.native import cpu_flags, cpu_has_native_bf16
 from edgellm.quant import QuantFormatError, QuantizedLinear, QuantizedTensor, WeightFormat, gguf_read, qmatmul, quantize
 from edgellm.quant.formats import GGUF_ONLY_BLOCK_BYTES
 from edgellm.quant.gguf import hf_name, qk_heads, unpermute_qk
@@ -90,6 +90,23 @@ def test_native_dequantize_matches_the_pytorch_reference(kind):
     assert torch.equal(ggml_blocks.native_dequantize(blocks, k, kind, torch.float32), want)
     assert torch.equal(ggml_blocks.native_dequantize(blocks, k, kind, torch.bfloat16), want.bfloat16())
     assert torch.equal(ggml_blocks.native_dequantize(blocks[3:9], k, kind, torch.float32), want[3:9])
+    buf = torch.full((8 * k,), float("nan"), dtype=torch.bfloat16)  # a reused buffer: every element overwritten
+    got = ggml_blocks.native_dequantize(blocks[2:8], k, kind, torch.bfloat16, buf[:6 * k])
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, want[2:8].bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_matmul_over_row_chunks_matches_one_matmul(dtype, monkeypatch):
+    """dequant_linear dequantizes a few rows at a time into one reused buffer: with chunks of 5 rows (a partial
+    last one) the product equals one matmul against the whole dequantized weight."""
+    k, n = 96, 23
+    qt = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(3)), "q4_0")
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(4)).to(dtype)
+    wdtype = dtype if dtype == torch.float32 or cpu_has_native_bf16() else torch.float32
+    want = torch.nn.functional.linear(x.to(wdtype), qt.dequantize(wdtype)).float()
+    monkeypatch.setattr(qmatmul, "DEQUANT_CHUNK_ELEMENTS", 5 * k)
+    torch.testing.assert_close(qmatmul.dequant_linear(x, qt), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qmatmul.dequant_linear(x, qt), want, rtol=1e-5, atol=1e-5)  # the buffer again
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])

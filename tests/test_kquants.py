@@ -92,6 +92,22 @@ def test_dequantize_is_bit_exact_against_gguf(kind):
     assert np.array_equal(qt.rows(3, 9).dequantize().numpy().view(np.uint32), want[3:9])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_dequantize_into_a_buffer_is_gguf_rounded(kind):
+    """Prefill dequantizes row chunks to bf16 into one reused buffer: each chunk is gguf's fp32 weight rounded to
+    bf16 (NaN-free finite inputs), whatever the buffer held before."""
+    k = 512
+    blocks = random_blocks(kind, 24, k, seed=2)
+    want = reference_weight(blocks, kind, k).bfloat16()
+    qt = QuantizedTensor(WeightFormat.gguf(kind), (24, k), {"blocks": torch.from_numpy(blocks)})
+    buf = torch.full((10 * k,), float("nan"), dtype=torch.bfloat16)
+    for start in (0, 10, 20):
+        rows = qt.rows(start, start + 10)
+        got = rows.dequantize(torch.bfloat16, buf[:rows.shape[0] * k].view(rows.shape[0], k))
+        assert got.data_ptr() == buf.data_ptr()
+        assert torch.equal(got.view(torch.int16), want[start:start + 10].view(torch.int16))
+
+
 def test_formats_are_registered_for_reading_only():
     fmt = WeightFormat.gguf("Q4_K")
     assert (fmt.kind, fmt.bits, fmt.group, fmt.bits_per_weight) == ("q4_k", 4, 256, 4.5)

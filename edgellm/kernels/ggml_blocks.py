@@ -121,13 +121,20 @@ def block_quants(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     return codes.float() - excess
 
 
-def native_dequantize(blocks: torch.Tensor, k: int, kind: str, dtype: torch.dtype) -> torch.Tensor | None:
-    """(N, K) in fp32 (bit-identical to gguf.quants.dequantize) or bf16 from any 32-block kind, natively and in
-    parallel; None without the native build or for another dtype."""
-    ext = _ext()
+def native_dequantize(blocks: torch.Tensor, k: int, kind: str, dtype: torch.dtype,
+                      out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """(N, K) in fp32 (bit-identical to gguf.quants.dequantize) or bf16 from any 32-block or k-quant kind, natively
+    and in parallel, into `out` (contiguous, N * K elements of `dtype`) when given; None without the native build or
+    for another dtype."""
+    ext = _kext() if kind in KQUANT_BLOCK_BYTES else _ext()
     if ext is None or dtype not in (torch.float32, torch.bfloat16):
         return None
-    return ext.dequantize(blocks.reshape(blocks.shape[0], -1), k, kind, dtype == torch.bfloat16)
+    blocks = blocks.reshape(blocks.shape[0], -1)
+    if kind in KQUANT_BLOCK_BYTES:
+        _check_kquant(blocks, k, kind)
+    out = torch.empty(blocks.shape[0], k, dtype=dtype) if out is None else out.view(blocks.shape[0], k)
+    ext.dequantize_into(blocks, k, kind, out)
+    return out
 
 
 def blocks_dequantize(blocks: torch.Tensor, k: int, kind: str) -> torch.Tensor:
@@ -284,9 +291,8 @@ def kquant_dequantize_reference(blocks: torch.Tensor, k: int, kind: str) -> torc
 
 def kquant_dequantize(blocks: torch.Tensor, k: int, kind: str) -> torch.Tensor:
     """fp32 (N, K) from k-quant blocks, bit-identical to gguf.quants.dequantize (natively where built)."""
-    _check_kquant(blocks, k, kind)
-    ext = _kext()
-    return kquant_dequantize_reference(blocks, k, kind) if ext is None else ext.dequantize(blocks, k, kind)
+    w = native_dequantize(blocks, k, kind, torch.float32)
+    return kquant_dequantize_reference(blocks, k, kind) if w is None else w
 
 
 def kquant_linear_reference(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: str) -> torch.Tensor:

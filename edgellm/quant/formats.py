@@ -180,11 +180,12 @@ class QuantizedTensor:
         return UnpackedCodes(codes, self.data["scales"].float(), self.data["biases"].float(),
                              torch.arange(2**fmt.bits, dtype=torch.float32), fmt.bits, fmt.group)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The [N, K] weight the stored tensors represent (bit-identical to gguf's dequantize for block formats)."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The [N, K] weight the stored tensors represent (bit-identical to gguf's dequantize for block formats), in
+        `out` (contiguous, N * K elements of `dtype`) when given: prefill reuses one buffer for every row chunk."""
         fmt, (n, k) = self.fmt, self.shape
-        if fmt.block_layout and fmt.kind not in KQUANT_BLOCK_BYTES:  # the 32-block kinds: natively, in parallel
-            w = native_dequantize(self.data["blocks"], k, fmt.kind, dtype)
+        if fmt.block_layout:  # the GGUF kinds: natively, in parallel
+            w = native_dequantize(self.data["blocks"], k, fmt.kind, dtype, out)
             if w is not None:
                 return w
         if fmt.kind == "q8_0":
@@ -207,7 +208,8 @@ class QuantizedTensor:
             codes = unpack_codes(self.data["codes"], fmt.bits).view(n, g, -1)
             w = codes.float().mul_(self.data["scales"].float().unsqueeze(-1)).add_(
                 self.data["biases"].float().unsqueeze(-1))
-        return w.view(n, -1)[:, :k].to(dtype)
+        w = w.view(n, -1)[:, :k]
+        return w.to(dtype) if out is None else out.view(n, k).copy_(w)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ inline void split_pairs(__m512i w, vfloat& even, vfloat& odd) {
   odd = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 // Prefetch never faults, so running past the end of the weight is harmless.
-inline void prefetch(const uint16_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+inline void prefetch(const uint16_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
 inline void load_pairs(const uint16_t* p, vfloat& even, vfloat& odd) { split_pairs(_mm512_loadu_si512(p), even, odd); }
 // Masked so the tail never reads past the row (the bytes beyond may be NaN patterns or unmapped).
 inline void load_pairs_tail(const uint16_t* p, int64_t n, vfloat& even, vfloat& odd) {
@@ -65,7 +65,7 @@ inline void split_pairs(__m256i w, vfloat& even, vfloat& odd) {
   even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   odd = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
 }
-inline void prefetch(const uint16_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+inline void prefetch(const uint16_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
 inline void load_pairs(const uint16_t* p, vfloat& even, vfloat& odd) {
   split_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), even, odd);
 }

@@ -51,23 +51,27 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& blocks, int64_t 
   return y;
 }
 
-// The weight (N, K) in fp32, bit-identical to gguf's dequantize: (d * sc) * (u - offset) - dmin * m, each product
-// rounded on its own. GCC contracts a * b - c into one fused multiply-add (rounded once) by default; the pragma, unlike
-// a function attribute, also covers the lambda that parallel_for runs.
+// The weight (N, K) into `out`: in fp32 bit-identical to gguf's dequantize, (d * sc) * (u - offset) - dmin * m, each
+// product rounded on its own; in bf16 that, rounded. GCC contracts a * b - c into one fused multiply-add (rounded once)
+// by default; the pragma, unlike a function attribute, also covers the lambda that parallel_for runs.
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 template <class F>
-torch::Tensor dequantize(const torch::Tensor& blocks, int64_t K) {
+void dequantize(const torch::Tensor& blocks, int64_t K, torch::Tensor& out) {
   const int64_t nb = check_blocks(blocks, K, F::kBytes), N = blocks.size(0);
-  torch::Tensor out = torch::empty({N, K}, torch::dtype(torch::kFloat));
+  const bool bf16 = out.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(out.is_contiguous() && out.numel() == N * K && (bf16 || out.scalar_type() == torch::kFloat),
+              "out must be a contiguous fp32 or bf16 tensor of N * K elements");
   const torch::Tensor wc = blocks.contiguous();
   const uint8_t* w = wc.data_ptr<uint8_t>();
-  float* o = out.data_ptr<float>();
+  float* of = bf16 ? nullptr : out.data_ptr<float>();
+  c10::BFloat16* ob = bf16 ? out.data_ptr<c10::BFloat16>() : nullptr;
   at::parallel_for(0, N * nb, 64, [&](int64_t b0, int64_t b1) {
     Decoded dec;
+    float buf[kQK];
     for (int64_t b = b0; b < b1; ++b) {
       F::decode(w + b * F::kBytes, dec);
-      float* y = o + b * kQK;
+      float* y = bf16 ? buf : of + b * kQK;
       for (int j = 0; j < 16; ++j) {
         const float scale = dec.d * static_cast<float>(dec.sc[j]), min = dec.dmin * static_cast<float>(dec.m[j]);
         for (int i = 0; i < 16; ++i) {
@@ -75,9 +79,9 @@ torch::Tensor dequantize(const torch::Tensor& blocks, int64_t K) {
           y[16 * j + i] = F::kMins ? v - min : v;
         }
       }
+      if (bf16) simd::narrow(buf, ob + b * kQK, kQK);
     }
   });
-  return out;
 }
 #pragma GCC pop_options
 
@@ -96,9 +100,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                    bool portable) {
     return dispatch(kind, [&](auto f) { return gemm<decltype(f)>(x, blocks, K, portable); });
   }, "y = x @ W.T for W in GGUF k-quant blocks, Q8_K activations");
-  m.def("dequantize", [](const torch::Tensor& blocks, int64_t K, const std::string& kind) {
-    return dispatch(kind, [&](auto f) { return dequantize<decltype(f)>(blocks, K); });
-  }, "GGUF k-quant blocks (N, K / 256 * bytes) to fp32 (N, K)");
+  m.def("dequantize_into", [](const torch::Tensor& blocks, int64_t K, const std::string& kind, torch::Tensor out) {
+    dispatch(kind, [&](auto f) { dequantize<decltype(f)>(blocks, K, out); });
+  }, "GGUF k-quant blocks (N, K / 256 * bytes) into out, fp32 or bf16 (N, K)");
   m.def("simd", []() {
 #ifdef EDGELLM_KQ_AVX512
     return true;
