@@ -198,3 +198,25 @@ def test_mse_clipping_lowers_weight_error(name):
     assert err_mse.sum() < 0.95 * err_rtn.sum()
     with pytest.raises(QuantFormatError, match="use rtn"):
         quantize(w, "q4_0", method="mse")
+
+
+@pytest.mark.parametrize("fmt", ["int2-g64", "int3-g128", "int4-g32", "int4-g64", "ternary"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_codes_dequantize_matches_the_pytorch_path(fmt, dtype, monkeypatch):
+    """Prefill's native dequantization of intN/ternary codes equals the PyTorch one bit for bit (product and sum
+    rounded apart), with K not a multiple of the group (a padded last group), row views and a reused buffer."""
+    from edgellm.quant import formats
+
+    k, n = 200, 13
+    qt = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(5)), fmt)
+    buf = torch.full((8 * k,), float("nan"), dtype=dtype)
+    native = [qt.dequantize(dtype), qt.rows(4, 12).dequantize(dtype, buf.view(8, k))]
+    if formats.codes_dequantize(qt.data["codes"], qt.data["scales"], qt.data["biases"], k, qt.fmt.bits,
+                                qt.fmt.group, dtype) is None:
+        pytest.skip("native kernels not built")
+    assert native[1].data_ptr() == buf.data_ptr()
+    monkeypatch.setattr(formats, "codes_dequantize", lambda *args: None)
+    want = qt.dequantize(dtype)
+    assert torch.equal(native[0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert torch.equal(native[1], want[4:12])

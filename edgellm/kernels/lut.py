@@ -182,6 +182,20 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, 
     return codes.to(dtype) * s + b
 
 
+def codes_dequantize(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, k: int, bits: int,
+                     group: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """W (N, K) in fp32 or bf16 from packed affine codes (quant.formats.pack_codes) and fp16 group scales/biases,
+    natively, into `out` when given (prefill's reused chunk buffer); the product and the sum rounded apart, as the
+    PyTorch dequantization does. None without the native build or for another dtype."""
+    ext = _ext()
+    if ext is None or dtype not in (torch.float32, torch.bfloat16) or bits > 4:
+        return None
+    n = codes.shape[0]
+    out = torch.empty(n, k, dtype=dtype) if out is None else out.view(n, k)
+    ext.codes_dequantize_into(codes.contiguous(), scales.contiguous(), biases.contiguous(), k, bits, group, out)
+    return out
+
+
 def dequant_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor,
                    group: int) -> torch.Tensor:
     """The baseline: dequantize DEQUANT_ROWS rows of W at a time to fp32 and F.linear them; y has x's dtype."""

@@ -23,6 +23,7 @@ from edgellm.kernels.ggml_layout import (
     QK_K,
     e8m0_to_fp32_half,
 )
+from edgellm.kernels.lut import codes_dequantize
 
 
 class QuantFormatError(EdgeLLMError):
@@ -204,6 +205,10 @@ class QuantizedTensor:
             decode = kquant_dequantize if fmt.kind in KQUANT_BLOCK_BYTES else blocks_dequantize
             w = decode(self.data["blocks"], k, fmt.kind)
         else:
+            w = codes_dequantize(self.data["codes"], self.data["scales"], self.data["biases"], k, fmt.bits, fmt.group,
+                                 dtype, out)
+            if w is not None:
+                return w
             g = self.data["scales"].shape[1]
             codes = unpack_codes(self.data["codes"], fmt.bits).view(n, g, -1)
             w = codes.float().mul_(self.data["scales"].float().unsqueeze(-1)).add_(

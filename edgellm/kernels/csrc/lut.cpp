@@ -68,6 +68,80 @@ torch::Tensor lut_gemm(const torch::Tensor& x, const torch::Tensor& packed, cons
   return y;
 }
 
+// W (N, K) from edgellm's affine codes (pack_codes: code j of each 8 at bits j * b of b bytes; fp16 scale and bias
+// per group) into `out`, fp32 or bf16: w = code * scale + bias rounded after the product and after the sum, as
+// QuantizedTensor.dequantize computes it in PyTorch. Each group's 2^bits values are made once and looked up, 16 codes
+// at a time with AVX-512 (two runs of 8 codes, `bits` bytes each, shifted into lanes and permuted from the values).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <int kBits>
+void dequantize_codes_row(const uint8_t* c, const c10::Half* sp, const c10::Half* bp, int64_t G, int64_t group,
+                          float* w) {
+  constexpr int kMask = (1 << kBits) - 1;
+  for (int64_t g = 0; g < G; ++g, w += group, c += group * kBits / 8) {
+    alignas(64) float values[16] = {};
+    const float scale = static_cast<float>(sp[g]), bias = static_cast<float>(bp[g]);
+    for (int v = 0; v <= kMask; ++v) {
+      const float product = static_cast<float>(v) * scale;
+      values[v] = product + bias;
+    }
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 table = _mm512_load_ps(values);
+    const __m512i shifts = _mm512_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 4 * kBits, 5 * kBits, 6 * kBits,
+                                             7 * kBits, 0, kBits, 2 * kBits, 3 * kBits, 4 * kBits, 5 * kBits,
+                                             6 * kBits, 7 * kBits);
+    for (; i + 16 <= group; i += 16) {
+      uint32_t a = 0, b = 0;
+      std::memcpy(&a, c + i / 8 * kBits, kBits);
+      std::memcpy(&b, c + i / 8 * kBits + kBits, kBits);
+      const __m512i v = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(static_cast<int>(a)),
+                                                _mm512_set1_epi32(static_cast<int>(b)));
+      const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(v, shifts), _mm512_set1_epi32(kMask));
+      _mm512_storeu_ps(w + i, _mm512_permutexvar_ps(idx, table));
+    }
+#endif
+    for (; i < group; i += 8) {
+      uint32_t word = 0;
+      std::memcpy(&word, c + i / 8 * kBits, kBits);
+      for (int j = 0; j < 8; ++j) w[i + j] = values[(word >> (kBits * j)) & kMask];
+    }
+  }
+}
+
+void codes_dequantize_into(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& biases,
+                           int64_t K, int64_t bits, int64_t group, torch::Tensor out) {
+  TORCH_CHECK(bits >= 1 && bits <= 4 && group % 8 == 0, "codes_dequantize: bad bits or group");
+  const int64_t N = codes.size(0), G = scales.size(1), Kp = G * group;
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.size(1) == Kp * bits / 8 &&
+                  scales.scalar_type() == torch::kHalf && biases.scalar_type() == torch::kHalf &&
+                  scales.is_contiguous() && biases.is_contiguous() && scales.size(0) == N && Kp >= K,
+              "codes_dequantize: codes (N, Kp * bits / 8) uint8, scales and biases (N, G) fp16");
+  const bool bf16 = out.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(out.is_contiguous() && out.numel() == N * K && (bf16 || out.scalar_type() == torch::kFloat),
+              "out must be a contiguous fp32 or bf16 tensor of N * K elements");
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const c10::Half *sp = scales.data_ptr<c10::Half>(), *bp = biases.data_ptr<c10::Half>();
+  float* of = bf16 ? nullptr : out.data_ptr<float>();
+  c10::BFloat16* ob = bf16 ? out.data_ptr<c10::BFloat16>() : nullptr;
+  using RowFn = void (*)(const uint8_t*, const c10::Half*, const c10::Half*, int64_t, int64_t, float*);
+  static constexpr RowFn kRows[] = {dequantize_codes_row<1>, dequantize_codes_row<2>, dequantize_codes_row<3>,
+                                    dequantize_codes_row<4>};
+  const RowFn row_fn = kRows[bits - 1];
+  const int64_t row_bytes = Kp * bits / 8;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(Kp);
+    for (int64_t n = n0; n < n1; ++n) {
+      row_fn(cp + n * row_bytes, sp + n * G, bp + n * G, G, group, row.data());
+      if (bf16) simd::narrow(row.data(), ob + n * K, K);
+      else std::memcpy(of + n * K, row.data(), K * sizeof(float));
+    }
+  });
+}
+#pragma GCC pop_options
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_gemm", &lut_gemm, "y = x @ W.T by table lookup for W packed by edgellm.kernels.lut");
+  m.def("codes_dequantize_into", &codes_dequantize_into,
+        "W (N, K) from packed affine codes and fp16 group scales/biases into out (fp32 or bf16)");
 }
