@@ -96,7 +96,11 @@ def test_fused_paged_step_is_the_contiguous_step_and_follows_the_op_path(models,
         # model's op path rounds its activations, test_fused_kv/test_fused_step bound the contiguous step's error)
         op = decode(model, make_pool(model, fmt).make_caches(model.args.num_hidden_layers), ids, use_fused=False,
                     prompt=0)
-        torch.testing.assert_close(got, op, rtol=0, atol=1e-4)
+        # Within 1e-4 over an fp32 cache (rtol too: on a Zen 4 core MKL's fp32 GEMM sums in another order and a
+        # logit of 0.29 differed by 1.03e-4); a rounded cache (bf16, q8, q4) may store a K/V element on the other side
+        # of a rounding boundary than the op path does (3% of logits off by up to 2.7e-4 with q8 on that core).
+        tol = 1e-4 if fmt == "fp32" else 1e-3
+        torch.testing.assert_close(got, op, rtol=1e-4, atol=tol)
         assert torch.equal(got.argmax(-1), op.argmax(-1))
 
 
