@@ -409,9 +409,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
     run_plan(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only_plan: bool = False) -> argparse.ArgumentParser:
+    """The whole command line; `only_plan`: just `edgellm plan`, whose predictions answer in well under 2 s because
+    none of the other subcommands' argument setup (which imports torch) runs."""
     parser = ArgumentParser(prog="edgellm", description="On-device LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
+    if only_plan:
+        _add_plan_parser(sub)
+        return parser
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     _model_args(p)
@@ -528,11 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kvpred_arguments(p)
     p.set_defaults(func=cmd_kvpred)
 
-    p = sub.add_parser("plan", help="performance planner: memory, TTFT, tok/s per model x format x device "
-                       "(calibrate, validate)")
-    from edgellm.plan.command import add_arguments as add_plan_arguments
-    add_plan_arguments(p)
-    p.set_defaults(func=cmd_plan)
+    _add_plan_parser(sub)
 
     p = sub.add_parser("bench", help="benchmarks: speed, kv, serve, quant, kernels, kvpred, structured")
     from edgellm.bench import add_bench_arguments
@@ -541,8 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="performance planner: memory, TTFT, tok/s per model x format x device "
+                       "(calibrate, validate)")
+    from edgellm.plan.command import add_arguments as add_plan_arguments
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(only_plan=argv[:1] == ["plan"]).parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

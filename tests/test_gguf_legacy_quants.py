@@ -24,8 +24,8 @@ from edgellm.kernels.ggml_blocks import (
     quantize_activations_q8_1,
 )
 from edgellm.kernels.native import cpu_flags, cpu_has_native_bf16
+from edgellm.layouts import GGUF_ONLY_BLOCK_BYTES
 from edgellm.quant import QuantFormatError, QuantizedLinear, QuantizedTensor, WeightFormat, gguf_read, qmatmul, quantize
-from edgellm.quant.formats import GGUF_ONLY_BLOCK_BYTES
 from edgellm.quant.gguf import hf_name, qk_heads, unpermute_qk
 from edgellm.quant.gguf_read import load_gguf
 from edgellm.quant.gguf_write import export_gguf

@@ -167,15 +167,134 @@ def test_profile_without_the_thread_count_is_one_line(tmp_path, capsys):
     assert "has rates for 1 thread(s), not 2" in capsys.readouterr().err
 
 
+def _measured_rates(**changes):
+    """A calibrated CPU's rates, made up: fused decode at 10 GB/s (q4_0) and 20 GB/s (bf16, q8_0), op-at-a-time
+    linear layers whose kernels switch at 8 rows."""
+    from dataclasses import replace
+
+    from edgellm.perf.profile import ThreadRates
+
+    def points(weight_s):
+        return [{"rows": 1, "kernel": "gemv", "weight_s": weight_s, "row_s": 0.0, "call_s": 1e-5},
+                {"rows": 8, "kernel": "gemv", "weight_s": 8 * weight_s, "row_s": 0.0, "call_s": 1e-5},
+                {"rows": 9, "kernel": "gemm", "weight_s": 9e-10, "row_s": 0.0, "call_s": 2e-5},
+                {"rows": 1024, "kernel": "gemm", "weight_s": 1024e-10, "row_s": 0.0, "call_s": 2e-5}]
+
+    rates = ThreadRates(20.0, {"bf16": 20.0, "q8_0": 20.0, "q4_0": 10.0}, {"fp32": 100.0, "bf16": 200.0}, 5.0, 10.0,
+                        {}, step_overhead_s=1e-4, layer_overhead_s=1e-5, batch_step_overhead_s=2e-4,
+                        batch_layer_overhead_s=1e-4, sequence_overhead_s=1e-5, prefill_overhead_s=1e-3,
+                        expert_overhead_s=2e-6, weight_row_s={"bf16": 1e-8, "q8_0": 0.0, "q4_0": 0.0},
+                        linear={"bf16": points(1e-10), "q8_0": points(2e-10), "q4_0": points(3e-10)},
+                        attention=[{"head_dim": 64, "tokens": 128, "pair_s": 1e-9},
+                                   {"head_dim": 64, "tokens": 2048, "pair_s": 5e-10},
+                                   {"head_dim": 128, "tokens": 128, "pair_s": 2e-9},
+                                   {"head_dim": 128, "tokens": 2048, "pair_s": 1e-9}],
+                        elementwise_s={"bf16": 1e-10}, prefill_layer_s=1e-4, expert_op_s=5e-5)
+    return replace(rates, **changes)
+
+
+def test_measured_linear_time_stays_within_the_kernel_a_row_count_selects():
+    rates = _measured_rates()
+    # 4 rows: between the gemv points at 1 and 8 rows; 9 rows is the GEMM's own point, not a blend across the switch
+    assert rates.linear_s("bf16", 4, 1e6, 0, 0, 2) == pytest.approx(1e6 * 4e-10 + 2e-5)
+    assert rates.linear_s("bf16", 9, 1e6, 0, 0, 2) == pytest.approx(1e6 * 9e-10 + 4e-5)
+    assert rates.linear_s("bf16", 2048, 1e6, 0, 0, 1) == pytest.approx(1e6 * 2048e-10 + 2e-5)  # extended linearly
+    assert rates.linear_s("fp16", 4, 1e6, 0, 0, 0) == rates.linear_s("bf16", 4, 1e6, 0, 0, 0)  # nearest in bits
+    # attention: per pair, interpolated in log length, linear in head size
+    assert rates.attention_s(64, 512, 1.0) == pytest.approx(1e-9 - 0.5 * 5e-10)
+    assert rates.attention_s(96, 128, 1.0) == pytest.approx(1.5e-9)
+
+
+def test_measured_decode_is_the_fused_step_alone_and_op_at_a_time_batched():
+    spec = ModelSpec.from_config(TINY_LLAMA, "tiny")
+    rates = _measured_rates()
+    kv = KVFormat.parse("bf16")
+    one = {op.name: op for op in decode_ops(spec, "q4_0", kv, 100, 1, rates)}
+    kv_flops = 4 * 3 * 4 * 16 * 100  # the fused kernel's attention, at 5 GFLOP/s (its bytes would take less)
+    assert one["attention (KV read)"].seconds == pytest.approx(kv_flops / 5e9)
+    proj = 3 * (64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 160)
+    assert one["attention projections"].seconds + one["mlp"].seconds == pytest.approx(proj * 18 / 32 / 10e9)
+    assert one["lm_head"].seconds == pytest.approx(384 * 64 * 34 / 32 / 20e9)  # the Q8_0 head at Q8_0's rate
+    assert one["dispatch"].seconds == pytest.approx(1e-4 + 3 * 1e-5)
+    four = {op.name: op for op in decode_ops(spec, "q4_0", kv, 100, 4, rates)}
+    calls = 3 * (4 + 3)  # quantized projections run one call each
+    assert four["attention projections"].seconds + four["mlp"].seconds == pytest.approx(
+        proj * 4 * 3e-10 + calls * 1e-5)
+    assert four["dispatch"].seconds == pytest.approx(2e-4 + 3 * (1e-4 + 4 * 1e-5))
+
+
+def test_measured_moe_prefill_runs_each_expert_on_its_share_of_the_tokens():
+    spec = ModelSpec.from_config(TINY_MOE, "tiny-moe")
+    rates = _measured_rates()
+    ops = {op["op"]: op for op in predict(spec, Request("q4_0", KVFormat.parse("bf16"), 32), _device(rates))[
+        "prefill_ops"]}
+    hit = 8 * (1 - (1 - 2 / 8) ** 32)  # all 8 experts, each on 32 * 2 / 8 = 8 rows: the small-row kernel
+    params = 2 * hit * 3 * 64 * 32
+    expected = params * 8 * 3e-10 + 2 * hit * 3 * 1e-5 + 2 * hit * 5e-5
+    assert ops["moe experts"]["ms"] == pytest.approx(1000 * expected)
+
+
+def _device(rates):
+    from edgellm.perf.profile import DeviceProfile
+
+    return DeviceProfile("made-up cpu", "measured", "test", 2**33, 1.0, {1: rates})
+
+
+def test_plan_prediction_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from edgellm.cli import main; "
+            "main(['plan', '--model', 'qwen3-0.6b', '--device', 'm4-pro']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_package_exports_stay_the_functions_once_their_modules_are_imported():
+    import edgellm
+    import edgellm.generate as generate_module  # noqa: F401  (binds the submodule on the package)
+
+    assert callable(edgellm.generate) and edgellm.generate.__name__ == "generate"
+    assert edgellm.load.__module__ == "edgellm.loader"
+
+
+def test_load_correction_scales_every_measured_time():
+    from edgellm.plan.validate import scaled
+
+    rates = _measured_rates()
+    slow = scaled(rates, 0.5)
+    assert slow.linear_s("q8_0", 16, 1e6, 10, 64, 3) == pytest.approx(2 * rates.linear_s("q8_0", 16, 1e6, 10, 64, 3))
+    assert slow.attention_s(64, 512, 1e6) == pytest.approx(2 * rates.attention_s(64, 512, 1e6))
+    assert slow.weight_gbs["q4_0"] == 5.0 and slow.expert_op_s == 2 * rates.expert_op_s
+
+
+def test_timing_reads_cpu_time_and_drops_multithread_steps_a_neighbour_stalled(monkeypatch):
+    import time
+
+    from edgellm.plan import measure
+
+    monkeypatch.setattr(measure, "PAUSE_S", 0.0)
+    # one thread: the thread's CPU time, so time off the CPU (here: asleep) does not count
+    assert measure.best_seconds(lambda: time.sleep(0.02), 2, 1) < 0.01
+    # two threads: a step whose threads were off the CPU never counts; with no other, its wall time is kept
+    assert measure.best_seconds(lambda: time.sleep(0.02), 2, 2) >= 0.02
+
+
 @pytest.mark.slow
 def test_reduced_calibrate_and_validate_through_the_engine(tmp_path):
     from edgellm.plan.calibrate import calibrate
     from edgellm.plan.validate import REDUCED, SHAPES, validate
 
     shape = {**SHAPES["tiny-dense"], "num_hidden_layers": 2}
-    profile = calibrate([1], ("bf16", "q4_0"), shape, tmp_path, log=lambda m: None)
+    narrow = {**shape, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3}
+    moe = {**shape, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
+    # the reduced set's models fit in the cache: calibrated without evicting it, as they run
+    profile = calibrate([1], ("fp32", "bf16", "q4_0"), (shape, narrow), tmp_path, log=lambda m: None, moe_shape=moe,
+                        evict=False)
     rates = profile.rates(1)
-    assert set(rates.weight_gbs) == {"bf16", "q4_0"} and all(v > 0 for v in rates.weight_gbs.values())
+    assert set(rates.weight_gbs) == {"fp32", "bf16", "q4_0"} and all(v > 0 for v in rates.weight_gbs.values())
+    assert rates.measured and {p["kernel"] for p in rates.linear["q4_0"]} >= {"lut", "dequant"}
     report = validate(profile, REDUCED, tmp_path, log=lambda m: None)
     assert report["summary"]["cases"] == len(REDUCED)
     assert report["summary"]["memory_max_abs_error_pct"] <= 5  # memory is exact arithmetic: hold it to the target

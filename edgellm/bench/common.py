@@ -10,8 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from edgellm.perf.hardware import physical_cores
 
 
@@ -83,6 +81,8 @@ def rss_bytes() -> int:
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """torch's pool at `threads` inside the block only: a benchmark run in-process (tests) must not resize it."""
+    import torch  # here: the argument types above serve `edgellm plan`, which answers without torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -27,7 +27,7 @@ from edgellm.kernels.decode import paged_decode_attention
 from edgellm.kernels.kvattn import NATIVE_MAX_ROWS, PackedKV, packed_attention
 from edgellm.kv.cache import SingleOffset
 from edgellm.kv.codec import QuantizedTensor, dequantize, hadamard, quantize
-from edgellm.kv.formats import DENSE, QUANTIZED, KVFormat, ModelShape
+from edgellm.kv.formats import DENSE, QUANTIZED, KVFormat
 from edgellm.kv.quantized_cache import (
     PREFILL_SPAN,
     STORED_CHUNK_MAX,
@@ -37,6 +37,7 @@ from edgellm.kv.quantized_cache import (
     prefill_attention,
     span_attention,
 )
+from edgellm.layouts import ModelShape
 
 DEFAULT_BLOCK_TOKENS = 256  # the seed paper's block size
 ALIGN = 64  # every field starts on a cache line, which also satisfies any dtype's alignment

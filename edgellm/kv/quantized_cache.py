@@ -19,8 +19,8 @@ from edgellm.errors import InvalidRequestError
 from edgellm.kernels.kvattn import PackedKV, packed_attention, quantize_into
 from edgellm.kv.cache import Layout, SingleOffset, load_state
 from edgellm.kv.codec import BITS, QuantizedTensor, dequantize, hadamard, quantize
+from edgellm.layouts import SCHEMES, head_group
 
-SCHEMES = ("token", "kivi")
 # Chunks up to this long (a speculative check of up to 64 drafts) store first and attend over what is stored, as
 # decode steps do, so each drafted position sees exactly the cache plain decoding would have; longer chunks (a
 # prefill) attend to their own K/V exactly and quantize on store, which keeps prefill into a quantized cache cheap.
@@ -30,22 +30,6 @@ PREFILL_SPAN = 2048  # past tokens dequantized at a time for a prefill chunk: fe
 FIELDS = {kv: (f"{kv}.data", f"{kv}.scales", f"{kv}.zeros") for kv in ("keys", "values")}  # a state()'s names
 _PACKED_STATE = frozenset(FIELDS["keys"] + FIELDS["values"])
 _WINDOWED_STATE = _PACKED_STATE | {"keys.window", "values.window"}
-
-
-def head_group(group: int, head_dim: int) -> int:
-    """Group size used along head_dim: `group`, capped at head_dim so small heads still get one group each."""
-    return min(group, head_dim)
-
-
-def bytes_per_token(kv_heads: int, head_dim: int, bits: int, group: int, scheme: str = "token") -> float:
-    """Bytes one quantized token costs in one layer, K and V: codes plus fp16 scale/zero pairs.
-
-    Per-token groups hold head_dim/group pairs per token; per-channel ("kivi") keys hold head_dim pairs per
-    `group` tokens, so per token the same when group <= head_dim. The full-precision window is not counted.
-    """
-    per_token_pairs = head_dim / head_group(group, head_dim)
-    key_pairs = head_dim / group if scheme == "kivi" else per_token_pairs
-    return kv_heads * (2 * head_dim * bits / 8 + 4 * (key_pairs + per_token_pairs))
 
 
 def blockwise_attention(q: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor, torch.Tensor]], kv_heads: int,

@@ -1,8 +1,19 @@
 """The planner's per-op cost model: what each op of a step reads and computes, and how long a device takes for it.
 
-time(op) = max(FLOPs / compute rate, bytes / memory rate) + dispatch overhead, where the rates are what the device
-profile says this weight format reaches (calibrated here: dequantization is inside the measured rate), so a format
-that dequantizes slowly shows up as a slower memory rate, not as a separate guess.
+A datasheet device: time(op) = max(FLOPs / compute rate, bytes / memory rate) + dispatch overhead.
+
+A calibrated CPU runs the step as edgellm's engine does, each part timed by `plan calibrate` (profile.py):
+- one sequence's decode step is one native call for every layer (models/fused.py): each projection reads its
+  weight as stored at the format's measured rate, plus a measured cost per output row (short rows pay their
+  reduction and store), plus attention at the fused kernel's measured FLOP rate, plus the step's and each layer's
+  fixed cost, and per expert an MoE layer runs a measured cost beyond its weights;
+- a batched decode step and a prefill run op at a time: each linear layer costs what the kernel the row count
+  selects (table lookup, VNNI, dequantize + GEMM, dense GEMV/GEMM) was measured to cost per weight, per output and
+  input feature and per call at that count; prefill adds causal attention (measured per head size and length), the
+  element-wise work per token, and a cost per layer; an MoE layer runs each expert it hits on that expert's tokens,
+  which for a prefill is a few rows each, so the small-row kernels set the price.
+An op's bound is then the larger of its two roofs (FLOPs at the GEMM peak, bytes at DRAM speed) or, where the
+measured time exceeds both by more, the overhead (dispatch, dequantization, kernel inefficiency).
 """
 
 from __future__ import annotations
@@ -10,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgellm.errors import InvalidRequestError
-from edgellm.kv.formats import KVFormat
+from edgellm.layouts import KVFormat
 from edgellm.perf.profile import ThreadRates
 from edgellm.perf.weights import DENSE_BYTES, HEAD_FORMAT, STORE_DTYPE_BYTES, bytes_per_weight, has_load_time_lut
 
@@ -176,9 +187,12 @@ class Op:
     memory_s: float
     overhead_s: float = 0.0
     disk_s: float = 0.0
+    measured_s: float | None = None  # a calibrated CPU: the time its measured kernels take (the roofs only label it)
 
     @property
     def seconds(self) -> float:
+        if self.measured_s is not None:
+            return self.measured_s + self.disk_s
         return max(self.compute_s, self.memory_s) + self.overhead_s + self.disk_s
 
     @property
@@ -201,6 +215,13 @@ def _op(name: str, flops: float, nbytes: float, gemm_gflops: float, gbs: float) 
     return Op(name, flops, nbytes, flops / (gemm_gflops * 1e9), nbytes / (gbs * 1e9))
 
 
+def _measured(name: str, flops: float, nbytes: float, seconds: float, rates: ThreadRates) -> Op:
+    """An op timed by calibration, labelled against the roofs (best GEMM FLOP/s, DRAM read GB/s)."""
+    compute = flops / (max(rates.gemm_gflops.values()) * 1e9)
+    memory = nbytes / (rates.dram_gbs * 1e9)
+    return Op(name, flops, nbytes, compute, memory, max(0.0, seconds - max(compute, memory)), measured_s=seconds)
+
+
 def decode_ops(spec: ModelSpec, fmt: str, kv: KVFormat, context: int, batch: int, rates: ThreadRates,
                expert_resident: float = 1.0, expert_miss_s_per_byte: float = 0.0) -> list[Op]:
     """One decode step of `batch` sequences at `context` cached tokens each, op by op.
@@ -209,6 +230,14 @@ def decode_ops(spec: ModelSpec, fmt: str, kv: KVFormat, context: int, batch: int
     KV. MoE offload: `expert_resident` of the expert bytes a step reads are in memory, the rest cost
     `expert_miss_s_per_byte` each (a slower tier: disk, or host RAM over an accelerator's link).
     """
+    if rates.measured:
+        ops = measured_decode_ops(spec, fmt, kv, context, batch, rates)
+        if spec.is_moe:
+            expert = next(op for op in ops if op.name == "moe experts")
+            read = unique_experts(spec.experts, spec.experts_per_token, batch) * spec.expert_params
+            expert.disk_s = spec.moe_layers * read * (1 - expert_resident) * bytes_per_weight(fmt) \
+                * expert_miss_s_per_byte
+        return ops
     bpw = bytes_per_weight(fmt)
     gbs, gflops = rates.weight_gbs_for(fmt, batch), rates.gemm_gflops_for(fmt)
     ops = [_op("attention projections", 2 * batch * spec.layers * spec.attention_params,
@@ -246,6 +275,8 @@ def decode_ops(spec: ModelSpec, fmt: str, kv: KVFormat, context: int, batch: int
 def prefill_ops(spec: ModelSpec, fmt: str, tokens: int, rates: ThreadRates) -> list[Op]:
     """A cold prefill of `tokens` prompt tokens: GEMMs at the format's prefill rate, causal attention, the head for
     the last token only (the engine computes no other logits)."""
+    if rates.measured:
+        return measured_prefill_ops(spec, fmt, tokens, rates)
     bpw = bytes_per_weight(fmt)
     gflops, gbs = rates.gemm_gflops_for(fmt), rates.weight_gbs_for(fmt)
     routed = spec.moe_layers * spec.experts * spec.expert_params
@@ -270,3 +301,133 @@ def prefill_ops(spec: ModelSpec, fmt: str, tokens: int, rates: ThreadRates) -> l
 
 def total_seconds(ops: list[Op]) -> float:
     return sum(op.seconds for op in ops)
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linear layers of a step that run alike: their weights, output and input features and calls, summed over
+    layers."""
+
+    name: str
+    fmt: str
+    params: float
+    out_rows: float
+    in_width: float
+    calls: float
+
+
+def _head_format(fmt: str) -> str:
+    return fmt if fmt in DENSE_BYTES else HEAD_FORMAT
+
+
+def _router_format(fmt: str) -> str:
+    return fmt if fmt in DENSE_BYTES else "bf16"  # `edgellm quantize` leaves the router in the stored dtype
+
+
+def linear_groups(spec: ModelSpec, fmt: str) -> list[LinearGroup]:
+    """Attention projections, dense MLPs and MoE routers of every layer, as the engine calls them: a bf16 model
+    runs q/k/v and gate/up fused (one call each), other formats one call per projection."""
+    fused = fmt == "bf16"
+    h, q, kv = spec.hidden, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    groups = [LinearGroup("attention projections", fmt, spec.layers * spec.attention_params,
+                          spec.layers * (q + 2 * kv + h), spec.layers * ((1 if fused else 3) * h + q),
+                          spec.layers * (2 if fused else 4))]
+    dense = spec.layers - spec.moe_layers
+    if dense:
+        groups.append(_mlp("mlp", fmt, dense, h, spec.intermediate, fused))
+    if spec.is_moe:
+        groups.append(LinearGroup("moe router", _router_format(fmt), spec.router_params,
+                                  spec.moe_layers * spec.experts, spec.moe_layers * h, spec.moe_layers))
+        if spec.shared_intermediate:
+            groups.append(_mlp("moe shared expert", fmt, spec.moe_layers, h, spec.shared_intermediate, fused))
+    return groups
+
+
+def _mlp(name: str, fmt: str, count: float, hidden: int, intermediate: int, fused: bool) -> LinearGroup:
+    """`count` gated MLPs (gate and up fused into one call where `fused`)."""
+    return LinearGroup(name, fmt, count * 3 * hidden * intermediate, count * (2 * intermediate + hidden),
+                       count * ((1 if fused else 2) * hidden + intermediate), count * (2 if fused else 3))
+
+
+def expert_group(spec: ModelSpec, fmt: str, experts: float) -> LinearGroup:
+    """`experts` routed experts' projections (never fused: each expert's gate and up stay apart)."""
+    return _mlp("moe experts", fmt, experts, spec.hidden, spec.expert_intermediate, False)
+
+
+def measured_decode_ops(spec: ModelSpec, fmt: str, kv: KVFormat, context: int, batch: int,
+                        rates: ThreadRates) -> list[Op]:
+    """A decode step on a calibrated CPU: one sequence through the fused native step, a batch op at a time."""
+    ops = []
+    kv_bytes = spec.kv_bytes_per_token(kv) * spec.attended(context) * batch
+    kv_flops = 4 * batch * spec.layers * spec.heads * spec.head_dim * spec.attended(context)
+
+    def weights(g: LinearGroup, rows: int = batch, flops_rows: float = batch) -> Op:
+        nbytes = g.params * bytes_per_weight(g.fmt)
+        if batch == 1:
+            seconds = nbytes / (rates.weight_gbs_for(g.fmt) * 1e9) + g.out_rows * rates.row_s_for(g.fmt)
+        else:
+            seconds = rates.linear_s(g.fmt, rows, g.params, g.out_rows, g.in_width, g.calls)
+        return _measured(g.name, 2 * flops_rows * g.params, nbytes, seconds, rates)
+
+    for g in linear_groups(spec, fmt):
+        ops.append(weights(g))
+    # the fused kernel's attention is bound by its arithmetic (every query head of a group re-reads a KV row from
+    # the cache), a dense MHA cache by the read
+    kv_s = max(kv_flops / (rates.attention_gflops * 1e9), kv_bytes / (rates.dram_gbs * 1e9))
+    ops.insert(1, _measured("attention (KV read)", kv_flops, kv_bytes, kv_s, rates))
+    if spec.is_moe:
+        hit = unique_experts(spec.experts, spec.experts_per_token, batch)
+        rows = max(1, round(batch * spec.experts_per_token / hit))  # each expert it hits runs on its own tokens
+        expert = weights(expert_group(spec, fmt, spec.moe_layers * hit), rows, batch * spec.experts_per_token / hit)
+        per_expert = rates.fixed_s(fmt, "expert_s", rates.expert_overhead_s) if batch == 1 else \
+            rates.fixed_s(fmt, "expert_op_s", rates.expert_op_s)
+        expert.measured_s += spec.moe_layers * hit * per_expert
+        expert.overhead_s += spec.moe_layers * hit * per_expert
+        ops.append(expert)
+    ops.append(weights(LinearGroup("lm_head", _head_format(fmt), spec.table_params, spec.vocab, spec.hidden, 1)))
+    if batch == 1:
+        overhead = rates.fixed_s(fmt, "step_s", rates.step_overhead_s) + spec.layers * rates.fixed_s(
+            fmt, "layer_s", rates.layer_overhead_s)
+    else:
+        overhead = rates.batch_step_overhead_s + spec.layers * (rates.batch_layer_overhead_s
+                                                                + batch * rates.sequence_overhead_s)
+    ops.append(Op("dispatch", 0, 0, 0, 0, overhead))
+    return ops
+
+
+def causal_pairs(spec: ModelSpec, tokens: int) -> float:
+    """(query, key) pairs causal attention over a `tokens` prompt scores, summed over layers (sliding layers cap)."""
+    full = tokens * (tokens + 1) / 2
+    w = spec.window or tokens
+    windowed = full if tokens <= w else w * (w + 1) / 2 + (tokens - w) * w
+    return (spec.layers - spec.window_layers) * full + spec.window_layers * windowed
+
+
+def measured_prefill_ops(spec: ModelSpec, fmt: str, tokens: int, rates: ThreadRates) -> list[Op]:
+    """A prefill on a calibrated CPU, op at a time: every linear layer at `tokens` rows, MoE experts at the rows
+    each one gets, attention per head, the element-wise work per token, the head for the last token only."""
+    ops = [_measured(g.name, 2 * tokens * g.params, g.params * bytes_per_weight(g.fmt),
+                     rates.linear_s(g.fmt, tokens, g.params, g.out_rows, g.in_width, g.calls), rates)
+           for g in linear_groups(spec, fmt)]
+    ffn = (spec.layers - spec.moe_layers) * spec.intermediate
+    if spec.is_moe:
+        hit = unique_experts(spec.experts, spec.experts_per_token, tokens)
+        rows = max(1, round(tokens * spec.experts_per_token / hit))
+        g = expert_group(spec, fmt, spec.moe_layers * hit)
+        ops.append(_measured("moe experts", 2 * tokens * spec.experts_per_token * spec.moe_layers * spec.expert_params,
+                             g.params * bytes_per_weight(fmt),
+                             rates.linear_s(fmt, rows, g.params, g.out_rows, g.in_width, g.calls)
+                             + spec.moe_layers * hit * rates.fixed_s(fmt, "expert_op_s", rates.expert_op_s), rates))
+        ffn += spec.moe_layers * (spec.experts_per_token * spec.expert_intermediate + spec.shared_intermediate)
+    pairs = causal_pairs(spec, tokens)
+    ops.append(_measured("attention (causal)", 4 * spec.heads * spec.head_dim * pairs, 0,
+                         spec.heads * rates.attention_s(spec.head_dim, tokens, pairs), rates))
+    act = "fp32" if fmt == "fp32" else "bf16"
+    elements = tokens * (spec.layers * spec.hidden + ffn)
+    ops.append(_measured("element-wise (norms, RoPE, SiLU)", 0, 0,
+                         elements * rates.elementwise_s.get(act, 0.0), rates))
+    head = _head_format(fmt)
+    ops.append(_measured("lm_head (last token)", 2 * spec.table_params, spec.table_params * bytes_per_weight(head),
+                         rates.linear_s(head, 1, spec.table_params, spec.vocab, spec.hidden, 1), rates))
+    ops.append(Op("dispatch", 0, 0, 0, 0, rates.prefill_overhead_s + spec.layers * rates.prefill_layer_s))
+    return ops

@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from edgellm.errors import InvalidRequestError
-from edgellm.kernels.native import cpu_has_native_bf16
+
+if TYPE_CHECKING:  # torch is imported where a measurement runs: `edgellm plan` reads sizes and core counts only
+    import torch
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -54,6 +55,8 @@ class HardwareProfile:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    import torch
+
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
@@ -102,25 +105,33 @@ def _best_seconds(fn: Callable[[], object], reps: int) -> float:
     return best
 
 
-@torch.inference_mode()
 def measure_read_bandwidth(mib: int = READ_BUFFER_MIB, reps: int = REPS) -> float:
     """GB/s of a one-row fp32 GEMV over a buffer much larger than L3: the access pattern of decode."""
-    matrix = torch.ones(mib * 2**20 // (4 * 4096), 4096)
-    vector = torch.ones(4096)
-    return matrix.nbytes / _best_seconds(lambda: torch.mv(matrix, vector), reps) / 1e9
+    import torch
+
+    with torch.inference_mode():
+        matrix = torch.ones(mib * 2**20 // (4 * 4096), 4096)
+        vector = torch.ones(4096)
+        return matrix.nbytes / _best_seconds(lambda: torch.mv(matrix, vector), reps) / 1e9
 
 
-@torch.inference_mode()
 def measure_gemm(dtype: torch.dtype, n: int = GEMM_SIZE, reps: int = REPS) -> float:
     """GFLOP/s of an n×n×n matmul in `dtype` (2n³ FLOPs)."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), reps) / 1e9
+    import torch
+
+    with torch.inference_mode():
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), reps) / 1e9
 
 
 @cache
 def measure_hardware() -> HardwareProfile:
     """Measure once per process (a few seconds) and reuse: the machine does not change under one benchmark."""
+    import torch
+
+    from edgellm.kernels.native import cpu_has_native_bf16
+
     return HardwareProfile(
         cpu=cpu_model_name(),
         threads=torch.get_num_threads(),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgellm.kv.formats import KVFormat
+from edgellm.layouts import KVFormat
 from edgellm.perf.costmodel import ModelSpec, Op, decode_ops, prefill_ops, total_seconds, weight_memory
 from edgellm.perf.profile import DeviceProfile
 from edgellm.perf.weights import bytes_per_weight

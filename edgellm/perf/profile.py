@@ -1,13 +1,17 @@
 """Device profiles: the rates the cost model divides by, measured here (`edgellm plan calibrate`) or from a datasheet.
 
-A profile holds effective rates, not peaks: the GB/s a decode step reaches per weight format (its dequantization
-inside), the GFLOP/s a prefill reaches per format, and the fixed cost of dispatching a step and a layer. A
-datasheet device gets its rates from peak × a generic efficiency and a per-kernel launch latency, and says so.
+A profile holds effective rates, not peaks. A datasheet device gets its rates from peak × a generic efficiency and a
+per-kernel launch latency, and says so: the cost model takes each op as bound by compute or memory. A calibrated CPU
+also holds what edgellm's own kernels cost as they run here (`ThreadRates.linear` and the rest): the fused batch-1
+decode step's weight rate and per-row cost per format, the op-at-a-time linear layers per format at each row count
+(the kernel that count selects: table lookup, VNNI, dequantize + GEMM), prefill attention per head size and length,
+and the dispatch overheads; the cost model then sums those instead of dividing by roofs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +19,7 @@ from pathlib import Path
 from edgellm.errors import InvalidRequestError
 from edgellm.perf.weights import bytes_per_weight
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -24,8 +28,8 @@ class ThreadRates:
 
     dram_gbs: float
     weight_gbs: dict[str, float]  # decode: weight bytes per second per format, dequantization included
-    gemm_gflops: dict[str, float]  # prefill: GEMM FLOP/s per format, dequantization included
-    attention_gflops: float
+    gemm_gflops: dict[str, float]  # prefill: GEMM FLOP/s per format (a calibrated CPU: the GEMM roof per dtype)
+    attention_gflops: float  # a calibrated CPU: the fused decode step's attention (prefill's is `attention`)
     kv_gbs: float
     batch_weight_gbs: dict[str, float]  # the same in a batched decode step (a CPU runs it op at a time, unfused)
     step_overhead_s: float = 0.0
@@ -35,6 +39,22 @@ class ThreadRates:
     sequence_overhead_s: float = 0.0  # per sequence per layer of a batched step (its own attention, bookkeeping)
     prefill_overhead_s: float = 0.0
     expert_overhead_s: float = 0.0  # per expert an MoE layer runs (its own small GEMVs and bookkeeping)
+    # measured kernels (a calibrated CPU; empty for a datasheet device), see the module docstring
+    weight_row_s: dict[str, float] = field(default_factory=dict)  # fused step: seconds per output row, per format
+    # op at a time: per format, points {"rows", "kernel", "weight_s", "row_s", "input_s", "call_s"}
+    linear: dict[str, list[dict]] = field(default_factory=dict)
+    attention: list[dict] = field(default_factory=list)  # prefill: {"head_dim", "tokens", "pair_s"}
+    elementwise_s: dict[str, float] = field(default_factory=dict)  # prefill: per activation element, per dtype
+    prefill_layer_s: float = 0.0  # prefill: per layer (norms, RoPE, cache writes: their dispatch)
+    expert_op_s: float = 0.0  # op at a time: per expert an MoE layer runs, besides its linear layers
+    # per format, where it differs from the fields above: "step_s", "layer_s" (fused step), "expert_s" (per expert in
+    # the fused step), "expert_op_s" (per expert op at a time)
+    fixed: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def measured(self) -> bool:
+        """True where the cost model sums measured kernel times rather than dividing by roofs."""
+        return bool(self.linear)
 
     def weight_gbs_for(self, fmt: str, batch: int = 1) -> float:
         table = self.weight_gbs if batch == 1 else self.batch_weight_gbs
@@ -42,6 +62,60 @@ class ThreadRates:
 
     def gemm_gflops_for(self, fmt: str) -> float:
         return self.gemm_gflops[_nearest(fmt, self.gemm_gflops)]
+
+    def fixed_s(self, fmt: str, key: str, default: float) -> float:
+        """A fixed cost of `fmt` (see `fixed`), else `default`."""
+        return self.fixed[_nearest(fmt, self.fixed)].get(key, default) if self.fixed else default
+
+    def row_s_for(self, fmt: str) -> float:
+        return self.weight_row_s[_nearest(fmt, self.weight_row_s)] if self.weight_row_s else 0.0
+
+    def linear_s(self, fmt: str, rows: int, params: float, out_rows: float, in_width: float, calls: float) -> float:
+        """Seconds op-at-a-time linear layers of `params` weights in `fmt`, `out_rows` output and `in_width` input
+        features and `calls` calls in all take for `rows` rows of input, as measured for the kernel that many rows
+        selects (the input term: preparing x, e.g. the lookup tables a table-lookup kernel builds per row)."""
+        points = self.linear[_nearest(fmt, self.linear)]
+        kernel = next((p["kernel"] for p in reversed(points) if p["rows"] <= rows), points[0]["kernel"])
+        same = [p for p in points if p["kernel"] == kernel]
+        below = [p for p in same if p["rows"] <= rows]
+        above = [p for p in same if p["rows"] > rows]
+        # time is linear in rows within one kernel: interpolate between the nearest two points of it, or extend
+        # the last two (a kernel measured at one count only is taken as flat)
+        if below and above:
+            lo, hi = below[-1], above[0]
+        elif len(same) >= 2:
+            lo, hi = (same[-2], same[-1]) if below else (same[0], same[1])
+        else:
+            lo = hi = same[0]
+        share = 0.0 if hi["rows"] == lo["rows"] else (rows - lo["rows"]) / (hi["rows"] - lo["rows"])
+
+        def at(key: str) -> float:
+            return max(0.0, lo.get(key, 0.0) + share * (hi.get(key, 0.0) - lo.get(key, 0.0)))
+
+        return params * at("weight_s") + out_rows * at("row_s") + in_width * at("input_s") + calls * at("call_s")
+
+    def attention_s(self, head_dim: int, tokens: int, pairs: float) -> float:
+        """Seconds causal prefill attention over `pairs` (query, key) pairs per head costs at this head size and
+        prompt length: the measured per-pair cost, linear in head size, interpolated in log length."""
+        def per_pair(points: list[dict]) -> float:
+            points = sorted(points, key=lambda p: p["tokens"])
+            if tokens <= points[0]["tokens"]:
+                return points[0]["pair_s"]
+            if tokens >= points[-1]["tokens"]:
+                return points[-1]["pair_s"]
+            hi = next(i for i, p in enumerate(points) if p["tokens"] >= tokens)
+            lo = points[hi - 1]
+            x = math.log(tokens / lo["tokens"]) / math.log(points[hi]["tokens"] / lo["tokens"])
+            return lo["pair_s"] + x * (points[hi]["pair_s"] - lo["pair_s"])
+
+        dims = sorted({p["head_dim"] for p in self.attention})
+        by_dim = {d: per_pair([p for p in self.attention if p["head_dim"] == d]) for d in dims}
+        if len(dims) == 1:
+            cost = by_dim[dims[0]] * head_dim / dims[0]
+        else:
+            lo, hi = dims[0], dims[-1]
+            cost = by_dim[lo] + (head_dim - lo) * (by_dim[hi] - by_dim[lo]) / (hi - lo)
+        return pairs * max(cost, 0.0)
 
 
 def _nearest(fmt: str, table: dict[str, float]) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from itertools import product
 
-from edgellm.kv.formats import KVFormat
+from edgellm.layouts import KVFormat
 from edgellm.perf.catalog import KV_QUALITY_COST, WEIGHT_QUALITY_COST
 from edgellm.perf.costmodel import ModelSpec
 from edgellm.perf.planner import Request, predict

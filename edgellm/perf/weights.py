@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgellm.errors import InvalidRequestError
-from edgellm.quant.formats import QuantFormatError, WeightFormat
+from edgellm.layouts import QuantFormatError, WeightFormat
 
 DENSE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 HEAD_FORMAT = "q8_0"  # the loader runs a quantized model's head from a Q8_0 copy (quant.linear.quantize_lm_head)

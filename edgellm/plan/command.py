@@ -110,7 +110,7 @@ def run_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from edgellm.kv.formats import KVFormat
+    from edgellm.layouts import KVFormat
     from edgellm.perf.planner import Request, predict
     from edgellm.perf.weights import check_format
 
@@ -211,10 +211,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {path} ({profile.name}, threads {sorted(profile.threads)}, "
           f"{profile.extra['calibration_seconds']:.0f} s)")
     for t, r in sorted(profile.threads.items()):
-        print(f"{t} thread(s): DRAM {r.dram_gbs:.1f} GB/s; decode GB/s " + ", ".join(
-            f"{k} {v:.1f}" for k, v in r.weight_gbs.items()) + "; prefill GFLOP/s " + ", ".join(
-            f"{k} {v:.0f}" for k, v in r.gemm_gflops.items()) + f"; step {r.step_overhead_s * 1e3:.2f} ms + "
-            f"{r.layer_overhead_s * 1e3:.3f} ms/layer")
+        print(f"{t} thread(s): DRAM {r.dram_gbs:.1f} GB/s; fused decode GB/s " + ", ".join(
+            f"{k} {v:.1f}" for k, v in r.weight_gbs.items()) + f"; decode attention {r.attention_gflops:.1f} GFLOP/s; "
+            f"step {r.step_overhead_s * 1e3:.2f} ms + {r.layer_overhead_s * 1e3:.3f} ms/layer")
+        if r.measured:
+            print("  op-at-a-time linear, GFLOP/s at 4 / 16 / 256 rows (a 1024x1024 projection): " + ", ".join(
+                f"{k} " + " / ".join(f"{2 * m * 2**20 / r.linear_s(k, m, 2**20, 1024, 1024, 1) / 1e9:.0f}"
+                                     for m in (4, 16, 256)) for k in r.linear))
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -238,9 +241,10 @@ def print_validation(report: dict) -> None:
     for r in report["cases"]:
         unit = "ms" if r["metric"] == "ttft_s" else "tok/s"
         scale = 1000 if unit == "ms" else 1
+        contended = " (contended)" if r.get("contended") else ""  # no run free of a neighbour: see measure.py
         print(f"| {r['model']} | {r['format']} | {r['kind']} | {r['threads']} | {r['context']} | {r['batch']} | "
-              f"{r['predicted'] * scale:.1f} {unit} | {r['measured'] * scale:.1f} {unit} | {r['error_pct']:+.1f}% | "
-              f"{r['load_factor']:.2f} |")
+              f"{r['predicted'] * scale:.1f} {unit} | {r['measured'] * scale:.1f} {unit}{contended} | "
+              f"{r['error_pct']:+.1f}% | {r['load_factor']:.2f} |")
     print("\n| model | format | memory | predicted | measured | error |\n|---|---|---|---|---|---|")
     for m in report["memory"]:
         print(f"| {m['model']} | {m['format']} | {m['what']} | {m['predicted']:.0f} | {m['measured']:.0f} | "

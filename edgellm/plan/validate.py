@@ -14,11 +14,9 @@ from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
-from edgellm.bench.common import torch_threads
-from edgellm.kv.formats import KVFormat
+from edgellm.layouts import KVFormat
 from edgellm.perf.catalog import DEVICES, MODELS, PUBLISHED
 from edgellm.perf.costmodel import ModelSpec, weight_memory
-from edgellm.perf.hardware import measure_read_bandwidth
 from edgellm.perf.planner import Request, predict
 from edgellm.perf.profile import DeviceProfile, ThreadRates
 from edgellm.plan.measure import build_random, checkpoint, config_of, measure_checkpoint
@@ -58,7 +56,9 @@ def _plan(cases: list[tuple]) -> list[dict]:
         if kind == "prefill":
             out.append({"kind": "prefill", "threads": threads, "tokens": n})
         else:
-            out.append({"kind": "decode", "threads": threads, "context": n, "batch": batch, "steps": 8})
+            # on more threads a step no neighbour disturbed (no thread spinning at a barrier for one) is rarer
+            out.append({"kind": "decode", "threads": threads, "context": n, "batch": batch,
+                        "steps": 8 if threads == 1 else 24})
     return out
 
 
@@ -67,9 +67,18 @@ def _error(predicted: float, measured: float) -> float:
 
 
 def scaled(rates: ThreadRates, factor: float) -> ThreadRates:
-    """`rates` on a host running at `factor` of its calibrated speed: every rate times it, every overhead over it."""
+    """`rates` on a host running at `factor` of its calibrated speed: every rate times it, every time over it (on the
+    CPU clock a neighbour's memory traffic still stalls every cache miss, overheads' too)."""
     def times(table: dict[str, float]) -> dict[str, float]:
         return {k: v * factor for k, v in table.items()}
+
+    def over(table: dict[str, float]) -> dict[str, float]:
+        return {k: v / factor for k, v in table.items()}
+
+    seconds = ("weight_s", "row_s", "input_s", "call_s", "pair_s")
+    linear = {f: [{k: v / factor if k in seconds else v for k, v in p.items()} for p in points]
+              for f, points in rates.linear.items()}
+    attention = [{k: v / factor if k in seconds else v for k, v in p.items()} for p in rates.attention]
     return replace(rates, dram_gbs=rates.dram_gbs * factor, weight_gbs=times(rates.weight_gbs),
                    gemm_gflops=times(rates.gemm_gflops), attention_gflops=rates.attention_gflops * factor,
                    kv_gbs=rates.kv_gbs * factor, batch_weight_gbs=times(rates.batch_weight_gbs),
@@ -77,21 +86,21 @@ def scaled(rates: ThreadRates, factor: float) -> ThreadRates:
                    batch_step_overhead_s=rates.batch_step_overhead_s / factor,
                    batch_layer_overhead_s=rates.batch_layer_overhead_s / factor,
                    sequence_overhead_s=rates.sequence_overhead_s / factor,
-                   prefill_overhead_s=rates.prefill_overhead_s / factor)
+                   prefill_overhead_s=rates.prefill_overhead_s / factor,
+                   expert_overhead_s=rates.expert_overhead_s / factor, weight_row_s=over(rates.weight_row_s),
+                   linear=linear, attention=attention, elementwise_s=over(rates.elementwise_s),
+                   prefill_layer_s=rates.prefill_layer_s / factor, expert_op_s=rates.expert_op_s / factor,
+                   fixed={f: over(table) for f, table in rates.fixed.items()})
 
 
 def load_factors(profile: DeviceProfile, threads: set[int]) -> dict[int, float]:
-    """This moment's DRAM read bandwidth over the calibration's, per thread count: on a shared host the neighbours'
-    load moves every rate by the same factor between calibration and validation (1 where the profile has no roofs)."""
+    """This moment's DRAM read bandwidth over the calibration's, per thread count, timed alike: on a shared
+    host the neighbours' memory traffic moves every rate by about the same factor between calibration and
+    validation (1 where the profile has no roofs)."""
+    from edgellm.plan.calibrate import measure_read_gbs
+
     roofs = profile.extra.get("roofs", {})
-    out = {}
-    for t in threads:
-        if str(t) in roofs:
-            with torch_threads(t):
-                out[t] = measure_read_bandwidth(256, 3) / roofs[str(t)]["dram_gbs"]
-        else:
-            out[t] = 1.0
-    return out
+    return {t: measure_read_gbs(t) / roofs[str(t)]["dram_gbs"] if str(t) in roofs else 1.0 for t in threads}
 
 
 def validate(profile: DeviceProfile, cases: list[tuple] = FULL, work: Path | None = None, log=print,
@@ -134,12 +143,14 @@ def validate(profile: DeviceProfile, cases: list[tuple] = FULL, work: Path | Non
                 rows.append({"model": shape, "format": fmt, "kind": kind, "threads": threads, "context": n,
                              "batch": batch, "metric": METRIC[kind],
                              "predicted": predict(spec, req, here)[METRIC[kind]], "predicted_uncorrected": raw,
-                             "load_factor": factor, "measured": measured})
+                             "load_factor": factor, "measured": measured, "contended": timing["contended"]})
             log(f"{shape} {fmt}: {len(group)} case(s) measured ({time.perf_counter() - start:.0f} s)")
     for row in rows + memory:
         row["error_pct"] = _error(row["predicted"], row["measured"])
     uncorrected = [{"error_pct": _error(r["predicted_uncorrected"], r["measured"])} for r in rows]
-    return {"device": profile.name, "profile_kind": profile.kind, "cases": rows, "memory": memory,
+    return {"device": profile.name, "profile_kind": profile.kind,
+            "clock": "thread CPU time on 1 thread; on more, wall time of steps with every thread on a CPU "
+                     "(edgellm.plan.measure.best_seconds)", "cases": rows, "memory": memory,
             "summary": summarize(rows, memory), "summary_uncorrected": summarize(uncorrected, []),
             "seconds": time.perf_counter() - start}
 

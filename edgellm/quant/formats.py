@@ -7,122 +7,25 @@ for block-wise dequantization, and every format can be read as integer codes wit
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
-from edgellm.errors import EdgeLLMError
 from edgellm.kernels.ggml_blocks import blocks_dequantize, kquant_dequantize, native_dequantize
-from edgellm.kernels.ggml_layout import (
+from edgellm.kernels.ggml_layout import MXFP4_LEVELS, e8m0_to_fp32_half
+from edgellm.kernels.lut import codes_dequantize
+from edgellm.layouts import (  # the names this module held before the planner needed them without torch
     GGML_BLOCK,
     GGML_BLOCK_BYTES,
-    GGUF_ONLY_BLOCK_BYTES,
     KQUANT_BLOCK_BYTES,
-    MXFP4_LEVELS,
-    QK_K,
-    e8m0_to_fp32_half,
+    QuantFormatError,
+    WeightFormat,
+    format_names,
 )
-from edgellm.kernels.lut import codes_dequantize
 
-
-class QuantFormatError(EdgeLLMError):
-    """An unknown weight format name, or a weight whose shape the format cannot store."""
-
-
-GROUPS = (32, 64, 128)
-GGUF_ONLY_BITS = {"q4_1": 4, "q5_0": 5, "q5_1": 5, "iq4_nl": 4}
 METHODS = ("rtn", "mse")
 MSE_RATIOS = tuple(1 - 0.025 * i for i in range(1, 21))  # range shrink factors tried by method="mse"
 CHUNK_ELEMENTS = 1 << 20  # weights quantized per pass; bounds the fp32 temporaries (MXFP4's search holds 16 per weight)
-
-
-def format_names() -> list[str]:
-    """Every canonical format name, for error messages and CLI help."""
-    names = ["q8_0", "q4_0", "mxfp4", "ternary", "ternary-g128"]
-    names += [f"int{b}-g{g}" for b in (4, 3, 2) for g in GROUPS]
-    return names
-
-
-@dataclass(frozen=True)
-class WeightFormat:
-    """A weight format: `kind` is q8_0, q4_0, mxfp4 (fixed 32-blocks), affine or ternary (per-group scale/bias)."""
-
-    name: str
-    kind: str
-    bits: int
-    group: int
-
-    @classmethod
-    def parse(cls, name: str | WeightFormat) -> WeightFormat:
-        """The format called `name` (case-insensitive), or a QuantFormatError listing the valid names."""
-        if isinstance(name, WeightFormat):
-            return name
-        key = str(name).strip().lower()
-        if key in GGML_BLOCK_BYTES:
-            return cls(key, key, 8 if key == "q8_0" else 4, GGML_BLOCK)
-        if key in ("ternary", "ternary-g64"):
-            return cls("ternary", "ternary", 2, 64)
-        if key == "ternary-g128":
-            return cls(key, "ternary", 2, 128)
-        m = re.fullmatch(r"int([234])-g(\d+)", key)
-        if m and int(m[2]) in GROUPS:
-            return cls(key, "affine", int(m[1]), int(m[2]))
-        raise QuantFormatError(f"unknown weight format {name!r}; use one of {', '.join(format_names())}")
-
-    @classmethod
-    def gguf(cls, name: str) -> WeightFormat:
-        """A block format a GGUF file can hold kept quantized: `parse`'s, plus q4_1, q5_0, q5_1, iq4_nl and the
-        k-quants (q2_k..q6_k), which `parse` refuses because edgellm cannot quantize to them (its names are what
-        `quantize` accepts)."""
-        key = name.strip().lower()
-        if key in KQUANT_BLOCK_BYTES:
-            return cls(key, key, int(key[1]), QK_K)
-        if key in GGUF_ONLY_BLOCK_BYTES:
-            return cls(key, key, GGUF_ONLY_BITS[key], GGML_BLOCK)
-        return cls.parse(key)
-
-    @property
-    def read_only(self) -> bool:
-        """True for the GGUF block formats edgellm reads but does not quantize to."""
-        return self.kind in GGUF_ONLY_BLOCK_BYTES or self.kind in KQUANT_BLOCK_BYTES
-
-    @property
-    def block_layout(self) -> bool:
-        """True for the llama.cpp-style formats stored as one byte string of fixed-size blocks per row (of `group`
-        weights each)."""
-        return self.kind in GGML_BLOCK_BYTES or self.read_only
-
-    @property
-    def block_bytes(self) -> int:
-        return {**GGML_BLOCK_BYTES, **GGUF_ONLY_BLOCK_BYTES, **KQUANT_BLOCK_BYTES}[self.kind]
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Storage cost including scales (and biases): q4_0 = 4.5, int4-g64 = 4.5, ternary = 2.5, q4_k = 4.5."""
-        if self.block_layout:
-            return self.block_bytes * 8 / self.group
-        return self.bits + 32 / self.group
-
-    def padded(self, k: int) -> int:
-        """K rounded up to whole groups (block formats must already be whole blocks)."""
-        return -(-k // self.group) * self.group
-
-    def check_shape(self, shape: tuple[int, ...]) -> None:
-        if len(shape) != 2:
-            raise QuantFormatError(f"{self.name} stores 2-D weights [out, in], got shape {tuple(shape)}")
-        if self.block_layout and shape[1] % self.group:
-            raise QuantFormatError(f"{self.name} needs the input dimension to be a multiple of {self.group}, "
-                                   f"got a weight of shape {tuple(shape)}; use an intN-gXX or ternary format")
-
-    def data_shapes(self, n: int, k: int) -> dict[str, tuple[tuple[int, int], torch.dtype]]:
-        """Name → (shape, dtype) of each stored tensor for an [n, k] weight."""
-        self.check_shape((n, k))
-        if self.block_layout:
-            return {"blocks": ((n, k // self.group * self.block_bytes), torch.uint8)}
-        kp, groups = self.padded(k), self.padded(k) // self.group
-        return {"codes": ((n, kp * self.bits // 8), torch.uint8), "scales": ((n, groups), torch.float16),
-                "biases": ((n, groups), torch.float16)}
 
 
 @dataclass
