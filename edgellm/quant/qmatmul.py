@@ -63,17 +63,20 @@ def kernel_for(qt: QuantizedTensor, rows: int, lut: LutWeight | None) -> str:
     return choose_kernel(qt.fmt.bits, n, k, rows)
 
 
-def _chunk_buffer(elements: int, dtype: torch.dtype) -> torch.Tensor:
-    """This thread's buffer for one dequantized row chunk: a fresh multi-MiB tensor per chunk cost more in page
-    faults and zeroing than the dequantization itself (measured on a Zen 4 core: ~40% of a Q4_0 prefill)."""
+_buffers = threading.local()
+
+
+def _chunk_buffer(rows: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """This thread's buffer for one dequantized row chunk (rows, k) on the CPU: a fresh multi-MiB tensor per chunk
+    cost more in page faults and zeroing than the dequantization itself (measured on a Zen 4 core: ~40% of a Q4_0
+    prefill). None elsewhere (the dequantization allocates)."""
+    if device.type != "cpu":
+        return None
     buffers = _buffers.__dict__
     buf = buffers.get(dtype)
-    if buf is None or buf.numel() < elements:
-        buf = buffers[dtype] = torch.empty(max(elements, DEQUANT_CHUNK_ELEMENTS), dtype=dtype)
-    return buf[:elements]
-
-
-_buffers = threading.local()
+    if buf is None or buf.numel() < rows * k:
+        buf = buffers[dtype] = torch.empty(max(rows * k, DEQUANT_CHUNK_ELEMENTS), dtype=dtype)
+    return buf[:rows * k].view(rows, k)
 
 
 def dequant_linear(x2: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
@@ -85,7 +88,7 @@ def dequant_linear(x2: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
     y = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x2.device)
     for start in range(0, n, step):
         rows = qt.rows(start, start + step)
-        w = rows.dequantize(dtype, _chunk_buffer(rows.shape[0] * k, dtype).view(rows.shape[0], k))
+        w = rows.dequantize(dtype, _chunk_buffer(rows.shape[0], k, dtype, x2.device))
         y[:, start:start + rows.shape[0]] = F.linear(x2, w)
     return y
 
