@@ -270,15 +270,23 @@ def test_load_correction_scales_every_measured_time():
 
 
 def test_timing_reads_cpu_time_and_drops_multithread_steps_a_neighbour_stalled(monkeypatch):
-    import time
+    """On a fake clock: each call takes 20 ms of wall time off the CPU (a neighbour holds it)."""
+    from types import SimpleNamespace
 
     from edgellm.plan import measure
 
-    monkeypatch.setattr(measure, "PAUSE_S", 0.0)
-    # one thread: the thread's CPU time, so time off the CPU (here: asleep) does not count
-    assert measure.best_seconds(lambda: time.sleep(0.02), 2, 1) < 0.01
+    clock = {"wall": 0.0, "cpu": 0.0}
+
+    def stalled() -> None:
+        clock["wall"] += 0.02  # the wall clock moves, the process's CPU time does not
+
+    monkeypatch.setattr(measure, "time", SimpleNamespace(
+        perf_counter=lambda: clock["wall"], thread_time=lambda: clock["cpu"], process_time=lambda: clock["cpu"],
+        sleep=lambda _: None))
+    # one thread: the thread's CPU time, so time off the CPU does not count
+    assert measure.best_seconds(stalled, 2, 1) == 0.0
     # two threads: a step whose threads were off the CPU never counts; with no other, its wall time is kept
-    assert measure.best_seconds(lambda: time.sleep(0.02), 2, 2) >= 0.02
+    assert measure.best_timing(stalled, 2, 2) == (pytest.approx(0.02), True)
 
 
 @pytest.mark.slow
