@@ -315,7 +315,6 @@ def cmd_agents(args: argparse.Namespace) -> None:
         raise InvalidRequestError(f"no agent {args.name!r} in {root}")
     if args.action == "show":
         meta = read_metadata(path)
-        meta["tokens"] = f"{len(json.loads(meta.get('tokens', '[]')))} token ids"
         meta.pop("checksums", None)
         print(json.dumps(meta, indent=2, ensure_ascii=False))
     else:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from edgellm import load
 from edgellm.agents import AgentStore
@@ -165,11 +166,11 @@ def test_failed_save_leaves_previous_file_intact(engine, tmp_path, monkeypatch):
     agent = store.agent("bob")
     agent.generate(PROMPT + " * 2", 4)
 
-    def crash(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
+    def crash(path, tensors, metadata):
+        Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("edgellm.kv.persist.save_file", crash)
+    monkeypatch.setattr("edgellm.kv.persist.write_safetensors", crash)
     with pytest.raises(OSError):
         agent.save()
     assert path.read_bytes() == before
@@ -285,18 +286,14 @@ def test_every_single_bit_flip_is_refused_or_harmless(engine, tmp_path):
     assert refused >= len(positions) * 0.9  # nearly every flip changes something that decides the state
 
 
-@pytest.mark.parametrize("edit", ["token", "message", "num_tokens", "predicted"])
+@pytest.mark.parametrize("edit", ["message", "num_tokens", "predicted"])
 def test_edited_header_is_refused(engine, tmp_path, edit):
     model, tok = engine
     store = AgentStore(tmp_path, model, tok, "q4")
     agent = store.agent("bob")
     agent.chat("hi", 3)
     path = store.save(agent)
-    if edit == "token":  # one token id changed by one, as a hand edit would
-        tokens = list(agent.cache.tokens)
-        tokens[1] = (tokens[1] + 1) % 300
-        change = {"tokens": json.dumps(tokens)}
-    elif edit == "message":
+    if edit == "message":
         change = {"messages": json.dumps([{"role": "user", "content": "hj"}, agent.messages[1]])}
     elif edit == "num_tokens":
         change = {"num_tokens": str(len(agent.cache.tokens) - 1)}
@@ -304,6 +301,36 @@ def test_edited_header_is_refused(engine, tmp_path, edit):
         change = {"predicted": "1"}
     rewrite_metadata(path, resign=False, **change)
     assert_refused(engine, tmp_path, "q4", "header checksum mismatch")
+
+
+def test_edited_token_id_is_refused(engine, tmp_path):
+    """One token id changed by one in the file, as a hand edit would: its K/V belong to other tokens."""
+    store, path = saved_agent(engine, tmp_path)
+    agent = store.agent("bob")
+    data = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    begin, end = json.loads(data[8:8 + n])["tokens"]["data_offsets"]
+    ids = torch.frombuffer(data[8 + n + begin:8 + n + end], dtype=torch.int32)
+    assert ids.tolist() == agent.cache.tokens
+    ids[1] += 1
+    data[8 + n + begin:8 + n + end] = ids.numpy().tobytes()
+    path.write_bytes(bytes(data))
+    assert_refused(engine, tmp_path, "q4", "checksum mismatch in tokens")
+
+
+def test_memory_file_is_safetensors_with_aligned_data(engine, tmp_path):
+    """The file is one the safetensors library reads back to the saved tensors, bit for bit, and its data starts
+    on a 64-byte boundary (aligned copies into the cache)."""
+    store, path = saved_agent(engine, tmp_path)
+    agent = store.agent("bob")
+    n = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert (8 + n) % 64 == 0
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_tensor("tokens").tolist() == agent.cache.tokens
+        saved = {k: f.get_tensor(k) for k in f.keys() if k != "tokens"}
+    held = {f"layers.{i}.{k}": t for i, layer in enumerate(agent.cache.layers) for k, t in layer.state().items()}
+    assert saved.keys() == held.keys()
+    assert all(saved[k].dtype == held[k].dtype and torch.equal(saved[k], held[k]) for k in held)
 
 
 def test_reinterpreted_tensor_dtype_is_refused(engine, tmp_path):

@@ -8,7 +8,10 @@ says why, so a stale, damaged or edited file costs a prefill but never gives a w
 A restore checks the header first (the safetensors layout itself: every tensor's offsets, dtype and shape, and that
 the tensors tile the data exactly), then reads the file straight into a fresh cache's buffers in one native pass,
 checksumming each chunk right after it lands (no memory map: a page fault per 4 KiB page cost more than the read;
-no staging buffer: the second copy cost as much as the read).
+no staging buffer: the second copy cost as much as the read). The file's data starts on a 64-byte boundary (the
+header is padded with spaces, as the safetensors format allows) so that the kernel's copy into the 64-byte-aligned
+cache is an aligned one: a misaligned source made a page-cache-warm read ~50% slower on a Zen 4 core. The token ids
+are a tensor, checksummed like the K/V, instead of a JSON list the header would parse and hash.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from edgellm.errors import EdgeLLMError, InvalidRequestError
@@ -37,9 +39,14 @@ from edgellm.kv.cache import Layout
 from edgellm.kv.formats import KVFormat, dense_format
 from edgellm.kv.prompt_cache import PromptCache
 
-SAFETENSORS_DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+SAFETENSORS_DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                      "I32": torch.int32}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 HEADER_LIMIT = 100 * 2**20  # safetensors' own bound on the JSON header
-FORMAT_VERSION = 2  # 2: metadata checksummed, tensor CRCs cover dtype and shape
+DATA_ALIGN = 64  # the data section starts at a multiple of this: aligned copies into the cache's buffers
+TOKENS = "tokens"  # the tensor of token ids the K/V belong to
+# 2: metadata checksummed, tensor CRCs cover dtype and shape; 3: token ids as a tensor, data 64-byte aligned
+FORMAT_VERSION = 3
 HEADER_CHECKSUM = "header_sha256"
 TMP_SUFFIX = ".tmp"
 STALE_TMP_S = 3600.0  # a save takes seconds: a temp file this old outlived its writer whatever its PID says
@@ -121,6 +128,7 @@ def save_memory(path: Path, cache: PromptCache, model: nn.Module, tokenizer_fing
     """
     tensors = {f"layers.{i}.{key}": t.contiguous()
                for i, layer in enumerate(cache.layers) for key, t in layer.state().items()}
+    tensors[TOKENS] = torch.tensor(cache.tokens, dtype=torch.int32)
     args = model.args
     fmt = cache.kv_format or dense_format(model.dtype)
     metadata = {
@@ -132,7 +140,6 @@ def save_memory(path: Path, cache: PromptCache, model: nn.Module, tokenizer_fing
         "rope": json.dumps({"theta": args.rope_theta, "scaling": args.rope_scaling, "head_dim": args.head_dim}),
         "layers": str(len(cache.layers)),
         "num_tokens": str(len(cache.tokens)),
-        "tokens": json.dumps(cache.tokens),
         "messages": json.dumps(messages or [], ensure_ascii=False),
         "predicted": "1" if predicted else "0",
         "adapter": adapter or "",
@@ -143,15 +150,35 @@ def save_memory(path: Path, cache: PromptCache, model: nn.Module, tokenizer_fing
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        write_safetensors(Path(tmp), tensors, metadata)
         os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a torn one
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     fsync_dir(path.parent)
     return path
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file (tensors in the given order) whose data starts at a multiple of DATA_ALIGN, written with
+    one buffered pass over the tensors' own bytes and fsynced.
+
+    safetensors' writer aligns the data to 8 bytes only, and first builds the whole file in memory.
+    """
+    header: dict[str, dict] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        end = offset + t.nbytes
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % DATA_ALIGN)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for t in tensors.values():
+            f.write(t.reshape(-1).view(torch.uint8).numpy())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextmanager
@@ -245,9 +272,12 @@ def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
     try:
         with open(path, "rb", buffering=0) as f:  # one open file: a concurrent atomic replace cannot swap it mid-read
             meta, shapes, spans = read_header(f)
-            meta, tokens, checksums = _check_metadata(label, meta, model, tokenizer_fingerprint, kv_format)
+            meta, num_tokens, checksums = _check_metadata(label, meta, model, tokenizer_fingerprint, kv_format)
             if set(shapes) != set(checksums):
                 raise RestoreError(f"{label}: the file's tensors do not match its checksum list")
+            ids = shapes.pop(TOKENS, None)
+            if ids is None or ids.dtype != torch.int32 or tuple(ids.shape) != (num_tokens,):
+                raise RestoreError(f"{label}: the token ids do not match the {num_tokens} tokens the header claims")
             layers = model.args.num_hidden_layers
             states: list[dict[str, Layout]] = [{} for _ in range(layers)]
             for key, t in shapes.items():
@@ -255,8 +285,8 @@ def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
                 if not i.isdigit() or int(i) >= layers:
                     raise RestoreError(f"{label}: tensor {key} names no layer of this model")
                 states[int(i)][field] = t
-            cache = PromptCache(model, capacity=len(tokens) + 256, kv_format=kv_format)
-            views = {}
+            cache = PromptCache(model, capacity=num_tokens + 256, kv_format=kv_format)
+            views = {TOKENS: torch.empty(num_tokens, dtype=torch.int32)}
             try:
                 for i, (layer, state) in enumerate(zip(cache.layers, states, strict=True)):
                     got = layer.receive(state)
@@ -266,6 +296,7 @@ def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
                     views |= {f"layers.{i}.{name}": view for name, view in got.items()}
             except EdgeLLMError as e:
                 raise RestoreError(f"{label}: memory tensors do not fit this KV format ({e})") from e
+            shapes[TOKENS] = ids
             names = [name for _, _, name in spans]
             crcs = read_into(f, [views[name] for name in names], [layout_crc32(shapes[name]) for name in names])
             for name, crc in zip(names, crcs, strict=True):
@@ -273,15 +304,15 @@ def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
                     raise RestoreError(f"{label}: checksum mismatch in {name}; the file is damaged")
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
         raise RestoreError(f"{label}: memory file is damaged or inconsistent ({e})") from e
-    if any(layer.offset != len(tokens) for layer in cache.layers):
+    if any(layer.offset != num_tokens for layer in cache.layers):
         raise RestoreError(f"{label}: memory holds a different number of tokens than it claims")
-    cache.tokens = tokens
+    cache.tokens = views[TOKENS].tolist()
     return cache, meta
 
 
 def _check_metadata(label: str, meta: dict[str, str], model: nn.Module, tokenizer_fingerprint: str,
-                    kv_format: KVFormat) -> tuple[dict[str, str], list[int], dict[str, str]]:
-    """(metadata, tokens, tensor checksums) when the header is intact and written for this model, tokenizer,
+                    kv_format: KVFormat) -> tuple[dict[str, str], int, dict[str, str]]:
+    """(metadata, number of tokens, tensor checksums) when the header is intact and written for this model, tokenizer,
     dtype and KV format; else RestoreError."""
     meta = verified_metadata(label, meta)
     if meta.get("model_fingerprint") != model.fingerprint:
@@ -290,7 +321,6 @@ def _check_metadata(label: str, meta: dict[str, str], model: nn.Module, tokenize
         raise RestoreError(f"{label}: memory was saved with a different tokenizer")
     try:
         saved_format = KVFormat.from_metadata(json.loads(meta["kv_format"]))
-        tokens = json.loads(meta["tokens"])
         checksums = json.loads(meta["checksums"])
         layers = int(meta["layers"])
         num_tokens = int(meta["num_tokens"])
@@ -301,6 +331,6 @@ def _check_metadata(label: str, meta: dict[str, str], model: nn.Module, tokenize
         raise RestoreError(f"{label}: memory was computed by the model in {meta.get('model_dtype')}, not {dtype}")
     if saved_format != kv_format:
         raise RestoreError(f"{label}: memory is in KV format {saved_format}, this store uses {kv_format}")
-    if layers != model.args.num_hidden_layers or len(tokens) != num_tokens:
+    if layers != model.args.num_hidden_layers or num_tokens < 0:
         raise RestoreError(f"{label}: memory shape does not match the model")
-    return meta, tokens, checksums
+    return meta, num_tokens, checksums
