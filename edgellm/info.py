@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from edgellm.checkpoint import quant_format, read_config
 from edgellm.errors import CheckpointError
-from edgellm.loader import quant_format, read_config, weight_files
+from edgellm.loader import weight_files
 from edgellm.models import family_for
 
 
@@ -87,7 +88,7 @@ def _gguf_info(path: Path) -> dict:
     """The same summary for a GGUF file, from its header: tensor types instead of a weight format."""
     from collections import Counter
 
-    from edgellm.quant.gguf_read import gguf_config, open_gguf
+    from edgellm.quant.gguf_file import gguf_config, open_gguf
 
     reader = open_gguf(path)
     config = gguf_config(reader, path)

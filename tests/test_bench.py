@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from edgellm.bench.speed import ModelCost
+from edgellm.checkpoint import read_config
 from edgellm.cli import main
-from edgellm.loader import load_model, read_config
+from edgellm.loader import load_model
 from edgellm.perf import measure_hardware
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,

@@ -24,7 +24,8 @@ from edgellm.quant import qmatmul
 from edgellm.quant.convert import quantize_checkpoint
 from edgellm.quant.formats import QuantizedTensor
 from edgellm.quant.gguf import LLAMA3_REGEX, GGUFError, gguf_name, hf_name, permute_qk, qk_heads, unpermute_qk
-from edgellm.quant.gguf_read import gguf_tokenizer, load_gguf, open_gguf
+from edgellm.quant.gguf_file import open_gguf
+from edgellm.quant.gguf_read import gguf_tokenizer, load_gguf
 from edgellm.quant.gguf_write import add_tokenizer, export_gguf
 from edgellm.quant.linear import QuantizedEmbedding, QuantizedLinear
 from edgellm.tokenizer import Tokenizer

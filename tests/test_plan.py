@@ -240,15 +240,27 @@ def _device(rates):
     return DeviceProfile("made-up cpu", "measured", "test", 2**33, 1.0, {1: rates})
 
 
-def test_plan_prediction_imports_no_torch():
+@pytest.mark.parametrize("source", ["catalog", "hf-dir", "gguf"])
+def test_plan_prediction_imports_no_torch(source, llama_dir, tmp_path):
+    """`plan` reads a catalog entry, an HF directory's config.json or a GGUF's header and answers without torch."""
     import subprocess
     import sys
 
+    if source == "gguf":
+        from edgellm.quant.gguf_write import export_gguf
+
+        model = str(export_gguf(llama_dir, tmp_path / "m.gguf", "q8_0"))
+    else:
+        model = "qwen3-0.6b" if source == "catalog" else str(llama_dir)
     code = ("import sys; from edgellm.cli import main; "
-            "main(['plan', '--model', 'qwen3-0.6b', '--device', 'm4-pro']); "
+            f"main(['plan', '--model', {model!r}, '--device', 'm4-pro', '--json', {str(tmp_path / 'p.json')!r}]); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["decode_tok_s"] > 0 and plan["memory"]
+    if source == "gguf":
+        assert plan["format"] == "q8_0"
 
 
 def test_package_exports_stay_the_functions_once_their_modules_are_imported():

@@ -92,7 +92,7 @@ def build_random_moe(shape: str, out: str) -> str:
     the GGUF even when ids are fed directly; the export pads the token list to the vocabulary)."""
     from edgellm.assets import default_model_path
     from edgellm.bench.speed import import_transformers
-    from edgellm.loader import read_config
+    from edgellm.checkpoint import read_config
 
     transformers = import_transformers()
     builtin = Path(default_model_path())

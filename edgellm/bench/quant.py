@@ -327,7 +327,7 @@ def build_random_llama(size: str, out: str) -> str:
     embedding and head are a large share of its bytes (the GGUF export pads the token list)."""
     from edgellm.assets import default_model_path
     from edgellm.bench.speed import import_transformers
-    from edgellm.loader import read_config
+    from edgellm.checkpoint import read_config
 
     transformers = import_transformers()
     builtin = Path(default_model_path())
@@ -385,7 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with pool, tempfile.TemporaryDirectory(prefix="edgellm-bench-quant-") as tmp:
         workdir = Path(tmp)
         path, name = _source(args, pool, workdir)
-        from edgellm.loader import read_config
+        from edgellm.checkpoint import read_config
 
         config = read_config(path)
         prompt = torch.randint(0, int(config["vocab_size"]), (args.prompt_len,), generator=generator).tolist()

@@ -26,8 +26,9 @@ from torch import nn
 
 import edgellm
 from edgellm.bench.common import add_threads_argument, positive_int, positive_ints, torch_threads, write_report
+from edgellm.checkpoint import read_config
 from edgellm.errors import EdgeLLMError, InvalidRequestError
-from edgellm.loader import load_model, read_config, resolve_dtype
+from edgellm.loader import load_model, resolve_dtype
 from edgellm.models import family_for
 from edgellm.perf import HardwareProfile, measure_hardware
 from edgellm.perf.hardware import dtype_name

@@ -66,7 +66,7 @@ def resolve_model(name: str | None):
         return _gguf_model(path)
     if not path.exists():
         raise InvalidRequestError(f"--model {name!r} is neither a catalog model ({', '.join(MODELS)}) nor a path")
-    from edgellm.loader import quant_format, read_config
+    from edgellm.checkpoint import quant_format, read_config
     config = read_config(path)
     fmt = quant_format(config, path)
     dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(config.get("torch_dtype")), "bf16")
@@ -78,7 +78,7 @@ def _gguf_model(path: Path):
     from collections import Counter
 
     from edgellm.perf.costmodel import ModelSpec
-    from edgellm.quant.gguf_read import gguf_config, open_gguf
+    from edgellm.quant.gguf_file import gguf_config, open_gguf
 
     reader = open_gguf(path)
     types = Counter(t.tensor_type.name.lower() for t in reader.tensors

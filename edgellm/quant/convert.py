@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from edgellm.checkpoint import quant_format, read_config
 from edgellm.errors import CheckpointError
-from edgellm.loader import quant_format, read_config, read_weights, resolve_dtype
+from edgellm.loader import read_weights, resolve_dtype
 from edgellm.models import family_for
 from edgellm.quant.formats import QuantFormatError, WeightFormat, check_method, quantize
 from edgellm.quant.linear import PROJECTIONS

@@ -7,10 +7,12 @@ llama.cpp's own names. Mapping both ways keeps edgellm's model code unaware that
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from edgellm.errors import CheckpointError
+
+if TYPE_CHECKING:  # the GGUF header reader (gguf_file.py) runs without torch
+    import torch
 
 # GGUF architecture → (HF architecture, HF model_type, whether llama.cpp's converter permuted the Q/K rows).
 ARCHITECTURES: dict[str, tuple[str, str, bool]] = {

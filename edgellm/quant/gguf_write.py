@@ -22,8 +22,9 @@ from gguf import GGMLQuantizationType as GT
 from gguf import LlamaFileType, TokenType
 from tokenizers import Tokenizer as HFTokenizer
 
+from edgellm.checkpoint import quant_format, read_config
 from edgellm.errors import UnsupportedModelError
-from edgellm.loader import quant_format, read_config, read_weights
+from edgellm.loader import read_weights
 from edgellm.models import family_for
 from edgellm.models.rope import RotaryEmbedding
 from edgellm.quant.formats import GGML_BLOCK, QuantizedTensor, quantize

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from edgellm.loader import load, quant_format, read_config
+from edgellm.checkpoint import quant_format, read_config
+from edgellm.loader import load
 from edgellm.train.trainer import LOSS_WINDOW, PackedBatches, TrainingError, heldout_windows, lr_at
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
