@@ -80,16 +80,40 @@ def magnitude(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
     return (dx.abs().double()[:, None] * (d.abs().double() * isum + dmin.abs().double() * msum)).sum(-1)
 
 
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+
+
+@pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_dequantize_is_bit_exact_against_gguf(kind):
+def test_dequantize_is_bit_exact_against_gguf(kind, portable):
+    """The native dequantization (AVX-512 where built, or the portable C++ path) of blocks with any finite d and
+    dmin: in fp32 gguf's weight bit for bit (signed zeros included), in bf16 that rounded to nearest even."""
     k = 768
     blocks = random_blocks(kind, 40, k, seed=1)
-    want = reference_weight(blocks, kind, k).numpy().view(np.uint32)
+    want = reference_weight(blocks, kind, k)
     b = torch.from_numpy(blocks)
-    assert np.array_equal(kquant_dequantize_reference(b, k, kind).numpy().view(np.uint32), want)
-    assert np.array_equal(kquant_dequantize(b, k, kind).numpy().view(np.uint32), want)  # native where built
+    assert torch.equal(kquant_dequantize_reference(b, k, kind).view(torch.int32), want.view(torch.int32))
+    for dtype in BITS:
+        got = kquant_dequantize(b, k, kind, dtype, portable=portable)
+        assert got.dtype == dtype and torch.equal(got.view(BITS[dtype]), want.to(dtype).view(BITS[dtype]))
     qt = QuantizedTensor(WeightFormat.gguf(kind), (40, k), {"blocks": b})
-    assert np.array_equal(qt.rows(3, 9).dequantize().numpy().view(np.uint32), want[3:9])
+    assert torch.equal(qt.rows(3, 9).dequantize().view(torch.int32), want[3:9].view(torch.int32))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dequantize_of_non_finite_scales_matches_the_portable_path(kind):
+    """An infinite or NaN d (or dmin) makes infinities and NaNs; the AVX-512 path, whose bf16 conversion would keep
+    a NaN's sign and payload, writes them bit for bit as the portable path (c10's NaN, 0x7fc0, in bf16)."""
+    k = 512
+    blocks = random_blocks(kind, 6, k, seed=5)
+    per_block = blocks.reshape(6, 2, -1)
+    for i, bits in enumerate((0x7C00, 0xFC00, 0x7E00, 0xFE01)):  # +inf, -inf, NaN, -NaN
+        off = SCALE_OFFSETS[kind][i % len(SCALE_OFFSETS[kind])]
+        per_block[i, i % 2, off:off + 2] = np.array([bits], np.uint16).view(np.uint8)
+    b = torch.from_numpy(blocks)
+    for dtype, bits in BITS.items():
+        got = kquant_dequantize(b, k, kind, dtype)
+        assert got.isnan().any() and torch.equal(got.view(bits), kquant_dequantize(b, k, kind, dtype, True).view(bits))
 
 
 @pytest.mark.parametrize("kind", KINDS)

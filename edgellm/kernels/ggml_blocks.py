@@ -289,10 +289,17 @@ def kquant_dequantize_reference(blocks: torch.Tensor, k: int, kind: str) -> torc
     return w.view(n, k)
 
 
-def kquant_dequantize(blocks: torch.Tensor, k: int, kind: str) -> torch.Tensor:
-    """fp32 (N, K) from k-quant blocks, bit-identical to gguf.quants.dequantize (natively where built)."""
-    w = native_dequantize(blocks, k, kind, torch.float32)
-    return kquant_dequantize_reference(blocks, k, kind) if w is None else w
+def kquant_dequantize(blocks: torch.Tensor, k: int, kind: str, dtype: torch.dtype = torch.float32,
+                      portable: bool = False) -> torch.Tensor:
+    """(N, K) from k-quant blocks: fp32 bit-identical to gguf.quants.dequantize, or bf16 that rounded (natively where
+    built). `portable` runs the plain C++ path even where AVX-512 was compiled in (to test it)."""
+    ext = _kext()
+    if ext is None:
+        return kquant_dequantize_reference(blocks, k, kind).to(dtype)
+    _check_kquant(blocks, k, kind)
+    out = torch.empty(blocks.shape[0], k, dtype=dtype)
+    ext.dequantize_into(blocks, k, kind, out, portable)
+    return out
 
 
 def kquant_linear_reference(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: str) -> torch.Tensor:

@@ -96,19 +96,23 @@ inline void narrow(const float* src, T* dst, int64_t n) {
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d]);
 }
 
-// The same for bf16, 16 at a time with c10::BFloat16's own rounding (bits + 0x7fff + lsb, NaN to 0x7fc0).
+#if defined(__AVX512F__)
+// 16 fp32 values as bf16 with c10::BFloat16's own rounding (bits + 0x7fff + lsb, NaN to 0x7fc0).
+inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+#endif
+
+// The same for bf16, 16 at a time.
 inline void narrow(const float* src, c10::BFloat16* dst, int64_t n) {
   int64_t d = 0;
 #if defined(__AVX512F__)
-  const __m512i lsb = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff), nan = _mm512_set1_epi32(0x7fc0);
-  for (; d + 16 <= n; d += 16) {
-    const __m512 v = _mm512_loadu_ps(src + d);
-    const __m512i bits = _mm512_castps_si512(v);
-    __m512i r = _mm512_srli_epi32(
-        _mm512_add_epi32(bits, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(bits, 16), lsb))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), _mm512_cvtepi32_epi16(r));
-  }
+  for (; d + 16 <= n; d += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), to_bf16(_mm512_loadu_ps(src + d)));
 #endif
   for (; d < n; ++d) dst[d] = static_cast<c10::BFloat16>(src[d]);
 }
