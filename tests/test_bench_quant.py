@@ -17,6 +17,7 @@ def test_bench_quant_reports_size_bits_and_quality(checkpoint, tmp_path, capsys)
           "--prompt-len", "16", "--decode-tokens", "4", "--reps", "1", "--ppl-tokens", "200", "--ppl-window", "64",
           "--op-split", "--json", str(out), "--plot", str(png)]) == 0
     report = json.loads(out.read_text())
+    assert report["hardware"]["cpu"] and report["hardware"]["cpu_flags"].startswith("flags")  # the machine, recorded
     rows = {r["format"]: r for r in report["rows"]}
     assert set(rows) == {"fp32", "q8_0", "int2-g64"} and all(r["engine"] == "edgellm" for r in rows.values())
     # stored bits per projection weight, scales included: 32, 8 + 16/32, 2 + 2·16/64

@@ -28,6 +28,7 @@ import torch
 from edgellm.bench.common import env_var, positive_int, rss_bytes, thread_counts, torch_threads, write_report
 from edgellm.bench.speed import RANDOM_LLAMAS
 from edgellm.errors import EdgeLLMError
+from edgellm.kernels.native import cpu_flags
 from edgellm.perf import measure_hardware
 from edgellm.perf.hardware import measure_read_bandwidth, physical_cores
 
@@ -277,8 +278,6 @@ def ensure_llama_cpp(wheel: Path | None) -> str:
         return _llama_cpp_build()
     except ImportError:
         pass
-    from edgellm.kernels.native import cpu_flags
-
     flags = cpu_flags().split()
     env = dict(os.environ, CMAKE_ARGS=LLAMA_CPP_CMAKE_ARGS.format(bf16="ON" if "avx512_bf16" in flags else "OFF"))
     target = str(wheel) if wheel else "llama-cpp-python"
@@ -426,7 +425,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "settings": {"formats": formats, "threads": args.threads, "prompt_len": args.prompt_len,
                            "decode_tokens": args.decode_tokens, "reps": args.reps, "ppl_tokens": args.ppl_tokens,
                            "ppl_window": args.ppl_window, "llama_cpp": llama_version},
-              "hardware": {**hw.to_json(), "dram_read_gbs_by_threads": roofs}, "rows": rows,
+              "hardware": {**hw.to_json(), "cpu_flags": cpu_flags(), "dram_read_gbs_by_threads": roofs}, "rows": rows,
               "notes": ["quality is against the unquantized checkpoint run in fp32 (reference log-probs stored "
                         "in bf16); perplexity over non-overlapping windows of held-out stdlib text",
                         "decode_pct_bandwidth = bytes read per decode step (every stored weight once, one "
