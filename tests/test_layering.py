@@ -1,6 +1,6 @@
-"""The layering in one line: errors, layouts < kernels < formats, caches, tokenizer, sampling < models < loading <
-sequence, runner < generate, train, kvpred < agents < serve < bench, cli. Imports (lazy and typing-only ones too) only
-point down or sideways, and no module imports one that imports it back."""
+"""The layering in one line: errors, layouts, checkpoint < kernels < formats, caches, tokenizer, sampling < models <
+loading < sequence, runner < generate, train, kvpred < agents < serve < bench, cli. Imports (lazy and typing-only ones
+too) only point down or sideways, and no module imports one that imports it back."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import edgellm
 
 ROOT = Path(edgellm.__file__).parent
 LAYERS = [
-    ["edgellm.errors", "edgellm.layouts"],
+    ["edgellm.errors", "edgellm.layouts", "edgellm.checkpoint"],
     ["edgellm.kernels"],
     ["edgellm.quant.formats", "edgellm.quant.qmatmul", "edgellm.quant.linear", "edgellm.quant.gguf", "edgellm.kv",
      "edgellm.tokenizer", "edgellm.grammar", "edgellm.sampling", "edgellm.assets", "edgellm.perf"],
