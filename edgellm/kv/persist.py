@@ -1,9 +1,9 @@
 """KV memory on disk: one safetensors file per cache, validated completely before it touches a live cache.
 
-A restore is all-or-nothing: a SHA-256 over every metadata entry (token ids, messages, fingerprints, format), the
-format version, model and tokenizer fingerprints, KV format, a CRC32 per tensor over its dtype, shape and bytes, and
-the token count are checked, and the tensors are loaded into fresh cache objects; on any mismatch `RestoreError`
-says why, so a stale, damaged or edited file costs a prefill but never gives a wrong answer.
+A restore is all-or-nothing: a SHA-256 over every metadata entry (messages, fingerprints, format, token count), the
+format version, model and tokenizer fingerprints, KV format, a CRC32 per tensor (the token ids' too) over its dtype,
+shape and bytes, and the token count are checked, and the tensors are loaded into fresh cache objects; on any
+mismatch `RestoreError` says why, so a stale, damaged or edited file costs a prefill but never gives a wrong answer.
 
 A restore checks the header first (the safetensors layout itself: every tensor's offsets, dtype and shape, and that
 the tensors tile the data exactly), then reads the file straight into a fresh cache's buffers in one native pass,
@@ -275,12 +275,14 @@ def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
             meta, num_tokens, checksums = _check_metadata(label, meta, model, tokenizer_fingerprint, kv_format)
             if set(shapes) != set(checksums):
                 raise RestoreError(f"{label}: the file's tensors do not match its checksum list")
-            ids = shapes.pop(TOKENS, None)
+            ids = shapes.get(TOKENS)
             if ids is None or ids.dtype != torch.int32 or tuple(ids.shape) != (num_tokens,):
                 raise RestoreError(f"{label}: the token ids do not match the {num_tokens} tokens the header claims")
             layers = model.args.num_hidden_layers
             states: list[dict[str, Layout]] = [{} for _ in range(layers)]
             for key, t in shapes.items():
+                if key == TOKENS:
+                    continue
                 _, i, field = key.split(".", 2)
                 if not i.isdigit() or int(i) >= layers:
                     raise RestoreError(f"{label}: tensor {key} names no layer of this model")
@@ -296,7 +298,6 @@ def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
                     views |= {f"layers.{i}.{name}": view for name, view in got.items()}
             except EdgeLLMError as e:
                 raise RestoreError(f"{label}: memory tensors do not fit this KV format ({e})") from e
-            shapes[TOKENS] = ids
             names = [name for _, _, name in spans]
             crcs = read_into(f, [views[name] for name in names], [layout_crc32(shapes[name]) for name in names])
             for name, crc in zip(names, crcs, strict=True):
