@@ -12,12 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from edgellm import load
 from edgellm.agents import AgentStore
 from edgellm.errors import InvalidRequestError
 from edgellm.generate import generate
-from edgellm.kv.persist import HEADER_CHECKSUM, RestoreError, header_checksum, restore_memory, tensor_crc32
+from edgellm.kv.persist import (
+    HEADER_CHECKSUM,
+    RestoreError,
+    header_checksum,
+    read_metadata,
+    restore_memory,
+    tensor_crc32,
+)
 from edgellm.kv.prompt_cache import PromptCache
 from edgellm.runner import prefill_tokens
 
@@ -331,6 +339,41 @@ def test_memory_file_is_safetensors_with_aligned_data(engine, tmp_path):
     held = {f"layers.{i}.{k}": t for i, layer in enumerate(agent.cache.layers) for k, t in layer.state().items()}
     assert saved.keys() == held.keys()
     assert all(saved[k].dtype == held[k].dtype and torch.equal(saved[k], held[k]) for k in held)
+
+
+def as_format_2(path: Path) -> None:
+    """Rewrite a memory file as format 2 wrote it: no token tensor, the ids a JSON list in the checksummed header,
+    written by safetensors' own writer (data aligned to 8 bytes only)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tokens = tensors.pop("tokens").tolist()
+    checksums = {k: v for k, v in json.loads(meta["checksums"]).items() if k != "tokens"}
+    meta |= {"edgellm_format": "2", "tokens": json.dumps(tokens), "checksums": json.dumps(checksums, sort_keys=True)}
+    meta[HEADER_CHECKSUM] = header_checksum(meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_format_2_files_still_restore_and_are_saved_as_format_3(engine, tmp_path):
+    """An upgrade keeps every saved agent: a file of the previous format restores to the same tokens, K/V and
+    messages, and its next save is in the current format."""
+    model, tok = engine
+    store, path = saved_agent(engine, tmp_path)
+    kv_format = store.kv_format
+    expected = restored_or_refused(engine, path, kv_format)
+    as_format_2(path)
+    assert read_metadata(path)["edgellm_format"] == "2"
+    got = restored_or_refused(engine, path, kv_format)
+    assert got is not None and got[0] == expected[0] and got[2] == expected[2]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(expected[1], got[1], strict=True) for k in a)
+    agent = AgentStore(tmp_path, model, tok, "q4").agent("bob")
+    assert agent.restore_note is None and agent.cache.tokens == expected[0]
+    agent.save()
+    assert read_metadata(path)["edgellm_format"] == "3"
+    as_format_2(path)
+    tokens = list(expected[0])
+    tokens[1] = (tokens[1] + 1) % 300  # one id edited by hand: the header checksum covers format 2's list
+    rewrite_metadata(path, resign=False, tokens=json.dumps(tokens))
+    assert_refused(engine, tmp_path, "q4", "header checksum mismatch")
 
 
 def test_reinterpreted_tensor_dtype_is_refused(engine, tmp_path):

@@ -47,6 +47,7 @@ DATA_ALIGN = 64  # the data section starts at a multiple of this: aligned copies
 TOKENS = "tokens"  # the tensor of token ids the K/V belong to
 # 2: metadata checksummed, tensor CRCs cover dtype and shape; 3: token ids as a tensor, data 64-byte aligned
 FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # an upgrade keeps every saved agent: format 2's token ids are a JSON list in the header
 HEADER_CHECKSUM = "header_sha256"
 TMP_SUFFIX = ".tmp"
 STALE_TMP_S = 3600.0  # a save takes seconds: a temp file this old outlived its writer whatever its PID says
@@ -205,13 +206,14 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def verified_metadata(label: str, meta: dict[str, str]) -> dict[str, str]:
-    """`meta` if it is an edgellm memory header of this version whose checksum holds; else RestoreError."""
+    """`meta` if it is an edgellm memory header of a readable version whose checksum holds; else RestoreError."""
     version = meta.get("edgellm_format", "0")
     version = int(version) if version.isdigit() else 0
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         why = ("written by a newer edgellm; upgrade" if version > FORMAT_VERSION else
                "written by an older edgellm; it will be prefilled again" if version else "not an edgellm memory file")
-        raise RestoreError(f"{label}: memory file format {version}, expected {FORMAT_VERSION} ({why})")
+        raise RestoreError(f"{label}: memory file format {version}, expected "
+                           f"{' or '.join(map(str, READABLE_VERSIONS))} ({why})")
     if meta.get(HEADER_CHECKSUM) != header_checksum(meta):
         raise RestoreError(f"{label}: header checksum mismatch; the file's metadata is damaged or was edited")
     return meta
@@ -275,8 +277,8 @@ def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
             meta, num_tokens, checksums = _check_metadata(label, meta, model, tokenizer_fingerprint, kv_format)
             if set(shapes) != set(checksums):
                 raise RestoreError(f"{label}: the file's tensors do not match its checksum list")
-            ids = shapes.get(TOKENS)
-            if ids is None or ids.dtype != torch.int32 or tuple(ids.shape) != (num_tokens,):
+            listed = _listed_tokens(label, meta, num_tokens)
+            if shapes.get(TOKENS) != (None if listed is not None else Layout(torch.Size([num_tokens]), torch.int32)):
                 raise RestoreError(f"{label}: the token ids do not match the {num_tokens} tokens the header claims")
             layers = model.args.num_hidden_layers
             states: list[dict[str, Layout]] = [{} for _ in range(layers)]
@@ -288,7 +290,7 @@ def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
                     raise RestoreError(f"{label}: tensor {key} names no layer of this model")
                 states[int(i)][field] = t
             cache = PromptCache(model, capacity=num_tokens + 256, kv_format=kv_format)
-            views = {TOKENS: torch.empty(num_tokens, dtype=torch.int32)}
+            views = {} if listed is not None else {TOKENS: torch.empty(num_tokens, dtype=torch.int32)}
             try:
                 for i, (layer, state) in enumerate(zip(cache.layers, states, strict=True)):
                     got = layer.receive(state)
@@ -307,8 +309,21 @@ def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
         raise RestoreError(f"{label}: memory file is damaged or inconsistent ({e})") from e
     if any(layer.offset != num_tokens for layer in cache.layers):
         raise RestoreError(f"{label}: memory holds a different number of tokens than it claims")
-    cache.tokens = views[TOKENS].tolist()
+    cache.tokens = listed if listed is not None else views[TOKENS].tolist()
     return cache, meta
+
+
+def _listed_tokens(label: str, meta: dict[str, str], num_tokens: int) -> list[int] | None:
+    """A format-2 file's token ids (a JSON list its checksummed header holds); None for a later format."""
+    if meta["edgellm_format"] != "2":
+        return None
+    try:
+        tokens = json.loads(meta["tokens"])
+    except (KeyError, ValueError) as e:
+        raise RestoreError(f"{label}: memory metadata is incomplete ({e})") from e
+    if not isinstance(tokens, list) or len(tokens) != num_tokens or not all(type(t) is int for t in tokens):
+        raise RestoreError(f"{label}: the token ids do not match the {num_tokens} tokens the header claims")
+    return tokens
 
 
 def _check_metadata(label: str, meta: dict[str, str], model: nn.Module, tokenizer_fingerprint: str,
