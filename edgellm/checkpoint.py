@@ -10,16 +10,21 @@ from edgellm.errors import CheckpointError
 from edgellm.layouts import QuantFormatError, WeightFormat
 
 
+def read_json(file: Path, what: str) -> object:
+    """The JSON in `file`; CheckpointError naming `what` the directory should be when it is missing or not JSON."""
+    if not file.exists():
+        raise CheckpointError(f"no {file.name} in {file.parent}; pass {what}")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e})") from e
+
+
 def read_config(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist; pass a Hugging Face model directory")
     file = path / "config.json"
-    if not file.exists():
-        raise CheckpointError(f"no config.json in {path}; pass a Hugging Face model directory")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e})") from e
+    config = read_json(file, "a Hugging Face model directory")
     if not isinstance(config, dict):
         raise CheckpointError(f"{file} must hold a JSON object of hyper-parameters, not a {type(config).__name__}")
     return config

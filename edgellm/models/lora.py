@@ -12,7 +12,6 @@ forward signature does not change.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from edgellm.checkpoint import read_json
 from edgellm.errors import CheckpointError, InvalidRequestError
 from edgellm.kernels import linear
 from edgellm.kernels.kvattn import crc32
@@ -55,12 +55,7 @@ class LoraAdapter:
 
 def _config(path: Path) -> dict:
     file = path / "adapter_config.json"
-    if not file.exists():
-        raise CheckpointError(f"no adapter_config.json in {path}; pass a PEFT LoRA adapter directory")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e})") from e
+    config = read_json(file, "a PEFT LoRA adapter directory")
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else config
         raise CheckpointError(f"{file}: peft_type {kind!r} is not supported; only LORA adapters load")
