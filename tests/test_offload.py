@@ -61,6 +61,18 @@ def test_offloaded_experts_compute_the_same(moe_checkpoint, tmp_path, monkeypatc
     assert pinned <= store.budget - store.cache_budget
 
 
+def test_eviction_drops_a_file_written_a_moment_ago(tmp_path):
+    """Pages of a file just written are dirty and cannot leave the page cache until written back: locating the
+    file writes them back, so an evicted expert of a model converted a moment ago really is on disk only."""
+    path = tmp_path / "experts.bin"
+    path.write_bytes(torch.randint(0, 256, (64 * offload.PAGE,), dtype=torch.uint8).numpy().tobytes())
+    mapped = torch.from_file(str(path), shared=True, size=64 * offload.PAGE, dtype=torch.uint8)
+    expert = offload.Expert([(None, "weight", mapped)], mapped.numel())
+    expert.ranges = [offload._Mappings().locate(*offload._pages(mapped))]
+    expert.evict()
+    assert expert.resident_bytes() == 0
+
+
 def test_resident_expert_bytes_stay_within_the_budget(moe_checkpoint, monkeypatch):  # noqa: F811
     model, tok = edgellm.load(moe_checkpoint("qwen3_moe", **SHAPE), "fp32")
     store = offload.enable(model, "40%", repin_every=16)
