@@ -117,6 +117,17 @@ def test_crc32_matches_zlib(n, init):
         assert kvattn.crc32(data.view(torch.float16), init) == zlib.crc32(data.numpy().tobytes(), init)
 
 
+def test_evicting_cache_lines_keeps_every_byte():
+    """The planner's weight flush writes lines back before dropping them: the tensors read back unchanged, even
+    ones written just before (dirty lines) and ones not a whole number of lines long."""
+    tensors = [torch.randn(100_003), torch.randint(0, 256, (77,), dtype=torch.uint8), torch.randn(3, 65)]
+    copies = [t.clone() for t in tensors]
+    tensors[0] += 1  # dirty lines
+    copies[0] += 1
+    assert kvattn.evict_lines(tensors)
+    assert all(torch.equal(t, c) for t, c in zip(tensors, copies, strict=True))
+
+
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("tokens", [0, 1, 777, 70_000])  # 70K fp16 rows of 64: 8.5 MiB, in chunks
 def test_read_into_fills_strided_views_like_a_plain_read(tmp_path, monkeypatch, native, tokens):

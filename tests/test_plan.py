@@ -234,6 +234,23 @@ def test_measured_moe_prefill_runs_each_expert_on_its_share_of_the_tokens():
     assert ops["moe experts"]["ms"] == pytest.approx(1000 * expected)
 
 
+def test_moe_prefill_pays_each_routed_pair_beside_each_expert():
+    """The per-(token, expert) cost calibrated from two prompt lengths: charged per routed pair, so a longer
+    prompt costs more gathering and scattering at the same number of experts."""
+    from dataclasses import replace
+
+    spec = ModelSpec.from_config(TINY_MOE, "tiny-moe")
+    rates = _measured_rates()
+    paired = replace(rates, fixed={"q4_0": {"expert_pair_s": 2e-6}})
+
+    def experts_ms(r):
+        return {op["op"]: op for op in predict(spec, Request("q4_0", KVFormat.parse("bf16"), 32), _device(r))[
+            "prefill_ops"]}["moe experts"]["ms"]
+
+    # 2 MoE layers x 32 tokens x 2 experts per token; the per-expert cost falls back to expert_op_s either way
+    assert experts_ms(paired) - experts_ms(rates) == pytest.approx(1000 * 2 * 32 * 2 * 2e-6)
+
+
 def _device(rates):
     from edgellm.perf.profile import DeviceProfile
 

@@ -131,6 +131,14 @@ def read_into(f: BinaryIO, views: list[torch.Tensor], inits: list[int]) -> list[
     return crcs
 
 
+def evict_lines(tensors: list[torch.Tensor]) -> bool:
+    """Evict every cache line of `tensors` (contiguous, CPU) from the caches; False without the native codec."""
+    if _codec() is None:
+        return False
+    _codec().evict_lines(tensors)
+    return True
+
+
 def crc32(t: torch.Tensor, init: int = 0) -> int:
     """zlib.crc32 of a contiguous CPU tensor's bytes continuing from `init`: natively by carry-less multiplication
     (10+ GB/s, the GIL released), else by zlib."""

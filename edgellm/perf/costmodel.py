@@ -381,8 +381,11 @@ def measured_decode_ops(spec: ModelSpec, fmt: str, kv: KVFormat, context: int, b
         expert = weights(expert_group(spec, fmt, spec.moe_layers * hit), rows, batch * spec.experts_per_token / hit)
         per_expert = rates.fixed_s(fmt, "expert_s", rates.expert_overhead_s) if batch == 1 else \
             rates.fixed_s(fmt, "expert_op_s", rates.expert_op_s)
-        expert.measured_s += spec.moe_layers * hit * per_expert
-        expert.overhead_s += spec.moe_layers * hit * per_expert
+        fixed = spec.moe_layers * hit * per_expert
+        if batch > 1:  # op at a time: each routed (sequence, expert) pair gathered and scattered
+            fixed += spec.moe_layers * batch * spec.experts_per_token * rates.fixed_s(fmt, "expert_pair_s", 0.0)
+        expert.measured_s += fixed
+        expert.overhead_s += fixed
         ops.append(expert)
     ops.append(weights(LinearGroup("lm_head", _head_format(fmt), spec.table_params, spec.vocab, spec.hidden, 1)))
     if batch == 1:
@@ -417,7 +420,9 @@ def measured_prefill_ops(spec: ModelSpec, fmt: str, tokens: int, rates: ThreadRa
         ops.append(_measured("moe experts", 2 * tokens * spec.experts_per_token * spec.moe_layers * spec.expert_params,
                              g.params * bytes_per_weight(fmt),
                              rates.linear_s(fmt, rows, g.params, g.out_rows, g.in_width, g.calls)
-                             + spec.moe_layers * hit * rates.fixed_s(fmt, "expert_op_s", rates.expert_op_s), rates))
+                             + spec.moe_layers * hit * rates.fixed_s(fmt, "expert_op_s", rates.expert_op_s)
+                             + spec.moe_layers * tokens * spec.experts_per_token
+                             * rates.fixed_s(fmt, "expert_pair_s", 0.0), rates))
         ffn += spec.moe_layers * (spec.experts_per_token * spec.expert_intermediate + spec.shared_intermediate)
     pairs = causal_pairs(spec, tokens)
     ops.append(_measured("attention (causal)", 4 * spec.heads * spec.head_dim * pairs, 0,

@@ -48,7 +48,8 @@ class ThreadRates:
     prefill_layer_s: float = 0.0  # prefill: per layer (norms, RoPE, cache writes: their dispatch)
     expert_op_s: float = 0.0  # op at a time: per expert an MoE layer runs, besides its linear layers
     # per format, where it differs from the fields above: "step_s", "layer_s" (fused step), "expert_s" (per expert in
-    # the fused step), "expert_op_s" (per expert op at a time)
+    # the fused step), "expert_op_s" (per expert op at a time), "expert_pair_s" (per routed (token, expert) pair, op
+    # at a time)
     fixed: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property

@@ -12,11 +12,12 @@ apart), of a tiny one (hidden 64: what a call, a layer and a step cost with next
   for batched decode and prefill;
 - prefill attention per head size and prompt length (SDPA, as the engine calls it) and the element-wise work per
   token (SiLU, norms, residual adds) measured directly, batched decode's cost per layer and per sequence, and an
-  MoE layer's cost per expert beyond its weights.
+  MoE layer's cost per expert and per routed (token, expert) pair beyond its weights.
 
-Every timing of weights evicts the cache first (they come from DRAM, as for any real model; the tiny models' fixed
-costs are timed warm: a step's small state stays cached); every timing is taken as measure.best_seconds takes it
-(CPU time on one thread; on more, only steps no neighbour stalled).
+Every timing of weights evicts them from the cache first (they come from DRAM, as for any real model): a decode step
+only the model's weights (WeightFlush: its activations, KV cache and plan stay cached, as in a running model), an
+op-at-a-time call the whole cache; the tiny models' fixed costs are timed warm. Every timing is taken as
+measure.best_seconds takes it (CPU time on one thread; on more, only steps no neighbour stalled).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from edgellm.perf.costmodel import (
 from edgellm.perf.hardware import cpu_model_name, measure_gemm
 from edgellm.perf.profile import DeviceProfile, ThreadRates
 from edgellm.perf.weights import DENSE_BYTES, HEAD_FORMAT, bytes_per_weight
-from edgellm.plan.measure import CacheFlush, Engine, best_seconds, build_random, checkpoint, config_of
+from edgellm.plan.measure import CacheFlush, Engine, WeightFlush, best_seconds, build_random, checkpoint, config_of
 
 CALIBRATION_SHAPE = dict(hidden_size=1024, num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=4,
                          intermediate_size=2816, vocab_size=8192, tie_word_embeddings=False)
@@ -62,7 +63,7 @@ MOE_SHAPE = dict(hidden_size=768, num_hidden_layers=4, num_attention_heads=12, n
 FORMATS = ("fp32", "bf16", "q8_0", "q4_0", "int2-g64")  # other formats take the rates of the nearest in bits
 ROWS = (1, 4, 16, 64, 256, 1024)  # op-at-a-time row counts; each kernel crossover below 1024 is added on both sides
 # LONG: the fused attention's share must stand well above a neighbour's noise in the step time
-SHORT, LONG, TINY_PROMPT, MOE_PROMPT, BATCHES, STEPS = 32, 2048, 32, 64, (4, 16), 16
+SHORT, LONG, TINY_PROMPT, MOE_PROMPTS, BATCHES, STEPS = 32, 2048, 32, (64, 256), (4, 16), 16
 ATTENTION = [(d, n) for d in (64, 128) for n in (128, 512, 2048)]  # (head_dim, prompt tokens) SDPA is timed at
 
 
@@ -302,17 +303,19 @@ def _time_sample(sample: _Sample, name: str, fmt: str, threads: list[int], flush
             # a step's own small state (the plan, norms, Python's objects) is reused every step, and the cache keeps
             # it even while a real model's weights stream past: the tiny models' fixed costs are timed warm
             tiny = name.startswith("tiny")
+            step_flush = None if tiny else WeightFlush(engine.model) if flush is not None else None
             sample.times["decode", t, 1] = engine.decode_step_s(SHORT, 3 * steps if tiny else steps, t, 1, None,
-                                                                None if tiny else flush)
+                                                                step_flush)
             if name in ("tiny2", "tiny8") and fmt == "fp32":  # the batched step's own costs: format-free
                 for b in BATCHES:
                     sample.times["decode", t, b] = engine.decode_step_s(SHORT, steps, t, b, None, None)
             if name in ("tiny2", "tiny8") and fmt == "fp32":
                 sample.times["prefill", t, TINY_PROMPT] = engine.prefill_s(TINY_PROMPT, 3, t)
             if name == "moe":
-                sample.times["prefill", t, MOE_PROMPT] = engine.prefill_s(MOE_PROMPT, 2, t)
+                for n in MOE_PROMPTS:
+                    sample.times["prefill", t, n] = engine.prefill_s(n, 2, t)
             if name == "wide" and fmt == "bf16":
-                sample.times["long", t, 1] = engine.decode_step_s(LONG, steps, t, 1, None, flush)
+                sample.times["long", t, 1] = engine.decode_step_s(LONG, steps, t, 1, None, step_flush)
 
 
 def _rates(t: int, formats: list[str], roofs: dict, attention: list[dict],
@@ -390,12 +393,15 @@ def _rates(t: int, formats: list[str], roofs: dict, attention: list[dict],
     prefill_layer = max(0.0, (p8 - p2) / 6)
     rates = _with(rates, prefill_layer_s=prefill_layer, prefill_overhead_s=max(0.0, p8 - 8 * prefill_layer))
     # MoE per format: the MoE model's time past what its weights and dense parts cost, per expert it runs (fused
-    # decode; op-at-a-time prefill)
+    # decode; op-at-a-time prefill, per expert and per (token, expert) pair routed: from two prompt lengths)
     moe = samples["moe", "bf16"].spec
     for fmt in formats:
         fixed[fmt]["expert_s"] = max(0.0, residual("moe", fmt, "decode", 1)) / (moe.moe_layers * moe.experts_per_token)
-        fixed[fmt]["expert_op_s"] = max(0.0, residual("moe", fmt, "prefill", MOE_PROMPT)) / (
-            moe.moe_layers * unique_experts(moe.experts, moe.experts_per_token, MOE_PROMPT))
+        (short, long), left = MOE_PROMPTS, [residual("moe", fmt, "prefill", n) for n in MOE_PROMPTS]
+        per_pair = max(0.0, (left[1] - left[0]) / (moe.moe_layers * moe.experts_per_token * (long - short)))
+        fixed[fmt]["expert_pair_s"] = per_pair
+        fixed[fmt]["expert_op_s"] = max(0.0, left[0] - moe.moe_layers * moe.experts_per_token * short * per_pair) / (
+            moe.moe_layers * unique_experts(moe.experts, moe.experts_per_token, short))
     return _with(rates, batch_weight_gbs=dict(weight_gbs), fixed=fixed, expert_overhead_s=fixed["fp32"]["expert_s"],
                  expert_op_s=fixed["fp32"]["expert_op_s"])
 

@@ -74,6 +74,37 @@ class CacheFlush:
         self.buffer.sum()
 
 
+class WeightFlush(CacheFlush):
+    """Evicts only `model`'s weights (each cache line of them), so a timed decode step reads them from DRAM while its
+    small state stays cached, as in a model larger than the cache: a whole-cache sweep also evicted the activations,
+    the KV cache and the step's plan, whose misses a many-layer calibration model paid per layer and a real model
+    does not. Falls back to the sweep without the native codec."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.tensors = [t for t in weight_tensors(model) if t.is_cpu and t.is_contiguous()]
+
+    def __call__(self) -> None:
+        from edgellm.kernels.kvattn import evict_lines
+
+        if not evict_lines(self.tensors):
+            super().__call__()
+
+
+def weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer once, plus the table-lookup copies made at load: what a decode step streams."""
+    seen, out = set(), []
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type != "meta" and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out.append(t)
+    for module in model.modules():
+        lut = getattr(module, "lut", None)
+        if lut is not None:
+            out += [lut.packed, lut.scale, lut.bias]
+    return out
+
+
 def build_random(shape: dict, out: Path) -> Path:
     """A seeded random-init Llama (or Qwen3-MoE when `shape` names experts) saved by transformers in fp32."""
     transformers = import_transformers()
@@ -158,16 +189,7 @@ class Engine:
     def weight_bytes(self) -> int:
         """Bytes the loaded weights hold: every parameter and buffer once, plus the table-lookup copies made at
         load (what RSS would show without the allocator's and the runtime's own share)."""
-        seen, total = set(), 0
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if t.device.type != "meta" and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        for module in self.model.modules():
-            lut = getattr(module, "lut", None)
-            if lut is not None:
-                total += sum(t.numel() * t.element_size() for t in (lut.packed, lut.scale, lut.bias))
-        return total
+        return sum(t.numel() * t.element_size() for t in weight_tensors(self.model))
 
     def kv_bytes_per_token(self, tokens: int = 256) -> tuple[float, str]:
         """Bytes the default cache of `tokens` tokens allocates per token, and its dtype's name."""
