@@ -49,7 +49,7 @@ def test_offloaded_experts_compute_the_same(moe_checkpoint, tmp_path, monkeypatc
             if isinstance(m, QuantizedLinear):
                 m.lut, m.lut_due = None, False
     want_logits, want_tokens = run(model, tok, fused, monkeypatch)
-    store = offload.enable(model, "50%")
+    store = offload.enable(model, "50%", cache_tokens=1)  # a cold cache of one token's experts, the rest pinned
     got_logits, got_tokens = run(model, tok, fused, monkeypatch)
     assert torch.equal(got_logits, want_logits) and got_tokens == want_tokens
     plan = model.__dict__.get("_fused")
@@ -83,9 +83,31 @@ def test_resident_expert_bytes_stay_within_the_budget(moe_checkpoint, monkeypatc
     assert store.stats()["disk_bytes_per_token"] > 0
 
 
+def test_the_cold_cache_keeps_the_last_tokens_experts(moe_checkpoint):  # noqa: F811
+    """A token coming back to the experts of two tokens before finds them resident (mincore), not re-read from disk:
+    the cold cache holds a few tokens' experts, where one of a layer pair's size had dropped them."""
+    model, _ = edgellm.load(moe_checkpoint("qwen3_moe", **SHAPE), "fp32")
+    store = offload.enable(model, "50%", prefetch=False)
+    store.repins = 1  # no re-pin: the cold cache alone
+    layers = len(store.blocks)
+    x = torch.zeros(1, SHAPE["hidden_size"])
+
+    def token(experts: list[int]) -> int:
+        hits = store.hits
+        for i in range(layers):
+            store.before(i, x, torch.tensor([experts]))
+            for e in experts:  # the experts run: their pages are read
+                [float(t.float().sum()) for _, _, t in store.experts[i, e].slots]
+        return store.hits - hits
+
+    assert token([0, 1]) == 0 and token([2, 3]) == 0  # first uses: read from disk
+    assert token([0, 1]) == 2 * layers  # two tokens later, still resident
+    assert not any(x.pinned for x in store.experts.values())
+
+
 def test_repin_keeps_the_most_routed_experts(moe_checkpoint):  # noqa: F811
     model, _ = edgellm.load(moe_checkpoint("qwen3_moe", **SHAPE), "fp32")
-    store = offload.enable(model, "50%")
+    store = offload.enable(model, "50%", cache_tokens=1)
     store.counts.zero_()
     store.counts[0, 5] = store.counts[1, 2] = 100.0
     store.counts[1, 7] = 50.0
@@ -159,6 +181,6 @@ def test_bf16_experts_stay_mapped_and_offload(moe_checkpoint, monkeypatch):  # n
     expert = model.model.layers[0].mlp.experts[0]
     assert expert.gate_up is None
     want = run(model, tok, "1", monkeypatch)[1]
-    store = offload.enable(model, "50%")
+    store = offload.enable(model, "50%", cache_tokens=1)
     assert run(model, tok, "1", monkeypatch)[1] == want
     assert 0 < store.stats()["pinned_experts"] < store.stats()["experts"]

@@ -2,11 +2,11 @@
 
 The loader leaves every weight memory-mapped from its file (safetensors or GGUF), so an expert that is not in RAM
 is read from disk when a token routes to it. Within `budget` bytes of expert weights:
-- the hottest experts, by decayed router counts, are copied into anonymous memory (pinned: never paged out),
-  re-chosen every `repin_every` routed tokens as the traffic shifts;
-- cold experts are used in place from the mapping and kept in the page cache least-recently-used first within
-  the rest of the budget; past it they are dropped from this process and the page cache (MADV_PAGEOUT,
-  POSIX_FADV_DONTNEED), so the budget holds as it would for a model larger than RAM;
+- cold experts are used in place from the mapping and kept in the page cache least-recently-used first, within
+  room for the experts of the last few tokens (`cache_tokens`); past it they are dropped from this process and the
+  page cache (MADV_PAGEOUT, POSIX_FADV_DONTNEED), so the budget holds as it would for a model larger than RAM;
+- in the rest of the budget the hottest experts, by decayed router counts, are copied into anonymous memory
+  (pinned: never paged out), re-chosen every `repin_every` routed tokens as the traffic shifts;
 - while layer i runs, layer i+1's router is applied to layer i's input (the residual stream changes little from
   one layer to the next, the Pre-gated MoE / MoE-Infinity observation) and its likely experts are prefetched with
   POSIX_FADV_WILLNEED: the kernel reads them in the background, overlapped with this layer's compute.
@@ -36,6 +36,10 @@ from edgellm.quant.linear import QuantizedLinear
 PAGE = mmap.PAGESIZE
 MADV_RANDOM, MADV_PAGEOUT = 1, 21
 DECAY = 0.9  # router counts are multiplied by this at every re-pin: recent traffic weighs most
+# tokens whose experts the cold cache keeps: on a trained MoE (4 of 64 experts, 25% resident) a cache of half a
+# token's experts hit 48-52% with the rest pinned by frequency, one of four tokens' 77% (load-balanced routing is
+# nearly flat overall, but a passage keeps coming back to its experts)
+CACHE_TOKENS = 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -116,12 +120,15 @@ class Expert:
     # Linux's mincore reports every page of a file the process neither owns nor may write as resident: for such a
     # file hits and disk reads are not measured, and every cold use is prefetched
     measurable: bool = True
+    vectors: list = field(default_factory=list)  # mincore's answer buffers, one per range
 
     def resident_bytes(self) -> int:
-        """Bytes of the mapped tensors now in RAM (mincore)."""
+        """Bytes of the mapped tensors now in RAM (mincore; asked for every expert a token runs, so its vectors are
+        made once)."""
+        if len(self.vectors) != len(self.ranges):
+            self.vectors = [(ctypes.c_ubyte * (length // PAGE))() for _, length, _, _ in self.ranges]
         found = 0
-        for start, length, _, _ in self.ranges:
-            vec = (ctypes.c_ubyte * (length // PAGE))()
+        for (start, length, _, _), vec in zip(self.ranges, self.vectors, strict=True):
             if _libc.mincore(start, length, vec) != 0:
                 return self.nbytes  # cannot tell: count it as present rather than invent disk reads
             found += (length // PAGE - bytes(vec).count(0)) * PAGE  # a page's byte is 1 when it is resident
@@ -160,7 +167,8 @@ class Expert:
 class ExpertOffload:
     """The residency policy for every expert of `model` (see the module docstring); installed on its MoE blocks."""
 
-    def __init__(self, model: nn.Module, budget: int, repin_every: int = 256, prefetch: bool = True) -> None:
+    def __init__(self, model: nn.Module, budget: int, repin_every: int = 256, prefetch: bool = True,
+                 cache_tokens: int = CACHE_TOKENS) -> None:
         self.blocks = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
         if not self.blocks:
             raise InvalidRequestError("--expert-budget needs a Mixture-of-Experts model; this one has no experts")
@@ -176,8 +184,12 @@ class ExpertOffload:
         top_k = max(b.top_k for b in self.blocks)
         self.total = sum(x.nbytes for x in self.experts.values())
         self.budget = min(budget, self.total)
-        # room for one layer's chosen experts and the next layer's prefetch, whatever is pinned
-        self.cache_budget = min(self.budget, max(2 * top_k * largest, self.budget // 8))
+        # the cold cache holds the experts of the last `cache_tokens` tokens (a passage comes back to its experts)
+        # where the budget holds one token's; below that an LRU would lose every expert before the next token
+        # needs it, so it only stages one layer's experts and the next one's prefetch, and pinning gets the rest
+        per_token, staging = top_k * largest * len(self.blocks), 2 * top_k * largest
+        self.cache_budget = min(self.budget, max(staging, cache_tokens * per_token if self.budget >= per_token
+                                                 else self.budget // 8))
         if self.budget < 2 * top_k * largest and self.budget < self.total:
             raise InvalidRequestError(f"expert budget {self.budget / 2**20:.0f} MiB is below two layers' experts "
                                       f"({2 * top_k * largest / 2**20:.0f} MiB); raise --expert-budget")
@@ -192,6 +204,7 @@ class ExpertOffload:
         self.inflight: set[tuple[int, int]] = set()  # prefetched, not used yet
         self.repin_every, self.prefetch, self.since_repin, self.repins = repin_every, prefetch, 0, 0
         self.hits = self.uses = self.unmeasured = self.disk_bytes = self.prefetched = self.tokens = 0
+        self.prefetch_used = 0  # prefetched experts the next layer did run
         self.repin_due = False
         self.policy_s = 0.0
         for i, block in enumerate(self.blocks):
@@ -208,16 +221,22 @@ class ExpertOffload:
         """Called by layer `layer`'s MoE block after routing `x` to `index`, before its experts run; `in_step`
         from inside the fused decode step, whose plan holds the current tensors until it returns (`settle`)."""
         t0 = time.perf_counter()
-        chosen = torch.unique(index).tolist()
-        self.counts[layer].index_add_(0, index.flatten(), torch.ones(index.numel()))
+        flat = index.flatten()
+        chosen = sorted(set(flat.tolist()))
+        self.counts[layer].index_add_(0, flat, torch.ones(flat.numel()))
         if layer == 0:
             self.tokens += x.shape[0]
             self.since_repin += x.shape[0]
         for e in chosen:
             expert = self.experts[layer, e]
             self.uses += 1
-            if expert.pinned:
+            # pinned, or cold but used since its pages last came in and not evicted since: resident (asking mincore
+            # for every expert of every token cost ~10% of a small MoE's step; a page the kernel reclaimed under
+            # memory pressure is then read by its fault, uncounted)
+            if expert.pinned or ((layer, e) in self.cached and (layer, e) not in self.inflight):
                 self.hits += 1
+                if not expert.pinned:
+                    self._touch(layer, e)
                 continue
             if not expert.measurable:
                 self.unmeasured += 1
@@ -226,9 +245,11 @@ class ExpertOffload:
                 continue
             missing = expert.nbytes - expert.resident_bytes()
             self.hits += missing == 0
-            if (layer, e) not in self.inflight:  # a prefetch in flight was counted when it was issued
+            if (layer, e) in self.inflight:  # a prefetch in flight was counted when it was issued
+                self.prefetch_used += 1
+                self.inflight.discard((layer, e))
+            else:
                 self.disk_bytes += missing
-            self.inflight.discard((layer, e))
             if missing:
                 expert.prefetch()  # all of this layer's misses read at once, not fault by fault
             self._touch(layer, e)
@@ -263,6 +284,8 @@ class ExpertOffload:
     def _shrink(self, keep: set[tuple[int, int]]) -> None:
         """Evict the least recently used cold experts past the cache budget, except those about to run (a prefill
         chunk may route to more experts than the budget holds: they stay until the next layer)."""
+        if self.cached_bytes <= self.cache_budget:
+            return
         for key in list(self.cached):
             if self.cached_bytes <= self.cache_budget:
                 break
@@ -313,6 +336,7 @@ class ExpertOffload:
                 "hit_rate": self.hits / max(self.uses - self.unmeasured, 1) if self.uses > self.unmeasured else None,
                 "unmeasured_uses": self.unmeasured,
                 "disk_bytes_per_token": self.disk_bytes / max(self.tokens, 1), "prefetched": self.prefetched,
+                "prefetch_accuracy": self.prefetch_used / self.prefetched if self.prefetched else None,
                 "repins": self.repins, "policy_s": self.policy_s, "tokens": self.tokens}
 
 
