@@ -337,3 +337,18 @@ def test_reduced_calibrate_and_validate_through_the_engine(tmp_path):
     assert report["summary"]["memory_max_abs_error_pct"] <= 5  # memory is exact arithmetic: hold it to the target
     for row in report["cases"]:  # speed on a shared 2-core host (calibrated and measured under another load): only
         assert 1 / 4 < row["predicted"] / row["measured"] < 4, row  # loosely; the error lives in `plan validate`
+
+
+def test_weight_flush_evicts_the_weights_or_falls_back_to_a_sweep(monkeypatch):
+    """Calibration's decode steps evict only the model's weights (line by line); where that cannot be done, the
+    whole cache is swept instead, so the weights still come from DRAM."""
+    from edgellm.kernels import kvattn
+    from edgellm.plan.measure import CacheFlush, WeightFlush
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    flush = WeightFlush(model)
+    assert {t.data_ptr() for t in flush.tensors} == {p.data_ptr() for p in model.parameters()}
+    asked = []
+    monkeypatch.setattr(kvattn, "evict_lines", lambda tensors: asked.append(tensors) or False)
+    flush()
+    assert asked == [flush.tensors] and isinstance(flush.sweep, CacheFlush)

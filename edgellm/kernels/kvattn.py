@@ -132,11 +132,9 @@ def read_into(f: BinaryIO, views: list[torch.Tensor], inits: list[int]) -> list[
 
 
 def evict_lines(tensors: list[torch.Tensor]) -> bool:
-    """Evict every cache line of `tensors` (contiguous, CPU) from the caches; False without the native codec."""
-    if _codec() is None:
-        return False
-    _codec().evict_lines(tensors)
-    return True
+    """Evict every cache line of `tensors` (contiguous, CPU) from the caches; False where that cannot be done (no
+    native codec, or not x86)."""
+    return _codec() is not None and bool(_codec().evict_lines(tensors))
 
 
 def crc32(t: torch.Tensor, init: int = 0) -> int:

@@ -83,7 +83,7 @@ class FusedStep:
         self.adapter: str | None = None  # the adapter the plan applies now
 
     def current(self) -> bool:
-        # map over C functions: an MoE's ~1600 lookups every step cost a third of a generator expression's
+        # map over C functions: an MoE's thousands of lookups every step, 25% faster than a generator expression
         return all(map(operator.is_, map(dict.get, self.dicts, self.names), self.values))
 
     def select(self, adapter: str | None) -> None:

@@ -74,21 +74,22 @@ class CacheFlush:
         self.buffer.sum()
 
 
-class WeightFlush(CacheFlush):
+class WeightFlush:
     """Evicts only `model`'s weights (each cache line of them), so a timed decode step reads them from DRAM while its
     small state stays cached, as in a model larger than the cache: a whole-cache sweep also evicted the activations,
     the KV cache and the step's plan, whose misses a many-layer calibration model paid per layer and a real model
-    does not. Falls back to the sweep without the native codec."""
+    does not. Falls back to the sweep where lines cannot be evicted one by one."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
         self.tensors = [t for t in weight_tensors(model) if t.is_cpu and t.is_contiguous()]
+        self.sweep: CacheFlush | None = None
 
     def __call__(self) -> None:
         from edgellm.kernels.kvattn import evict_lines
 
         if not evict_lines(self.tensors):
-            super().__call__()
+            self.sweep = self.sweep or CacheFlush()
+            self.sweep()
 
 
 def weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:

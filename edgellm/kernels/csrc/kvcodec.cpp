@@ -312,13 +312,18 @@ std::vector<int64_t> read_into(int64_t fd, int64_t offset, const std::vector<tor
 // Write back and evict every cache line of each tensor: a planner's timed decode step then reads these weights from
 // DRAM while the step's own small state (activations, cache, plan) stays cached, as in a model larger than the cache.
 // A sweep through a big buffer evicts that state too, and charged its misses to every layer of a calibration model.
-void evict_lines(const std::vector<torch::Tensor>& tensors) {
+// Returns false where it cannot (off x86), for the caller to sweep the cache instead.
+bool evict_lines(const std::vector<torch::Tensor>& tensors) {
 #if defined(__x86_64__)
   for (const auto& t : tensors) {
+    TORCH_CHECK(t.is_cpu() && t.is_contiguous(), "evict_lines: contiguous CPU tensors");
     const auto* p = static_cast<const char*>(t.data_ptr());
     for (int64_t i = 0, n = t.numel() * t.element_size(); i < n; i += 64) _mm_clflush(p + i);
   }
   _mm_mfence();
+  return true;
+#else
+  return false;
 #endif
 }
 
@@ -335,7 +340,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_into", &read_into,
         "fill each view from fd at offset in C order; returns each view's crc32 from its init",
         py::call_guard<py::gil_scoped_release>());
-  m.def("evict_lines", &evict_lines, "evict every cache line of the tensors (clflush; a no-op off x86)",
+  m.def("evict_lines", &evict_lines, "evict every cache line of the tensors (clflush); false off x86",
         py::call_guard<py::gil_scoped_release>());
   m.def("hadamard_rows", &hadamard_rows, "Walsh-Hadamard butterfly of every last-dim row of fp32 x, times scale");
 }
