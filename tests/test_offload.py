@@ -3,6 +3,7 @@ within the budget (checked with mincore on the real file mapping), pinning by ro
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
@@ -71,6 +72,20 @@ def test_eviction_drops_a_file_written_a_moment_ago(tmp_path):
     expert.ranges = [offload._Mappings().locate(*offload._pages(mapped))]
     expert.evict()
     assert expert.resident_bytes() == 0
+
+
+def test_a_file_system_that_refuses_to_sync_still_offloads(moe_checkpoint, monkeypatch):  # noqa: F811
+    """A read-only or network file system may refuse fdatasync: it has nothing to write back, and the budget
+    still applies."""
+    model, tok = edgellm.load(moe_checkpoint("qwen3_moe", **SHAPE), "fp32")
+
+    def refuse(fd: int) -> None:
+        raise OSError(errno.EROFS, "read-only file system")
+
+    monkeypatch.setattr(offload.os, "fdatasync", refuse)
+    store = offload.enable(model, "50%")
+    edgellm.generate(model, tok, prompt(), 4)
+    assert store.stats()["tokens"] > 0 and store.resident_bytes() < store.total
 
 
 def test_resident_expert_bytes_stay_within_the_budget(moe_checkpoint, monkeypatch):  # noqa: F811

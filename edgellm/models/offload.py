@@ -18,6 +18,7 @@ the policy's own time.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -97,8 +98,10 @@ class _Mappings:
                 if path not in self.fds:
                     self.fds[path] = os.open(path, os.O_RDONLY)
                     # a file just written (a model converted a moment ago) holds dirty pages, which eviction cannot
-                    # drop until written back: write them now, so the budget holds from the first token
-                    os.fdatasync(self.fds[path])
+                    # drop until written back: write them now, so the budget holds from the first token (a read-only
+                    # or network file system may refuse: it has nothing of ours to write back)
+                    with contextlib.suppress(OSError):
+                        os.fdatasync(self.fds[path])
                     if not (os.access(path, os.W_OK) or os.stat(path).st_uid == os.geteuid()):
                         self.untrusted.add(self.fds[path])
                     # no readahead on faults: it would pull neighbouring cold experts in, past the budget
