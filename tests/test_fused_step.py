@@ -234,6 +234,24 @@ def test_moe_fp32_matches_op_path(moe_checkpoint, case):
     assert_fp32_matches_op_path(moe_checkpoint(arch, **overrides))
 
 
+def test_a_swapped_expert_weight_gets_a_new_plan(moe_checkpoint):
+    """Steps keep their plan; one expert's weight replaced by setattr (as an offload re-pin does) makes the next
+    step build a new one over it: the logits follow the op path on the new weight (the old plan's would not)."""
+    model, _ = load(moe_checkpoint("qwen3_moe", num_experts=8, num_experts_per_tok=4), dtype="fp32")
+    ids = tokens(model, seed=4)
+    logits_per_step(model, ids, use_fused=True)
+    old = model.__dict__["_fused"]
+    logits_per_step(model, ids, use_fused=True)
+    assert model.__dict__["_fused"] is old  # nothing edited: no rebuild between steps
+    for expert in model.model.layers[0].mlp.experts:
+        down = expert.down_proj
+        down.weight = torch.nn.Parameter(torch.randn_like(down.weight) * 0.2, requires_grad=False)
+    ref = logits_per_step(model, ids, use_fused=False)
+    got = logits_per_step(model, ids, use_fused=True)
+    assert ran_fused(model) and model.__dict__["_fused"] is not old
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe"])
 def test_moe_quantized_experts_match_op_path(moe_checkpoint, arch):
     """Q8_0 experts: the plan made over the fp32 weights is replaced, and the logits follow the op path's. The router

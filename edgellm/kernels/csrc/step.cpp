@@ -105,8 +105,23 @@ struct Proj {
     xpad.assign(Kp, 0.0f), tables.resize(Kp * 4), ts.resize(G), xsum.resize(G);
   }
 
-  void prepare(const float* in) {
+  // Whose activation data rows() reads: this projection's, or that of an earlier one prepared for the same input
+  // in the same form (q/k/v, gate/up, every chosen expert's gate/up): quantized once, not once per projection.
+  const Proj* src = this;
+
+  bool same_form(const Proj& o) const {
+    return o.kind == kind && o.K == K && (kind != WKind::kLut || o.group == group);
+  }
+
+  // `like`: a projection prepared just before, whose data this one reuses when it read the same input in its form.
+  void prepare(const float* in, const Proj* like = nullptr) {
     x = in;
+    if (like && like->src->x == in && same_form(*like->src)) {
+      src = like->src;
+      if (lora_slot >= 0) lora(in);
+      return;
+    }
+    src = this;
     switch (kind) {
       case WKind::kF32: break;
       case WKind::kBF16:
@@ -126,12 +141,14 @@ struct Proj {
         break;
       default: q8k = kq::quantize_q8k(in, K / kq::kQK);
     }
-    if (lora_slot >= 0) {
-      if (lora_a.scalar_type() == torch::kFloat)
-        lora_down(lora_a.data_ptr<float>(), in);
-      else
-        lora_down(lora_a.data_ptr<at::BFloat16>(), in);
-    }
+    if (lora_slot >= 0) lora(in);
+  }
+
+  void lora(const float* in) {
+    if (lora_a.scalar_type() == torch::kFloat)
+      lora_down(lora_a.data_ptr<float>(), in);
+    else
+      lora_down(lora_a.data_ptr<at::BFloat16>(), in);
   }
 
   template <typename W>
@@ -190,13 +207,13 @@ struct Proj {
 
   template <class F>
   void kquant_rows(const uint8_t* w, int64_t n0, int64_t n1, float* y) const {
-    const kq::Q8K* xs[1] = {&q8k};
+    const kq::Q8K* xs[1] = {&src->q8k};
     for (int64_t n = n0; n < n1; ++n) kq::rows<F, 1>(false, w + n * row_bytes, xs, K / kq::kQK, y + n);
   }
 
   template <ggml::Kind G>
   void block_rows(const uint8_t* w, int64_t n0, int64_t n1, float* y) const {
-    ggml::gemv_rows<G>(w, row_bytes, gx, K / ggml::kBlock, n0, n1, y);
+    ggml::gemv_rows<G>(w, row_bytes, src->gx, K / ggml::kBlock, n0, n1, y);
   }
 
   // Rows [n0, n1) of the table-lookup kernel, which computes whole blocks of kBlockRows rows (split_rows hands
@@ -207,8 +224,8 @@ struct Proj {
     const auto* bi = lut_bias.data_ptr<c10::Half>();
     float out[lut::kBlockRows];
     for (int64_t b = n0 / lut::kBlockRows; b * lut::kBlockRows < n1; ++b) {
-      lut::lut_block<P>(w + b * row_bytes, sc + b * G * lut::kBlockRows, bi + b * G * lut::kBlockRows, tables.data(),
-                        ts.data(), xsum.data(), C, G, group / lut::kChunk, out);
+      lut::lut_block<P>(w + b * row_bytes, sc + b * G * lut::kBlockRows, bi + b * G * lut::kBlockRows,
+                        src->tables.data(), src->ts.data(), src->xsum.data(), C, G, group / lut::kChunk, out);
       const int64_t r0 = std::max(n0, b * lut::kBlockRows), r1 = std::min(n1, (b + 1) * lut::kBlockRows);
       std::copy(out + (r0 - b * lut::kBlockRows), out + (r1 - b * lut::kBlockRows), y + r0);
     }
@@ -223,8 +240,8 @@ struct Proj {
         for (int64_t n = n0; n < n1; ++n) y[n] = simd::dot(x, weight.data_ptr<float>() + n * K, K);
         break;
       case WKind::kBF16:
-        bf16::gemv_range<1, float>(packed.data(), kpad, reinterpret_cast<const uint16_t*>(w), nullptr, y, N, K, n0,
-                                   n1);
+        bf16::gemv_range<1, float>(src->packed.data(), src->kpad, reinterpret_cast<const uint16_t*>(w), nullptr, y, N,
+                                   K, n0, n1);
         break;
       case WKind::kQ8_0: block_rows<ggml::Kind::kQ8_0>(w, n0, n1, y); break;
       case WKind::kQ4_0: block_rows<ggml::Kind::kQ4_0>(w, n0, n1, y); break;
@@ -1005,7 +1022,7 @@ class Plan {
 #pragma omp single
         {
           rms_norm(h, L.in_norm.data_ptr<float>(), D_, eps_, xn.data(), sq.data());
-          for (int i = 0; i < 3; ++i) L.attn[i]->prepare(xn.data());
+          for (int i = 0; i < 3; ++i) L.attn[i]->prepare(xn.data(), i ? L.attn[i - 1].get() : nullptr);
         }
         split_rows({{L.attn[0].get(), q.data()}, {L.attn[1].get(), k.data()}, {L.attn[2].get(), v.data()}}, tid, n,
                    scratch.data());
@@ -1033,10 +1050,10 @@ class Plan {
         {
           rms_norm(h, L.post_norm.data_ptr<float>(), D_, eps_, xn.data(), sq.data());
           if (L.mlp) {
-            L.mlp->gate->prepare(xn.data()), L.mlp->up->prepare(xn.data());
+            L.mlp->gate->prepare(xn.data()), L.mlp->up->prepare(xn.data(), L.mlp->gate.get());
           } else {
             L.moe->router->prepare(xn.data());
-            if (L.moe->shared_gate) L.moe->shared_gate->prepare(xn.data());
+            if (L.moe->shared_gate) L.moe->shared_gate->prepare(xn.data(), L.moe->router.get());
           }
         }
         if (L.mlp) {
@@ -1064,9 +1081,11 @@ class Plan {
             for (const auto& [e, w] : routing.chosen) routing.blocks.push_back(&M.experts[e]);
             if (M.shared) routing.blocks.push_back(M.shared.get());
             routing.outs.clear();
+            const Proj* like = nullptr;  // x quantized once for every block's gate and up
             for (size_t j = 0; j < routing.blocks.size(); ++j) {  // gate/up of every block as one concatenation
               Mlp* b = routing.blocks[j];
-              b->gate->prepare(xn.data()), b->up->prepare(xn.data());
+              b->gate->prepare(xn.data(), like), b->up->prepare(xn.data(), b->gate.get());
+              like = b->up.get();
               routing.outs.emplace_back(b->gate.get(), gate.data() + j * ffn_);
               routing.outs.emplace_back(b->up.get(), up.data() + j * ffn_);
             }
