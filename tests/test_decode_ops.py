@@ -19,10 +19,12 @@ def ext():
     return module
 
 
-# (batch, query heads, kv heads, cached positions, head dim): GQA groups 1-8, head dims on and off the
-# 16-lane fast path (24, 512), one position, positions not a multiple of 16
+# (batch, query heads, kv heads, cached positions, head dim): GQA groups 1-8 and 10, head dims on and off the
+# 16-lane fast path (24, 512), whose P.V passes take 8, 4, 2 or 1 16-lane slices of V (80, 96), one position,
+# positions not a multiple of 16
 SHAPES = [(1, 16, 4, 270, 64), (2, 6, 2, 33, 64), (1, 8, 8, 1, 128), (3, 4, 1, 1000, 32), (1, 4, 2, 17, 24),
-          (1, 32, 4, 50, 128), (1, 2, 1, 5, 512), (2, 8, 1, 129, 16)]
+          (1, 32, 4, 50, 128), (1, 2, 1, 5, 512), (2, 8, 1, 129, 16), (1, 14, 2, 100, 64), (1, 12, 2, 40, 96),
+          (1, 5, 1, 37, 80), (1, 10, 1, 21, 128)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -58,6 +58,61 @@ struct PagedRows {
   Cursor cursor() const { return {base, table, page_stride, page_tokens, stride}; }
 };
 
+#if defined(__AVX512F__)
+// ob[j][16 c0 ..) = inv[j] * sum_t p[j][t] v_t over CW 16-column slices from c0 for the G heads of a group: all G * CW
+// sums stay in registers across T, each V slice loaded once for the group.
+template <int G, int CW, typename KV, template <typename> class Rows>
+void pv_slices(const float* p, const float* inv, const Rows<KV>& v, int64_t T, int64_t D, int64_t c0, float* ob) {
+  __m512 acc[G * CW];
+  for (int r = 0; r < G * CW; ++r) acc[r] = _mm512_setzero_ps();
+  auto vc = v.cursor();
+  for (int64_t t = 0; t < T; ++t) {
+    const KV* vt = vc.next() + 16 * c0;
+    __m512 vv[CW];
+    for (int c = 0; c < CW; ++c) vv[c] = load16(vt + 16 * c);
+    for (int j = 0; j < G; ++j) {
+      const __m512 w = _mm512_set1_ps(p[j * T + t]);
+      for (int c = 0; c < CW; ++c) acc[j * CW + c] = _mm512_fmadd_ps(w, vv[c], acc[j * CW + c]);
+    }
+  }
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < CW; ++c)
+      _mm512_storeu_ps(ob + j * D + 16 * (c0 + c), _mm512_mul_ps(acc[j * CW + c], _mm512_set1_ps(inv[j])));
+}
+
+template <int G, typename KV, template <typename> class Rows>
+void pv_group(const float* p, const float* inv, const Rows<KV>& v, int64_t T, int64_t D, float* ob) {
+  constexpr int most = 24 / G;  // accumulators (of 32 registers) the group may hold, the rest for V and weights
+  const int64_t n = D / 16;
+  // the widest slice that divides the row: each pass over T reads its own cache lines of every V row
+  if (most >= 8 && n % 8 == 0)
+    for (int64_t c = 0; c < n; c += 8) pv_slices<G, most >= 8 ? 8 : 1>(p, inv, v, T, D, c, ob);
+  else if (most >= 4 && n % 4 == 0)
+    for (int64_t c = 0; c < n; c += 4) pv_slices<G, most >= 4 ? 4 : 1>(p, inv, v, T, D, c, ob);
+  else if (most >= 2 && n % 2 == 0)
+    for (int64_t c = 0; c < n; c += 2) pv_slices<G, most >= 2 ? 2 : 1>(p, inv, v, T, D, c, ob);
+  else
+    for (int64_t c = 0; c < n; ++c) pv_slices<G, 1>(p, inv, v, T, D, c, ob);
+}
+
+// The P.V half of attend_group with register-held sums, for groups of up to 8 query heads; false for wider ones.
+template <typename KV, template <typename> class Rows>
+bool pv_registers(const float* p, const float* inv, int64_t group, const Rows<KV>& v, int64_t T, int64_t D,
+                  float* ob) {
+  switch (group) {
+    case 1: pv_group<1>(p, inv, v, T, D, ob); return true;
+    case 2: pv_group<2>(p, inv, v, T, D, ob); return true;
+    case 3: pv_group<3>(p, inv, v, T, D, ob); return true;
+    case 4: pv_group<4>(p, inv, v, T, D, ob); return true;
+    case 5: pv_group<5>(p, inv, v, T, D, ob); return true;
+    case 6: pv_group<6>(p, inv, v, T, D, ob); return true;
+    case 7: pv_group<7>(p, inv, v, T, D, ob); return true;
+    case 8: pv_group<8>(p, inv, v, T, D, ob); return true;
+    default: return false;
+  }
+}
+#endif
+
 // out[j] (D floats each) = softmax(q_j k^T * scale) v for the `group` fp32 queries qf[j], over the T positions of
 // one kv head whose K/V rows `k` / `v` give in order (StridedRows or PagedRows, unit stride along D). Each K/V row
 // is widened once for the whole group.
@@ -101,25 +156,7 @@ void attend_group(const float* const* qf, int64_t group, const Rows<KV>& k, cons
   }
   for (int64_t j = 0; j < group; ++j) inv[j] = 1.0f / exp_and_sum(p + j * T, T, m[j]);
 #if defined(__AVX512F__)
-  const int64_t n = D / 16;
-  if (D % 16 == 0 && n <= 16 && group * n <= 24) {  // every output row of the group stays in registers across T
-    __m512 acc[24];
-    for (int64_t r = 0; r < group * n; ++r) acc[r] = _mm512_setzero_ps();
-    auto vc = v.cursor();
-    for (int64_t t = 0; t < T; ++t) {
-      const KV* vt = vc.next();
-      __m512 vv[16];
-      for (int64_t c = 0; c < n; ++c) vv[c] = load16(vt + 16 * c);
-      for (int64_t j = 0; j < group; ++j) {
-        const __m512 w = _mm512_set1_ps(p[j * T + t]);
-        for (int64_t c = 0; c < n; ++c) acc[j * n + c] = _mm512_fmadd_ps(w, vv[c], acc[j * n + c]);
-      }
-    }
-    for (int64_t j = 0; j < group; ++j)
-      for (int64_t c = 0; c < n; ++c)
-        _mm512_storeu_ps(ob + j * D + 16 * c, _mm512_mul_ps(acc[j * n + c], _mm512_set1_ps(inv[j])));
-    return;
-  }
+  if (D % 16 == 0 && pv_registers(p, inv, group, v, T, D, ob)) return;
 #endif
   std::fill(ob, ob + group * D, 0.0f);
   auto vc = v.cursor();
