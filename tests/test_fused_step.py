@@ -234,6 +234,21 @@ def test_moe_fp32_matches_op_path(moe_checkpoint, case):
     assert_fp32_matches_op_path(moe_checkpoint(arch, **overrides))
 
 
+def test_moge_routing_runs_in_the_step(moe_checkpoint):
+    """MoGE (edgellm-trained models): the top 2 of each of 2 expert groups, weights x a per-expert scale, not
+    renormalised, computed in the step as the op path's grouped_topk does."""
+    model, _ = load(moe_checkpoint("qwen3_moe", num_experts=8, num_experts_per_tok=4), dtype="fp32")
+    g = torch.Generator().manual_seed(5)
+    for layer in model.model.layers:
+        layer.mlp.routing, layer.mlp.groups = "moge", 2
+        layer.mlp.expert_scale = torch.nn.Parameter(torch.rand(8, generator=g) * 4, requires_grad=False)
+    ids = tokens(model, seed=6)
+    ref = logits_per_step(model, ids, use_fused=False)
+    got = logits_per_step(model, ids, use_fused=True)
+    assert ran_fused(model)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+
 def test_a_swapped_expert_weight_gets_a_new_plan(moe_checkpoint):
     """Steps keep their plan; one expert's weight replaced by setattr (as an offload re-pin does) makes the next
     step build a new one over it: the logits follow the op path on the new weight (the old plan's would not)."""

@@ -1,7 +1,8 @@
 """The fused native decode step for the Llama family: one native call runs every layer of one token.
 
-Layers are dense or sparse MoE (models/moe.py's SparseMoeBlock: router, softmax top-k, the chosen experts, Qwen2-MoE's
-gated shared expert), with Qwen3's per-head or OLMoE's whole-projection q/k norms and OLMoE's q/k/v clip.
+Layers are dense or sparse MoE (models/moe.py's SparseMoeBlock: router, softmax top-k or MoGE's grouped top-k, the
+chosen experts, Qwen2-MoE's gated shared expert), with Qwen3's per-head or OLMoE's whole-projection q/k norms and
+OLMoE's q/k/v clip.
 
 The K/V caches are dense (fp32/bf16/fp16) or quantized (QuantizedKVCache: 8/4/2-bit codes, per-token or KIVI
 per-channel keys, Hadamard-rotated or not, with or without a full-precision window): the new token is quantized on
@@ -163,9 +164,9 @@ class _Reader:
                 lut.group
         return weight[0], weight[1], bias, module.out_features, module.in_features
 
-    def norm(self, module: nn.Module) -> torch.Tensor:
-        self.refs.append((module, "weight", module.weight))
-        return module.weight.detach()
+    def norm(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
+        self.refs.append((module, name, getattr(module, name)))
+        return getattr(module, name).detach()
 
 
 def _add_layer(plan: Any, layer: nn.Module, read: _Reader) -> None:
@@ -178,12 +179,12 @@ def _add_layer(plan: Any, layer: nn.Module, read: _Reader) -> None:
     if not hasattr(mlp, "experts"):
         plan.set_mlp([read.proj(mlp, name) for name in MLP])
         return
-    if mlp.routing != "topk":
-        raise NotCovered("grouped (MoGE) routing")  # the step routes softmax-then-top-k
     shared = hasattr(mlp, "shared_expert")
     plan.set_moe(read.proj(mlp, "gate"), [[read.proj(e, name) for name in MLP] for e in mlp.experts], mlp.top_k,
                  mlp.renormalize, [read.proj(mlp.shared_expert, name) for name in MLP] if shared else [],
                  read.proj(mlp, "shared_expert_gate") if shared else None)
+    if mlp.routing == "moge":
+        plan.set_moe_groups(mlp.groups, read.norm(mlp, "expert_scale"))
 
 
 def build(model: Any) -> FusedStep | None:

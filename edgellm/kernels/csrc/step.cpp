@@ -369,6 +369,8 @@ struct Moe {
   std::unique_ptr<Mlp> shared;
   int64_t top_k = 0;
   bool renormalize = false;
+  int64_t groups = 0;  // MoGE: top_k / groups experts from each contiguous group, weight = probability x scale
+  torch::Tensor scale;
 };
 
 struct Layer {
@@ -381,7 +383,8 @@ struct Layer {
 
 // Softmax of the router's logits, then the top k by probability (the lower index first on a tie, as torch.topk),
 // renormalised to sum 1 if asked; returns them in ascending expert order, the order mix_experts adds them in.
-std::vector<std::pair<int64_t, float>> route(const float* logits, int64_t E, int64_t k, bool renormalize) {
+std::vector<std::pair<int64_t, float>> route(const float* logits, const Moe& M) {
+  const int64_t E = M.router->N, k = M.top_k;
   std::vector<float> probs(logits, logits + E);
   const float mx = *std::max_element(probs.begin(), probs.end());
   float sum = 0.0f;
@@ -389,14 +392,25 @@ std::vector<std::pair<int64_t, float>> route(const float* logits, int64_t E, int
   for (auto& p : probs) p /= sum;
   std::vector<int64_t> order(E);
   for (int64_t e = 0; e < E; ++e) order[e] = e;
-  std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                    [&](int64_t a, int64_t b) { return probs[a] > probs[b] || (probs[a] == probs[b] && a < b); });
+  const auto higher = [&](int64_t a, int64_t b) { return probs[a] > probs[b] || (probs[a] == probs[b] && a < b); };
+  std::vector<std::pair<int64_t, float>> chosen;
+  if (M.groups) {  // MoGE (models/moe.py's grouped_topk): the best of each group, scaled, not renormalised
+    const int64_t width = E / M.groups, per = k / M.groups;
+    const float* scale = M.scale.data_ptr<float>();
+    for (int64_t g = 0; g < M.groups; ++g) {
+      const auto first = order.begin() + g * width;
+      std::partial_sort(first, first + per, first + width, higher);
+      for (auto it = first; it != first + per; ++it) chosen.emplace_back(*it, probs[*it] * scale[*it]);
+    }
+    std::sort(chosen.begin(), chosen.end());
+    return chosen;
+  }
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), higher);
   float total = 0.0f;
   for (int64_t j = 0; j < k; ++j) total += probs[order[j]];
-  std::vector<std::pair<int64_t, float>> chosen;
   for (int64_t j = 0; j < k; ++j) {
     const float p = probs[order[j]];
-    chosen.emplace_back(order[j], renormalize ? p / total : p);
+    chosen.emplace_back(order[j], M.renormalize ? p / total : p);
   }
   std::sort(chosen.begin(), chosen.end());
   return chosen;
@@ -674,6 +688,15 @@ class Plan {
     slots_ = std::max(slots_, top_k + (shared_gate ? 1 : 0));
     experts_ = std::max(experts_, moe->router->N);
     layer.moe = std::move(moe);
+  }
+
+  void set_moe_groups(int64_t groups, const torch::Tensor& scale) {
+    TORCH_CHECK(!layers_.empty() && layers_.back().moe, "fused step: set_moe_groups follows set_moe");
+    Moe& M = *layers_.back().moe;
+    const int64_t E = M.router->N;
+    TORCH_CHECK(groups >= 1 && E % groups == 0 && M.top_k % groups == 0 && scale.numel() == E,
+                "fused step: MoGE needs groups dividing the experts and top_k, and one scale per expert");
+    M.groups = groups, M.scale = scale.to(torch::kFloat).contiguous();
   }
 
   void set_head(const std::string& kind, torch::Tensor w, int64_t n, int64_t k) {
@@ -1075,7 +1098,7 @@ class Plan {
 #pragma omp barrier
 #pragma omp single
           {
-            routing.chosen = route(router.data(), E, M.top_k, M.renormalize);
+            routing.chosen = route(router.data(), M);
             if (!hook_.is_none() && !hook_error) call_hook(li, xn.data(), routing.chosen, hook_error);
             routing.blocks.clear();
             for (const auto& [e, w] : routing.chosen) routing.blocks.push_back(&M.experts[e]);
@@ -1151,6 +1174,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_mlp", &Plan::set_mlp, "the last layer's dense block: gate, up, down")
       .def("set_moe", &Plan::set_moe,
            "the last layer's MoE block: router, experts' (gate, up, down), top_k, renormalize, shared expert, its gate")
+      .def("set_moe_groups", &Plan::set_moe_groups,
+           "the last MoE block routes MoGE-style: top_k / groups from each contiguous group, weights x scale")
       .def("set_head", &Plan::set_head, "the output projection (kind, weight, N, K)")
       .def("covers_many", &Plan::covers_many, "whether forward_many runs this plan (dense MLPs, fp32/bf16 weights)")
       .def("forward_many", &Plan::forward_many,
