@@ -113,10 +113,15 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         if weights[name].dtype != expected[name].dtype:
             raise CheckpointError(f"{path}: tensor {name} has dtype {weights[name].dtype} but format {fmt.name} "
                                   f"stores {expected[name].dtype}")
+    # Fused q/k/v and gate/up are copies: free where loading converts the weights anyway, but ~0.6x the file of
+    # private memory beside the mapped checkpoint where it does not (the native decode step reads the projections
+    # apart at the same speed: 250M bf16, 1 thread, RSS 928 -> 696 MB, decode and batched decode unchanged).
+    mapped = torch.device(device).type == "cpu" and any(v.dtype == dtype for k, v in weights.items() if k not in stored)
     weights = {k: v.to(device=device, dtype=v.dtype if k in stored else dtype) for k, v in weights.items()}
     model.load_state_dict(weights, assign=True, strict=False)
     model.tie_weights()
-    model.fuse()
+    if not mapped:
+        model.fuse()
     prepare_quantized(model)
     if not mxfp4_release(config):  # the release's head is bf16 by its authors' choice (and transformers runs it so)
         quantize_lm_head(model)
