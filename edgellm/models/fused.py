@@ -164,7 +164,8 @@ class _Reader:
                 lut.group
         return weight[0], weight[1], bias, module.out_features, module.in_features
 
-    def norm(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
+    def vector(self, module: nn.Module, name: str = "weight") -> torch.Tensor:
+        """A 1-D parameter the plan reads as is (a norm's weight, MoGE's expert scale), watched for swaps."""
         self.refs.append((module, name, getattr(module, name)))
         return getattr(module, name).detach()
 
@@ -172,9 +173,9 @@ class _Reader:
 def _add_layer(plan: Any, layer: nn.Module, read: _Reader) -> None:
     """One decoder layer into the plan: its attention, then its dense or sparse MoE feed-forward block."""
     attn, mlp = layer.self_attn, layer.mlp
-    q_norm, k_norm = ((read.norm(attn.q_norm), read.norm(attn.k_norm)) if hasattr(attn, "q_norm")
+    q_norm, k_norm = ((read.vector(attn.q_norm), read.vector(attn.k_norm)) if hasattr(attn, "q_norm")
                       else (None, None))  # per head (Qwen3) or over the projection (OLMoE): the widths tell
-    plan.add_layer(read.norm(layer.input_layernorm), read.norm(layer.post_attention_layernorm), q_norm, k_norm,
+    plan.add_layer(read.vector(layer.input_layernorm), read.vector(layer.post_attention_layernorm), q_norm, k_norm,
                    getattr(attn, "clip", None), [read.proj(attn, name) for name in ATTENTION])
     if not hasattr(mlp, "experts"):
         plan.set_mlp([read.proj(mlp, name) for name in MLP])
@@ -184,7 +185,7 @@ def _add_layer(plan: Any, layer: nn.Module, read: _Reader) -> None:
                  mlp.renormalize, [read.proj(mlp.shared_expert, name) for name in MLP] if shared else [],
                  read.proj(mlp, "shared_expert_gate") if shared else None)
     if mlp.routing == "moge":
-        plan.set_moe_groups(mlp.groups, read.norm(mlp, "expert_scale"))
+        plan.set_moe_groups(mlp.groups, read.vector(mlp, "expert_scale"))
 
 
 def build(model: Any) -> FusedStep | None:
