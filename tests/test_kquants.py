@@ -188,6 +188,17 @@ def test_gemv_matches_the_integer_reference(kind, portable):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_one_row_gemv_tiles_weight_rows_bit_for_bit(kind):
+    """Decode's one activation row runs a kernel of its own (weight rows 4 at a time, a tail of 1-3): each output
+    is bit for bit what the multi-row kernel gives that row, on every tile and tail length."""
+    k = 768
+    for n in (1, 3, 4, 9, 38):
+        blocks = torch.from_numpy(random_blocks(kind, n, k, seed=n))
+        x = torch.randn(2, k)
+        assert torch.equal(kquant_linear(x[:1], blocks, k, kind), kquant_linear(x, blocks, k, kind)[:1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_gemv_is_within_the_activation_rounding_of_fp32(kind):
     """Against fp32 x times gguf's own dequantization: each x moves by at most half its block's step |d_x| / 2."""
     k, n = 768, 29

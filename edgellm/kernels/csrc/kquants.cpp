@@ -33,6 +33,12 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& blocks, int64_t 
   const uint8_t* w = wc.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t row_bytes = nb * F::kBytes;
+  if (M == 1) {  // decode: weight rows tiled instead
+    at::parallel_for(0, N, std::max<int64_t>(kColTile, (int64_t{32} << 10) / row_bytes), [&](int64_t n0, int64_t n1) {
+      gemv<F>(portable, w, row_bytes, qx[0], nb, n0, n1, yp);
+    });
+    return y;
+  }
   at::parallel_for(0, N, std::max<int64_t>(1, (int64_t{32} << 10) / row_bytes), [&](int64_t n0, int64_t n1) {
     float out[kRowTile];
     for (int64_t n = n0; n < n1; ++n)

@@ -33,6 +33,7 @@ namespace kq {
 
 constexpr int64_t kQK = 256;
 constexpr int kRowTile = 4;  // activation rows sharing one decode of each weight super-block
+constexpr int kColTile = 4;  // weight rows sharing one load of the activation (one activation row: decode)
 
 using simd::half_to_float;
 
@@ -290,6 +291,13 @@ struct ScaleIndex {
   }
 };
 
+// A row's dot product from its accumulators: the scaled sums minus the mins' sums.
+inline float finish(__m512 acc, __m256 accm) {
+  const __m128 m4 = _mm_add_ps(_mm256_castps256_ps128(accm), _mm256_extractf128_ps(accm, 1));
+  const __m128 m2 = _mm_add_ps(m4, _mm_movehl_ps(m4, m4));
+  return _mm512_reduce_add_ps(acc) - _mm_cvtss_f32(_mm_add_ss(m2, _mm_movehdup_ps(m2)));
+}
+
 template <class F, int R>
 void rows_avx512(const uint8_t* row, const Q8K* const* xs, int64_t nb, float* out) {
   static const ScaleIndex table(F::kSub32);
@@ -324,12 +332,54 @@ void rows_avx512(const uint8_t* row, const Q8K* const* xs, int64_t nb, float* ou
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const __m256 m = accm[r];
-    const __m128 m4 = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    const __m128 m2 = _mm_add_ps(m4, _mm_movehl_ps(m4, m4));
-    out[r] = _mm512_reduce_add_ps(acc[r]) - _mm_cvtss_f32(_mm_add_ss(m2, _mm_movehdup_ps(m2)));
+  for (int r = 0; r < R; ++r) out[r] = finish(acc[r], accm[r]);
+}
+
+// rows_avx512 for one activation row against C weight rows `stride` bytes apart: a decode step's GEMV. The
+// activation's codes, sums and scale are loaded once per super-block for all C rows, and the setup and the final
+// horizontal sums are paid once per C rows; with short rows (K = 1024 is 4 super-blocks) those were a fifth of the
+// time, one row per call.
+template <class F, int C>
+void cols_avx512(const uint8_t* w, int64_t stride, const Q8K& x, int64_t nb, float* out) {
+  static const ScaleIndex table(F::kSub32);
+  __m512i idx[4];
+  for (int v = 0; v < 4; ++v) idx[v] = _mm512_load_si512(table.idx[v]);
+  __m512 acc[C];
+  __m256 accm[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps(), accm[c] = _mm256_setzero_ps();
+  const int64_t group = C * stride, ahead = (simd::kPrefetchBytes + group - 1) / group * group;
+  const int8_t* xq = x.q.data();
+  const float* xd = x.d.data();
+  const int16_t* xs = (F::kSub32 ? x.bsums32 : x.bsums16).data();  // the offset's (16s) or the mins' sub-blocks
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i q[4];
+    for (int v = 0; v < 4; ++v) q[v] = _mm512_loadu_si512(xq + b * kQK + 64 * v);
+    const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs + b * 16));
+    const float dx = xd[b];
+#pragma GCC unroll 8  // unrolled, the accumulators stay in registers (a loop over c kept them on the stack)
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* blk = w + c * stride + b * F::kBytes;
+      // the same block of a later group of C rows, at least simd::kPrefetchBytes on: the C rows are read side by
+      // side, so a plain look-ahead would land in this group's own rows
+      for (int off = 0; off < F::kBytes; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(blk) + ahead + off, _MM_HINT_T1);
+      Regs r;
+      regs(F{}, blk, r);
+      const __m512i sc = _mm512_castsi256_si512(r.sc);
+      __m512i isum = _mm512_setzero_si512();
+      for (int v = 0; v < 4; ++v)
+        isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(r.u[v], q[v]), _mm512_permutexvar_epi16(idx[v], sc));
+      if constexpr (F::kOffset != 0) {
+        const __m256i corr = _mm256_mullo_epi32(_mm256_madd_epi16(r.sc, bs), _mm256_set1_epi32(F::kOffset));
+        isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(corr));
+      }
+      acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(r.d * dx), acc[c]);
+      if constexpr (F::kMins)
+        accm[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(r.m, bs)), _mm256_set1_ps(r.dmin * dx),
+                                  accm[c]);
+    }
   }
+  for (int c = 0; c < C; ++c) out[c] = finish(acc[c], accm[c]);
 }
 #endif
 
@@ -339,6 +389,22 @@ void rows(bool portable, const uint8_t* row, const Q8K* const* xs, int64_t nb, f
   if (!portable) return rows_avx512<F, R>(row, xs, nb, out);
 #endif
   rows_portable<F, R>(row, xs, nb, out);
+}
+
+// y[n] = W[n] . x for the weight rows n in [n0, n1) (`stride` bytes apart) and one activation row: a decode GEMV.
+template <class F>
+void gemv(bool portable, const uint8_t* w, int64_t stride, const Q8K& x, int64_t nb, int64_t n0, int64_t n1,
+          float* y) {
+  int64_t n = n0;
+#ifdef EDGELLM_KQ_AVX512
+  if (!portable) {
+    for (; n + kColTile <= n1; n += kColTile) cols_avx512<F, kColTile>(w + n * stride, stride, x, nb, y + n);
+    for (; n < n1; ++n) cols_avx512<F, 1>(w + n * stride, stride, x, nb, y + n);
+    return;
+  }
+#endif
+  const Q8K* xs[1] = {&x};
+  for (; n < n1; ++n) rows_portable<F, 1>(w + n * stride, xs, nb, y + n);
 }
 
 }  // namespace kq

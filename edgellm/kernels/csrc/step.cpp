@@ -207,8 +207,7 @@ struct Proj {
 
   template <class F>
   void kquant_rows(const uint8_t* w, int64_t n0, int64_t n1, float* y) const {
-    const kq::Q8K* xs[1] = {&src->q8k};
-    for (int64_t n = n0; n < n1; ++n) kq::rows<F, 1>(false, w + n * row_bytes, xs, K / kq::kQK, y + n);
+    kq::gemv<F>(false, w, row_bytes, src->q8k, K / kq::kQK, n0, n1, y);
   }
 
   template <ggml::Kind G>
