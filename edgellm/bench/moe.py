@@ -29,6 +29,7 @@ from edgellm.bench.quant import (
     _llama_cpp_quantize,
     _llama_cpp_speed,
     _load,
+    best_round,
     dram_roofs,
     ensure_llama_cpp,
 )
@@ -171,13 +172,6 @@ def _gguf(pool: ProcessPoolExecutor, path: Path, workdir: Path, fmt: str) -> Pat
     return out
 
 
-def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fastest decode round (its other figures with it) and the fastest prefill round."""
-    best = dict(max(runs, key=lambda r: r["decode_tok_s"]))
-    best["prefill_tok_s"] = max(r["prefill_tok_s"] for r in runs)
-    return best
-
-
 @torch.no_grad()
 def routing_report(path: str, ids: list[int], window: int = 256) -> dict[str, Any]:
     """Held-out perplexity of a trained MoE and how its routing loads experts: the imbalance score IS = (max − min
@@ -250,7 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                             args.reps).result())
                     theirs.append(pool.submit(_llama_cpp_speed, str(gguf), threads, prompt, args.decode_tokens,
                                               args.reps).result())
-                mine, other = _best(ours), _best(theirs)
+                mine, other = best_round(ours), best_round(theirs)
                 for speed in (mine, other):
                     speed["decode_pct_bandwidth_active"] = (100 * mine["active_bytes"] * speed["decode_tok_s"]
                                                             / 1e9 / roofs[threads])
