@@ -217,7 +217,7 @@ inline __m512i broadcast32(const uint8_t* p) {
 }
 
 // Masks for the 6-bit scale fields, four at a time in 32-bit words (llama.cpp unpacks them so).
-constexpr uint32_t kLow6 = 0x3f3f3f3f, kLow4 = 0x0f0f0f0f, kLow2 = 0x03030303, kHigh2 = 0x30303030;
+constexpr uint32_t kLow6 = 0x3f3f3f3f, kLow4 = 0x0f0f0f0f, kHigh2 = 0x30303030;
 
 // d and dmin by one conversion, and the scales and mins unpacked in one vector: words A, B, C of the twelve bytes
 // give scales 0..3 = A & 63, scales 4..7 = (C & 15) | (A >> 6) << 4, mins 0..3 = B & 63 and mins 4..7 =
@@ -275,12 +275,15 @@ inline void regs(Q2K, const uint8_t* b, Regs& o) {
 
 inline void regs(Q3K, const uint8_t* b, Regs& o) {
   o.d = half_to_float(b + 108), o.dmin = 0.0f;
-  uint32_t a[3];
-  std::memcpy(a, b + 96, 12);
-  const __m128i s = _mm_set_epi32(static_cast<int>(((a[1] >> 4) & kLow4) | (((a[2] >> 6) & kLow2) << 4)),
-                                  static_cast<int>(((a[0] >> 4) & kLow4) | (((a[2] >> 4) & kLow2) << 4)),
-                                  static_cast<int>((a[1] & kLow4) | (((a[2] >> 2) & kLow2) << 4)),
-                                  static_cast<int>((a[0] & kLow4) | ((a[2] & kLow2) << 4)));
+  // words A, B, C of the twelve scale bytes (a masked load: the block ends two bytes after them): scales 0..3 =
+  // (A & 15) | (C & 3) << 4, 4..7 the same of B and C >> 2, 8..11 of A >> 4 and C >> 4, 12..15 of B >> 4 and C >> 6
+  const __m128i abc = _mm_maskz_loadu_epi8(0x0fff, b + 96);
+  const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(abc, _MM_SHUFFLE(1, 0, 1, 0)),
+                                                   _mm_setr_epi32(0, 0, 4, 4)), _mm_set1_epi32(kLow4));
+  const __m128i high = _mm_and_si128(_mm_slli_epi32(_mm_srlv_epi32(_mm_shuffle_epi32(abc, _MM_SHUFFLE(2, 2, 2, 2)),
+                                                                   _mm_setr_epi32(0, 2, 4, 6)), 4),
+                                     _mm_set1_epi32(kHigh2));
+  const __m128i s = _mm_or_si128(low, high);
   o.sc = _mm256_sub_epi16(_mm256_cvtepu8_epi16(s), _mm256_set1_epi16(32));
   o.m = _mm256_setzero_si256();
   const __m512i hm = broadcast32(b);
