@@ -301,6 +301,13 @@ struct ScaleIndex {
   }
 };
 
+// The vpermw index registers of F's sub-block layout (ScaleIndex), for a GEMV's whole run.
+template <class F>
+inline void scale_index(__m512i* idx) {
+  static const ScaleIndex table(F::kSub32);
+  for (int v = 0; v < 4; ++v) idx[v] = _mm512_load_si512(table.idx[v]);
+}
+
 // A row's dot product from its accumulators: the scaled sums minus the mins' sums.
 inline float finish(__m512 acc, __m256 accm) {
   const __m128 m4 = _mm_add_ps(_mm256_castps256_ps128(accm), _mm256_extractf128_ps(accm, 1));
@@ -310,9 +317,8 @@ inline float finish(__m512 acc, __m256 accm) {
 
 template <class F, int R>
 void rows_avx512(const uint8_t* row, const Q8K* const* xs, int64_t nb, float* out) {
-  static const ScaleIndex table(F::kSub32);
   __m512i idx[4];
-  for (int v = 0; v < 4; ++v) idx[v] = _mm512_load_si512(table.idx[v]);
+  scale_index<F>(idx);
   __m512 acc[R];
   __m256 accm[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), accm[r] = _mm256_setzero_ps();
@@ -351,9 +357,8 @@ void rows_avx512(const uint8_t* row, const Q8K* const* xs, int64_t nb, float* ou
 // time, one row per call.
 template <class F, int C>
 void cols_avx512(const uint8_t* w, int64_t stride, const Q8K& x, int64_t nb, float* out) {
-  static const ScaleIndex table(F::kSub32);
   __m512i idx[4];
-  for (int v = 0; v < 4; ++v) idx[v] = _mm512_load_si512(table.idx[v]);
+  scale_index<F>(idx);
   __m512 acc[C];
   __m256 accm[C];
   for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps(), accm[c] = _mm256_setzero_ps();
