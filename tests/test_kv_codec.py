@@ -180,6 +180,37 @@ def test_read_into_gathers_many_small_runs(tmp_path, monkeypatch, native):
     assert not any(b[:, s:].any() for b, s in zip(buffers, sizes, strict=True))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("ends_early", [False, True])
+def test_read_into_splits_views_across_threads(tmp_path, threads, ends_early):
+    """Megabytes of views are read by several threads, each taking whole views at its own file offset: the same bytes
+    and per-view CRCs as one plain read, whatever the thread count; a file that ends early fails the whole read."""
+    gen = torch.Generator().manual_seed(threads)
+    sizes = [700_000, 3, 1_300_000, 900_000, 50, 2_100_000, 400_000, 1_000_001]
+    buffers = [torch.zeros(s + 5, dtype=torch.uint8) for s in sizes]
+    views = [b[:s] for b, s in zip(buffers, sizes, strict=True)]
+    parts = [torch.randint(0, 256, (s,), generator=gen, dtype=torch.uint8) for s in sizes]
+    data = b"".join(p.numpy().tobytes() for p in parts)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data[:-1] if ends_early else data)
+    inits = [7 * i for i in range(len(views))]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            if ends_early:
+                with pytest.raises(RuntimeError, match="ended early"):
+                    kvattn.read_into(f, views, inits)
+                return
+            crcs = kvattn.read_into(f, views, inits)
+    finally:
+        torch.set_num_threads(before)
+    for part, view, init, crc in zip(parts, views, inits, crcs, strict=True):
+        assert torch.equal(view, part)
+        assert crc == zlib.crc32(part.numpy().tobytes(), init)
+    assert not any(b[s:].any() for b, s in zip(buffers, sizes, strict=True))
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_read_into_raises_when_the_file_ends_early(tmp_path, monkeypatch, native):
     path = tmp_path / "short.bin"
