@@ -193,14 +193,15 @@ class AgentStore:
         path = self.path(name) if self.memory is None else self.memory.checkout(name)
         if path is not None and path.exists():
             try:
-                cache, meta = restore_memory(path, self.model, self.tokenizer.fingerprint, self.kv_format)
+                cache, meta = self._restore(name, path)
                 messages = json.loads(meta.get("messages", "[]"))
             except RestoreError as e:
                 note = str(e)
         if cache is not None and meta.get("adapter_fingerprint", "") != chosen[1]:  # changed since it was checked
+            cache.release()
             raise InvalidRequestError(f"agent {name!r}'s memory was just saved under another adapter; retry the turn")
-        if self.pool is not None and cache is not None:
-            cache = self._into_pool(name, cache, share=chosen[0] is None)
+        if cache is not None and chosen[0] is None:
+            cache.share_published()
         agent = Agent(self, name, cache or PromptCache(self.model, 256, self.kv_format, self.pool), messages, note,
                       chosen)
         agent.predicted = cache is not None and meta.get("predicted") == "1"
@@ -418,29 +419,14 @@ class AgentStore:
         if self.pool is not None and not agent.predicted and agent.adapter is None:
             agent.cache.publish()
 
-    def _into_pool(self, name: str, restored: PromptCache, share: bool = True) -> PromptCache:
-        """Copy a restored (contiguous) cache into pool blocks, taking over published blocks for its leading tokens
-        when it may `share` (stored once, shared with the agents that published them); the saved tensors are the
-        same either way."""
-        cache = PromptCache(self.model, pool=self.pool)
-        held = cache.adopt(restored.tokens, len(restored.tokens)) if share else 0
-
-        def load() -> None:
-            try:
-                for layer, src in zip(cache.layers, restored.layers, strict=True):
-                    layer.load_state(src.state(), held)
-            except PoolExhausted:
-                for layer in cache.layers:  # all or nothing: layers loaded before the failing one give back
-                    layer.trim(layer.offset - held)
-                raise
-
-        try:
-            self._make_room(name, load)
-        except PoolExhausted:
-            cache.release()
-            raise
-        cache.tokens = list(restored.tokens)
-        return cache
+    def _restore(self, name: str, path: Path) -> tuple[PromptCache, dict]:
+        """Agent `name`'s memory read from `path`; with a pool, straight into its blocks, making room as needed."""
+        if self.pool is None:
+            return restore_memory(path, self.model, self.tokenizer.fingerprint, self.kv_format)
+        restored = []
+        self._make_room(name, lambda: restored.append(restore_memory(path, self.model, self.tokenizer.fingerprint,
+                                                                     self.kv_format, self.pool)))
+        return restored[0]
 
     def save(self, agent: Agent, path: Path | None = None) -> Path:
         """Write the agent's memory to `path` (default: its file in the store, or with a shared store, a staged file

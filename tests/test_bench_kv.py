@@ -50,7 +50,8 @@ def test_report_has_every_section_and_the_context(report):
         "restored_cache_gives_the_same_first_token", "batched_greedy_equals_sequential"}
     assert {t["what"].split(" (")[0] for t in report["targets"]} >= {
         "restore / raw read of the file, page cache cold", "restore / raw read of the file, page cache warm",
-        "cold prefill / restore from disk", "Q4 KV perplexity vs dense, %"}
+        "restore into the server's block pool / raw read, page cache warm", "cold prefill / restore from disk",
+        "Q4 KV perplexity vs dense, %"}
 
 
 def test_ttft_rows_say_which_model_ran_them(report):
@@ -70,6 +71,8 @@ def test_ttft_rows_say_which_model_ran_them(report):
                 "warm_raw_into_reused_s"} <= set(r)
         assert r["warm_restore_over_raw_into_reused"] == pytest.approx(r["warm_restore_s"]
                                                                        / r["warm_raw_into_reused_s"])
+        pooled = r["format"] in ("fp32", "fp16", "q4")  # a block pool holds no kivi cache
+        assert (r["warm_pool_restore_s"] is not None) == pooled and len(r["reps_s"]["warm_pool_restore"]) == 2 * pooled
 
 
 def test_decode_rows_time_every_format_against_the_first(report):

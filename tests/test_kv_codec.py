@@ -180,6 +180,38 @@ def test_read_into_gathers_many_small_runs(tmp_path, monkeypatch, native):
     assert not any(b[:, s:].any() for b, s in zip(buffers, sizes, strict=True))
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("tokens", [0, 5, 48, 70_001])  # inside one block, whole blocks, megabytes over threads
+def test_read_into_fills_pool_blocks_through_a_block_table(tmp_path, monkeypatch, native, tokens):
+    """A file's (1, heads, tokens, width) tensors read into a block pool's fields through a scrambled block table:
+    each head's token t in row t % block_tokens of block table[t // block_tokens], the same CRC32 as a plain read,
+    and no other block touched; a plain view read alongside in file order."""
+    gen = torch.Generator().manual_seed(tokens)
+    heads, bt, width = 3, 16, 8
+    blocks = -(-tokens // bt)
+    fields = [torch.zeros(blocks + 3, heads, bt, width, dtype=torch.float16),
+              torch.zeros(blocks + 3, heads, bt, width // 2, dtype=torch.uint8)]
+    table = torch.randperm(blocks + 3, generator=gen)[:blocks].tolist()
+    parts = [torch.randn(1, heads, tokens, width, generator=gen).half(),
+             torch.randint(0, 256, (7,), generator=gen, dtype=torch.uint8),
+             torch.randint(0, 256, (1, heads, tokens, width // 2), generator=gen, dtype=torch.uint8)]
+    path = tmp_path / "paged.bin"
+    path.write_bytes(b"".join(p.numpy().tobytes() for p in parts))
+    plain = torch.zeros(7, dtype=torch.uint8)
+    if not native:
+        monkeypatch.setattr(kvattn, "_codec", lambda: None)
+    with open(path, "rb", buffering=0) as f:
+        crcs = kvattn.read_into(f, [fields[0], plain, fields[1]], [1, 2, 3], [(table, tokens), None, (table, tokens)])
+    assert torch.equal(plain, parts[1])
+    for field, part in ((fields[0], parts[0]), (fields[1], parts[2])):
+        for j, block in enumerate(table):
+            rows = min(bt, tokens - j * bt)
+            assert torch.equal(field[block, :, :rows], part[0, :, j * bt:j * bt + rows])
+            assert not field[block, :, rows:].any()
+        assert not field[[b for b in range(blocks + 3) if b not in table]].any()
+    assert crcs == [zlib.crc32(p.numpy().tobytes(), init) for p, init in zip(parts, [1, 2, 3], strict=True)]
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("ends_early", [False, True])
 def test_read_into_splits_views_across_threads(tmp_path, threads, ends_early):

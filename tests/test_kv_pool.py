@@ -10,7 +10,7 @@ from edgellm.agents import AgentStore
 from edgellm.errors import InvalidRequestError
 from edgellm.generate import generate
 from edgellm.kv import BlockPool, KVFormat, PagedKVCache, PoolExhausted
-from edgellm.kv.persist import restore_memory, save_memory
+from edgellm.kv.persist import RestoreError, restore_memory, save_memory
 from edgellm.kv.prompt_cache import PromptCache
 
 BLOCK = 16
@@ -77,6 +77,11 @@ def test_memory_files_are_interchangeable_between_paged_and_contiguous(engine, t
     flat, _ = restore_memory(tmp_path / "p.safetensors", model, tok.fingerprint, kv)
     assert_same_states(paged, flat)
 
+    pool = pool_for(model, fmt)
+    direct, _ = restore_memory(tmp_path / "p.safetensors", model, tok.fingerprint, kv, pool=pool)
+    assert_same_states(direct, paged)  # read straight into the blocks: the same bytes
+    assert direct.tokens == paged.tokens and pool.bytes_in_use == sum(layer.nbytes for layer in direct.layers)
+
     back = PromptCache(model, kv_format=kv, pool=pool_for(model, fmt))
     for layer, src in zip(back.layers, flat.layers, strict=True):
         layer.load_state(src.state())
@@ -84,7 +89,30 @@ def test_memory_files_are_interchangeable_between_paged_and_contiguous(engine, t
     assert_same_states(back, flat)
     follow = [*flat.tokens, *prompt_ids(6, 3)]
     assert generate(model, tok, follow, 8, prompt_cache=back).tokens == \
-        generate(model, tok, follow, 8, prompt_cache=flat).tokens
+        generate(model, tok, follow, 8, prompt_cache=flat).tokens == \
+        generate(model, tok, follow, 8, prompt_cache=direct).tokens
+
+
+def test_a_restore_into_a_pool_takes_no_block_unless_it_succeeds(engine, tmp_path):
+    """Too few free blocks: PoolExhausted before anything is read; a damaged file: RestoreError; either way every
+    block the restore took is back in the pool."""
+    model, tok = engine
+    kv = KVFormat.parse("q4")
+    cache = PromptCache(model, kv_format=kv, pool=pool_for(model, "q4"))
+    generate(model, tok, prompt_ids(40), 5, prompt_cache=cache)
+    path = save_memory(tmp_path / "m.safetensors", cache, model, tok.fingerprint)
+    layers, blocks = model.args.num_hidden_layers, -(-len(cache.tokens) // BLOCK)
+    small = pool_for(model, "q4", blocks=layers * blocks - 1)
+    with pytest.raises(PoolExhausted):
+        restore_memory(path, model, tok.fingerprint, kv, pool=small)
+    assert small.free_blocks == small.capacity_blocks
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # a bit of the last tensor's data
+    path.write_bytes(bytes(data))
+    pool = pool_for(model, "q4")
+    with pytest.raises(RestoreError, match="checksum mismatch"):
+        restore_memory(path, model, tok.fingerprint, kv, pool=pool)
+    assert pool.free_blocks == pool.capacity_blocks
 
 
 def test_trim_frees_whole_blocks_and_reserve_is_all_or_nothing(engine):

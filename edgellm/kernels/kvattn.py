@@ -109,17 +109,25 @@ def runs(view: torch.Tensor) -> list[torch.Tensor]:
     return [piece for sub in view.unbind(0) for piece in runs(sub)]
 
 
-def read_into(f: BinaryIO, views: list[torch.Tensor], inits: list[int]) -> list[int]:
+def read_into(f: BinaryIO, views: list[torch.Tensor], inits: list[int],
+              paged: list[tuple[list[int], int] | None] | None = None) -> list[int]:
     """Fill each view (strided allowed) in turn, in C order, from the open file `f` at its position; returns each
     view's bytes' zlib.crc32 continuing from inits[i] (the file position is left as it was).
 
-    Natively: one pass, each 256 KiB chunk checksummed right after it lands, the GIL released; else view by view.
+    Where paged[i] is (block table, tokens), views[i] is a block pool's field (blocks, heads, block_tokens, width)
+    and takes the file's (1, heads, tokens, width) tensor: token t of each head in row t % block_tokens of block
+    table[t // block_tokens]. Natively: one pass, each 256 KiB chunk checksummed right after it lands, the work split
+    over the intra-op threads, the GIL released; else view by view.
     """
+    paged = paged or [None] * len(views)
     if _codec() is not None:
-        return [crc & 0xFFFFFFFF for crc in _codec().read_into(f.fileno(), f.tell(), views, inits)]
+        tables = [[] if p is None else p[0] for p in paged]
+        tokens = [-1 if p is None else p[1] for p in paged]
+        return [crc & 0xFFFFFFFF for crc in _codec().read_into(f.fileno(), f.tell(), views, inits, tables, tokens)]
     crcs, offset = [], f.tell()
-    for view, crc in zip(views, inits, strict=True):
-        for piece in runs(view):
+    for view, crc, spec in zip(views, inits, paged, strict=True):
+        target = view if spec is None else torch.empty(view.shape[1], spec[1], view.shape[3], dtype=view.dtype)
+        for piece in runs(target):
             buffer, done = memoryview(piece.view(torch.uint8).numpy()), 0
             while done < len(buffer):
                 got = os.preadv(f.fileno(), [buffer[done:]], offset)
@@ -127,6 +135,10 @@ def read_into(f: BinaryIO, views: list[torch.Tensor], inits: list[int]) -> list[
                     raise ValueError("the file ended early")
                 done, offset = done + got, offset + got
             crc = zlib.crc32(buffer, crc)
+        if spec is not None:  # read in the file's order: now into the blocks
+            (table, n), bt = spec, view.shape[2]
+            for j, start in enumerate(range(0, n, bt)):
+                view[table[j], :, :min(bt, n - start)] = target[:, start:start + bt]
         crcs.append(crc)
     return crcs
 

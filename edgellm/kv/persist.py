@@ -37,6 +37,7 @@ from edgellm.errors import EdgeLLMError, InvalidRequestError
 from edgellm.kernels.kvattn import crc32, read_into
 from edgellm.kv.cache import Layout
 from edgellm.kv.formats import KVFormat, dense_format
+from edgellm.kv.pool import BlockPool, BlockTarget, PoolExhausted
 from edgellm.kv.prompt_cache import PromptCache
 
 SAFETENSORS_DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
@@ -261,16 +262,18 @@ def read_header(f: BinaryIO) -> tuple[dict[str, str], dict[str, Layout], list[tu
     return meta, shapes, spans
 
 
-def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
-                   kv_format: KVFormat) -> tuple[PromptCache, dict]:
+def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str, kv_format: KVFormat,
+                   pool: BlockPool | None = None) -> tuple[PromptCache, dict]:
     """Validate the saved memory and read it straight into a fresh cache; returns (cache, metadata).
 
     The header is checked before any tensor is read, the data goes into the cache's own buffers, and the cache
-    stays private until every checksum has passed.
+    stays private until every checksum has passed. With `pool` (of `kv_format`), the cache's blocks are taken from
+    it and the file is read straight into them (PoolExhausted, no block taken, when too few are free).
     """
     if not path.exists():
         raise RestoreError(f"no saved memory at {path}")
     label = path.name
+    cache = None
     try:
         with open(path, "rb", buffering=0) as f:  # one open file: a concurrent atomic replace cannot swap it mid-read
             meta, shapes, spans = read_header(f)
@@ -289,28 +292,45 @@ def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str,
                 if not i.isdigit() or int(i) >= layers:
                     raise RestoreError(f"{label}: tensor {key} names no layer of this model")
                 states[int(i)][field] = t
-            cache = PromptCache(model, capacity=num_tokens + 256, kv_format=kv_format)
-            views = {} if listed is not None else {TOKENS: torch.empty(num_tokens, dtype=torch.int32)}
+            cache = (PromptCache(model, capacity=num_tokens + 256, kv_format=kv_format) if pool is None else
+                     PromptCache(model, pool=pool))
+            targets: dict[str, torch.Tensor | BlockTarget] = \
+                {} if listed is not None else {TOKENS: torch.empty(num_tokens, dtype=torch.int32)}
             try:
                 for i, (layer, state) in enumerate(zip(cache.layers, states, strict=True)):
                     got = layer.receive(state)
                     if set(got) != set(state) or any(got[k].shape != t.shape or got[k].dtype != t.dtype
                                                      for k, t in state.items()):
                         raise InvalidRequestError(f"layer {i} holds {sorted(got)}, the file {sorted(state)}")
-                    views |= {f"layers.{i}.{name}": view for name, view in got.items()}
+                    targets |= {f"layers.{i}.{name}": target for name, target in got.items()}
+            except PoolExhausted:
+                raise
             except EdgeLLMError as e:
                 raise RestoreError(f"{label}: memory tensors do not fit this KV format ({e})") from e
-            names = [name for _, _, name in spans]
-            crcs = read_into(f, [views[name] for name in names], [layout_crc32(shapes[name]) for name in names])
-            for name, crc in zip(names, crcs, strict=True):
+            order = [targets[name] for _, _, name in spans]
+            crcs = read_into(f, [t.field if isinstance(t, BlockTarget) else t for t in order],
+                             [layout_crc32(shapes[name]) for _, _, name in spans],
+                             [(t.table, t.tokens) if isinstance(t, BlockTarget) else None for t in order])
+            for (_, _, name), crc in zip(spans, crcs, strict=True):
                 if f"{crc:08x}" != checksums[name]:
                     raise RestoreError(f"{label}: checksum mismatch in {name}; the file is damaged")
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+        _give_back(cache)
         raise RestoreError(f"{label}: memory file is damaged or inconsistent ({e})") from e
+    except EdgeLLMError:
+        _give_back(cache)
+        raise
     if any(layer.offset != num_tokens for layer in cache.layers):
+        _give_back(cache)
         raise RestoreError(f"{label}: memory holds a different number of tokens than it claims")
-    cache.tokens = listed if listed is not None else views[TOKENS].tolist()
+    cache.tokens = listed if listed is not None else targets[TOKENS].tolist()
     return cache, meta
+
+
+def _give_back(cache: PromptCache | None) -> None:
+    """Return a failed restore's pool blocks at once (a contiguous cache is simply dropped)."""
+    if cache is not None:
+        cache.release()
 
 
 def _listed_tokens(label: str, meta: dict[str, str], num_tokens: int) -> list[int] | None:

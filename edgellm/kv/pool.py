@@ -19,13 +19,14 @@ import mmap
 import sys
 import weakref
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
 from edgellm.errors import EdgeLLMError, InvalidRequestError
 from edgellm.kernels.decode import paged_decode_attention
 from edgellm.kernels.kvattn import NATIVE_MAX_ROWS, PackedKV, packed_attention
-from edgellm.kv.cache import SingleOffset
+from edgellm.kv.cache import Layout, SingleOffset
 from edgellm.kv.codec import QuantizedTensor, dequantize, hadamard, quantize
 from edgellm.kv.formats import DENSE, QUANTIZED, KVFormat
 from edgellm.kv.quantized_cache import (
@@ -42,6 +43,23 @@ from edgellm.layouts import ModelShape
 DEFAULT_BLOCK_TOKENS = 256  # the seed paper's block size
 ALIGN = 64  # every field starts on a cache line, which also satisfies any dtype's alignment
 MADV_HUGEPAGE = 14
+
+
+class BlockTarget(NamedTuple):
+    """Where a restore reads one (1, kv_heads, tokens, width) tensor of a memory file: a pool field, token t of each
+    head in row t % block_tokens of block table[t // block_tokens]."""
+
+    field: torch.Tensor
+    table: list[int]
+    tokens: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (1, self.field.shape[1], self.tokens, self.field.shape[3])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.field.dtype
 
 
 class PoolExhausted(EdgeLLMError):
@@ -400,31 +418,55 @@ class PagedKVCache(SingleOffset):
         """The contiguous cache's tensors for tokens 0..offset: same names, dtypes and shapes (batch 1)."""
         return {name: self._gather(name) for name in self.pool.fields}
 
+    def _held_in(self, state: dict[str, torch.Tensor | Layout]) -> int:
+        """Tokens a `state()` of a cache of this format holds, after checking names, shapes and dtypes."""
+        pool = self.pool
+        if set(state) != set(pool.fields):
+            raise InvalidRequestError(f"saved state holds {sorted(state)}, a {pool.fmt} cache holds "
+                                      f"{sorted(pool.fields)}")
+        first = next(iter(state.values()))
+        tokens = first.shape[2] if len(first.shape) == 4 else -1
+        for name, t in state.items():
+            field = pool.fields[name]
+            if tuple(t.shape) != (1, pool.kv_heads, tokens, field.shape[3]) or t.dtype != field.dtype:
+                raise InvalidRequestError(f"saved {name} {tuple(t.shape)} {t.dtype} does not match this {pool.fmt} "
+                                          f"cache (kv_heads {pool.kv_heads}, width {field.shape[3]}, {field.dtype})")
+        return tokens
+
     def load_state(self, state: dict[str, torch.Tensor], held: int = 0) -> None:
         """Replace the contents with a `state()` of a paged or contiguous cache of the same format; all or nothing.
 
         `held`: the cache already holds the state's first `held` tokens (adopted shared blocks, so a block
         boundary), which are kept; only the rest is written.
         """
-        pool = self.pool
-        if set(state) != set(pool.fields):
-            raise InvalidRequestError(f"saved state holds {sorted(state)}, a {pool.fmt} cache holds "
-                                      f"{sorted(pool.fields)}")
-        tokens = next(iter(state.values())).shape[2] if next(iter(state.values())).dim() == 4 else -1
-        for name, t in state.items():
-            field = pool.fields[name]
-            if tuple(t.shape) != (1, pool.kv_heads, tokens, field.shape[3]) or t.dtype != field.dtype:
-                raise InvalidRequestError(f"saved {name} {tuple(t.shape)} {t.dtype} does not match this {pool.fmt} "
-                                          f"cache (kv_heads {pool.kv_heads}, width {field.shape[3]}, {field.dtype})")
-        if held and (held != self.offset or held != len(self.table) * pool.block_tokens or held > tokens):
+        tokens = self._held_in(state)
+        if held and (held != self.offset or held != len(self.table) * self.pool.block_tokens or held > tokens):
             raise InvalidRequestError(f"a paged cache keeps its first {held} tokens only when it holds exactly "
                                       "those, on a block boundary, and the state has at least as many")
-        fresh = pool.alloc(self._blocks_for(tokens) - (len(self.table) if held else 0))
+        fresh = self.pool.alloc(self._blocks_for(tokens) - (len(self.table) if held else 0))
         if not held:
             self.release()
         self.table.extend(fresh)
         if tokens > held:
             self._append({name: t[0, :, held:] for name, t in state.items()})
+
+    def receive(self, state: dict[str, torch.Tensor | Layout]) -> dict[str, BlockTarget]:
+        """Take blocks for a `state()` shaped like `state` (Layouts will do) and hold it; returns where each entry
+        goes, for a restore to read the file straight into the blocks. PoolExhausted, nothing changed, when too few
+        blocks are free."""
+        tokens = self._held_in(state)
+        fresh = self.pool.alloc(self._blocks_for(tokens))
+        self.release()
+        self.table.extend(fresh)
+        self.offset = tokens
+        return {name: BlockTarget(self.pool.fields[name], self.table, tokens) for name in state}
+
+    def share_published(self, blocks: list[int]) -> None:
+        """Hold the published `blocks` (one per leading full block, the same tokens) instead of private copies."""
+        for i, block in enumerate(blocks):
+            if self.table[i] != block:
+                self.pool.free([self.table[i]])
+                self.table[i] = self.pool.share(block)
 
     def adopt(self, blocks: list[int]) -> None:
         """Append blocks other caches hold (full ones, the tokens right after this cache's, which must end on a

@@ -126,6 +126,15 @@ class PromptCache:
             for layer in self.layers:
                 layer.trim(0)
 
+    def share_published(self) -> None:
+        """Hold the published blocks of this paged cache's leading full blocks instead of private copies (a restored
+        agent whose system prompt other agents share keeps one physical copy of it); no-op without a pool."""
+        if self.pool is None:
+            return
+        found = self.pool.lookup(self.tokens, min(len(self.tokens), self.layers[0].offset))
+        for i, layer in enumerate(self.layers):
+            layer.share_published([blocks[i] for blocks in found])
+
     def release(self) -> None:
         """Give a paged cache's blocks back to its pool (the cache is empty afterwards); no-op otherwise."""
         if self.pool is not None:

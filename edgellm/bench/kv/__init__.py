@@ -183,7 +183,9 @@ def _notes(args: argparse.Namespace, main: Subject, twin: Subject | None) -> lis
         "means mincore found none of its pages resident afterwards (a VM's host may still cache the disk); the "
         "warm_* figures repeat raw read and restore with the file's pages cached; warm_raw_into_reused_s reads "
         "the file into a buffer already faulted in (read_bytes gets a fresh allocation each time, which malloc "
-        "serves from faulted-in heap below its mmap threshold (32 MiB at most) and from fresh pages above it)",
+        "serves from faulted-in heap below its mmap threshold (32 MiB at most) and from fresh pages above it); "
+        "warm_pool_restore_s restores into a block pool sized for the agent (the server's path: straight into its "
+        "blocks; formats a pool holds only), its blocks given back after each rep",
         "decode: one decode step over caches of random K/V at each context, every layer in turn; attention = "
         "each layer's cache.attend alone (new token stored, then trimmed), step = the whole model's forward; the "
         "formats alternate rep by rep, median of --reps after one warm-up; vs baseline = over the first format",

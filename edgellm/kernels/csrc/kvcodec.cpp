@@ -280,38 +280,57 @@ void read_pieces(int fd, int64_t offset, const std::vector<Piece>& pieces, size_
   }
 }
 
-// Fill each (possibly strided) view in turn, in C order, from the file's bytes at `offset` onwards, and return each
-// view's zlib.crc32 continuing from inits[i]. A restore reads a memory file straight into a cache's buffers this
-// way: one pass, no staging copy. The views' contiguous runs are gathered into one preadv per chunk (a cache's
-// per-head scales are runs of a few KiB), and each chunk is checksummed from L2 right after it lands (the folded CRC
-// runs at 50+ GB/s there). The views are split at view boundaries into one byte-balanced range per intra-op thread,
-// each read and checksummed by its thread: one core copies from the page cache at ~10 GB/s, well below DRAM
-// bandwidth, so two copy nearly twice as fast, and a restore runs between decode steps, when those threads are idle.
-// (A second thread only checksumming behind one reader saved ~10%, and only while a core was idle.)
+// Fill each target in turn, in C order, from the file's bytes at `offset` onwards, and return each target's zlib.crc32
+// continuing from inits[i]. A target is a (possibly strided) view (tokens[i] < 0), or a block pool's field (blocks,
+// heads, block_tokens, width) holding tokens[i] >= 0 tokens in the blocks tables[i] lists: the file's (1, heads,
+// tokens, width) tensor, each head's rows spread over those blocks. A restore reads a memory file straight into a
+// cache's buffers, or a pool's blocks, this way: one pass, no staging copy. The runs are gathered into one preadv per
+// chunk (a cache's per-head scales are runs of a few KiB), and each chunk is checksummed from L2 right after it lands
+// (the folded CRC runs at 50+ GB/s there). The targets are split at their boundaries into one byte-balanced range per
+// intra-op thread, each read and checksummed by its thread: one core copies from the page cache at ~10 GB/s, well below
+// DRAM bandwidth, so two copy nearly twice as fast, and a restore runs between decode steps, when those threads are
+// idle. (A second thread only checksumming behind one reader saved ~10%, and only while a core was idle.)
 std::vector<int64_t> read_into(int64_t fd, int64_t offset, const std::vector<torch::Tensor>& views,
-                               const std::vector<int64_t>& inits) {
-  TORCH_CHECK(views.size() == inits.size(), "read_into: one init per view");
+                               const std::vector<int64_t>& inits, const std::vector<std::vector<int64_t>>& tables,
+                               const std::vector<int64_t>& tokens) {
+  TORCH_CHECK(views.size() == inits.size() && tables.size() == views.size() && tokens.size() == views.size(),
+              "read_into: one init, table and token count per view");
   std::vector<Piece> pieces;  // every run, cut at chunk size, in file order
   std::vector<size_t> starts;  // each view's first piece
   std::vector<int64_t> before;  // each view's file offset from `offset`
   int64_t total = 0;
+  const auto add = [&](uint8_t* p, int64_t bytes, size_t i) {
+    for (int64_t done = 0; done < bytes; done += kReadChunk)
+      pieces.push_back({p + done, std::min(kReadChunk, bytes - done), i});
+    total += bytes;
+  };
   for (size_t i = 0; i < views.size(); ++i) {
     const auto& v = views[i];
     TORCH_CHECK(v.is_cpu(), "read_into: CPU tensors");
     starts.push_back(pieces.size()), before.push_back(total);
-    if (v.numel() == 0) continue;
     const int64_t elem = v.element_size();
-    total += v.numel() * elem;
+    auto* base = static_cast<uint8_t*>(v.data_ptr());
+    if (tokens[i] >= 0) {  // a pool field: head by head, each head's rows block by block
+      TORCH_CHECK(v.dim() == 4 && v.stride(3) == 1 && v.stride(2) == v.size(3), "read_into: a pool field has "
+                  "contiguous (block_tokens, width) rows per block and head");
+      const int64_t bt = v.size(2), n = tokens[i], row = v.size(3) * elem;
+      TORCH_CHECK(static_cast<int64_t>(tables[i].size()) * bt >= n, "read_into: ", n,
+                  " tokens do not fit ", tables[i].size(), " blocks");
+      for (int64_t b : tables[i]) TORCH_CHECK(0 <= b && b < v.size(0), "read_into: block ", b, " is not in the pool");
+      for (int64_t h = 0; h < v.size(1); ++h)
+        for (int64_t j = 0; j * bt < n; ++j)
+          add(base + (tables[i][j] * v.stride(0) + h * v.stride(1)) * elem, std::min(bt, n - j * bt) * row, i);
+      continue;
+    }
+    if (v.numel() == 0) continue;
     // the innermost dims laid out contiguously form one run; the outer ones are walked
     int64_t run = 1, k = v.dim();
     while (k > 0 && (v.size(k - 1) == 1 || v.stride(k - 1) == run)) run *= v.size(--k);
     std::vector<int64_t> index(k, 0);
-    auto* base = static_cast<uint8_t*>(v.data_ptr());
     for (int64_t r = 0, runs = v.numel() / run; r < runs; ++r) {
       int64_t at = 0;
       for (int64_t d = 0; d < k; ++d) at += index[d] * v.stride(d);
-      for (int64_t done = 0, bytes = run * elem; done < bytes; done += kReadChunk)
-        pieces.push_back({base + at * elem + done, std::min(kReadChunk, bytes - done), i});
+      add(base + at * elem, run * elem, i);
       for (int64_t d = k - 1; d >= 0 && ++index[d] == v.size(d); --d) index[d] = 0;
     }
   }
@@ -363,7 +382,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("crc32", &crc32, "zlib.crc32 of a contiguous tensor's bytes, continuing from init",
         py::call_guard<py::gil_scoped_release>());
   m.def("read_into", &read_into,
-        "fill each view from fd at offset in C order; returns each view's crc32 from its init",
+        "fill each view (or pool field, through its block table) from fd at offset in C order; returns each "
+        "view's crc32 from its init",
         py::call_guard<py::gil_scoped_release>());
   m.def("evict_lines", &evict_lines, "evict every cache line of the tensors (clflush); false off x86",
         py::call_guard<py::gil_scoped_release>());
