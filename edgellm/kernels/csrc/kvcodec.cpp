@@ -252,18 +252,45 @@ struct Piece {
   size_t view;
 };
 
+constexpr int64_t kStaged = 4 << 10;  // pieces this small are read through a staging buffer
+
 // Read pieces [first, last) from fd starting at `offset`, one preadv per chunk of up to kReadChunk bytes, each chunk
-// checksummed into its pieces' views' running CRCs right after it lands. Short reads are retried.
+// checksummed into its pieces' views' running CRCs right after it lands. Short reads are retried. Runs of small
+// pieces (a pool block's per-head scales are 512 bytes) are read into a staging buffer as one iovec, checksummed
+// there in one call per view and copied out from L1: per iovec and per CRC call, a q4 restore into a pool's blocks
+// was ~10% slower than into a contiguous cache.
 void read_pieces(int fd, int64_t offset, const std::vector<Piece>& pieces, size_t first, size_t last,
                  std::vector<uint32_t>& crcs) {
   std::vector<iovec> iov;
+  std::vector<uint8_t> staging(kReadChunk);
+  struct Copy {
+    const uint8_t* from;
+    uint8_t* to;
+    int64_t n;
+  };
+  std::vector<Copy> staged;  // each staged piece: its place in `staging` and in its view
+  std::vector<Piece> sums;  // what to checksum, in file order: runs of one view's bytes contiguous in memory
   while (first < last) {
     size_t end = first;
-    int64_t bytes = 0;
-    iov.clear();
+    int64_t bytes = 0, used = 0;
+    iov.clear(), staged.clear(), sums.clear();
     while (end < last && iov.size() < IOV_MAX && (end == first || bytes + pieces[end].n <= kReadChunk)) {
-      iov.push_back({pieces[end].p, static_cast<size_t>(pieces[end].n)});
-      bytes += pieces[end++].n;
+      const Piece& piece = pieces[end++];
+      bytes += piece.n;
+      uint8_t* at = piece.p;
+      if (piece.n < kStaged) {
+        at = staging.data() + used;
+        used += piece.n;
+        staged.push_back({at, piece.p, piece.n});
+      }
+      if (!iov.empty() && static_cast<uint8_t*>(iov.back().iov_base) + iov.back().iov_len == at)
+        iov.back().iov_len += piece.n;  // right after the last piece in memory: the same iovec
+      else
+        iov.push_back({at, static_cast<size_t>(piece.n)});
+      if (!sums.empty() && sums.back().view == piece.view && sums.back().p + sums.back().n == at)
+        sums.back().n += piece.n;  // staged pieces are checksummed from `staging`, many per call
+      else
+        sums.push_back({at, piece.n, piece.view});
     }
     for (size_t at = 0; at < iov.size();) {
       const ssize_t n = preadv(fd, iov.data() + at, static_cast<int>(iov.size() - at), offset);
@@ -275,8 +302,9 @@ void read_pieces(int fd, int64_t offset, const std::vector<Piece>& pieces, size_
         if (!iov[at].iov_len) ++at;
       }
     }
-    for (; first < end; ++first)
-      crcs[pieces[first].view] = crc32_update(crcs[pieces[first].view], pieces[first].p, pieces[first].n);
+    for (const Copy& c : staged) std::memcpy(c.to, c.from, c.n);
+    for (const Piece& sum : sums) crcs[sum.view] = crc32_update(crcs[sum.view], sum.p, sum.n);
+    first = end;
   }
 }
 
