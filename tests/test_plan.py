@@ -5,6 +5,8 @@ run through the real engine (accuracy asserted loosely: speed lives in `edgellm 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -67,8 +69,6 @@ def test_decode_step_is_the_hand_computed_roofline():
 
 
 def test_moe_step_pays_each_chosen_expert_once_per_layer():
-    from dataclasses import replace
-
     spec = ModelSpec.from_config(MODELS["qwen3-30b-a3b"], "qwen3-30b-a3b")
     rates = replace(DEVICES["m4-max"].rates(None), expert_overhead_s=1e-5)
     ops = {op.name: op for op in decode_ops(spec, "q4_0", KVFormat.parse("fp16"), 128, 1, rates)}
@@ -170,7 +170,6 @@ def test_profile_without_the_thread_count_is_one_line(tmp_path, capsys):
 def _measured_rates(**changes):
     """A calibrated CPU's rates, made up: fused decode at 10 GB/s (q4_0) and 20 GB/s (bf16, q8_0), op-at-a-time
     linear layers whose kernels switch at 8 rows."""
-    from dataclasses import replace
 
     from edgellm.perf.profile import ThreadRates
 
@@ -221,6 +220,26 @@ def test_measured_decode_is_the_fused_step_alone_and_op_at_a_time_batched():
     assert four["attention projections"].seconds + four["mlp"].seconds == pytest.approx(
         proj * 4 * 3e-10 + calls * 1e-5)
     assert four["dispatch"].seconds == pytest.approx(2e-4 + 3 * (1e-4 + 4 * 1e-5))
+
+
+def test_a_working_set_near_the_cache_streams_faster_in_the_fused_step():
+    """The measured cyclic read rate by working set scales the fused step's weight reads: a table reading small
+    working sets twice as fast halves a tiny model's weight time; without a table, past its largest size, or where it
+    reads slower (noise), nothing changes, and the batched step (timed op at a time) keeps its own rates."""
+    spec = ModelSpec.from_config(TINY_LLAMA, "tiny")
+    kv = KVFormat.parse("bf16")
+    plain = _measured_rates()
+    table = replace(plain, read_gbs_by_mib={"8": 40.0, "256": 20.0})
+    mib = 2**20
+    assert table.stream_speedup(4 * mib) == 2.0 and table.stream_speedup(512 * mib) == 1.0
+    assert table.stream_speedup(math.sqrt(8 * 256) * mib) == pytest.approx(1.5)  # halfway in log size
+    assert replace(plain, read_gbs_by_mib={"8": 10.0, "256": 20.0}).stream_speedup(4 * mib) == 1.0
+    assert plain.stream_speedup(4 * mib) == 1.0
+    one = [{op.name: op for op in decode_ops(spec, "q4_0", kv, 100, 1, r)} for r in (plain, table)]
+    assert one[1]["mlp"].seconds == pytest.approx(one[0]["mlp"].seconds / 2)  # q4_0's per-row cost is 0 here
+    assert one[1]["dispatch"].seconds == one[0]["dispatch"].seconds
+    four = [sum(op.seconds for op in decode_ops(spec, "q4_0", kv, 100, 4, r)) for r in (plain, table)]
+    assert four[0] == four[1]
 
 
 def test_measured_moe_prefill_runs_each_expert_on_its_share_of_the_tokens():

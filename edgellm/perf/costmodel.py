@@ -4,7 +4,9 @@ A datasheet device: time(op) = max(FLOPs / compute rate, bytes / memory rate) + 
 
 A calibrated CPU runs the step as edgellm's engine does, each part timed by `plan calibrate` (profile.py):
 - one sequence's decode step is one native call for every layer (models/fused.py): each projection reads its
-  weight as stored at the format's measured rate, plus a measured cost per output row (short rows pay their
+  weight as stored at the format's measured rate (times how much faster the measured cyclic read of the step's
+  working set runs than one from DRAM: near the last-level cache's size part of it stays cached), plus a
+  measured cost per output row (short rows pay their
   reduction and store), plus attention at the fused kernel's measured FLOP rate, plus the step's and each layer's
   fixed cost, and per expert an MoE layer runs a measured cost beyond its weights;
 - a batched decode step and a prefill run op at a time: each linear layer costs what the kernel the row count
@@ -360,11 +362,15 @@ def measured_decode_ops(spec: ModelSpec, fmt: str, kv: KVFormat, context: int, b
     ops = []
     kv_bytes = spec.kv_bytes_per_token(kv) * spec.attended(context) * batch
     kv_flops = 4 * batch * spec.layers * spec.heads * spec.head_dim * spec.attended(context)
+    # what the fused step reads again every step (an MoE's experts over a few steps): a model near the last-level
+    # cache's size streams faster than the DRAM rate its weights were timed at
+    speedup = rates.stream_speedup(spec.projection_params() * bytes_per_weight(fmt) + kv_bytes
+                                   + spec.table_params * bytes_per_weight(_head_format(fmt)))
 
     def weights(g: LinearGroup, rows: int = batch, flops_rows: float = batch) -> Op:
         nbytes = g.params * bytes_per_weight(g.fmt)
         if batch == 1:
-            seconds = nbytes / (rates.weight_gbs_for(g.fmt) * 1e9) + g.out_rows * rates.row_s_for(g.fmt)
+            seconds = nbytes / (rates.weight_gbs_for(g.fmt) * speedup * 1e9) + g.out_rows * rates.row_s_for(g.fmt)
         else:
             seconds = rates.linear_s(g.fmt, rows, g.params, g.out_rows, g.in_width, g.calls)
         return _measured(g.name, 2 * flops_rows * g.params, nbytes, seconds, rates)

@@ -51,6 +51,9 @@ class ThreadRates:
     # the fused step), "expert_op_s" (per expert op at a time), "expert_pair_s" (per routed (token, expert) pair, op
     # at a time)
     fixed: dict[str, dict[str, float]] = field(default_factory=dict)
+    # cyclic read GB/s by working set in MiB (keys as strings, for JSON): decode reads the same bytes every step, and
+    # of a working set near the last-level cache's size part stays cached between steps
+    read_gbs_by_mib: dict[str, float] = field(default_factory=dict)
 
     @property
     def measured(self) -> bool:
@@ -63,6 +66,21 @@ class ThreadRates:
 
     def gemm_gflops_for(self, fmt: str) -> float:
         return self.gemm_gflops[_nearest(fmt, self.gemm_gflops)]
+
+    def stream_speedup(self, nbytes: float) -> float:
+        """How much faster than from DRAM a step reads `nbytes` it read the step before too: the measured cyclic read
+        rate at that working set (interpolated in log size) over the rate at the largest one measured; 1 without a
+        table, past its largest size, or where the table is noisier than the effect."""
+        if not self.read_gbs_by_mib:
+            return 1.0
+        points = sorted((float(mib) * 2**20, gbs) for mib, gbs in self.read_gbs_by_mib.items())
+        if nbytes >= points[-1][0]:
+            return 1.0
+        if nbytes <= points[0][0]:
+            return max(1.0, points[0][1] / points[-1][1])
+        hi = next(i for i, (size, _) in enumerate(points) if size >= nbytes)
+        (x0, y0), (x1, y1) = points[hi - 1], points[hi]
+        return max(1.0, (y0 + (y1 - y0) * math.log(nbytes / x0) / math.log(x1 / x0)) / points[-1][1])
 
     def fixed_s(self, fmt: str, key: str, default: float) -> float:
         """A fixed cost of `fmt` (see `fixed`), else `default`."""

@@ -10,6 +10,8 @@ apart), of a tiny one (hidden 64: what a call, a layer and a step cost with next
 - the op-at-a-time linear layers per format at each row count from 1 to 1024 and at each kernel crossover: a cost
   per weight, per output and input feature and per call, fitted over every projection shape of the three models,
   for batched decode and prefill;
+- the read rate by working set (8-256 MiB read over and over, as decode reads its weights), so a model near the
+  last-level cache's size is credited with what stays cached between steps;
 - prefill attention per head size and prompt length (SDPA, as the engine calls it) and the element-wise work per
   token (SiLU, norms, residual adds) measured directly, batched decode's cost per layer and per sequence, and an
   MoE layer's cost per expert and per routed (token, expert) pair beyond its weights.
@@ -67,6 +69,7 @@ FORMATS = ("fp32", "bf16", "q8_0", "q4_0", "int2-g64")  # other formats take the
 ROWS = (1, 4, 16, 64, 256, 1024)  # op-at-a-time row counts; each kernel crossover below 1024 is added on both sides
 # LONG: the fused attention's share must stand well above a neighbour's noise in the step time
 SHORT, LONG, TINY_PROMPT, MOE_PROMPTS, BATCHES, STEPS = 32, 2048, 32, (64, 256), (4, 16), 16
+READ_MIB = (8, 16, 32, 64, 128, 256)  # working sets a cyclic read is timed at: below, near and past the L3
 ATTENTION = [(d, n) for d in (64, 128) for n in (128, 512, 2048)]  # (head_dim, prompt tokens) SDPA is timed at
 
 
@@ -267,6 +270,7 @@ def calibrate(threads: list[int], formats: tuple[str, ...] = FORMATS,
         probes = {t: [roofs[t]["dram_gbs"]] for t in threads}
         log(f"roofs: {roofs}, disk {disk:.2f} GB/s")
         attention = {t: measure_attention(t) for t in threads}
+        reads = {t: {str(mib): measure_read_gbs(t, mib, max(5, 256 // mib)) for mib in READ_MIB} for t in threads}
         elementwise = {t: measure_elementwise(t) for t in threads}
         bases = {"tiny2": build_random({**TINY_SHAPE, "num_hidden_layers": 2}, tmp / "tiny2"),
                  "tiny8": build_random({**TINY_SHAPE, "num_hidden_layers": 8}, tmp / "tiny8"),
@@ -286,7 +290,8 @@ def calibrate(threads: list[int], formats: tuple[str, ...] = FORMATS,
             log(f"{fmt}: measured ({time.perf_counter() - start:.0f} s)")
         for t in threads:  # the load during calibration: the median of the probes taken along it
             roofs[t]["dram_gbs"] = statistics.median(probes[t])
-    rates = {t: _rates(t, order, roofs[t], attention[t], samples, elementwise[t]) for t in threads}
+    rates = {t: replace(_rates(t, order, roofs[t], attention[t], samples, elementwise[t]), read_gbs_by_mib=reads[t])
+             for t in threads}
     return DeviceProfile(name=cpu_model_name(), kind="measured",
                          source=f"edgellm plan calibrate, {time.strftime('%Y-%m-%d')}",
                          memory_bytes=_memory_bytes(), disk_gbs=disk, threads=rates, cpu_flags=cpu_flags(),
