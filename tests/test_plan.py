@@ -242,6 +242,23 @@ def test_a_working_set_near_the_cache_streams_faster_in_the_fused_step():
     assert four[0] == four[1]
 
 
+def test_calibration_fits_recover_known_costs_and_never_go_negative():
+    """The calibration's non-negative least squares: exact data gives back the costs that made it (the batched
+    step's per-step, per-layer and per-(layer, sequence) costs as `calibrate` poses them, and a linear call's
+    per-weight, per-row, per-input and per-call costs); an unknown the data would make negative is dropped to 0 and
+    the rest refitted."""
+    from edgellm.plan.calibrate import _solve, fit_linear
+
+    step, layer, sequence = 2e-4, 3e-5, 4e-6
+    points = [(layers, b, step + layers * (layer + b * sequence)) for layers in (2, 8) for b in (4, 8, 16)]
+    fitted = _solve([[1 / v, layers / v, layers * b / v] for layers, b, v in points], [1.0] * len(points))
+    assert fitted == pytest.approx([step, layer, sequence], rel=1e-6)
+    assert _solve([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]], [3.0, 2.0, 1.0]) == pytest.approx([2.0, 0.0])  # slope < 0
+    costs = {"weight_s": 1e-10, "row_s": 2e-8, "input_s": 3e-9, "call_s": 1e-5}
+    calls = [(n, k, n * k * 1e-10 + n * 2e-8 + k * 3e-9 + 1e-5) for n in (64, 512, 3000) for k in (64, 1024, 2816)]
+    assert fit_linear(calls) == pytest.approx(costs, rel=1e-6)
+
+
 def test_measured_moe_prefill_runs_each_expert_on_its_share_of_the_tokens():
     spec = ModelSpec.from_config(TINY_MOE, "tiny-moe")
     rates = _measured_rates()

@@ -68,7 +68,7 @@ MOE_SHAPE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num
 FORMATS = ("fp32", "bf16", "q8_0", "q4_0", "int2-g64")  # other formats take the rates of the nearest in bits
 ROWS = (1, 4, 16, 64, 256, 1024)  # op-at-a-time row counts; each kernel crossover below 1024 is added on both sides
 # LONG: the fused attention's share must stand well above a neighbour's noise in the step time
-SHORT, LONG, TINY_PROMPT, MOE_PROMPTS, BATCHES, STEPS = 32, 2048, 32, (64, 256), (4, 16), 16
+SHORT, LONG, TINY_PROMPT, MOE_PROMPTS, BATCHES, STEPS = 32, 2048, 32, (64, 256), (4, 8, 16), 16
 READ_MIB = (8, 16, 32, 64, 128, 256)  # working sets a cyclic read is timed at: below, near and past the L3
 ATTENTION = [(d, n) for d in (64, 128) for n in (128, 512, 2048)]  # (head_dim, prompt tokens) SDPA is timed at
 
@@ -290,8 +290,7 @@ def calibrate(threads: list[int], formats: tuple[str, ...] = FORMATS,
             log(f"{fmt}: measured ({time.perf_counter() - start:.0f} s)")
         for t in threads:  # the load during calibration: the median of the probes taken along it
             roofs[t]["dram_gbs"] = statistics.median(probes[t])
-    rates = {t: replace(_rates(t, order, roofs[t], attention[t], samples, elementwise[t]), read_gbs_by_mib=reads[t])
-             for t in threads}
+    rates = {t: _rates(t, order, roofs[t], attention[t], samples, elementwise[t], reads[t]) for t in threads}
     return DeviceProfile(name=cpu_model_name(), kind="measured",
                          source=f"edgellm plan calibrate, {time.strftime('%Y-%m-%d')}",
                          memory_bytes=_memory_bytes(), disk_gbs=disk, threads=rates, cpu_flags=cpu_flags(),
@@ -327,8 +326,9 @@ def _time_sample(sample: _Sample, name: str, fmt: str, threads: list[int], flush
 
 
 def _rates(t: int, formats: list[str], roofs: dict, attention: list[dict],
-           samples: dict[tuple[str, str], _Sample], elementwise: dict) -> ThreadRates:
+           samples: dict[tuple[str, str], _Sample], elementwise: dict, reads: dict[str, float]) -> ThreadRates:
     """Solve the timings for the rates, each from what the others leave of a measurement."""
+    fastest = max(reads.values(), default=roofs["dram_gbs"])
     # op-at-a-time linear layers: per weight, per output row, per call, from the three widths at each row count
     linear = {}
     for fmt in formats:
@@ -340,7 +340,7 @@ def _rates(t: int, formats: list[str], roofs: dict, attention: list[dict],
     rates = ThreadRates(dram_gbs=roofs["dram_gbs"], weight_gbs={}, gemm_gflops={"fp32": roofs["gemm_fp32"],
                                                                                  "bf16": roofs["gemm_bf16"]},
                         attention_gflops=1.0, kv_gbs=1.0, batch_weight_gbs={}, linear=linear, attention=attention,
-                        elementwise_s=elementwise)
+                        elementwise_s=elementwise, read_gbs_by_mib=reads)
 
     def residual(name: str, fmt: str, kind: str, n: int) -> float:
         """What a measurement (prefill of n tokens, decode of n sequences) leaves once the parts already known are
@@ -380,22 +380,31 @@ def _rates(t: int, formats: list[str], roofs: dict, attention: list[dict],
             rows.append([nbytes, out_rows])
             rhs.append(samples[name, fmt].times["decode", t, 1] - known)
         inverse, row_s[fmt] = _solve(rows, rhs)
-        weight_gbs[fmt] = 1 / max(inverse, 1e-12) / 1e9
+        # two widths tell the two costs apart only as far as the timings' noise lets them: a solve that put a step's
+        # time into its rows read int2 weights at "1000 GB/s". No stream runs faster than the fastest cached read
+        # measured; at that rate the rows keep what is left.
+        if inverse < 1 / (fastest * 1e9):
+            inverse = 1 / (fastest * 1e9)
+            row_s[fmt] = _solve([[r[1]] for r in rows], [v - r[0] * inverse for r, v in zip(rows, rhs, strict=True)])[0]
+        weight_gbs[fmt] = 1 / inverse / 1e9
         rates = _with(rates, weight_gbs=dict(weight_gbs), weight_row_s=dict(row_s))
     # the fused step's attention: a long context against the short one, per FLOP (its kernel is bound by them)
     wide = samples["wide", "bf16"].spec
     extra = samples["wide", "bf16"].times["long", t, 1] - samples["wide", "bf16"].times["decode", t, 1]
     flops = 4 * wide.layers * wide.heads * wide.head_dim * (LONG - SHORT)
     kv_bytes = wide.kv_bytes_per_token(KVFormat.parse("bf16")) * (LONG - SHORT)
-    rates = _with(rates, attention_gflops=flops / 1e9 / max(extra, 1e-6), kv_gbs=kv_bytes / 1e9 / max(extra, 1e-6))
-    # batched decode: what the tiny models leave per layer and per sequence once their linear layers are paid
-    left = {(layers, b): residual(f"tiny{layers}", "fp32", "decode", b) for layers in (2, 8) for b in BATCHES}
-    b4, b16 = BATCHES
-    per_layer = {b: max(0.0, (left[8, b] - left[2, b]) / 6) for b in BATCHES}
-    sequence = max(0.0, (per_layer[b16] - per_layer[b4]) / (b16 - b4))
-    batch_layer = max(0.0, per_layer[b4] - b4 * sequence)
-    rates = _with(rates, sequence_overhead_s=sequence, batch_layer_overhead_s=batch_layer,
-                  batch_step_overhead_s=max(0.0, left[8, b4] - 8 * per_layer[b4]))
+    # no faster than the GEMM roof: a neighbour's slow short step once read 49,545 GFLOP/s off a near-zero difference
+    extra = max(extra, flops / 1e9 / roofs["gemm_fp32"])
+    rates = _with(rates, attention_gflops=flops / 1e9 / extra, kv_gbs=kv_bytes / 1e9 / extra)
+    # batched decode: what the tiny models leave once their linear layers are paid, as a cost per step, per layer and
+    # per (layer, sequence), non-negative least squares over both depths and every batch size, relative to each step
+    # (solved one difference at a time and clamped, three calibrations read (0, 131, 11), (520, 0, 40) and (0, 0, 16)
+    # µs)
+    left = [(layers, b, residual(f"tiny{layers}", "fp32", "decode", b),
+             samples[f"tiny{layers}", "fp32"].times["decode", t, b]) for layers in (2, 8) for b in BATCHES]
+    step, layer, sequence = _solve([[1 / s, layers / s, layers * b / s] for layers, b, _, s in left],
+                                   [v / s for _, _, v, s in left])
+    rates = _with(rates, sequence_overhead_s=sequence, batch_layer_overhead_s=layer, batch_step_overhead_s=step)
     # prefill: a step and a layer from the tiny models
     p2, p8 = residual("tiny2", "fp32", "prefill", TINY_PROMPT), residual("tiny8", "fp32", "prefill", TINY_PROMPT)
     prefill_layer = max(0.0, (p8 - p2) / 6)
