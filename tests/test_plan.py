@@ -354,6 +354,36 @@ def test_timing_reads_cpu_time_and_drops_multithread_steps_a_neighbour_stalled(m
     assert measure.best_timing(stalled, 2, 2) == (pytest.approx(0.02), True)
 
 
+def test_validation_rounds_keep_each_cases_fastest_round_with_its_load_factor(tmp_path, monkeypatch):
+    """Scripted timings: round 2 is fastest for the decode case, round 1 for the prefill; each row keeps that round's
+    time and the load factor probed around it, and is predicted from the profile scaled by that factor."""
+    from edgellm.plan import validate as V
+
+    cases = [("tiny-dense", "bf16", "decode", 1, 64, 1), ("tiny-dense", "bf16", "prefill", 1, 128, 1)]
+    timings = iter([(0.010, 0.20), (0.008, 0.25), (0.009, 0.30)])  # per round: decode step s, prefill s
+    loads = iter([0.9, 0.9, 0.5, 0.5, 0.7, 0.7])  # the probes before and after each round's timings
+
+    def fake_measure(path, dtype, plan):
+        decode, prefill = next(timings)
+        header = {"decode_bytes": 1, "weight_bytes": 1, "kv_bytes_per_token": 1, "kv_dtype": "bf16"}
+        return [header, {**plan[0], "seconds": decode, "contended": False},
+                {**plan[1], "seconds": prefill, "contended": False}]
+
+    monkeypatch.setattr(V, "measure_checkpoint", fake_measure)
+    monkeypatch.setattr(V, "load_factors", lambda profile, threads: {t: next(loads) for t in threads})
+    from edgellm.perf.profile import DeviceProfile
+
+    profile = DeviceProfile("made-up", "measured", "test", 2**34, 1.0, {1: _measured_rates()})
+    report = V.validate(profile, cases, tmp_path, log=lambda m: None, rounds=3)
+    decode, prefill = report["cases"]
+    assert report["rounds"] == 3
+    assert decode["measured"] == pytest.approx(1 / 0.008) and prefill["measured"] == pytest.approx(0.20)
+    assert decode["load_factor"] == pytest.approx(0.5) and prefill["load_factor"] == pytest.approx(0.9)
+    # every rate times the factor, every time over it: a prediction at half speed
+    assert decode["predicted"] == pytest.approx(0.5 * decode["predicted_uncorrected"])
+    assert prefill["predicted"] == pytest.approx(prefill["predicted_uncorrected"] / 0.9)
+
+
 @pytest.mark.slow
 def test_reduced_calibrate_and_validate_through_the_engine(tmp_path):
     from edgellm.plan.calibrate import calibrate

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate-threads", type=thread_counts, default=sorted({1, physical_cores()}),
                    help="calibrate: thread counts to measure (default %(default)s)")
     p.add_argument("--reduced", action="store_true", help="validate: the small CI set (seconds, tiny models)")
+    p.add_argument("--rounds", type=positive_int, default=1,
+                   help="validate: time every case this many times, a pass over all checkpoints apart, keeping the "
+                        "fastest (a shared host's neighbours only slow a timing down; default 1)")
     p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="predict: a roofline PNG with the model's ops placed")
 
@@ -224,7 +227,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from edgellm.plan.validate import FULL, REDUCED, external, validate
 
     device = resolve_device(args)
-    report = validate(device, REDUCED if args.reduced else FULL, log=lambda m: print(m, file=sys.stderr))
+    report = validate(device, REDUCED if args.reduced else FULL, log=lambda m: print(m, file=sys.stderr),
+                      rounds=args.rounds)
     report["external"] = external()
     print_validation(report)
     if args.json:
