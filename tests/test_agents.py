@@ -22,6 +22,7 @@ from edgellm.kv.persist import (
     HEADER_CHECKSUM,
     RestoreError,
     header_checksum,
+    parse_header,
     read_metadata,
     restore_memory,
     tensor_crc32,
@@ -126,6 +127,26 @@ def test_flipped_byte_is_refused(engine, tmp_path):
     data[-10] ^= 0x01  # inside the last tensor's payload
     path.write_bytes(bytes(data))
     assert_refused(engine, tmp_path, "q4", "checksum mismatch")
+
+
+def test_a_saved_header_is_not_parsed_again_and_the_data_is_still_checked(engine, tmp_path):
+    """A process remembers the headers it wrote or read (by their exact bytes): restoring an agent it saved parses
+    nothing, yet every data byte is still checksummed, and the metadata handed out is the caller's own copy."""
+    model, tok = engine
+    store, path = saved_agent(engine, tmp_path)
+    before = parse_header.cache_info()
+    _, meta = restore_memory(path, model, tok.fingerprint, store.kv_format)
+    after = parse_header.cache_info()
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)
+    meta["messages"] = "edited by the caller"
+    assert restore_memory(path, model, tok.fingerprint, store.kv_format)[1]["messages"] != meta["messages"]
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01  # the same header bytes, one data bit flipped
+    path.write_bytes(bytes(data))
+    hits = parse_header.cache_info().hits
+    with pytest.raises(RestoreError, match="checksum mismatch"):
+        restore_memory(path, model, tok.fingerprint, store.kv_format)
+    assert parse_header.cache_info().hits == hits + 1
 
 
 def rewrite_metadata(path: Path, resign: bool = True, **changes: str) -> None:

@@ -27,13 +27,13 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from edgellm.errors import EdgeLLMError, InvalidRequestError
+from edgellm.errors import EdgeLLMError
 from edgellm.kernels.kvattn import crc32, read_into
 from edgellm.kv.cache import Layout
 from edgellm.kv.formats import KVFormat, dense_format
@@ -44,6 +44,7 @@ SAFETENSORS_DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfl
                       "I32": torch.int32}
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 HEADER_LIMIT = 100 * 2**20  # safetensors' own bound on the JSON header
+HEADERS_KEPT = 128  # parsed headers kept per process (~14 KB each plus its chat): an agent store's recent saves
 DATA_ALIGN = 64  # the data section starts at a multiple of this: aligned copies into the cache's buffers
 TOKENS = "tokens"  # the tensor of token ids the K/V belong to
 # 2: metadata checksummed, tensor CRCs cover dtype and shape; 3: token ids as a tensor, data 64-byte aligned
@@ -152,18 +153,19 @@ def save_memory(path: Path, cache: PromptCache, model: nn.Module, tokenizer_fing
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
-        write_safetensors(Path(tmp), tensors, metadata)
+        raw = write_safetensors(Path(tmp), tensors, metadata)
         os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a torn one
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     fsync_dir(path.parent)
+    parse_header(raw, sum(t.nbytes for t in tensors.values()))  # its restore, in this process, parses nothing
     return path
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """A safetensors file (tensors in the given order) whose data starts at a multiple of DATA_ALIGN, written with
-    one buffered pass over the tensors' own bytes and fsynced.
+    one buffered pass over the tensors' own bytes and fsynced; returns its header's bytes.
 
     safetensors' writer aligns the data to 8 bytes only, and first builds the whole file in memory.
     """
@@ -181,6 +183,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
             f.write(t.reshape(-1).view(torch.uint8).numpy())
         f.flush()
         os.fsync(f.fileno())
+    return raw
 
 
 @contextmanager
@@ -220,9 +223,23 @@ def verified_metadata(label: str, meta: dict[str, str]) -> dict[str, str]:
     return meta
 
 
-def read_header(f: BinaryIO) -> tuple[dict[str, str], dict[str, Layout], list[tuple[int, int, str]]]:
-    """(metadata, each tensor's layout, (begin, end, name) spans in file order) of an open safetensors file,
-    which is left at the start of its data.
+class Header(NamedTuple):
+    """A memory file's header, parsed and checked; the same header bytes always give the same Header (never mutate
+    one: it may be shared)."""
+
+    meta: dict[str, str]
+    shapes: dict[str, Layout]  # each tensor's layout
+    spans: list[tuple[int, int, str]]  # (begin, end, name) in file order
+    sealed: bool  # a readable format whose metadata checksum holds (`verified_metadata` passes)
+    states: dict[int, dict[str, Layout]]  # each layer's tensors by field: "layers.3.keys" is states[3]["keys"]
+    strays: list[str]  # tensors that are neither a layer's nor the token ids
+    places: list[tuple[int, str]]  # each span's (layer, field); (-1, "") for the token ids
+    seeds: list[int]  # each span's CRC seed: its layout's checksum
+    crcs: list[int | None]  # each span's CRC as the metadata's checksum list gives it (None: not listed)
+
+
+def read_header(f: BinaryIO) -> Header:
+    """The header of an open safetensors file, which is left at the start of its data.
 
     Raises ValueError when the layout is not one safetensors writes: a header past the file, not JSON, a dtype a
     cache never holds, a shape that does not match its byte span, or spans that do not tile the data exactly.
@@ -233,11 +250,22 @@ def read_header(f: BinaryIO) -> tuple[dict[str, str], dict[str, Layout], list[tu
     if not 0 < n <= min(size - 8, HEADER_LIMIT):
         raise ValueError(f"header length {n} does not fit a {size}-byte file")
     raw = f.read(n)
-    header = json.loads(raw.decode("utf-8")) if len(raw) == n else None
+    if len(raw) != n:
+        raise ValueError(f"the file ends inside its {n}-byte header")
+    return parse_header(raw, size - 8 - n)
+
+
+@functools.lru_cache(maxsize=HEADERS_KEPT)
+def parse_header(raw: bytes, data_bytes: int) -> Header:
+    """The header `raw` describing `data_bytes` bytes of tensor data, parsed and checked (see `read_header`).
+
+    Memoised on the header's exact bytes: an agent store restores the files it saved itself (their headers were
+    parsed at save time), and a restore right after a decode step paid ~0.5 ms for this parse, its caches cold.
+    """
+    header = json.loads(raw.decode("utf-8"))
     meta = header.pop("__metadata__", {}) if isinstance(header, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise ValueError("the header is not a safetensors header")
-    data_bytes = size - 8 - n
     shapes, spans = {}, []
     layouts: dict[tuple, tuple[Layout, int]] = {}  # a cache's ~100 tensors share a handful of layouts
     for name, info in header.items():
@@ -259,7 +287,44 @@ def read_header(f: BinaryIO) -> tuple[dict[str, str], dict[str, Layout], list[tu
     if [b for b, _, _ in spans] != [0, *(e for _, e, _ in spans)][:len(spans)] or \
             (spans[-1][1] if spans else 0) != data_bytes:
         raise ValueError("the tensors do not tile the file's data exactly")
-    return meta, shapes, spans
+    try:
+        sealed = verified_metadata("", meta) is meta
+    except RestoreError:
+        sealed = False
+    states: dict[int, dict[str, Layout]] = {}
+    strays, places = [], []
+    for _, _, name in spans:
+        parts = name.split(".", 2)
+        if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit():
+            states.setdefault(int(parts[1]), {})[parts[2]] = shapes[name]
+            places.append((int(parts[1]), parts[2]))
+        else:
+            strays += [name] if name != TOKENS else []
+            places.append((-1, ""))
+    listed = _listed_crcs(meta.get("checksums", ""))
+    return Header(meta, shapes, spans, sealed, states, strays, places,
+                  [layout_crc32(shapes[name]) for _, _, name in spans], [listed.get(name) for _, _, name in spans])
+
+
+def _listed_crcs(text: str) -> dict[str, int]:
+    """The metadata's checksum list as numbers ({} where it is no such list)."""
+    try:
+        listed = json.loads(text)
+        return {k: int(v, 16) for k, v in listed.items() if isinstance(v, str) and len(v) == 8}
+    except (ValueError, AttributeError):
+        return {}
+
+
+@functools.lru_cache(maxsize=HEADERS_KEPT)
+def _json(text: str) -> Any:
+    """A header's checksum list, parsed once per distinct text: never mutate it."""
+    return json.loads(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _saved_format(text: str) -> KVFormat:
+    """The KV format a header's `kv_format` entry names, parsed once per distinct text."""
+    return KVFormat.from_metadata(json.loads(text))
 
 
 def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str, kv_format: KVFormat,
@@ -270,50 +335,41 @@ def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str, kv_
     stays private until every checksum has passed. With `pool` (of `kv_format`), the cache's blocks are taken from
     it and the file is read straight into them (PoolExhausted, no block taken, when too few are free).
     """
-    if not path.exists():
-        raise RestoreError(f"no saved memory at {path}")
     label = path.name
     cache = None
     try:
         with open(path, "rb", buffering=0) as f:  # one open file: a concurrent atomic replace cannot swap it mid-read
-            meta, shapes, spans = read_header(f)
-            meta, num_tokens, checksums = _check_metadata(label, meta, model, tokenizer_fingerprint, kv_format)
-            if set(shapes) != set(checksums):
+            header = read_header(f)
+            shapes, spans = header.shapes, header.spans
+            meta, num_tokens, checksums = _check_metadata(label, header, model, tokenizer_fingerprint, kv_format)
+            if shapes.keys() != checksums.keys():
                 raise RestoreError(f"{label}: the file's tensors do not match its checksum list")
             listed = _listed_tokens(label, meta, num_tokens)
             if shapes.get(TOKENS) != (None if listed is not None else Layout(torch.Size([num_tokens]), torch.int32)):
                 raise RestoreError(f"{label}: the token ids do not match the {num_tokens} tokens the header claims")
             layers = model.args.num_hidden_layers
-            states: list[dict[str, Layout]] = [{} for _ in range(layers)]
-            for key, t in shapes.items():
-                if key == TOKENS:
-                    continue
-                _, i, field = key.split(".", 2)
-                if not i.isdigit() or int(i) >= layers:
-                    raise RestoreError(f"{label}: tensor {key} names no layer of this model")
-                states[int(i)][field] = t
+            strays = header.strays + [f"layers.{i}.*" for i in header.states if i >= layers]
+            if strays:
+                raise RestoreError(f"{label}: tensor {strays[0]} names no layer of this model")
             cache = (PromptCache(model, capacity=num_tokens + 256, kv_format=kv_format) if pool is None else
                      PromptCache(model, pool=pool))
-            targets: dict[str, torch.Tensor | BlockTarget] = \
-                {} if listed is not None else {TOKENS: torch.empty(num_tokens, dtype=torch.int32)}
-            try:
-                for i, (layer, state) in enumerate(zip(cache.layers, states, strict=True)):
-                    got = layer.receive(state)
-                    if set(got) != set(state) or any(got[k].shape != t.shape or got[k].dtype != t.dtype
-                                                     for k, t in state.items()):
-                        raise InvalidRequestError(f"layer {i} holds {sorted(got)}, the file {sorted(state)}")
-                    targets |= {f"layers.{i}.{name}": target for name, target in got.items()}
+            try:  # each entry a view of the cache's buffers, or a pool field and block table, with the file's shape
+                received = cache.receive([header.states.get(i, {}) for i in range(layers)])
             except PoolExhausted:
                 raise
             except EdgeLLMError as e:
                 raise RestoreError(f"{label}: memory tensors do not fit this KV format ({e})") from e
-            order = [targets[name] for _, _, name in spans]
-            crcs = read_into(f, [t.field if isinstance(t, BlockTarget) else t for t in order],
-                             [layout_crc32(shapes[name]) for _, _, name in spans],
+            ids = torch.empty(num_tokens, dtype=torch.int32) if listed is None else None
+            order = [received[i][field] if i >= 0 else ids for i, field in header.places]
+            crcs = read_into(f, [t.field if isinstance(t, BlockTarget) else t for t in order], header.seeds,
                              [(t.table, t.tokens) if isinstance(t, BlockTarget) else None for t in order])
-            for (_, _, name), crc in zip(spans, crcs, strict=True):
-                if f"{crc:08x}" != checksums[name]:
-                    raise RestoreError(f"{label}: checksum mismatch in {name}; the file is damaged")
+            if crcs != header.crcs:
+                bad = next(name for (_, _, name), crc in zip(spans, crcs, strict=True)
+                           if f"{crc:08x}" != checksums[name])
+                raise RestoreError(f"{label}: checksum mismatch in {bad}; the file is damaged")
+    except FileNotFoundError as e:
+        _give_back(cache)
+        raise RestoreError(f"no saved memory at {path}") from e
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
         _give_back(cache)
         raise RestoreError(f"{label}: memory file is damaged or inconsistent ({e})") from e
@@ -323,8 +379,8 @@ def restore_memory(path: Path, model: nn.Module, tokenizer_fingerprint: str, kv_
     if any(layer.offset != num_tokens for layer in cache.layers):
         _give_back(cache)
         raise RestoreError(f"{label}: memory holds a different number of tokens than it claims")
-    cache.tokens = listed if listed is not None else targets[TOKENS].tolist()
-    return cache, meta
+    cache.tokens = listed if listed is not None else ids.tolist()
+    return cache, dict(meta)
 
 
 def _give_back(cache: PromptCache | None) -> None:
@@ -346,18 +402,18 @@ def _listed_tokens(label: str, meta: dict[str, str], num_tokens: int) -> list[in
     return tokens
 
 
-def _check_metadata(label: str, meta: dict[str, str], model: nn.Module, tokenizer_fingerprint: str,
+def _check_metadata(label: str, header: Header, model: nn.Module, tokenizer_fingerprint: str,
                     kv_format: KVFormat) -> tuple[dict[str, str], int, dict[str, str]]:
     """(metadata, number of tokens, tensor checksums) when the header is intact and written for this model, tokenizer,
     dtype and KV format; else RestoreError."""
-    meta = verified_metadata(label, meta)
+    meta = header.meta if header.sealed else verified_metadata(label, header.meta)
     if meta.get("model_fingerprint") != model.fingerprint:
         raise RestoreError(f"{label}: memory was saved for a different model")
     if meta.get("tokenizer_fingerprint") != tokenizer_fingerprint:
         raise RestoreError(f"{label}: memory was saved with a different tokenizer")
     try:
-        saved_format = KVFormat.from_metadata(json.loads(meta["kv_format"]))
-        checksums = json.loads(meta["checksums"])
+        saved_format = _saved_format(meta["kv_format"])
+        checksums = _json(meta["checksums"])
         layers = int(meta["layers"])
         num_tokens = int(meta["num_tokens"])
     except (KeyError, ValueError, EdgeLLMError) as e:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from edgellm.errors import InvalidRequestError
-from edgellm.kv.cache import KVCache
-from edgellm.kv.pool import BlockPool, PoolExhausted, block_key
+from edgellm.kv.cache import KVCache, Layout
+from edgellm.kv.pool import BlockPool, BlockTarget, PagedKVCache, PoolExhausted, block_key
 
 if TYPE_CHECKING:
     from edgellm.kv.formats import KVFormat
@@ -38,6 +39,14 @@ class PromptCache:
         self.layers: list[KVCache] = (pool.make_caches(model.args.num_hidden_layers) if pool is not None
                                       else model.make_cache(capacity, kv_format=kv_format))
         self.tokens: list[int] = []
+
+    def receive(self, states: list[dict[str, torch.Tensor | Layout]]) -> list[dict[str, torch.Tensor | BlockTarget]]:
+        """Room for a saved `state()` per layer, held from now on; where each entry goes, for a restore to read a
+        memory file straight into (see `ContiguousCache.receive`; a paged cache's layers take all their blocks at
+        once, or none: PoolExhausted)."""
+        if self.pool is not None:
+            return PagedKVCache.receive_all(self.layers, states)
+        return [layer.receive(state) for layer, state in zip(self.layers, states, strict=True)]
 
     def reuse(self, prompt: list[int]) -> int:
         """Keep the longest cached prefix of `prompt` (never all of it: the last token must run to give logits).

@@ -185,7 +185,9 @@ def _notes(args: argparse.Namespace, main: Subject, twin: Subject | None) -> lis
         "the file into a buffer already faulted in (read_bytes gets a fresh allocation each time, which malloc "
         "serves from faulted-in heap below its mmap threshold (32 MiB at most) and from fresh pages above it); "
         "warm_pool_restore_s restores into a block pool sized for the agent (the server's path: straight into its "
-        "blocks; formats a pool holds only), its blocks given back after each rep",
+        "blocks; formats a pool holds only), its blocks given back after each rep; a process remembers the headers "
+        "of the memory files it saved or read (the agent store restores what it saved), so warm_pool_restore_"
+        "unseen_s repeats it with that memo cleared, as the first restore after a restart",
         "decode: one decode step over caches of random K/V at each context, every layer in turn; attention = "
         "each layer's cache.attend alone (new token stored, then trimmed), step = the whole model's forward; the "
         "formats alternate rep by rep, median of --reps after one warm-up; vs baseline = over the first format",
