@@ -68,15 +68,40 @@ class Layout(NamedTuple):
     dtype: torch.dtype
 
 
+class BlockTarget(NamedTuple):
+    """Where a restore reads one (1, heads, rows, width) tensor of a memory file: row t of each head goes to row
+    t % block_rows of block table[t // block_rows] of `field` (blocks, heads, block_rows, width).
+
+    A block pool's field takes a cache's blocks this way; a batch-1 contiguous buffer is one block (table [0]), named
+    so instead of by a view: a restore needs ~100 targets, and each view costs it microseconds."""
+
+    field: torch.Tensor
+    table: list[int]
+    tokens: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (1, self.field.shape[1], self.tokens, self.field.shape[3])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.field.dtype
+
+
+def rows_of(buffer: torch.Tensor, rows: int) -> torch.Tensor | BlockTarget:
+    """Rows [0, rows) of a contiguous (batch, heads, capacity, width) buffer, as a receive hands them out."""
+    return BlockTarget(buffer, [0], rows) if buffer.shape[0] == 1 else buffer.narrow(2, 0, rows)
+
+
 @runtime_checkable
 class ContiguousCache(KVCache, Protocol):
     """A cache holding each (batch row, head) in one strided buffer (dense, quantized): a restore fills it in place."""
 
-    def receive(self, state: dict[str, torch.Tensor | Layout]) -> dict[str, torch.Tensor]:
+    def receive(self, state: dict[str, torch.Tensor | Layout]) -> dict[str, torch.Tensor | BlockTarget]:
         """Make room for a `state()` shaped like `state` and hold it; returns where each entry goes.
 
         Only shapes and dtypes are read (a `Layout` will do), and checked against this cache's format. Each entry maps
-        to a view of this cache's own buffers with its shape: a restore reads the file straight into them, and the
+        to this cache's own buffers with its shape (`rows_of`): a restore reads the file straight into them, and the
         cache holds the state once they are filled.
         """
         ...
@@ -84,8 +109,10 @@ class ContiguousCache(KVCache, Protocol):
 
 def load_state(cache: ContiguousCache, state: dict[str, torch.Tensor]) -> None:
     """`cache.load_state` for caches that `receive`: check, make room, copy."""
-    for name, view in cache.receive(state).items():
-        view.copy_(state[name])
+    for name, target in cache.receive(state).items():
+        if isinstance(target, BlockTarget):  # one block: the buffer's first rows
+            target = target.field.narrow(2, 0, target.tokens)
+        target.copy_(state[name])
 
 
 class SingleOffset:
@@ -161,7 +188,7 @@ class DenseKVCache(SingleOffset):
         if keys.shape[2] > self.capacity:
             self._grow(keys.shape[2])
         self.offset = keys.shape[2]
-        return {"keys": self.keys[:, :, :self.offset], "values": self.values[:, :, :self.offset]}
+        return {"keys": rows_of(self.keys, self.offset), "values": rows_of(self.values, self.offset)}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         load_state(self, state)

@@ -35,9 +35,9 @@ from torch import nn
 
 from edgellm.errors import EdgeLLMError
 from edgellm.kernels.kvattn import crc32, read_into
-from edgellm.kv.cache import Layout
+from edgellm.kv.cache import BlockTarget, Layout
 from edgellm.kv.formats import KVFormat, dense_format
-from edgellm.kv.pool import BlockPool, BlockTarget, PoolExhausted
+from edgellm.kv.pool import BlockPool, PoolExhausted
 from edgellm.kv.prompt_cache import PromptCache
 
 SAFETENSORS_DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,

@@ -19,14 +19,13 @@ import mmap
 import sys
 import weakref
 from collections.abc import Iterator
-from typing import NamedTuple
 
 import torch
 
 from edgellm.errors import EdgeLLMError, InvalidRequestError
 from edgellm.kernels.decode import paged_decode_attention
 from edgellm.kernels.kvattn import NATIVE_MAX_ROWS, PackedKV, packed_attention
-from edgellm.kv.cache import Layout, SingleOffset
+from edgellm.kv.cache import BlockTarget, Layout, SingleOffset
 from edgellm.kv.codec import QuantizedTensor, dequantize, hadamard, quantize
 from edgellm.kv.formats import DENSE, QUANTIZED, KVFormat
 from edgellm.kv.quantized_cache import (
@@ -43,23 +42,6 @@ from edgellm.layouts import ModelShape
 DEFAULT_BLOCK_TOKENS = 256  # the seed paper's block size
 ALIGN = 64  # every field starts on a cache line, which also satisfies any dtype's alignment
 MADV_HUGEPAGE = 14
-
-
-class BlockTarget(NamedTuple):
-    """Where a restore reads one (1, kv_heads, tokens, width) tensor of a memory file: a pool field, token t of each
-    head in row t % block_tokens of block table[t // block_tokens]."""
-
-    field: torch.Tensor
-    table: list[int]
-    tokens: int
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (1, self.field.shape[1], self.tokens, self.field.shape[3])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.field.dtype
 
 
 class PoolExhausted(EdgeLLMError):

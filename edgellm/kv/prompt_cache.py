@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from edgellm.errors import InvalidRequestError
-from edgellm.kv.cache import KVCache, Layout
-from edgellm.kv.pool import BlockPool, BlockTarget, PagedKVCache, PoolExhausted, block_key
+from edgellm.kv.cache import BlockTarget, KVCache, Layout
+from edgellm.kv.pool import BlockPool, PagedKVCache, PoolExhausted, block_key
 
 if TYPE_CHECKING:
     from edgellm.kv.formats import KVFormat

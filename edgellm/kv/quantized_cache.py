@@ -11,13 +11,14 @@ the token and attends over the codes in place, bit for bit as `_store` stores an
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 
 import torch
 
 from edgellm.errors import InvalidRequestError
 from edgellm.kernels.kvattn import PackedKV, packed_attention, quantize_into
-from edgellm.kv.cache import Layout, SingleOffset, load_state
+from edgellm.kv.cache import BlockTarget, Layout, SingleOffset, load_state, rows_of
 from edgellm.kv.codec import BITS, QuantizedTensor, dequantize, hadamard, quantize
 from edgellm.layouts import SCHEMES, head_group
 
@@ -218,14 +219,21 @@ class _PackedBuffer:
                                       f"({self.bits}-bit, group {self.group}, batch/heads/head_dim {self.shape})")
         return tokens
 
-    def receive(self, prefix: str, tokens: int) -> dict[str, torch.Tensor]:
+    def receive(self, prefix: str, tokens: int) -> dict[str, torch.Tensor | BlockTarget]:
         """Room for `tokens` tokens of a `state()` already checked by `held_in`: where its bytes go."""
         if tokens > self.capacity:
             self._grow(tokens, 0)
         data_rows, scale_rows = self._rows(tokens)
         data, scales, zeros = FIELDS[prefix]
-        return {data: self.data.narrow(2, 0, data_rows), scales: self.scales.narrow(2, 0, scale_rows),
-                zeros: self.zeros.narrow(2, 0, scale_rows)}
+        return {data: rows_of(self.data, data_rows), scales: rows_of(self.scales, scale_rows),
+                zeros: rows_of(self.zeros, scale_rows)}
+
+
+@functools.cache
+def _empty_window(batch: int, heads: int, head_dim: int, device: str) -> torch.Tensor:
+    """An empty full-precision window in fp32, shared (it holds nothing to write): a restore builds a cache per layer,
+    and each tensor op costs it microseconds."""
+    return torch.zeros(batch, heads, 0, head_dim, device=device)
 
 
 class QuantizedKVCache(SingleOffset):
@@ -256,12 +264,12 @@ class QuantizedKVCache(SingleOffset):
                                   capacity, device)
         self.values = _PackedBuffer(batch, kv_heads, head_dim, bits, hg, False, capacity, device)
         recent = (batch, kv_heads, window + self.unit - 1, head_dim)
-        self.recent_keys = torch.zeros(recent, dtype=dtype, device=device)
-        self.recent_values = torch.zeros(recent, dtype=dtype, device=device)
+        self.recent_keys = torch.empty(recent, dtype=dtype, device=device)  # only [:offset - quantized] is read
+        self.recent_values = torch.empty(recent, dtype=dtype, device=device)
         self.offset = 0
         self.quantized = 0
         self._table: torch.Tensor | None = None  # the native kernel's page table, kept between decode steps
-        self._none = torch.zeros(batch, kv_heads, 0, head_dim, device=device)  # an empty window, in fp32
+        self._none = _empty_window(batch, kv_heads, head_dim, str(device))
 
     @property
     def nbytes(self) -> int:
@@ -375,7 +383,7 @@ class QuantizedKVCache(SingleOffset):
             state |= {"keys.window": self.recent_keys[:, :, :held], "values.window": self.recent_values[:, :, :held]}
         return state
 
-    def receive(self, state: dict[str, torch.Tensor | Layout]) -> dict[str, torch.Tensor]:
+    def receive(self, state: dict[str, torch.Tensor | Layout]) -> dict[str, torch.Tensor | BlockTarget]:
         quantized = self.keys.held_in(state, "keys")
         window = self.recent_keys.shape[2] > 0
         if state.keys() - (_WINDOWED_STATE if window else _PACKED_STATE):
@@ -393,8 +401,8 @@ class QuantizedKVCache(SingleOffset):
                                       f"{windows[0].dtype} does not fit this cache ({self.dtype})")
         pieces = self.keys.receive("keys", quantized) | self.values.receive("values", quantized)
         if window and "keys.window" in state:
-            pieces |= {"keys.window": self.recent_keys.narrow(2, 0, held),
-                       "values.window": self.recent_values.narrow(2, 0, held)}
+            pieces |= {"keys.window": rows_of(self.recent_keys, held),
+                       "values.window": rows_of(self.recent_values, held)}
         self.quantized, self.offset = quantized, quantized + held
         return pieces
 

@@ -134,6 +134,7 @@ def _ttft(subject: Subject, fmt: KVFormat, prompt: list[int], new_token: int, re
         disk_token = int(prefill_tokens(model, turn[cached:], restored).argmax())
         disk.append(time.perf_counter() - t0)
         restore.append(t1 - t0)
+        del restored  # freed here, untimed: else the next rep's assignment frees it inside its timing
     warm_raw, warm_into, warm_restore, warm_disk, warm_pool, warm_unseen = [], [], [], [], [], []
     path.read_bytes()  # the file's pages stay cached now: a returning agent whose file was written or read lately
     reused = bytearray(path.stat().st_size)
@@ -152,16 +153,19 @@ def _ttft(subject: Subject, fmt: KVFormat, prompt: list[int], new_token: int, re
         int(prefill_tokens(model, turn[restored.reuse(turn):], restored).argmax())
         warm_disk.append(time.perf_counter() - t0)
         warm_restore.append(t1 - t0)
+        del restored
         if pool is not None:  # the server's path: straight into the blocks of its pool
             t0 = time.perf_counter()
             paged, _ = restore_memory(path, model, fingerprint, fmt, pool=pool)
             warm_pool.append(time.perf_counter() - t0)
             paged.release()
+            del paged
             parse_header.cache_clear()  # as after a restart: a header this process neither wrote nor read
             t0 = time.perf_counter()
             paged, _ = restore_memory(path, model, fingerprint, fmt, pool=pool)
             warm_unseen.append(time.perf_counter() - t0)
             paged.release()
+            del paged
     file_bytes = path.stat().st_size
     path.unlink()
     best = {"cold": min(cold), "ram": min(ram), "disk": min(disk), "restore": min(restore), "raw": min(raw),
