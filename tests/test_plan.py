@@ -259,6 +259,23 @@ def test_calibration_fits_recover_known_costs_and_never_go_negative():
     assert fit_linear(calls) == pytest.approx(costs, rel=1e-6)
 
 
+def test_fused_step_fit_recovers_its_costs_and_shares_rows_among_threads():
+    """The fused step's (per byte, per row) fit: exact from two widths; with the per-row cost known from fewer threads,
+    only the byte rate is fitted (a noisy row term cannot eat the weights' time); never faster than the fastest
+    read."""
+    from edgellm.plan.calibrate import fit_fused
+
+    per_byte, per_row = 1 / 20e9, 1.5e-8
+    points = [[60e6, 80_000], [20e6, 50_000]]
+    seconds = [b * per_byte + r * per_row for b, r in points]
+    assert fit_fused(points, seconds, 100.0) == pytest.approx((per_byte, per_row), rel=1e-6)
+    two = [b * per_byte / 2 + r * per_row / 2 for b, r in points]  # two threads: twice the stream, rows shared out
+    noisy = [two[0] * 1.05, two[1] * 0.95]
+    inverse, rows = fit_fused(points, noisy, 100.0, row_s=per_row / 2)
+    assert rows == per_row / 2 and inverse == pytest.approx(per_byte / 2, rel=0.06)
+    assert fit_fused(points, seconds, 10.0, row_s=per_row)[0] == pytest.approx(1 / 10e9)  # capped at the fastest read
+
+
 def test_measured_moe_prefill_runs_each_expert_on_its_share_of_the_tokens():
     spec = ModelSpec.from_config(TINY_MOE, "tiny-moe")
     rates = _measured_rates()

@@ -195,6 +195,30 @@ def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
         active = [i for i, v in zip(active, x, strict=True) if v >= 0] or active[:1]
 
 
+def fit_fused(points: list[list[float]], seconds: list[float], fastest_gbs: float,
+              row_s: float | None = None) -> tuple[float, float]:
+    """(seconds per weight byte, seconds per output row) of the fused decode step from (bytes, rows) and the seconds
+    they took, per model width. `row_s`: the per-row cost already known (from fewer threads), then only the byte
+    rate is fitted, on relative error.
+
+    Two widths tell the two costs apart only as far as the timings' noise lets them: a solve that put a step's time
+    into its rows read int2 weights at "1000 GB/s", so no stream runs faster than the fastest cached read measured
+    (`fastest_gbs`), and at that rate the rows keep what is left. With more threads, the step splits each
+    projection's rows among them, so a row's fixed work (sums, scales, store) is done by one: solved afresh from two
+    widths, the 2-thread per-row cost came out above the 1-thread one for some format in each of six calibrations
+    (a step's noise put into its rows), and the 2-thread rows of a 30-layer model then cost as much as its weights.
+    """
+    floor = 1 / (fastest_gbs * 1e9)
+    if row_s is not None:
+        inverse = _solve([[b / v] for (b, _), v in zip(points, seconds, strict=True)],
+                         [1 - r * row_s / v for (_, r), v in zip(points, seconds, strict=True)])[0]
+        return max(inverse, floor), row_s
+    inverse, row_s = _solve(points, seconds)
+    if inverse < floor:
+        row_s = _solve([[r] for _, r in points], [v - b * floor for (b, _), v in zip(points, seconds, strict=True)])[0]
+    return max(inverse, floor), row_s
+
+
 def fit_linear(calls: list[tuple]) -> dict:
     """Seconds per weight, per output feature, per input feature and per call from (N, K, seconds) of calls of
     many shapes at one row count, fitted on relative error (a tiny call counts as much as a large one)."""
@@ -290,7 +314,10 @@ def calibrate(threads: list[int], formats: tuple[str, ...] = FORMATS,
             log(f"{fmt}: measured ({time.perf_counter() - start:.0f} s)")
         for t in threads:  # the load during calibration: the median of the probes taken along it
             roofs[t]["dram_gbs"] = statistics.median(probes[t])
-    rates = {t: _rates(t, order, roofs[t], attention[t], samples, elementwise[t], reads[t]) for t in threads}
+    rates: dict[int, ThreadRates] = {}
+    for t in sorted(threads):  # the fewest threads first: more threads share out its per-row costs
+        rates[t] = _rates(t, order, roofs[t], attention[t], samples, elementwise[t], reads[t],
+                          (min(rates), rates[min(rates)]) if rates else None)
     return DeviceProfile(name=cpu_model_name(), kind="measured",
                          source=f"edgellm plan calibrate, {time.strftime('%Y-%m-%d')}",
                          memory_bytes=_memory_bytes(), disk_gbs=disk, threads=rates, cpu_flags=cpu_flags(),
@@ -326,8 +353,10 @@ def _time_sample(sample: _Sample, name: str, fmt: str, threads: list[int], flush
 
 
 def _rates(t: int, formats: list[str], roofs: dict, attention: list[dict],
-           samples: dict[tuple[str, str], _Sample], elementwise: dict, reads: dict[str, float]) -> ThreadRates:
-    """Solve the timings for the rates, each from what the others leave of a measurement."""
+           samples: dict[tuple[str, str], _Sample], elementwise: dict, reads: dict[str, float],
+           fewer: tuple[int, ThreadRates] | None = None) -> ThreadRates:
+    """Solve the timings for the rates, each from what the others leave of a measurement. `fewer`: the rates solved
+    at a smaller thread count, whose per-row costs `t` threads share out."""
     fastest = max(reads.values(), default=roofs["dram_gbs"])
     # op-at-a-time linear layers: per weight, per output row, per call, from the three widths at each row count
     linear = {}
@@ -379,13 +408,8 @@ def _rates(t: int, formats: list[str], roofs: dict, attention: list[dict],
                     row_s[head]
             rows.append([nbytes, out_rows])
             rhs.append(samples[name, fmt].times["decode", t, 1] - known)
-        inverse, row_s[fmt] = _solve(rows, rhs)
-        # two widths tell the two costs apart only as far as the timings' noise lets them: a solve that put a step's
-        # time into its rows read int2 weights at "1000 GB/s". No stream runs faster than the fastest cached read
-        # measured; at that rate the rows keep what is left.
-        if inverse < 1 / (fastest * 1e9):
-            inverse = 1 / (fastest * 1e9)
-            row_s[fmt] = _solve([[r[1]] for r in rows], [v - r[0] * inverse for r, v in zip(rows, rhs, strict=True)])[0]
+        inverse, row_s[fmt] = fit_fused(rows, rhs, fastest,
+                                        None if fewer is None else fewer[1].weight_row_s[fmt] * fewer[0] / t)
         weight_gbs[fmt] = 1 / inverse / 1e9
         rates = _with(rates, weight_gbs=dict(weight_gbs), weight_row_s=dict(row_s))
     # the fused step's attention: a long context against the short one, per FLOP (its kernel is bound by them)
