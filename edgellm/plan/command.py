@@ -240,15 +240,17 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def print_validation(report: dict) -> None:
-    print("| model | format | kind | threads | context | batch | predicted | measured | error | load factor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | format | kind | threads | context | batch | predicted | measured | error | load factor | "
+          "error, as `plan` predicts |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in report["cases"]:
         unit = "ms" if r["metric"] == "ttft_s" else "tok/s"
         scale = 1000 if unit == "ms" else 1
         contended = " (contended)" if r.get("contended") else ""  # no run free of a neighbour: see measure.py
+        plain = 100 * (r["predicted_uncorrected"] - r["measured"]) / r["measured"]
         print(f"| {r['model']} | {r['format']} | {r['kind']} | {r['threads']} | {r['context']} | {r['batch']} | "
               f"{r['predicted'] * scale:.1f} {unit} | {r['measured'] * scale:.1f} {unit}{contended} | "
-              f"{r['error_pct']:+.1f}% | {r['load_factor']:.2f} |")
+              f"{r['error_pct']:+.1f}% | {r['load_factor']:.2f} | {plain:+.1f}% |")
     print("\n| model | format | memory | predicted | measured | error |\n|---|---|---|---|---|---|")
     for m in report["memory"]:
         print(f"| {m['model']} | {m['format']} | {m['what']} | {m['predicted']:.0f} | {m['measured']:.0f} | "
@@ -263,10 +265,11 @@ def print_validation(report: dict) -> None:
     print(f"\n{s['cases']} cases: median |error| {s.get('median_abs_error_pct', 0):.1f}%, p90 "
           f"{s.get('p90_abs_error_pct', 0):.1f}%, max {s.get('max_abs_error_pct', 0):.1f}%, "
           f"{s.get('within_25_pct', 0)} within 25%; memory max |error| {s.get('memory_max_abs_error_pct', 0):.2f}%")
-    if "summary_uncorrected" in report:
+    if "summary_uncorrected" in report:  # what `edgellm plan` itself predicts: the profile as calibrated
         u = report["summary_uncorrected"]
-        print(f"without the load correction: median |error| {u.get('median_abs_error_pct', 0):.1f}%, max "
-              f"{u.get('max_abs_error_pct', 0):.1f}%")
+        print(f"as `edgellm plan` predicts (no load correction): median |error| "
+              f"{u.get('median_abs_error_pct', 0):.1f}%, max {u.get('max_abs_error_pct', 0):.1f}%, "
+              f"{u.get('within_25_pct', 0)} within 25%")
 
 
 def cmd_devices(args: argparse.Namespace) -> None:
