@@ -10,7 +10,7 @@ from torch import nn
 
 from edgellm.errors import InvalidRequestError
 from edgellm.kv.cache import BlockTarget, KVCache, Layout
-from edgellm.kv.pool import BlockPool, PagedKVCache, PoolExhausted, block_key
+from edgellm.kv.pool import BlockPool, PoolExhausted, block_key
 
 if TYPE_CHECKING:
     from edgellm.kv.formats import KVFormat
@@ -43,9 +43,10 @@ class PromptCache:
     def receive(self, states: list[dict[str, torch.Tensor | Layout]]) -> list[dict[str, torch.Tensor | BlockTarget]]:
         """Room for a saved `state()` per layer, held from now on; where each entry goes, for a restore to read a
         memory file straight into (see `ContiguousCache.receive`; a paged cache's layers take all their blocks at
-        once, or none: PoolExhausted)."""
-        if self.pool is not None:
-            return PagedKVCache.receive_all(self.layers, states)
+        once, or none: PoolExhausted). A cache kind with a `receive_all` checks alike layers once."""
+        receive_all = getattr(type(self.layers[0]), "receive_all", None) if self.layers else None
+        if receive_all is not None:
+            return receive_all(self.layers, states)
         return [layer.receive(state) for layer, state in zip(self.layers, states, strict=True)]
 
     def reuse(self, prompt: list[int]) -> int:
