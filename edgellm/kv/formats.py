@@ -12,7 +12,6 @@ from edgellm.kv.quantized_cache import QuantizedKVCache
 from edgellm.layouts import QUANTIZED, KVFormat  # the format itself is torch-free there, for the planner
 
 DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ALIGN_TOKENS = 64  # quantized caches reserve whole multiples of this: any row size times it is a multiple of 64 bytes
 
 
 def dense_format(dtype: torch.dtype) -> KVFormat:
@@ -34,6 +33,5 @@ def make_caches(model: nn.Module, fmt: KVFormat, capacity: int, batch: int = 1) 
     if fmt.kind in DENSE:
         return [DenseKVCache(batch, heads, head_dim, capacity, DENSE[fmt.kind], device)
                 for _ in range(args.num_hidden_layers)]
-    capacity = -(-capacity // ALIGN_TOKENS) * ALIGN_TOKENS  # every layer's share of a buffer starts 64-byte aligned
-    return QuantizedKVCache(batch, heads, head_dim, capacity, QUANTIZED[fmt.kind], fmt.group, fmt.scheme, fmt.window,
-                            fmt.hadamard, dtype, device).replicate(args.num_hidden_layers)
+    return [QuantizedKVCache(batch, heads, head_dim, capacity, QUANTIZED[fmt.kind], fmt.group, fmt.scheme, fmt.window,
+                             fmt.hadamard, dtype, device) for _ in range(args.num_hidden_layers)]

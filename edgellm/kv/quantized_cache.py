@@ -271,24 +271,6 @@ class QuantizedKVCache(SingleOffset):
         self._table: torch.Tensor | None = None  # the native kernel's page table, kept between decode steps
         self._none = _empty_window(batch, kv_heads, head_dim, str(device))
 
-    def replicate(self, n: int) -> list[QuantizedKVCache]:
-        """`n` empty caches like this one, each buffer kind of all `n` from one allocation (a cache that outgrows
-        its buffers takes new ones of its own). A restore builds a cache per layer, and eight tensor allocations a
-        layer cost it ~0.5 ms, its caches cold from the decode step before it."""
-        layout = self._buffers()
-        stacks = [torch.empty((n, *t.shape), dtype=t.dtype, device=t.device).unbind(0) for t in layout]
-        out = []
-        for buffers in zip(*stacks, strict=True):
-            cache = object.__new__(QuantizedKVCache)
-            cache.__dict__.update(self.__dict__)
-            cache.keys, cache.values = (object.__new__(_PackedBuffer) for _ in range(2))
-            cache.keys.__dict__.update(self.keys.__dict__)
-            cache.values.__dict__.update(self.values.__dict__)
-            (cache.keys.data, cache.keys.scales, cache.keys.zeros, cache.values.data, cache.values.scales,
-             cache.values.zeros, cache.recent_keys, cache.recent_values) = buffers
-            out.append(cache)
-        return out
-
     def _buffers(self) -> tuple[torch.Tensor, ...]:
         return (self.keys.data, self.keys.scales, self.keys.zeros, self.values.data, self.values.scales,
                 self.values.zeros, self.recent_keys, self.recent_values)
