@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -235,7 +235,8 @@ class Header(NamedTuple):
     strays: list[str]  # tensors that are neither a layer's nor the token ids
     places: list[tuple[int, str]]  # each span's (layer, field); (-1, "") for the token ids
     seeds: list[int]  # each span's CRC seed: its layout's checksum
-    crcs: list[int | None]  # each span's CRC as the metadata's checksum list gives it (None: not listed)
+    checksums: dict[str, str] | None  # the metadata's checksum list (None: missing or not a JSON object)
+    crcs: list[int | None]  # each span's CRC as that list gives it (None: not listed)
 
 
 def read_header(f: BinaryIO) -> Header:
@@ -301,24 +302,20 @@ def parse_header(raw: bytes, data_bytes: int) -> Header:
         else:
             strays += [name] if name != TOKENS else []
             places.append((-1, ""))
-    listed = _listed_crcs(meta.get("checksums", ""))
-    return Header(meta, shapes, spans, sealed, states, strays, places,
-                  [layout_crc32(shapes[name]) for _, _, name in spans], [listed.get(name) for _, _, name in spans])
-
-
-def _listed_crcs(text: str) -> dict[str, int]:
-    """The metadata's checksum list as numbers ({} where it is no such list)."""
     try:
-        listed = json.loads(text)
-        return {k: int(v, 16) for k, v in listed.items() if isinstance(v, str) and len(v) == 8}
-    except (ValueError, AttributeError):
-        return {}
-
-
-@functools.lru_cache(maxsize=HEADERS_KEPT)
-def _json(text: str) -> Any:
-    """A header's checksum list, parsed once per distinct text: never mutate it."""
-    return json.loads(text)
+        checksums = json.loads(meta["checksums"])
+    except (KeyError, ValueError):
+        checksums = None
+    checksums = checksums if isinstance(checksums, dict) else None
+    listed = {}
+    for k, v in (checksums or {}).items():
+        try:
+            listed[k] = int(v, 16) if isinstance(v, str) and len(v) == 8 else None
+        except ValueError:
+            listed[k] = None
+    return Header(meta, shapes, spans, sealed, states, strays, places,
+                  [layout_crc32(shapes[name]) for _, _, name in spans], checksums,
+                  [listed.get(name) for _, _, name in spans])
 
 
 @functools.lru_cache(maxsize=64)
@@ -413,7 +410,9 @@ def _check_metadata(label: str, header: Header, model: nn.Module, tokenizer_fing
         raise RestoreError(f"{label}: memory was saved with a different tokenizer")
     try:
         saved_format = _saved_format(meta["kv_format"])
-        checksums = _json(meta["checksums"])
+        checksums = header.checksums
+        if checksums is None:
+            raise ValueError("its checksum list is missing or not a JSON object")
         layers = int(meta["layers"])
         num_tokens = int(meta["num_tokens"])
     except (KeyError, ValueError, EdgeLLMError) as e:
