@@ -2,8 +2,8 @@
 // as packed low-bit codes with fp16 scales/zeros (edgellm/kv/quantized_cache.py, edgellm/kv/pool.py).
 //
 // The PyTorch path dequantizes every block of K/V to fp32 and runs batched GEMMs of a few rows on it: 40-136 ms a
-// step. Here the codes are widened to floats a tile at a time in L1 and the scales are applied after the dot
-// products (dequantize in registers):
+// step. Here key codes are widened to floats a tile at a time in L1, value codes in registers as they are
+// accumulated, and the scales are applied after the dot products (dequantize in registers):
 //   per-token keys:   q.k = sum_g s_g (q_g . c_g) + z_g sum(q_g)
 //   per-channel keys: q.k = (q * s) . c + q . z           (s, z per channel, shared by a group of tokens)
 //   per-token values: sum_t p_t v_t = sum_t (p_t s_tg) c_t + sum_t p_t z_tg
@@ -74,14 +74,45 @@ inline __m512 codes16(const uint8_t* p) {
 #if defined(__AVX512F__)
 // 32 4-bit codes (16 bytes) as fp32 in split order: dst[0..16) the low nibbles (codes 0, 2, .., 30), dst[16..32)
 // the high ones (codes 1, 3, .., 31).
+// The bytes are widened once (a load-and-extend) and split in the dword lanes: one cross-lane widening per 32 codes.
+inline __m512i bytes16(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 inline void codes32_split(const uint8_t* p, float* dst) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i mask = _mm_set1_epi8(0x0f);
-  _mm512_storeu_ps(dst, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask))));
-  _mm512_storeu_ps(dst + 16, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask))));
+  const __m512i bytes = bytes16(p);
+  _mm512_storeu_ps(dst, _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0f))));
+  _mm512_storeu_ps(dst + 16, _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)));
 }
 
 inline float max16(__m512 v) { return _mm512_reduce_max_ps(v); }
+
+// Codes [16 c, 16 c + 16) of a row as fp32, in split order for SPLIT 4-bit rows (codes32_split's halves).
+template <int BITS, bool SPLIT>
+inline __m512 chunk16(const uint8_t* row, int c) {
+  if constexpr (BITS == 4 && SPLIT) {
+    const __m512i bytes = bytes16(row + (c >> 1) * 16);
+    return _mm512_cvtepi32_ps(c & 1 ? _mm512_srli_epi32(bytes, 4) : _mm512_and_si512(bytes, _mm512_set1_epi32(0x0f)));
+  } else {
+    return codes16<BITS>(row + c * 16 * BITS / 8);
+  }
+}
+#endif
+
+#if defined(__AVX512F__)
+// The 16 dot products of q[d0, d1) with rows k, k + D, .., k + 15 D over the same dims. DD > 0 fixes D at compile
+// time: each row is then a constant offset from one pointer, where 16 runtime row pointers spilled registers.
+template <int DD>
+__attribute__((always_inline)) inline __m512 dots16(const float* k, const float* q, int64_t D, int64_t d0, int64_t d1) {
+  const int64_t stride = DD > 0 ? DD : D;
+  __m512 acc[16];
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t d = d0; d < d1; d += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + d);
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + r * stride + d), acc[r]);
+  }
+  return hsum16(acc);
+}
 #endif
 
 // Position of dim d in split order (blocks of 32: even dims first, then odd ones), and back.
@@ -192,6 +223,12 @@ class Worker {
     qs_.resize(p.per_channel ? M_ * D_ : 0), bias_.resize(M_), qsum_.resize(M_ * D_);
     split_ = kSplitNibbles && p.bits == 4 && D_ % 32 == 0 && p.v.group % 32 == 0 &&
              (p.per_channel || p.k.group % 32 == 0);
+#if defined(__AVX512F__)
+    fuse_v_ = p.v.group % 16 == 0 && ((D_ == 64 && M_ <= 6) || (D_ == 128 && M_ <= 3));
+#else
+    fuse_v_ = false;
+#endif
+    vrows_.resize(cap_);
     if (!p.per_channel) {  // sum(q_g) per key group, the factor of each group's zero
       const int64_t kg = p.k.group, G = D_ / kg;
       for (int64_t j = 0; j < M_; ++j)
@@ -218,11 +255,11 @@ class Worker {
       load_values<BITS>(t, n);
       if (p_->per_channel) {
         load_channel_keys<BITS>(t, n);
-        attend(n, kbuf_.data(), qs_.data(), bias_.data(), D_, false, vbuf_.data(), p_->v.group, true);
+        attend<BITS>(n, kbuf_.data(), qs_.data(), bias_.data(), D_, false, vbuf_.data(), p_->v.group, true);
       } else {
         load_token_keys<BITS>(t, n);
-        attend(n, kbuf_.data(), qsplit_.empty() ? q_ : qsplit_.data(), nullptr, p_->k.group, true, vbuf_.data(),
-               p_->v.group, true);
+        attend<BITS>(n, kbuf_.data(), qsplit_.empty() ? q_ : qsplit_.data(), nullptr, p_->k.group, true,
+                     vbuf_.data(), p_->v.group, true);
       }
     }
     if (split_) {  // the value accumulators back to natural order
@@ -249,20 +286,22 @@ class Worker {
     for (int64_t t = 0; t < n; t += cap_) {
       const int64_t m = std::min(cap_, n - t);
       if constexpr (std::is_same_v<T, float>) {
-        attend(m, rk + t * D_, q_, nullptr, D_, false, rv + t * D_, D_, false);
+        attend<0>(m, rk + t * D_, q_, nullptr, D_, false, rv + t * D_, D_, false);
       } else {
         simd::widen(rk + t * D_, kbuf_.data(), m * D_);
         simd::widen(rv + t * D_, vbuf_.data(), m * D_);
-        attend(m, kbuf_.data(), q_, nullptr, D_, false, vbuf_.data(), D_, false);
+        attend<0>(m, kbuf_.data(), q_, nullptr, D_, false, vbuf_.data(), D_, false);
       }
     }
   }
 
  private:
-  // Codes of n per-token rows as fp32 into buf, their scales/zeros transposed to [group][token]. The page and row
-  // step along (an int64 division per token cost more than unpacking its codes).
+  // Codes of n per-token rows as fp32 into buf (or, given rows, each row's address there instead), their
+  // scales/zeros transposed to [group][token]. The page and row step along (an int64 division per token cost more
+  // than unpacking its codes).
   template <int BITS>
-  void load_rows(const Side& side, int64_t t0, int64_t n, float* buf, float* sc, float* ze) {
+  void load_rows(const Side& side, int64_t t0, int64_t n, float* buf, float* sc, float* ze,
+                 const uint8_t** rows = nullptr) {
     // Everything the loop reads, in locals: the stores into buf could alias the Problem for all the compiler
     // knows, and it reloaded these after every row.
     const int64_t G = D_ / side.group, P = p_->page_tokens, D = D_, cap = cap_, h = h_;
@@ -273,6 +312,10 @@ class Worker {
       const int64_t run = std::min(n - i, P - r);
       for (int64_t k = 0; k < run; ++k) {
         const uint8_t* codes = data.row<uint8_t>(*pages, h, r + k);
+        if (rows) {
+          rows[i + k] = codes;
+          continue;
+        }
         float* out = buf + (i + k) * D;
 #if defined(__AVX512F__)
         // The same row of the next tile, asked for now: otherwise the loads wait on memory (a prefetch never
@@ -304,10 +347,14 @@ class Worker {
   }
 
   template <int BITS>
-  void load_values(int64_t t0, int64_t n) { load_rows<BITS>(p_->v, t0, n, vbuf_.data(), vs_.data(), vz_.data()); }
+  void load_values(int64_t t0, int64_t n) {
+    load_rows<BITS>(p_->v, t0, n, vbuf_.data(), vs_.data(), vz_.data(), fuse_v_ ? vrows_.data() : nullptr);
+  }
 
   template <int BITS>
-  void load_token_keys(int64_t t0, int64_t n) { load_rows<BITS>(p_->k, t0, n, kbuf_.data(), ks_.data(), kz_.data()); }
+  void load_token_keys(int64_t t0, int64_t n) {
+    load_rows<BITS>(p_->k, t0, n, kbuf_.data(), ks_.data(), kz_.data());
+  }
 
   // One whole group of per-channel keys: byte row r holds tokens r * 8/BITS + i at bits i * BITS, every channel.
   // The channel scales fold into the queries (qs = q * s) and the zeros into one bias per row (q . z).
@@ -347,6 +394,7 @@ class Worker {
 
   // One tile of n tokens: K rows in k (codes or values), scaled per [group][token] by ks_ (kg elements a group),
   // plus kz_ * sum(q_g) when kzero; the same for V with vs_, vz_; bias (or nothing) added to every score of a row.
+  template <int BITS>
   void attend(int64_t n, const float* k, const float* qk, const float* bias, int64_t kg, bool kzero,
               const float* v, int64_t vg, bool vscaled) {
     const int64_t D = D_, Gk = D / kg, Gv = D / vg;
@@ -360,13 +408,12 @@ class Worker {
         for (; t + 16 <= n; t += 16) {
           __m512 total = _mm512_set1_ps(b0);
           for (int64_t g = 0; g < Gk; ++g) {
-            __m512 acc[16];
-            for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-            for (int64_t d = g * kg; d < (g + 1) * kg; d += 16) {
-              const __m512 qv = _mm512_loadu_ps(qj + d);
-              for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + (t + r) * D + d), acc[r]);
-            }
-            total = _mm512_fmadd_ps(hsum16(acc), _mm512_loadu_ps(ks_.data() + g * cap_ + t), total);
+            const float* kt = k + t * D;
+            const int64_t d0 = g * kg, d1 = d0 + kg;
+            const __m512 dots = D == 64    ? dots16<64>(kt, qj, D, d0, d1)
+                                : D == 128 ? dots16<128>(kt, qj, D, d0, d1)
+                                           : dots16<0>(kt, qj, D, d0, d1);
+            total = _mm512_fmadd_ps(dots, _mm512_loadu_ps(ks_.data() + g * cap_ + t), total);
             if (kzero)
               total = _mm512_fmadd_ps(_mm512_loadu_ps(kz_.data() + g * cap_ + t),
                                       _mm512_set1_ps(qsum_[j * Gk + g]), total);
@@ -417,7 +464,7 @@ class Worker {
         zsum_[j * Gv + g] = zs;
       }
     }
-    accumulate_values(n, v, vg);
+    accumulate_values<BITS>(n, v, vg);
     if (vscaled)  // groups are whole blocks of 32, so split order leaves each dim in its group
       for (int64_t j = 0; j < M_; ++j)
         for (int64_t g = 0; g < Gv; ++g) {
@@ -427,27 +474,22 @@ class Worker {
   }
 
   // acc[j] += sum_t w[j][g(d)][t] v[t]: each V row is read once for all M rows, which stay in registers when few.
+  // BITS > 0: the values are the tile's packed rows (vrows_), widened in registers, never stored as floats.
+  template <int BITS>
   void accumulate_values(int64_t n, const float* v, int64_t vg) {
     const int64_t D = D_, Gv = D / vg;
 #if defined(__AVX512F__)
+    if constexpr (BITS > 0) {
+      if (fuse_v_) {
+        const uint8_t* const* rows = vrows_.data();
+        if (split_)
+          return fixed_rows(n, vg, [rows](int64_t i, int c) { return chunk16<BITS, true>(rows[i], c); });
+        return fixed_rows(n, vg, [rows](int64_t i, int c) { return chunk16<BITS, false>(rows[i], c); });
+      }
+    }
     const int64_t nc = D / 16;
-    if (vg % 16 == 0 && nc == 4 && M_ <= 6) {  // head_dim 64: the common shape gets registers that stay registers
-      switch (M_) {
-        case 1: return accumulate_fixed<1, 4>(n, v, vg);
-        case 2: return accumulate_fixed<2, 4>(n, v, vg);
-        case 3: return accumulate_fixed<3, 4>(n, v, vg);
-        case 4: return accumulate_fixed<4, 4>(n, v, vg);
-        case 5: return accumulate_fixed<5, 4>(n, v, vg);
-        default: return accumulate_fixed<6, 4>(n, v, vg);
-      }
-    }
-    if (vg % 16 == 0 && nc == 8 && M_ <= 3) {  // head_dim 128
-      switch (M_) {
-        case 1: return accumulate_fixed<1, 8>(n, v, vg);
-        case 2: return accumulate_fixed<2, 8>(n, v, vg);
-        default: return accumulate_fixed<3, 8>(n, v, vg);
-      }
-    }
+    if (vg % 16 == 0 && ((nc == 4 && M_ <= 6) || (nc == 8 && M_ <= 3)))
+      return fixed_rows(n, vg, [v, D](int64_t i, int c) { return _mm512_loadu_ps(v + i * D + 16 * c); });
     if (vg % 16 == 0 && M_ * nc <= 24) {
       __m512 a[24];
       const float* wc[24];
@@ -489,10 +531,30 @@ class Worker {
   }
 
 #if defined(__AVX512F__)
+  // The register-held shapes (head_dim 64 with up to 6 rows, 128 with up to 3), row i's vector c from load(i, c).
+  template <typename Load>
+  void fixed_rows(int64_t n, int64_t vg, Load load) {
+    if (D_ == 64) {
+      switch (M_) {
+        case 1: return accumulate_fixed<1, 4>(n, vg, load);
+        case 2: return accumulate_fixed<2, 4>(n, vg, load);
+        case 3: return accumulate_fixed<3, 4>(n, vg, load);
+        case 4: return accumulate_fixed<4, 4>(n, vg, load);
+        case 5: return accumulate_fixed<5, 4>(n, vg, load);
+        default: return accumulate_fixed<6, 4>(n, vg, load);
+      }
+    }
+    switch (M_) {
+      case 1: return accumulate_fixed<1, 8>(n, vg, load);
+      case 2: return accumulate_fixed<2, 8>(n, vg, load);
+      default: return accumulate_fixed<3, 8>(n, vg, load);
+    }
+  }
+
   // accumulate_values with M rows of NC vectors known at compile time: a runtime-indexed array of accumulators
   // lives on the stack (a load and a store around every FMA); these stay in registers.
-  template <int M, int NC>
-  void accumulate_fixed(int64_t n, const float* v, int64_t vg) {
+  template <int M, int NC, typename Load>
+  void accumulate_fixed(int64_t n, int64_t vg, Load load) {
     const int64_t D = D_, Gv = D / vg;
     __m512 a[M][NC];
     const float* wc[M][NC];
@@ -504,7 +566,7 @@ class Worker {
     if (vg == D) {  // one weight per row and token: broadcast once, not once per vector
       for (int64_t i = 0; i < n; ++i) {
         __m512 vv[NC];
-        for (int c = 0; c < NC; ++c) vv[c] = _mm512_loadu_ps(v + i * D + 16 * c);
+        for (int c = 0; c < NC; ++c) vv[c] = load(i, c);
         for (int j = 0; j < M; ++j) {
           const __m512 w = _mm512_set1_ps(wc[j][0][i]);
           for (int c = 0; c < NC; ++c) a[j][c] = _mm512_fmadd_ps(w, vv[c], a[j][c]);
@@ -513,7 +575,7 @@ class Worker {
     } else {
       for (int64_t i = 0; i < n; ++i) {
         __m512 vv[NC];
-        for (int c = 0; c < NC; ++c) vv[c] = _mm512_loadu_ps(v + i * D + 16 * c);
+        for (int c = 0; c < NC; ++c) vv[c] = load(i, c);
         for (int j = 0; j < M; ++j)
           for (int c = 0; c < NC; ++c) a[j][c] = _mm512_fmadd_ps(_mm512_set1_ps(wc[j][c][i]), vv[c], a[j][c]);
       }
@@ -529,6 +591,8 @@ class Worker {
   const float* q_;
   Scratch kbuf_, vbuf_, ks_, kz_, vs_, vz_, scores_, w_, zsum_, qs_, bias_, qsum_;
   bool split_;  // 4-bit codes widened in split-nibble order (see the top of the file)
+  bool fuse_v_;  // packed values widened in registers by accumulate_values, not into vbuf_
+  std::vector<const uint8_t*> vrows_;  // the tile's packed value rows, when fused
   std::vector<float> qsplit_;  // the query rows in that order, for per-token keys
 };
 
