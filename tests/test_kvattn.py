@@ -91,6 +91,20 @@ def test_groups_and_head_dims_off_the_vector_path(fmt, head_dim, tokens):
     close(out, sdpa)
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("rep", [1, 2, 3, 4, 5])
+def test_keys_scored_from_their_codes_for_every_row_count(bits, head_dim, rep):
+    """Per-token keys of up to 4 query rows are scored four tokens at a time straight from the codes (5 rows take
+    the widened path); 131 tokens leave a tail of 3 after the last whole four."""
+    cache = filled(bits, "token", False, 130, batch=1, head_dim=head_dim, group=64)
+    q, out = decode(cache, rep)
+    blockwise, sdpa, lse = references(cache, q)
+    close(out, blockwise)
+    close(out, sdpa)
+    close(cache._native(q, SCALE)[1], lse)
+
+
 @pytest.mark.parametrize("scheme", ["token", "kivi"])
 @pytest.mark.parametrize("part", ["keys.scales", "keys.zeros", "values.scales", "values.zeros", "keys.data"])
 def test_a_wrong_scale_zero_or_code_is_caught(scheme, part):

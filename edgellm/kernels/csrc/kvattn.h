@@ -225,10 +225,12 @@ class Worker {
              (p.per_channel || p.k.group % 32 == 0);
 #if defined(__AVX512F__)
     fuse_v_ = p.v.group % 16 == 0 && ((D_ == 64 && M_ <= 6) || (D_ == 128 && M_ <= 3));
+    fuse_k_ = !p.per_channel && p.k.group % 16 == 0 && M_ <= 4 && (D_ == 64 || D_ == 128) &&
+              (p.bits != 4 || split_);
 #else
-    fuse_v_ = false;
+    fuse_k_ = false;
 #endif
-    vrows_.resize(cap_);
+    krows_.resize(cap_), vrows_.resize(cap_);
     if (!p.per_channel) {  // sum(q_g) per key group, the factor of each group's zero
       const int64_t kg = p.k.group, G = D_ / kg;
       for (int64_t j = 0; j < M_; ++j)
@@ -243,6 +245,13 @@ class Worker {
       qsplit_.resize(M_ * D_);
       for (int64_t j = 0; j < M_; ++j)
         for (int64_t d = 0; d < D_; ++d) qsplit_[j * D_ + split_pos(d)] = q_[j * D_ + d];
+    }
+    if (fuse_k_) {  // each key group's sum(q_g) under the lanes (row j, token r) of scores_from_codes
+      const int64_t G = D_ / p.k.group;
+      qsum_lanes_.assign(G * 16, 0.0f);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t j = 0; j < M_; ++j)
+          for (int r = 0; r < 4; ++r) qsum_lanes_[g * 16 + j * 4 + r] = qsum_[j * G + g];
     }
   }
 
@@ -296,12 +305,12 @@ class Worker {
   }
 
  private:
-  // Codes of n per-token rows as fp32 into buf (or, given rows, each row's address there instead), their
-  // scales/zeros transposed to [group][token]. The page and row step along (an int64 division per token cost more
+  // Codes of n per-token rows as fp32 into buf, except that rows before widen_from only have their address put in
+  // rows; their scales/zeros transposed to [group][token]. The page and row step along (an int64 division per token cost more
   // than unpacking its codes).
   template <int BITS>
   void load_rows(const Side& side, int64_t t0, int64_t n, float* buf, float* sc, float* ze,
-                 const uint8_t** rows = nullptr) {
+                 const uint8_t** rows = nullptr, int64_t widen_from = 0) {
     // Everything the loop reads, in locals: the stores into buf could alias the Problem for all the compiler
     // knows, and it reloaded these after every row.
     const int64_t G = D_ / side.group, P = p_->page_tokens, D = D_, cap = cap_, h = h_;
@@ -312,7 +321,7 @@ class Worker {
       const int64_t run = std::min(n - i, P - r);
       for (int64_t k = 0; k < run; ++k) {
         const uint8_t* codes = data.row<uint8_t>(*pages, h, r + k);
-        if (rows) {
+        if (i + k < widen_from) {
           rows[i + k] = codes;
           continue;
         }
@@ -348,12 +357,12 @@ class Worker {
 
   template <int BITS>
   void load_values(int64_t t0, int64_t n) {
-    load_rows<BITS>(p_->v, t0, n, vbuf_.data(), vs_.data(), vz_.data(), fuse_v_ ? vrows_.data() : nullptr);
+    load_rows<BITS>(p_->v, t0, n, vbuf_.data(), vs_.data(), vz_.data(), vrows_.data(), fuse_v_ ? n : 0);
   }
 
   template <int BITS>
   void load_token_keys(int64_t t0, int64_t n) {
-    load_rows<BITS>(p_->k, t0, n, kbuf_.data(), ks_.data(), kz_.data());
+    load_rows<BITS>(p_->k, t0, n, kbuf_.data(), ks_.data(), kz_.data(), krows_.data(), fuse_k_ ? n / 4 * 4 : 0);
   }
 
   // One whole group of per-channel keys: byte row r holds tokens r * 8/BITS + i at bits i * BITS, every channel.
@@ -398,13 +407,22 @@ class Worker {
   void attend(int64_t n, const float* k, const float* qk, const float* bias, int64_t kg, bool kzero,
               const float* v, int64_t vg, bool vscaled) {
     const int64_t D = D_, Gk = D / kg, Gv = D / vg;
+    int64_t scored = 0;  // tokens scored from their codes, for every row
+#if defined(__AVX512F__)
+    if constexpr (BITS > 0) {
+      if (fuse_k_ && kzero) {
+        scored = n / 4 * 4;
+        scores_codes<BITS>(scored, qk, kg);
+      }
+    }
+#endif
     for (int64_t j = 0; j < M_; ++j) {
       const float* qj = qk + j * D;
       float* sj = scores_.data() + j * cap_;
       const float b0 = bias ? bias[j] : 0.0f;
-      int64_t t = 0;
+      int64_t t = scored;
 #if defined(__AVX512F__)
-      if (kg % 16 == 0) {  // 16 tokens at a time: 16 dot products per hsum16
+      if (kg % 16 == 0 && scored == 0) {  // 16 tokens at a time: 16 dot products per hsum16
         for (; t + 16 <= n; t += 16) {
           __m512 total = _mm512_set1_ps(b0);
           for (int64_t g = 0; g < Gk; ++g) {
@@ -472,6 +490,56 @@ class Worker {
           for (float *a = acc_ + j * D + g * vg, *end = a + vg; a < end; ++a) *a += z;
         }
   }
+
+#if defined(__AVX512F__)
+  template <int BITS>
+  void scores_codes(int64_t n4, const float* qk, int64_t kg) {
+    constexpr bool S = BITS == 4;  // 4-bit keys are fused only in split order
+    auto go = [&](auto nc) {
+      switch (M_) {
+        case 1: return scores_from_codes<BITS, S, decltype(nc)::value, 1>(n4, qk, kg);
+        case 2: return scores_from_codes<BITS, S, decltype(nc)::value, 2>(n4, qk, kg);
+        case 3: return scores_from_codes<BITS, S, decltype(nc)::value, 3>(n4, qk, kg);
+        default: return scores_from_codes<BITS, S, decltype(nc)::value, 4>(n4, qk, kg);
+      }
+    };
+    if (D_ == 64) return go(std::integral_constant<int, 4>{});
+    go(std::integral_constant<int, 8>{});
+  }
+
+  // Scores of the M (<= 4) rows over tokens [0, n4) straight from their key codes (krows_), four tokens at a time:
+  // the (row, token) dot products in 16 registers, one hsum16 for all 16, each key vector widened once in registers
+  // for every row. Widening into kbuf_ and reading it back once per row cost four stores a token. Each dot is summed
+  // as dots16 sums it.
+  template <int BITS, bool SPLIT, int NC, int M>
+  void scores_from_codes(int64_t n4, const float* qk, int64_t kg) {
+    const int64_t Gk = NC * 16 / kg, per = kg / 16, cap = cap_;
+    const __m512 scale = _mm512_set1_ps(p_->scale);
+    const float *ks = ks_.data(), *kz = kz_.data();
+    float* scores = scores_.data();
+    for (int64_t t = 0; t < n4; t += 4) {
+      const uint8_t* rows[4] = {krows_[t], krows_[t + 1], krows_[t + 2], krows_[t + 3]};
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t g = 0; g < Gk; ++g) {
+        __m512 acc[16];
+        for (int a = 0; a < 16; ++a) acc[a] = _mm512_setzero_ps();
+        for (int64_t c = g * per; c < (g + 1) * per; ++c)
+          for (int r = 0; r < 4; ++r) {
+            const __m512 kv = chunk16<BITS, SPLIT>(rows[r], static_cast<int>(c));
+            for (int j = 0; j < M; ++j)
+              acc[j * 4 + r] = _mm512_fmadd_ps(_mm512_loadu_ps(qk + j * NC * 16 + 16 * c), kv, acc[j * 4 + r]);
+          }
+        // lanes j * 4 + r: each 128-bit lane of scales and zeros the four tokens', the sums row j's
+        total = _mm512_fmadd_ps(hsum16(acc), _mm512_broadcast_f32x4(_mm_loadu_ps(ks + g * cap + t)), total);
+        total = _mm512_fmadd_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(kz + g * cap + t)),
+                                _mm512_loadu_ps(qsum_lanes_.data() + g * 16), total);
+      }
+      alignas(64) float out[16];
+      _mm512_store_ps(out, _mm512_mul_ps(total, scale));
+      for (int j = 0; j < M; ++j) std::memcpy(scores + j * cap + t, out + j * 4, 4 * sizeof(float));
+    }
+  }
+#endif
 
   // acc[j] += sum_t w[j][g(d)][t] v[t]: each V row is read once for all M rows, which stay in registers when few.
   // BITS > 0: the values are the tile's packed rows (vrows_), widened in registers, never stored as floats.
@@ -592,7 +660,9 @@ class Worker {
   Scratch kbuf_, vbuf_, ks_, kz_, vs_, vz_, scores_, w_, zsum_, qs_, bias_, qsum_;
   bool split_;  // 4-bit codes widened in split-nibble order (see the top of the file)
   bool fuse_v_;  // packed values widened in registers by accumulate_values, not into vbuf_
-  std::vector<const uint8_t*> vrows_;  // the tile's packed value rows, when fused
+  bool fuse_k_;  // per-token keys scored straight from their codes (scores_from_codes)
+  std::vector<const uint8_t*> krows_, vrows_;  // the tile's packed rows, where fused
+  std::vector<float> qsum_lanes_;
   std::vector<float> qsplit_;  // the query rows in that order, for per-token keys
 };
 
