@@ -225,8 +225,8 @@ class Worker {
              (p.per_channel || p.k.group % 32 == 0);
 #if defined(__AVX512F__)
     fuse_v_ = p.v.group % 16 == 0 && ((D_ == 64 && M_ <= 6) || (D_ == 128 && M_ <= 3));
-    fuse_k_ = !p.per_channel && p.k.group % 16 == 0 && M_ <= 4 && (D_ == 64 || D_ == 128) &&
-              (p.bits != 4 || split_);
+    fuse_k_ = M_ <= 4 && (D_ == 64 || D_ == 128) &&
+              (p.per_channel || (p.k.group % 16 == 0 && (p.bits != 4 || split_)));
 #else
     fuse_k_ = false;
 #endif
@@ -246,7 +246,7 @@ class Worker {
       for (int64_t j = 0; j < M_; ++j)
         for (int64_t d = 0; d < D_; ++d) qsplit_[j * D_ + split_pos(d)] = q_[j * D_ + d];
     }
-    if (fuse_k_) {  // each key group's sum(q_g) under the lanes (row j, token r) of scores_from_codes
+    if (fuse_k_ && !p.per_channel) {  // each key group's sum(q_g) under the lanes (row j, token r) of scores_from_codes
       const int64_t G = D_ / p.k.group;
       qsum_lanes_.assign(G * 16, 0.0f);
       for (int64_t g = 0; g < G; ++g)
@@ -318,13 +318,12 @@ class Worker {
     const bool split = BITS == 4 && split_;
     const int64_t* pages = p_->table + b_ * p_->table_stride + t0 / P;
     for (int64_t i = 0, r = t0 % P; i < n; r = 0, ++pages) {  // one run of rows within one page at a time
-      const int64_t run = std::min(n - i, P - r);
-      for (int64_t k = 0; k < run; ++k) {
-        const uint8_t* codes = data.row<uint8_t>(*pages, h, r + k);
-        if (i + k < widen_from) {
-          rows[i + k] = codes;
-          continue;
-        }
+      const int64_t run = std::min(n - i, P - r), step = data.s2;
+      const uint8_t* first = data.row<uint8_t>(*pages, h, r);
+      const int64_t listed = std::clamp(widen_from - i, int64_t{0}, run);
+      for (int64_t k = 0; k < listed; ++k) rows[i + k] = first + k * step;
+      for (int64_t k = listed; k < run; ++k) {
+        const uint8_t* codes = first + k * step;
         float* out = buf + (i + k) * D;
 #if defined(__AVX512F__)
         // The same row of the next tile, asked for now: otherwise the loads wait on memory (a prefetch never
@@ -384,8 +383,9 @@ class Worker {
       bias_[j] = bias;
     }
     std::fill(ks_.begin(), ks_.begin() + cap_, 1.0f);
-    for (int64_t r = 0; r < n / per; ++r) {
-      const uint8_t* row = p_->k.data.row<uint8_t>(page, h_, t0 * BITS / 8 + r);
+    kc_rows_ = p_->k.data.row<uint8_t>(page, h_, t0 * BITS / 8);
+    for (int64_t r = fuse_k_ ? n / 4 * 4 / per : 0; r < n / per; ++r) {  // rows scored from codes stay packed
+      const uint8_t* row = kc_rows_ + r * p_->k.data.s2;
       float* out = kbuf_.data() + r * per * D_;
       int64_t d = 0;
 #if defined(__AVX512F__)
@@ -410,9 +410,12 @@ class Worker {
     int64_t scored = 0;  // tokens scored from their codes, for every row
 #if defined(__AVX512F__)
     if constexpr (BITS > 0) {
-      if (fuse_k_ && kzero) {
+      if (fuse_k_) {
         scored = n / 4 * 4;
-        scores_codes<BITS>(scored, qk, kg);
+        if (p_->per_channel)
+          scores_codes<BITS>(scored, qk, kg, bias);
+        else
+          scores_codes<BITS>(scored, qk, kg, nullptr);
       }
     }
 #endif
@@ -492,15 +495,25 @@ class Worker {
   }
 
 #if defined(__AVX512F__)
+  // Per-token keys (bias nullptr) or a group of per-channel keys (one bias per row).
   template <int BITS>
-  void scores_codes(int64_t n4, const float* qk, int64_t kg) {
-    constexpr bool S = BITS == 4;  // 4-bit keys are fused only in split order
+  void scores_codes(int64_t n4, const float* qk, int64_t kg, const float* bias) {
+    constexpr bool S = BITS == 4;  // 4-bit per-token keys are fused only in split order
     auto go = [&](auto nc) {
+      constexpr int NC = decltype(nc)::value;
+      if (bias) {
+        switch (M_) {
+          case 1: return scores_from_channel_codes<BITS, NC, 1>(n4, qk, bias);
+          case 2: return scores_from_channel_codes<BITS, NC, 2>(n4, qk, bias);
+          case 3: return scores_from_channel_codes<BITS, NC, 3>(n4, qk, bias);
+          default: return scores_from_channel_codes<BITS, NC, 4>(n4, qk, bias);
+        }
+      }
       switch (M_) {
-        case 1: return scores_from_codes<BITS, S, decltype(nc)::value, 1>(n4, qk, kg);
-        case 2: return scores_from_codes<BITS, S, decltype(nc)::value, 2>(n4, qk, kg);
-        case 3: return scores_from_codes<BITS, S, decltype(nc)::value, 3>(n4, qk, kg);
-        default: return scores_from_codes<BITS, S, decltype(nc)::value, 4>(n4, qk, kg);
+        case 1: return scores_from_codes<BITS, S, NC, 1>(n4, qk, kg);
+        case 2: return scores_from_codes<BITS, S, NC, 2>(n4, qk, kg);
+        case 3: return scores_from_codes<BITS, S, NC, 3>(n4, qk, kg);
+        default: return scores_from_codes<BITS, S, NC, 4>(n4, qk, kg);
       }
     };
     if (D_ == 64) return go(std::integral_constant<int, 4>{});
@@ -540,6 +553,38 @@ class Worker {
     }
   }
 #endif
+
+  // scores_from_codes for one group of per-channel keys (kc_rows_, load_channel_keys' layout) with the channel
+  // scales folded into qs and the zeros into one bias per row: token t's codes are bits (t % per) * BITS of byte
+  // row t / per, so each byte row is widened once per token it holds.
+  template <int BITS, int NC, int M>
+  void scores_from_channel_codes(int64_t n4, const float* qs, const float* bias) {
+    constexpr int per = 8 / BITS;
+    const int64_t stride = p_->k.data.s2, cap = cap_;
+    const __m512 scale = _mm512_set1_ps(p_->scale);
+    alignas(64) float lanes[16] = {};
+    for (int j = 0; j < M; ++j)
+      for (int r = 0; r < 4; ++r) lanes[j * 4 + r] = bias[j];
+    const __m512 biases = _mm512_load_ps(lanes);
+    float* scores = scores_.data();
+    for (int64_t t = 0; t < n4; t += 4) {  // t a multiple of 4, so token t + r sits at bits (r % per) * BITS
+      __m512 acc[16];
+      for (int a = 0; a < 16; ++a) acc[a] = _mm512_setzero_ps();
+      for (int c = 0; c < NC; ++c)
+        for (int r = 0; r < 4; ++r) {
+          const __m512i bytes = bytes16(kc_rows_ + (t + r) / per * stride + 16 * c);
+          const __m512i codes = BITS == 8 ? bytes
+                                          : _mm512_and_si512(_mm512_srli_epi32(bytes, (r % per) * BITS),
+                                                             _mm512_set1_epi32((1 << BITS) - 1));
+          const __m512 kv = _mm512_cvtepi32_ps(codes);
+          for (int j = 0; j < M; ++j)
+            acc[j * 4 + r] = _mm512_fmadd_ps(_mm512_loadu_ps(qs + j * NC * 16 + 16 * c), kv, acc[j * 4 + r]);
+        }
+      alignas(64) float out[16];
+      _mm512_store_ps(out, _mm512_mul_ps(_mm512_add_ps(hsum16(acc), biases), scale));
+      for (int j = 0; j < M; ++j) std::memcpy(scores + j * cap + t, out + j * 4, 4 * sizeof(float));
+    }
+  }
 
   // acc[j] += sum_t w[j][g(d)][t] v[t]: each V row is read once for all M rows, which stay in registers when few.
   // BITS > 0: the values are the tile's packed rows (vrows_), widened in registers, never stored as floats.
@@ -663,6 +708,7 @@ class Worker {
   bool fuse_k_;  // per-token keys scored straight from their codes (scores_from_codes)
   std::vector<const uint8_t*> krows_, vrows_;  // the tile's packed rows, where fused
   std::vector<float> qsum_lanes_;
+  const uint8_t* kc_rows_ = nullptr;  // the first byte row of the tile's per-channel keys
   std::vector<float> qsplit_;  // the query rows in that order, for per-token keys
 };
 
