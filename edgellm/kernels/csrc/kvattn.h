@@ -225,7 +225,7 @@ class Worker {
              (p.per_channel || p.k.group % 32 == 0);
 #if defined(__AVX512F__)
     fuse_v_ = p.v.group % 16 == 0 && ((D_ == 64 && M_ <= 6) || (D_ == 128 && M_ <= 3));
-    fuse_k_ = M_ <= 4 && (D_ == 64 || D_ == 128) &&
+    fuse_k_ = (D_ == 64 || D_ == 128) &&
               (p.per_channel || (p.k.group % 16 == 0 && (p.bits != 4 || split_)));
 #else
     fuse_k_ = false;
@@ -246,12 +246,12 @@ class Worker {
       for (int64_t j = 0; j < M_; ++j)
         for (int64_t d = 0; d < D_; ++d) qsplit_[j * D_ + split_pos(d)] = q_[j * D_ + d];
     }
-    if (fuse_k_ && !p.per_channel) {  // each key group's sum(q_g) under the lanes (row j, token r) of scores_from_codes
-      const int64_t G = D_ / p.k.group;
-      qsum_lanes_.assign(G * 16, 0.0f);
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t j = 0; j < M_; ++j)
-          for (int r = 0; r < 4; ++r) qsum_lanes_[g * 16 + j * 4 + r] = qsum_[j * G + g];
+    if (fuse_k_ && !p.per_channel) {  // each key group's sum(q_g) under the lanes (row j % 4, token r) of its
+      const int64_t G = D_ / p.k.group;  // block of four rows in scores_from_codes: [block][group][16]
+      qsum_lanes_.assign((M_ + 3) / 4 * G * 16, 0.0f);
+      for (int64_t j = 0; j < M_; ++j)
+        for (int64_t g = 0; g < G; ++g)
+          for (int r = 0; r < 4; ++r) qsum_lanes_[(j / 4 * G + g) * 16 + j % 4 * 4 + r] = qsum_[j * G + g];
     }
   }
 
@@ -495,41 +495,47 @@ class Worker {
   }
 
 #if defined(__AVX512F__)
-  // Per-token keys (bias nullptr) or a group of per-channel keys (one bias per row).
+  // Per-token keys (bias nullptr) or a group of per-channel keys (one bias per row), four rows at a time (more
+  // rows widen each key vector once per four).
   template <int BITS>
   void scores_codes(int64_t n4, const float* qk, int64_t kg, const float* bias) {
     constexpr bool S = BITS == 4;  // 4-bit per-token keys are fused only in split order
-    auto go = [&](auto nc) {
+    auto go = [&](auto nc, int64_t j0) {
       constexpr int NC = decltype(nc)::value;
       if (bias) {
-        switch (M_) {
-          case 1: return scores_from_channel_codes<BITS, NC, 1>(n4, qk, bias);
-          case 2: return scores_from_channel_codes<BITS, NC, 2>(n4, qk, bias);
-          case 3: return scores_from_channel_codes<BITS, NC, 3>(n4, qk, bias);
-          default: return scores_from_channel_codes<BITS, NC, 4>(n4, qk, bias);
+        switch (std::min<int64_t>(M_ - j0, 4)) {
+          case 1: return scores_from_channel_codes<BITS, NC, 1>(n4, qk, bias, j0);
+          case 2: return scores_from_channel_codes<BITS, NC, 2>(n4, qk, bias, j0);
+          case 3: return scores_from_channel_codes<BITS, NC, 3>(n4, qk, bias, j0);
+          default: return scores_from_channel_codes<BITS, NC, 4>(n4, qk, bias, j0);
         }
       }
-      switch (M_) {
-        case 1: return scores_from_codes<BITS, S, NC, 1>(n4, qk, kg);
-        case 2: return scores_from_codes<BITS, S, NC, 2>(n4, qk, kg);
-        case 3: return scores_from_codes<BITS, S, NC, 3>(n4, qk, kg);
-        default: return scores_from_codes<BITS, S, NC, 4>(n4, qk, kg);
+      switch (std::min<int64_t>(M_ - j0, 4)) {
+        case 1: return scores_from_codes<BITS, S, NC, 1>(n4, qk, kg, j0);
+        case 2: return scores_from_codes<BITS, S, NC, 2>(n4, qk, kg, j0);
+        case 3: return scores_from_codes<BITS, S, NC, 3>(n4, qk, kg, j0);
+        default: return scores_from_codes<BITS, S, NC, 4>(n4, qk, kg, j0);
       }
     };
-    if (D_ == 64) return go(std::integral_constant<int, 4>{});
-    go(std::integral_constant<int, 8>{});
+    for (int64_t j0 = 0; j0 < M_; j0 += 4) {
+      if (D_ == 64)
+        go(std::integral_constant<int, 4>{}, j0);
+      else
+        go(std::integral_constant<int, 8>{}, j0);
+    }
   }
 
-  // Scores of the M (<= 4) rows over tokens [0, n4) straight from their key codes (krows_), four tokens at a time:
+  // Scores of rows [j0, j0 + M) (M <= 4) over tokens [0, n4) straight from their key codes (krows_), four at a time:
   // the (row, token) dot products in 16 registers, one hsum16 for all 16, each key vector widened once in registers
   // for every row. Widening into kbuf_ and reading it back once per row cost four stores a token. Each dot is summed
   // as dots16 sums it.
   template <int BITS, bool SPLIT, int NC, int M>
-  void scores_from_codes(int64_t n4, const float* qk, int64_t kg) {
+  void scores_from_codes(int64_t n4, const float* qk, int64_t kg, int64_t j0) {
     const int64_t Gk = NC * 16 / kg, per = kg / 16, cap = cap_;
     const __m512 scale = _mm512_set1_ps(p_->scale);
-    const float *ks = ks_.data(), *kz = kz_.data();
-    float* scores = scores_.data();
+    const float *ks = ks_.data(), *kz = kz_.data(), *lanes = qsum_lanes_.data() + j0 / 4 * Gk * 16;
+    float* scores = scores_.data() + j0 * cap;
+    qk += j0 * NC * 16;
     for (int64_t t = 0; t < n4; t += 4) {
       const uint8_t* rows[4] = {krows_[t], krows_[t + 1], krows_[t + 2], krows_[t + 3]};
       __m512 total = _mm512_setzero_ps();
@@ -545,7 +551,7 @@ class Worker {
         // lanes j * 4 + r: each 128-bit lane of scales and zeros the four tokens', the sums row j's
         total = _mm512_fmadd_ps(hsum16(acc), _mm512_broadcast_f32x4(_mm_loadu_ps(ks + g * cap + t)), total);
         total = _mm512_fmadd_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(kz + g * cap + t)),
-                                _mm512_loadu_ps(qsum_lanes_.data() + g * 16), total);
+                                _mm512_loadu_ps(lanes + g * 16), total);
       }
       alignas(64) float out[16];
       _mm512_store_ps(out, _mm512_mul_ps(total, scale));
@@ -558,15 +564,16 @@ class Worker {
   // scales folded into qs and the zeros into one bias per row: token t's codes are bits (t % per) * BITS of byte
   // row t / per, so each byte row is widened once per token it holds.
   template <int BITS, int NC, int M>
-  void scores_from_channel_codes(int64_t n4, const float* qs, const float* bias) {
+  void scores_from_channel_codes(int64_t n4, const float* qs, const float* bias, int64_t j0) {
     constexpr int per = 8 / BITS;
     const int64_t stride = p_->k.data.s2, cap = cap_;
     const __m512 scale = _mm512_set1_ps(p_->scale);
     alignas(64) float lanes[16] = {};
     for (int j = 0; j < M; ++j)
-      for (int r = 0; r < 4; ++r) lanes[j * 4 + r] = bias[j];
+      for (int r = 0; r < 4; ++r) lanes[j * 4 + r] = bias[j0 + j];
     const __m512 biases = _mm512_load_ps(lanes);
-    float* scores = scores_.data();
+    float* scores = scores_.data() + j0 * cap;
+    qs += j0 * NC * 16;
     for (int64_t t = 0; t < n4; t += 4) {  // t a multiple of 4, so token t + r sits at bits (r % per) * BITS
       __m512 acc[16];
       for (int a = 0; a < 16; ++a) acc[a] = _mm512_setzero_ps();
@@ -705,7 +712,7 @@ class Worker {
   Scratch kbuf_, vbuf_, ks_, kz_, vs_, vz_, scores_, w_, zsum_, qs_, bias_, qsum_;
   bool split_;  // 4-bit codes widened in split-nibble order (see the top of the file)
   bool fuse_v_;  // packed values widened in registers by accumulate_values, not into vbuf_
-  bool fuse_k_;  // per-token keys scored straight from their codes (scores_from_codes)
+  bool fuse_k_;  // keys scored straight from their codes (scores_from_codes, scores_from_channel_codes)
   std::vector<const uint8_t*> krows_, vrows_;  // the tile's packed rows, where fused
   std::vector<float> qsum_lanes_;
   const uint8_t* kc_rows_ = nullptr;  // the first byte row of the tile's per-channel keys
