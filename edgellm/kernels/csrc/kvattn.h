@@ -103,7 +103,8 @@ inline __m512 chunk16(const uint8_t* row, int c) {
 // The 16 dot products of q[d0, d1) with rows k, k + D, .., k + 15 D over the same dims. DD > 0 fixes D at compile
 // time: each row is then a constant offset from one pointer, where 16 runtime row pointers spilled registers.
 template <int DD>
-__attribute__((always_inline)) inline __m512 dots16(const float* k, const float* q, int64_t D, int64_t d0, int64_t d1) {
+__attribute__((always_inline)) inline __m512 dots16(const float* k, const float* q, int64_t D, int64_t d0,
+                                                    int64_t d1) {
   const int64_t stride = DD > 0 ? DD : D;
   __m512 acc[16];
   for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
@@ -228,7 +229,7 @@ class Worker {
     fuse_k_ = (D_ == 64 || D_ == 128) &&
               (p.per_channel || (p.k.group % 16 == 0 && (p.bits != 4 || split_)));
 #else
-    fuse_k_ = false;
+    fuse_v_ = fuse_k_ = false;
 #endif
     krows_.resize(cap_), vrows_.resize(cap_);
     if (!p.per_channel) {  // sum(q_g) per key group, the factor of each group's zero
