@@ -326,7 +326,8 @@ def kquant_linear(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: str, port
     ext = _kext()
     if ext is None:
         return kquant_linear_reference(x, blocks, k, kind)
-    y = ext.gemm(x.reshape(-1, k).float(), blocks, k, kind, portable)
+    x2 = x.reshape(-1, k)
+    y = ext.gemm(x2 if x2.dtype == torch.bfloat16 else x2.float(), blocks, k, kind, portable)
     return y.view(*x.shape[:-1], blocks.shape[0]).to(x.dtype)
 
 

@@ -67,6 +67,12 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@cache
+def cpu_has_amx() -> bool:
+    """True when the CPU has AMX tiles: there oneDNN's bf16 GEMM outruns any AVX-512 int8 dot-product kernel."""
+    return "amx_bf16" in cpu_flags().split()
+
+
 def cache_dir(source: Path, cflags: list[str]) -> Path:
     """Build directory keyed by everything the binary depends on, so a stale build is never loaded."""
     key = hashlib.sha256()

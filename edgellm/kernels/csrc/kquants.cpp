@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "kgemm.h"
 #include "kquants.h"
 
 using namespace kq;
@@ -17,15 +18,29 @@ int64_t check_blocks(const torch::Tensor& blocks, int64_t K, int64_t bytes) {
   return K / kQK;
 }
 
-// y (M, N) fp32 = x (M, K) @ W.T; `portable` forces the plain C++ path (to test it on a machine with AVX-512).
+// y (M, N) fp32 = x (M, K) @ W.T, x fp32 or bf16; `portable` forces the plain C++ path (to test it on a machine
+// with AVX-512). From kTiledRows rows on, the tiled GEMM (kgemm.h): below that, its repacking costs more than it saves.
+constexpr int64_t kTiledRows = 8;
+
 template <class F>
 torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& blocks, int64_t K, bool portable) {
   const int64_t nb = check_blocks(blocks, K, F::kBytes);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == torch::kFloat, "x must be fp32 (M, K)");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
+              "x must be fp32 or bf16 (M, K)");
   const int64_t M = x.size(0), N = blocks.size(0);
-  torch::Tensor y = torch::empty({M, N}, x.options());
+  torch::Tensor y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
   if (M == 0 || N == 0) return y;
-  const torch::Tensor xc = x.contiguous(), wc = blocks.contiguous();
+  const torch::Tensor wc = blocks.contiguous();
+#ifdef EDGELLM_KQ_AVX512
+  if (!portable && M >= kTiledRows) {
+    const torch::Tensor xc = x.contiguous();
+    const Q8KRows q = xc.scalar_type() == torch::kFloat ? quantize_rows(xc.data_ptr<float>(), M, K)
+                                                        : quantize_rows(xc.data_ptr<c10::BFloat16>(), M, K);
+    gemm_tiled<F>(q, wc.data_ptr<uint8_t>(), N, y.data_ptr<float>());
+    return y;
+  }
+#endif
+  const torch::Tensor xc = x.to(torch::kFloat).contiguous();
   std::vector<Q8K> qx;
   for (int64_t m = 0; m < M; ++m) qx.push_back(quantize_q8k(xc.data_ptr<float>() + m * K, nb));
   std::vector<const Q8K*> xs;
