@@ -156,10 +156,11 @@ def selection_blocks(k: int) -> torch.Tensor:
     return torch.from_numpy(b.reshape(k, -1))
 
 
+@pytest.mark.parametrize("rows", [6, 10])  # the multi-row kernel's quantizer, and the tiled GEMM's vectorised one
 @pytest.mark.parametrize("portable", [False, True])
-def test_q8k_activations_round_as_llama_cpp(portable):
+def test_q8k_activations_round_as_llama_cpp(portable, rows):
     k = 512
-    x = torch.randn(6, k)
+    x = torch.randn(rows, k)
     x[1, :256] = torch.arange(256) % 9 - 4.5  # iscale = -127 / -4.5 ...
     x[1, 256:] = torch.arange(256) % 5 + 0.5
     x[1, 300] = -127.0  # ... and -127 / -127 = 1: every x.5 is a tie, rounded to even
@@ -171,7 +172,7 @@ def test_q8k_activations_round_as_llama_cpp(portable):
     assert xq[1, 1, 44] == -127 and xq[1, 1, 0] == 0 and xq[1, 1, 1] == 2 and xq[1, 1, 2] == 2
     assert dx[2, 0] < 0 and dx[3, 0] == 0
     y = kquant_linear(x, selection_blocks(k), k, "q2_k", portable=portable)
-    assert torch.equal(y, (xq * dx[..., None]).view(6, k))
+    assert torch.equal(y, (xq * dx[..., None]).view(rows, k))
 
 
 @pytest.mark.parametrize("portable", [False, True])
@@ -185,6 +186,27 @@ def test_gemv_matches_the_integer_reference(kind, portable):
         want = kquant_linear_reference(x.double(), blocks, k, kind)
         assert y.dtype == torch.float32 and y.shape == (m, n)
         assert ((y.double() - want).abs() <= 1e-6 * magnitude(x, blocks, kind)).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tiled_gemm_matches_the_integer_reference(kind):
+    """Eight rows and more run the tiled int8 GEMM (kgemm.h): tiles of 32 weight rows (a last one of 6 or 13, the
+    rest zero) against 6 activation rows at a time (tails of 1-5), fp32 or bf16 x. Each output is the integer math in
+    PyTorch within fp32 rounding, the same for bf16 x as for its fp32 copy, and the same on 2 threads as on 1."""
+    k = 768
+    for n, m in ((70, 8), (45, 13), (32, 27)):
+        blocks = torch.from_numpy(random_blocks(kind, n, k, seed=n))
+        x = torch.randn(m, k)
+        y = kquant_linear(x, blocks, k, kind)
+        want = kquant_linear_reference(x.double(), blocks, k, kind)
+        assert ((y.double() - want).abs() <= 1e-6 * magnitude(x, blocks, kind)).all()
+        xb = x.bfloat16()
+        assert torch.equal(kquant_linear(xb, blocks, k, kind), kquant_linear(xb.float(), blocks, k, kind).bfloat16())
+        torch.set_num_threads(2)
+        try:
+            assert torch.equal(kquant_linear(x, blocks, k, kind), y)
+        finally:
+            torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -240,7 +262,7 @@ def test_without_the_native_build_the_pytorch_paths_run(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["q4_k", "q6_k"])
-def test_quantized_linear_runs_gemv_for_decode_and_dequant_gemm_for_prefill(kind):
+def test_quantized_linear_runs_gemv_for_decode_and_chooses_the_prefill_gemm(kind):
     k, n = 512, 48
     blocks = random_blocks(kind, n, k, seed=4, scale=1e-3)
     qt = QuantizedTensor(WeightFormat.gguf(kind), (n, k), {"blocks": torch.from_numpy(blocks)})
@@ -253,5 +275,12 @@ def test_quantized_linear_runs_gemv_for_decode_and_dequant_gemm_for_prefill(kind
     assert qmatmul.kernel_for(qt, 1, None) == ("vnni" if vnni_available() else "dequant")
     torch.testing.assert_close(layer(x), kquant_linear(x, qt.data["blocks"], k, kind) + bias)
     xs = torch.randn(100, k)
-    assert qmatmul.kernel_for(qt, 100, None) == "dequant"
+    assert qmatmul.kernel_for(qt, 100, None) == "dequant"  # fp32 prefill: exact
     torch.testing.assert_close(layer(xs), F.linear(xs, w, bias), rtol=1e-5, atol=1e-5)
+    tiled = qmatmul.tiled_kquant_gemm(kind)  # bf16 prefill: the tiled int8 GEMM where it pays
+    assert qmatmul.kernel_for(qt, 100, None, torch.bfloat16) == ("vnni" if tiled else "dequant")
+    xb = xs.bfloat16()
+    if tiled:  # bit for bit the kernel's output (tested above) plus the bias
+        assert torch.equal(layer(xb), (kquant_linear(xb, qt.data["blocks"], k, kind).float() + bias).bfloat16())
+    else:
+        torch.testing.assert_close(layer(xb), F.linear(xb.float(), w, bias).bfloat16())
