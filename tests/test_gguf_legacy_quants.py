@@ -169,6 +169,44 @@ def test_gemv_matches_the_integer_reference_and_fp32(kind, k, n):
         assert ((y.double() - x.double() @ w.T).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "mxfp4", *KINDS])
+def test_tiled_gemm_matches_the_integer_reference(kind):
+    """Eight rows and more run the tiled int8 GEMM (bgemm.h): tiles of 32 weight rows (a last one of 6 or 13) in
+    pairs of blocks (17 blocks leave one alone) against 6 rows of x at a time (tails of 1-5). Each output is the
+    integer math in float64 within fp32 rounding, the same for bf16 x as for its fp32 copy, on 2 threads as on 1."""
+    linear = qmatmul.BLOCK_LINEAR[kind]
+    for n, k, m in ((70, 576, 8), (45, 544, 13), (32, 1024, 27)):
+        gen = torch.Generator().manual_seed(n)
+        if kind in KINDS:
+            blocks = torch.from_numpy(make_blocks(kind, n, k, seed=n))
+        else:
+            blocks = quantize(torch.randn(n, k, generator=gen), kind).data["blocks"]
+        x = torch.randn(m, k, generator=gen) * torch.logspace(-1, 1, k)
+        y = linear(x, blocks, k)
+        want = blocks_linear_reference(x.double(), blocks, k, kind)
+        assert ((y.double() - want).abs() <= 1e-6 * magnitude(x, blocks, kind)).all()
+        xb = x.bfloat16()
+        assert torch.equal(linear(xb, blocks, k), linear(xb.float(), blocks, k).bfloat16())
+        torch.set_num_threads(2)
+        try:
+            assert torch.equal(linear(x, blocks, k), y)
+        finally:
+            torch.set_num_threads(1)
+
+
+def test_bf16_prefill_takes_the_tiled_gemm_from_its_crossover():
+    """Q4_0 keeps the table lookup for few bf16 rows and takes the tiled GEMM from TILED_MIN_ROWS on (where the
+    CPU runs it); fp32 rows keep the exact dequantize + GEMM past the lookup's range."""
+    qt = quantize(torch.randn(64, 256), "q4_0")
+    lut = qmatmul.prepare_lut(qt)
+    tiled = qmatmul.tiled_gemm("q4_0")
+    rows = qmatmul.TILED_MIN_ROWS
+    assert qmatmul.kernel_for(qt, rows, lut, torch.bfloat16) == ("vnni" if tiled else qmatmul.kernel_for(qt, rows, lut))
+    assert qmatmul.kernel_for(qt, 4096, lut) == "dequant"
+    if lut is not None:
+        assert qmatmul.kernel_for(qt, rows - 1, lut, torch.bfloat16) == "lut"
+
+
 def test_gemv_runs_bf16_and_the_pytorch_fallback(monkeypatch):
     k = 96
     blocks = torch.from_numpy(make_blocks("q5_1", 10, k))

@@ -277,7 +277,7 @@ def test_quantized_linear_runs_gemv_for_decode_and_chooses_the_prefill_gemm(kind
     xs = torch.randn(100, k)
     assert qmatmul.kernel_for(qt, 100, None) == "dequant"  # fp32 prefill: exact
     torch.testing.assert_close(layer(xs), F.linear(xs, w, bias), rtol=1e-5, atol=1e-5)
-    tiled = qmatmul.tiled_kquant_gemm(kind)  # bf16 prefill: the tiled int8 GEMM where it pays
+    tiled = qmatmul.tiled_gemm(kind)  # bf16 prefill: the tiled int8 GEMM where it pays
     assert qmatmul.kernel_for(qt, 100, None, torch.bfloat16) == ("vnni" if tiled else "dequant")
     xb = xs.bfloat16()
     if tiled:  # bit for bit the kernel's output (tested above) plus the bias

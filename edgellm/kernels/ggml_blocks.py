@@ -167,7 +167,8 @@ def _linear(x: torch.Tensor, blocks: torch.Tensor, k: int, kind: str) -> torch.T
     ext = _ext()
     if ext is None:
         return blocks_linear_reference(x, blocks, k, kind)
-    y = getattr(ext, f"{kind}_gemm")(x.reshape(-1, k).float(), blocks, k)
+    x2 = x.reshape(-1, k)
+    y = getattr(ext, f"{kind}_gemm")(x2 if x2.dtype == torch.bfloat16 else x2.float(), blocks, k)
     return y.view(*x.shape[:-1], blocks.shape[0]).to(x.dtype)
 
 

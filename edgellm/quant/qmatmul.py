@@ -3,7 +3,7 @@
 Few rows of x (decode) go to a kernel that reads the packed weights directly: the T-MAC table lookup for 1-4 bit
 linear codes (intN, ternary, Q4_0 repacked), VNNI int8 dot products for Q8_0, MXFP4, GGUF's other 32-blocks and
 k-quant blocks (MXFP4's and IQ4_NL's levels are not linear, so no bit-plane lookup: a byte shuffle maps codes to int8
-levels). Many rows (prefill) of bf16 activations against k-quant blocks run a tiled int8 GEMM on the blocks (twice
+levels). Many rows (prefill) of bf16 activations against GGUF blocks run a tiled int8 GEMM on the blocks (twice
 the multiply-adds per instruction of a bf16 GEMM) where the CPU has VNNI but no AMX. Other prefills, and a build
 without the native kernels, dequantize a few rows of the weight at a time and run F.linear on them, so the
 full-precision weight never exists in memory at once: for a bf16 model on a CPU that computes bf16 natively (AMX
@@ -39,6 +39,9 @@ if TYPE_CHECKING:  # typing only: formats imports nothing of this module
 VNNI_LINEAR = {"q8_0": q8_0_linear, "mxfp4": mxfp4_linear, **GGUF_ONLY_LINEAR, **KQUANT_LINEAR}
 # Read with int8 dot products too when no table-lookup copy was made (offloaded experts: no copy in RAM)
 BLOCK_LINEAR = {**VNNI_LINEAR, "q4_0": q4_0_linear}
+# From here on bf16 rows take the tiled int8 GEMM over the LUT too (Q4_0 1536 x 1024 on a Zen 4 core, 1 thread: LUT
+# 18-22 us per row at 16-128 rows, tiled 25 at 16, 19 at 32, 12 at 128)
+TILED_MIN_ROWS = 32
 DEQUANT_CHUNK_ELEMENTS = 1 << 21  # fp32 weights dequantized per step: 8 MiB, about an L2-to-L3-sized tile
 
 
@@ -59,17 +62,20 @@ def prepare_lut(qt: QuantizedTensor) -> LutWeight | None:
 def kernel_for(qt: QuantizedTensor, rows: int, lut: LutWeight | None, dtype: torch.dtype = torch.float32) -> str:
     """'lut', 'vnni' or 'dequant': what `quantized_linear` runs for `rows` rows of x in `dtype`."""
     n, k = qt.shape
-    if qt.fmt.kind in KQUANT_LINEAR and dtype == torch.bfloat16 and tiled_kquant_gemm(qt.fmt.kind):
-        return "vnni"  # an fp32 prefill keeps dequantize + fp32 GEMM: exact, where this rounds x to int8
-    if qt.fmt.kind in VNNI_LINEAR:  # MXFP4 dequantizes slower than Q8_0, so Q8_0's crossover is a safe bound
-        return choose_kernel(8, n, k, rows)
-    if lut is None:
-        return choose_kernel(8, n, k, rows) if qt.fmt.kind in BLOCK_LINEAR else "dequant"
-    return choose_kernel(qt.fmt.bits, n, k, rows)
+    tiled = qt.fmt.kind in BLOCK_LINEAR and dtype == torch.bfloat16 and tiled_gemm(qt.fmt.kind)
+    if tiled and rows >= TILED_MIN_ROWS:  # an fp32 prefill keeps dequantize + fp32 GEMM: exact, where this rounds x
+        return "vnni"
+    if qt.fmt.kind in VNNI_LINEAR or (lut is None and qt.fmt.kind in BLOCK_LINEAR):
+        kernel = choose_kernel(8, n, k, rows)  # MXFP4 dequantizes slower than Q8_0: Q8_0's crossover is a safe bound
+    elif lut is None:
+        return "dequant"
+    else:
+        kernel = choose_kernel(qt.fmt.bits, n, k, rows)
+    return "vnni" if tiled and kernel == "dequant" else kernel
 
 
-def tiled_kquant_gemm(kind: str) -> bool:
-    """Whether many bf16 rows against `kind`'s k-quant blocks run the tiled int8 GEMM (kgemm.h): on a Zen 4 core
+def tiled_gemm(kind: str) -> bool:
+    """Whether many bf16 rows against `kind`'s GGUF blocks run the tiled int8 GEMM (kgemm.h, bgemm.h): on a Zen 4 core
     0.6-0.8x the time of dequantize + bf16 GEMM (256 rows, 1 thread); with AMX, oneDNN's bf16 GEMM is several times
     faster."""
     return gemv_simd(kind) and not cpu_has_amx()

@@ -10,23 +10,39 @@
 #include <immintrin.h>
 #endif
 
+#include "bgemm.h"
 #include "ggml_blocks.h"
 
 using namespace ggml;
 
-// y (M, N) fp32 = x (M, K) @ W.T for W given as N rows of K / 32 blocks of `block_bytes` bytes.
+// y (M, N) fp32 = x (M, K) @ W.T for W given as N rows of K / 32 blocks of `block_bytes` bytes; x fp32 or bf16. From
+// kTiledRows rows on, the tiled GEMM (bgemm.h): below that, its repacking costs more than it saves.
+constexpr int64_t kTiledRows = 8;
+
 template <Kind kind>
 torch::Tensor blocks_gemm(const torch::Tensor& x, const torch::Tensor& blocks, int64_t K) {
   constexpr int64_t bytes = block_bytes<kind>();
   TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == torch::kFloat, "x must be fp32 (M, K)");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
+              "x must be fp32 or bf16 (M, K)");
   const int64_t nb = K / kBlock;
   TORCH_CHECK(blocks.dim() == 2 && blocks.size(1) == nb * bytes && blocks.scalar_type() == torch::kUInt8,
               "blocks must be uint8 (N, K / 32 * ", bytes, ")");
   const int64_t M = x.size(0), N = blocks.size(0);
-  torch::Tensor y = torch::empty({M, N}, x.options());
+  torch::Tensor y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
   if (M == 0 || N == 0) return y;
-  const torch::Tensor xc = x.contiguous(), wc = blocks.contiguous();
+  const torch::Tensor wc = blocks.contiguous();
+#ifdef EDGELLM_VNNI
+  if (M >= kTiledRows) {
+    const torch::Tensor xb = x.contiguous();
+    const BlockRows q = xb.scalar_type() == torch::kFloat
+                            ? quantize_block_rows(xb.data_ptr<float>(), M, K, code_excess<kind>())
+                            : quantize_block_rows(xb.data_ptr<c10::BFloat16>(), M, K, code_excess<kind>());
+    gemm_blocks_tiled<kind>(q, wc.data_ptr<uint8_t>(), N, y.data_ptr<float>());
+    return y;
+  }
+#endif
+  const torch::Tensor xc = x.to(torch::kFloat).contiguous();
   std::vector<ActX> ax;
   for (int64_t m = 0; m < M; ++m) ax.push_back(act_x<kind>(xc.data_ptr<float>() + m * K, nb));
   const uint8_t* w = wc.data_ptr<uint8_t>();

@@ -17,6 +17,7 @@
 #pragma once
 
 #include "kquants.h"
+#include "tiles.h"
 
 #ifdef EDGELLM_KQ_AVX512
 
@@ -24,8 +25,7 @@
 
 namespace kq {
 
-constexpr int kGemmRows = 6;    // activation rows per register tile
-constexpr int kGemmCols = 32;   // weight rows per packed tile: two vectors of 16 lanes
+using tiles::kCols;
 
 // Q8_K rows in flat buffers: int8 q (M, K), d (M, K / 256), per-16 sums (M, K / 256, 16) and per-32 sums in the
 // first 8 of another 16 per block. Values as quantize_q8k's, bit for bit.
@@ -107,29 +107,6 @@ struct Packed {
   alignas(64) float d[2][16], dmin[2][16];
 };
 
-// Sixteen rows of 16 int32 in registers transposed: r[i] lane j becomes r[j] lane i (4 rounds of 16 shuffles).
-inline void transpose16(__m512i* r) {
-  __m512i t[16];
-  for (int a = 0; a < 8; ++a)  // per 128-bit lane L: rows 2a, 2a+1 interleaved, columns 4L, 4L+1 / 4L+2, 4L+3
-    t[2 * a] = _mm512_unpacklo_epi32(r[2 * a], r[2 * a + 1]), t[2 * a + 1] = _mm512_unpackhi_epi32(r[2 * a], r[2 * a + 1]);
-  for (int q = 0; q < 4; ++q)  // u[4q + c] lane L: column 4L + c of rows 4q..4q+3
-    for (int h = 0; h < 2; ++h) {
-      r[4 * q + 2 * h] = _mm512_unpacklo_epi64(t[4 * q + h], t[4 * q + 2 + h]);
-      r[4 * q + 2 * h + 1] = _mm512_unpackhi_epi64(t[4 * q + h], t[4 * q + 2 + h]);
-    }
-  for (int c = 0; c < 4; ++c) {  // the 4 x 4 transpose of 128-bit lanes of u[c], u[4 + c], u[8 + c], u[12 + c]
-    const __m512i x0 = _mm512_shuffle_i32x4(r[c], r[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i x1 = _mm512_shuffle_i32x4(r[c], r[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
-    const __m512i y0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i y1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], _MM_SHUFFLE(3, 2, 3, 2));
-    t[c] = _mm512_shuffle_i32x4(x0, y0, _MM_SHUFFLE(2, 0, 2, 0));
-    t[4 + c] = _mm512_shuffle_i32x4(x0, y0, _MM_SHUFFLE(3, 1, 3, 1));
-    t[8 + c] = _mm512_shuffle_i32x4(x1, y1, _MM_SHUFFLE(2, 0, 2, 0));
-    t[12 + c] = _mm512_shuffle_i32x4(x1, y1, _MM_SHUFFLE(3, 1, 3, 1));
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
-
 // Weight rows [0, rows) of a tile (rows `stride` bytes apart, rows <= 32; the others are zero) into one Packed per
 // super-block: sixteen rows' blocks decoded (the GEMV's register decode), then each 16 x 16 block of int32 words
 // (code words, scales, pairs) transposed in registers. Per-row scatters took 4x as long.
@@ -158,7 +135,7 @@ void pack_tile(const uint8_t* w, int64_t stride, int rows, int64_t nb, Packed<F>
       }
       for (int c = 0; c < 6; ++c) {  // code words 16c..16c+15, then the scales, then the pairs
         for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(words[i] + 16 * c);
-        transpose16(r);
+        tiles::transpose16(r);
         for (int j = 0; j < 16; ++j) {
           if (c < 4) _mm512_store_si512(p.codes[16 * c + j][v], r[j]);
           else if (c == 4 && j < P::kSubs) _mm512_store_si512(p.sc[j][v], r[j]);
@@ -244,39 +221,22 @@ void tile_rows(const Packed<F>* p, const Q8KRows& x, int64_t m0, float* out) {
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + 32 * r, acc[r][0]), _mm512_storeu_ps(out + 32 * r + 16, acc[r][1]);
 }
 
-// y (M, N) = x @ W.T for x already in Q8_K rows and W (N, nb super-blocks of F): threads take tiles of 32 weight
-// rows, each repacked once into a per-thread buffer and run against all M rows.
+// y (M, N) = x @ W.T for x already in Q8_K rows and W (N, nb super-blocks of F).
 template <class F>
 void gemm_tiled(const Q8KRows& x, const uint8_t* w, int64_t N, float* y) {
-  const int64_t row_bytes = x.nb * F::kBytes, tiles = (N + kGemmCols - 1) / kGemmCols;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<Packed<F>> packed(x.nb);
-    alignas(64) float out[kGemmRows * kGemmCols];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kGemmCols;
-      const int cols = static_cast<int>(std::min<int64_t>(kGemmCols, N - n0));
-      pack_tile<F>(w + n0 * row_bytes, row_bytes, cols, x.nb, packed.data());
-      // the next tile's bytes into L2 while this one runs (its repacking waited on DRAM), a slice per row tile: all
-      // at once, most of the requests found the miss queue full and were dropped
-      const uint8_t* next = w + (n0 + kGemmCols) * row_bytes;
-      const int64_t ahead = t + 1 < t1 ? std::min<int64_t>(kGemmCols, N - n0 - kGemmCols) * row_bytes : 0;
-      const int64_t slice = (ahead * kGemmRows / x.M + 64) / 64 * 64;
-      for (int64_t m0 = 0, done = 0; m0 < x.M; m0 += kGemmRows) {
-        for (const int64_t end = std::min(ahead, done + slice); done < end; done += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(next) + done, _MM_HINT_T1);
-        const int64_t r = std::min<int64_t>(kGemmRows, x.M - m0);
-        switch (r) {
-          case 1: tile_rows<F, 1>(packed.data(), x, m0, out); break;
-          case 2: tile_rows<F, 2>(packed.data(), x, m0, out); break;
-          case 3: tile_rows<F, 3>(packed.data(), x, m0, out); break;
-          case 4: tile_rows<F, 4>(packed.data(), x, m0, out); break;
-          case 5: tile_rows<F, 5>(packed.data(), x, m0, out); break;
-          default: tile_rows<F, 6>(packed.data(), x, m0, out);
+  tiles::for_tiles<Packed<F>>(
+      x.M, x.nb, w, x.nb * F::kBytes, N, y,
+      [&](const uint8_t* t, int64_t stride, int cols, Packed<F>* p) { pack_tile<F>(t, stride, cols, x.nb, p); },
+      [&](const Packed<F>* p, int64_t m0, int64_t rows, float* out) {
+        switch (rows) {
+          case 1: return tile_rows<F, 1>(p, x, m0, out);
+          case 2: return tile_rows<F, 2>(p, x, m0, out);
+          case 3: return tile_rows<F, 3>(p, x, m0, out);
+          case 4: return tile_rows<F, 4>(p, x, m0, out);
+          case 5: return tile_rows<F, 5>(p, x, m0, out);
+          default: return tile_rows<F, 6>(p, x, m0, out);
         }
-        for (int64_t i = 0; i < r; ++i) std::memcpy(y + (m0 + i) * N + n0, out + kGemmCols * i, cols * sizeof(float));
-      }
-    }
-  });
+      });
 }
 
 }  // namespace kq
