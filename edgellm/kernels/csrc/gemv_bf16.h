@@ -108,11 +108,14 @@ constexpr int64_t kChunk = 2 * kLanes;
 constexpr int64_t kGroupRows = 8;  // rows of x per pass over the weights
 
 // Output rows per block: as many as fit in registers without spilling, counting R accumulators and an
-// even/odd weight pair per output row (the weights stay live while every row of x passes over them). One row of
-// x reads one weight row after another: a single sequential stream, which the hardware prefetcher follows at
-// the core's full read rate (Zen 4, DRAM-resident 1024 x 5632: 21-25 GB/s against 19-21 for 8 rows per block
-// with software prefetch, 10-13 for 2-8 rows without it).
-constexpr int block_rows(int R) { return R == 1 ? 1 : std::max(1, std::min(8, kRegs / (R + 2))); }
+// even/odd weight pair per output row (the weights stay live while every row of x passes over them).
+constexpr int block_rows(int R) { return std::max(1, std::min(8, kRegs / (R + 2))); }
+
+// Up to this K, one row of x reads the weight rows one after another: a single sequential stream, which the
+// hardware prefetcher follows at the core's full read rate while x (<= 12 KB in fp32) stays in L1. Zen 4,
+// DRAM-resident weights, one core: K = 1024-2816 at 21-24 GB/s against 19-21 for 8 rows per block with software
+// prefetch; at K = 4096 and 8192, x no longer fits beside the stream and it falls to 12-16 against 20-24.
+constexpr int64_t kStreamMaxK = 3072;
 
 // Dot products of R rows of x (pair layout, stride xs) with NB weight rows, into out[R][NB]. With several weight
 // rows it prefetches the next block: NB interleaved streams of a few KB each are too many and too short for the
@@ -170,10 +173,9 @@ std::vector<float> pack_x(const T* x, int64_t rows, int64_t K, int64_t kpad) {
 }
 
 // Output rows [n_begin, n_end) for R rows of x, in blocks of NB rows (single rows for a partial block).
-template <int R, typename T>
-void gemv_range(const float* x, int64_t kpad, const uint16_t* w, const float* bias, T* y, int64_t N, int64_t K,
-                int64_t n_begin, int64_t n_end) {
-  constexpr int NB = block_rows(R);
+template <int R, int NB, typename T>
+void gemv_blocks(const float* x, int64_t kpad, const uint16_t* w, const float* bias, T* y, int64_t N, int64_t K,
+                 int64_t n_begin, int64_t n_end) {
   float out[R * NB];
   for (int64_t n0 = n_begin; n0 < n_end; n0 += NB) {
     const int64_t nb = std::min<int64_t>(NB, n_end - n0);
@@ -190,6 +192,13 @@ void gemv_range(const float* x, int64_t kpad, const uint16_t* w, const float* bi
       for (int64_t j = 0; j < nb; ++j)
         y[r * N + n0 + j] = static_cast<T>(out[r * NB + j] + (bias ? bias[n0 + j] : 0.0f));
   }
+}
+
+template <int R, typename T>
+void gemv_range(const float* x, int64_t kpad, const uint16_t* w, const float* bias, T* y, int64_t N, int64_t K,
+                int64_t n_begin, int64_t n_end) {
+  if (R == 1 && K <= kStreamMaxK) return gemv_blocks<R, 1>(x, kpad, w, bias, y, N, K, n_begin, n_end);
+  gemv_blocks<R, block_rows(R)>(x, kpad, w, bias, y, N, K, n_begin, n_end);
 }
 
 template <typename T>
