@@ -187,15 +187,8 @@ void gemm_blocks_tiled(const BlockRows& x, const uint8_t* w, int64_t N, float* y
                              [&](const uint8_t* t, int64_t stride, int cols, PackedBlock* p) {
                                pack_blocks<kind>(t, stride, cols, x.nb, p);
                              },
-                             [&](const PackedBlock* p, int64_t m0, int64_t rows, float* out) {
-                               switch (rows) {
-                                 case 1: return block_tile_rows<kind, 1>(p, x, m0, out);
-                                 case 2: return block_tile_rows<kind, 2>(p, x, m0, out);
-                                 case 3: return block_tile_rows<kind, 3>(p, x, m0, out);
-                                 case 4: return block_tile_rows<kind, 4>(p, x, m0, out);
-                                 case 5: return block_tile_rows<kind, 5>(p, x, m0, out);
-                                 default: return block_tile_rows<kind, 6>(p, x, m0, out);
-                               }
+                             [&](const PackedBlock* p, int64_t m0, auto rows, float* out) {
+                               block_tile_rows<kind, decltype(rows)::value>(p, x, m0, out);
                              });
 }
 

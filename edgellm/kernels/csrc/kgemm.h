@@ -227,15 +227,8 @@ void gemm_tiled(const Q8KRows& x, const uint8_t* w, int64_t N, float* y) {
   tiles::for_tiles<Packed<F>>(
       x.M, x.nb, w, x.nb * F::kBytes, N, y,
       [&](const uint8_t* t, int64_t stride, int cols, Packed<F>* p) { pack_tile<F>(t, stride, cols, x.nb, p); },
-      [&](const Packed<F>* p, int64_t m0, int64_t rows, float* out) {
-        switch (rows) {
-          case 1: return tile_rows<F, 1>(p, x, m0, out);
-          case 2: return tile_rows<F, 2>(p, x, m0, out);
-          case 3: return tile_rows<F, 3>(p, x, m0, out);
-          case 4: return tile_rows<F, 4>(p, x, m0, out);
-          case 5: return tile_rows<F, 5>(p, x, m0, out);
-          default: return tile_rows<F, 6>(p, x, m0, out);
-        }
+      [&](const Packed<F>* p, int64_t m0, auto rows, float* out) {
+        tile_rows<F, decltype(rows)::value>(p, x, m0, out);
       });
 }
 

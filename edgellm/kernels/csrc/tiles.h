@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace tiles {
@@ -40,8 +41,22 @@ inline void transpose16(__m512i* r) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
+// f(std::integral_constant<int, r>{}) for r = rows (1..kRows).
+template <class F>
+void with_rows(int64_t rows, F f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    default: return f(std::integral_constant<int, kRows>{});
+  }
+}
+
 // y (M, N) = x @ W.T: `pack(tile_bytes, stride, cols, Packed*)` repacks a tile's `units` blocks (cols <= 32 rows
-// `stride` bytes apart), `rows(const Packed*, m0, r, out)` runs r <= 6 activation rows from m0 into out (r, 32).
+// `stride` bytes apart), `rows(const Packed*, m0, std::integral_constant<int, r>, out)` runs r <= 6 activation rows
+// from m0 into out (r, 32), the row count a compile-time constant so the register tile unrolls.
 template <class Packed, class Pack, class Rows>
 void for_tiles(int64_t M, int64_t units, const uint8_t* w, int64_t row_bytes, int64_t N, float* y, Pack pack,
                Rows rows) {
@@ -62,7 +77,7 @@ void for_tiles(int64_t M, int64_t units, const uint8_t* w, int64_t row_bytes, in
         for (const int64_t end = std::min(ahead, done + slice); done < end; done += 64)
           _mm_prefetch(reinterpret_cast<const char*>(next) + done, _MM_HINT_T1);
         const int64_t r = std::min<int64_t>(kRows, M - m0);
-        rows(packed.data(), m0, r, out);
+        with_rows(r, [&](auto rc) { rows(packed.data(), m0, rc, out); });
         for (int64_t i = 0; i < r; ++i) std::memcpy(y + (m0 + i) * N + n0, out + kCols * i, cols * sizeof(float));
       }
     }
