@@ -7,8 +7,8 @@
 // 256-blocks with an fp32 d, int8 q and the per-16 sums of q (bsums), so the offset and the mins cost one multiply by
 // a bsum per sub-block instead of work per element:
 //   dot = d_x * (d * sum_j sc_j * (sum_i u_i q_i - offset * bsum_j) - dmin * sum_j m_j * bsum_j).
-// AVX-512 (BW + VNNI): vpmaddubsw multiplies 64 codes by 64 activations into int16 pairs (|pair| <= 2 * 63 * 127,
-// no saturation), vpdpwssd scales each pair by its sub-block's scale and accumulates in int32.
+// AVX-512 (BW + VNNI): vpdpbusd sums four code x activation products per int32 lane, two vectors of those are packed
+// to int16 (|sum| <= 4 * 63 * 127, no saturation) and vpdpwssd scales each pair by its sub-block's scale (dot).
 
 // Shared by the op-at-a-time extension and the fused decode step (step.cpp).
 
@@ -292,20 +292,74 @@ inline void regs(Q3K, const uint8_t* b, Regs& o) {
                              _mm512_slli_epi16(shift_mask(hm, 2 * v, 2 * v + 1, 1), 2));
 }
 
-// vpermw indices taking each int16 pair lane of code vector v to its sub-block's scale.
+// Q4_K's codes in sub-block pairs for the GEMVs: one 64-byte load's low nibbles are sub-blocks 0 and 2, its high
+// nibbles 1 and 3 (the next load 4 and 6, 5 and 7), two instructions per code vector instead of three and a broadcast
+// load; the activations are loaded in the same order (load_q). The tiled GEMM (kgemm.h) keeps regs' element order.
+template <class F>
+constexpr bool kPaired = false;
+template <>
+constexpr bool kPaired<Q4K> = true;
+
+// Element e of a super-block at byte `lane` of code vector v, in the GEMVs' order.
+template <class F>
+constexpr int gemv_element(int v, int lane) {
+  if constexpr (kPaired<F>) return 128 * (v / 2) + 32 * (v % 2) + lane + (lane < 32 ? 0 : 32);
+  return 64 * v + lane;
+}
+
+template <class F>
+inline void gemv_regs(F f, const uint8_t* b, Regs& o) {
+  regs(f, b, o);
+}
+
+inline void gemv_regs(Q4K, const uint8_t* b, Regs& o) {
+  k4_head(b, o);
+  const __m512i low = _mm512_set1_epi8(15);
+  for (int h = 0; h < 2; ++h) {
+    const __m512i c = _mm512_loadu_si512(b + 16 + 64 * h);
+    o.u[2 * h] = _mm512_and_si512(c, low), o.u[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(c, 4), low);
+  }
+}
+
+// A block's 256 activation codes in the order of gemv_regs' code vectors.
+template <class F>
+inline void load_q(const int8_t* q, __m512i* out) {
+  for (int v = 0; v < 4; ++v) {
+    const int8_t* p = q + gemv_element<F>(v, 0);
+    out[v] = kPaired<F> ? _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+                                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64)), 1)
+                        : _mm512_loadu_si512(p);
+  }
+}
+
+// The dot product of a block's codes and activations: vpdpbusd sums four code x activation products per int32 lane
+// (|sum| <= 4 * 63 * 127, an int16), vpackssdw packs two vectors' sums into one of int16 and vpdpwssd scales each
+// pair by its sub-block's scale: per 128 codes two vpdpbusd, one pack, one scale permute and one vpdpwssd, where
+// vpmaddubsw + vpdpwssd per 64 codes took two permutes more. ScaleIndex holds the permutes' indices: int16 lane l
+// of pack h is int32 lane 4 (l / 8) + l % 4 of code vector 2h + (l % 8) / 4, i.e. its codes 16 (l / 8) + 4 (l % 4).
 struct ScaleIndex {
-  alignas(64) int16_t idx[4][32];
-  explicit ScaleIndex(bool sub32) {
-    for (int v = 0; v < 4; ++v)
-      for (int i = 0; i < 32; ++i) idx[v][i] = static_cast<int16_t>(sub32 ? 2 * v + i / 16 : 4 * v + i / 8);
+  alignas(64) int16_t idx[2][32];
+  ScaleIndex(int (*element)(int, int), bool sub32) {
+    for (int h = 0; h < 2; ++h)
+      for (int l = 0; l < 32; ++l) {
+        const int e = element(2 * h + l % 8 / 4, 16 * (l / 8) + 4 * (l % 4));
+        idx[h][l] = static_cast<int16_t>(sub32 ? e / 32 : e / 16);
+      }
   }
 };
 
-// The vpermw index registers of F's sub-block layout (ScaleIndex), for a GEMV's whole run.
 template <class F>
 inline void scale_index(__m512i* idx) {
-  static const ScaleIndex table(F::kSub32);
-  for (int v = 0; v < 4; ++v) idx[v] = _mm512_load_si512(table.idx[v]);
+  static const ScaleIndex table(gemv_element<F>, F::kSub32);
+  for (int h = 0; h < 2; ++h) idx[h] = _mm512_load_si512(table.idx[h]);
+}
+
+inline __m512i dot(const Regs& w, const __m512i* q, const __m512i* idx) {
+  const __m512i z = _mm512_setzero_si512(), sc = _mm512_castsi256_si512(w.sc);
+  const __m512i p0 = _mm512_packs_epi32(_mm512_dpbusd_epi32(z, w.u[0], q[0]), _mm512_dpbusd_epi32(z, w.u[1], q[1]));
+  const __m512i p1 = _mm512_packs_epi32(_mm512_dpbusd_epi32(z, w.u[2], q[2]), _mm512_dpbusd_epi32(z, w.u[3], q[3]));
+  return _mm512_dpwssd_epi32(_mm512_madd_epi16(p0, _mm512_permutexvar_epi16(idx[0], sc)), p1,
+                             _mm512_permutexvar_epi16(idx[1], sc));
 }
 
 // A row's dot product from its accumulators: the scaled sums minus the mins' sums.
@@ -317,7 +371,7 @@ inline float finish(__m512 acc, __m256 accm) {
 
 template <class F, int R>
 void rows_avx512(const uint8_t* row, const Q8K* const* xs, int64_t nb, float* out) {
-  __m512i idx[4];
+  __m512i idx[2];
   scale_index<F>(idx);
   __m512 acc[R];
   __m256 accm[R];
@@ -325,15 +379,11 @@ void rows_avx512(const uint8_t* row, const Q8K* const* xs, int64_t nb, float* ou
   Regs w;
   for (int64_t b = 0; b < nb; ++b) {
     simd::prefetch_l2(row + b * F::kBytes, F::kBytes);
-    regs(F{}, row + b * F::kBytes, w);
-    const __m512i sc = _mm512_castsi256_si512(w.sc);
-    __m512i scale[4];
-    for (int v = 0; v < 4; ++v) scale[v] = _mm512_permutexvar_epi16(idx[v], sc);
+    gemv_regs(F{}, row + b * F::kBytes, w);
     for (int r = 0; r < R; ++r) {
-      const int8_t* q = xs[r]->q.data() + b * kQK;
-      __m512i isum = _mm512_setzero_si512();
-      for (int v = 0; v < 4; ++v)
-        isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(w.u[v], _mm512_loadu_si512(q + 64 * v)), scale[v]);
+      __m512i q[4];
+      load_q<F>(xs[r]->q.data() + b * kQK, q);
+      __m512i isum = dot(w, q, idx);
       const float dx = xs[r]->d[b];
       if constexpr (F::kOffset != 0) {
         const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs[r]->bsums16.data() + b * 16));
@@ -357,7 +407,7 @@ void rows_avx512(const uint8_t* row, const Q8K* const* xs, int64_t nb, float* ou
 // time, one row per call.
 template <class F, int C>
 void cols_avx512(const uint8_t* w, int64_t stride, const Q8K& x, int64_t nb, float* out) {
-  __m512i idx[4];
+  __m512i idx[2];
   scale_index<F>(idx);
   __m512 acc[C];
   __m256 accm[C];
@@ -368,7 +418,7 @@ void cols_avx512(const uint8_t* w, int64_t stride, const Q8K& x, int64_t nb, flo
   const int16_t* xs = (F::kSub32 ? x.bsums32 : x.bsums16).data();  // the offset's (16s) or the mins' sub-blocks
   for (int64_t b = 0; b < nb; ++b) {
     __m512i q[4];
-    for (int v = 0; v < 4; ++v) q[v] = _mm512_loadu_si512(xq + b * kQK + 64 * v);
+    load_q<F>(xq + b * kQK, q);
     const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs + b * 16));
     const float dx = xd[b];
 #pragma GCC unroll 8  // unrolled, the accumulators stay in registers (a loop over c kept them on the stack)
@@ -379,11 +429,8 @@ void cols_avx512(const uint8_t* w, int64_t stride, const Q8K& x, int64_t nb, flo
       for (int off = 0; off < F::kBytes; off += 64)
         _mm_prefetch(reinterpret_cast<const char*>(blk) + ahead + off, _MM_HINT_T1);
       Regs r;
-      regs(F{}, blk, r);
-      const __m512i sc = _mm512_castsi256_si512(r.sc);
-      __m512i isum = _mm512_setzero_si512();
-      for (int v = 0; v < 4; ++v)
-        isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(r.u[v], q[v]), _mm512_permutexvar_epi16(idx[v], sc));
+      gemv_regs(F{}, blk, r);
+      __m512i isum = dot(r, q, idx);
       if constexpr (F::kOffset != 0) {
         const __m256i corr = _mm256_mullo_epi32(_mm256_madd_epi16(r.sc, bs), _mm256_set1_epi32(F::kOffset));
         isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(corr));
