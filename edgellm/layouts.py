@@ -98,6 +98,15 @@ class WeightFormat:
             return self.block_bytes * 8 / self.group
         return self.bits + 32 / self.group
 
+    @property
+    def head(self) -> str:
+        """The format the loader runs the output projection in beside projections in this one: Q8_0, as llama.cpp
+        keeps heads at 6-8 bits, and Q4_0 under edgellm's 2-bit formats, where a Q8_0 head is half of a decode
+        step's reads (Llama-3.2-1B shape, int2-g64: 279 of 556 MiB) for a quality gain the 2-bit body dwarfs
+        (built-in model, int2-g64: perplexity 104.52 with a Q8_0 head, 104.94 with Q4_0, 103.45 in bf16; at 3
+        bits a Q4_0 head would double int3-g128's KL, so it keeps Q8_0)."""
+        return "q4_0" if self.kind in ("affine", "ternary") and self.bits <= 2 else "q8_0"
+
     def padded(self, k: int) -> int:
         """K rounded up to whole groups (block formats must already be whole blocks)."""
         return -(-k // self.group) * self.group

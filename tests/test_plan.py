@@ -82,6 +82,8 @@ def test_quantized_memory_keeps_a_bf16_table_and_a_q8_0_head():
     assert mem.table == 128256 * 2048 * 2
     assert mem.head == 128256 * 2048 * 34 / 32
     assert weight_memory(spec, "bf16").head == 0  # tied: the dense head is the table
+    assert weight_memory(spec, "int2-g64").head == 128256 * 2048 * 18 / 32  # Q4_0 beside 2-bit projections
+    assert weight_memory(spec, "int3-g128").head == mem.head
 
 
 def test_sliding_layers_cap_what_decode_attention_reads():

@@ -14,6 +14,7 @@ from edgellm.cli import main
 from edgellm.errors import CheckpointError
 from edgellm.quant import qmatmul, quantize
 from edgellm.quant.convert import quantize_checkpoint
+from edgellm.quant.formats import WeightFormat
 from edgellm.quant.linear import QuantizedLinear
 from tests.conftest import build_checkpoint
 from tests.test_errors import assert_one_line_error, run_cli
@@ -33,12 +34,14 @@ def src(tmp_path_factory) -> Path:
 
 def dequantized_reference(src: Path, fmt: str) -> torch.nn.Module:
     """The fp32 model with each projection weight replaced by its quantize→dequantize round trip, and the output
-    head by its Q8_0 round trip (the embedding table untouched, even when tied to the head)."""
+    head by its round trip through the format the loader runs it in (Q8_0, Q4_0 beside 2-bit projections; the
+    embedding table untouched, even when tied to the head)."""
     model, _ = load(src, "fp32")
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1].endswith("_proj"):
             module.weight.data = quantize(module.weight, fmt).dequantize()
-    model.lm_head.weight = torch.nn.Parameter(quantize(model.lm_head.weight.detach(), "q8_0").dequantize())
+    head = quantize(model.lm_head.weight.detach(), WeightFormat.parse(fmt).head)
+    model.lm_head.weight = torch.nn.Parameter(head.dequantize())
     return model
 
 
@@ -58,7 +61,8 @@ def test_quantized_checkpoint_loads_and_matches(src, tmp_path, fmt, monkeypatch)
 
     model, _ = load(out, "fp32")
     assert model.model.embed_tokens.weight.dtype == torch.float32 and model.fingerprint
-    assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.fmt.name == "q8_0"
+    head = "q4_0" if fmt in ("int2-g64", "ternary") else "q8_0"
+    assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.fmt.name == head
     assert torch.equal(model.model.embed_tokens.weight, load(src, "fp32")[0].model.embed_tokens.weight)
     logits = model(TOKENS)
     ref = load(src, "fp32")[0](TOKENS)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from edgellm.errors import InvalidRequestError
 from edgellm.layouts import KVFormat
 from edgellm.perf.profile import ThreadRates
-from edgellm.perf.weights import DENSE_BYTES, HEAD_FORMAT, STORE_DTYPE_BYTES, bytes_per_weight, has_load_time_lut
+from edgellm.perf.weights import DENSE_BYTES, STORE_DTYPE_BYTES, bytes_per_weight, has_load_time_lut, head_format
 
 
 @dataclass(frozen=True)
@@ -164,16 +164,16 @@ class WeightMemory:
 
 def weight_memory(spec: ModelSpec, fmt: str) -> WeightMemory:
     """What the loader holds in RAM for `spec` in `fmt`: a quantized model keeps its table in bf16 and runs its head
-    from a Q8_0 copy (a tied table stays for lookups), intN/ternary weights also as the lookup kernel's copy (as
-    many bytes); a dense model holds every tensor in its dtype. Q4_0 adds a lookup copy later, at the first batched
-    or speculative step (quant.linear), which this leaves out."""
+    from a Q8_0 copy, Q4_0 under 2-bit formats (a tied table stays for lookups), intN/ternary weights also as the
+    lookup kernel's copy (as many bytes); a dense model holds every tensor in its dtype. Q4_0 adds a lookup copy
+    later, at the first batched or speculative step (quant.linear), which this leaves out."""
     other = (2 * spec.layers + 1) * spec.hidden + spec.router_params
     if fmt in DENSE_BYTES:
         size = DENSE_BYTES[fmt]
         return WeightMemory(spec.projection_params() * size, 0 if spec.tied else spec.table_params * size,
                             spec.table_params * size, other * size)
     projections = spec.projection_params() * bytes_per_weight(fmt)
-    return WeightMemory(projections, spec.table_params * bytes_per_weight(HEAD_FORMAT),
+    return WeightMemory(projections, spec.table_params * bytes_per_weight(head_format(fmt)),
                         spec.table_params * STORE_DTYPE_BYTES, other * STORE_DTYPE_BYTES,
                         projections if has_load_time_lut(fmt) else 0.0)
 
@@ -261,8 +261,8 @@ def decode_ops(spec: ModelSpec, fmt: str, kv: KVFormat, context: int, batch: int
         expert.overhead_s = spec.moe_layers * unique_experts(spec.experts, spec.experts_per_token, batch) \
             * rates.expert_overhead_s
         ops.append(expert)
-    head_bpw = bpw if fmt in DENSE_BYTES else bytes_per_weight(HEAD_FORMAT)
-    head_fmt = fmt if fmt in DENSE_BYTES else HEAD_FORMAT
+    head_fmt = head_format(fmt)
+    head_bpw = bytes_per_weight(head_fmt)
     ops.append(_op("lm_head", 2 * batch * spec.table_params, spec.table_params * head_bpw,
                    rates.gemm_gflops_for(head_fmt), rates.weight_gbs_for(head_fmt, batch)))
     if batch == 1:
@@ -294,7 +294,7 @@ def prefill_ops(spec: ModelSpec, fmt: str, tokens: int, rates: ThreadRates) -> l
     pairs = (spec.layers - spec.window_layers) * pairs_full + spec.window_layers * pairs_window
     ops.append(_op("attention (causal)", 4 * spec.heads * spec.head_dim * pairs, 0,
                    rates.attention_gflops, rates.kv_gbs))
-    head_fmt = fmt if fmt in DENSE_BYTES else HEAD_FORMAT
+    head_fmt = head_format(fmt)
     ops.append(_op("lm_head (last token)", 2 * spec.table_params, spec.table_params * bytes_per_weight(head_fmt),
                    rates.gemm_gflops_for(head_fmt), rates.weight_gbs_for(head_fmt)))
     ops.append(Op("dispatch", 0, 0, 0, 0, rates.prefill_overhead_s))
@@ -316,10 +316,6 @@ class LinearGroup:
     out_rows: float
     in_width: float
     calls: float
-
-
-def _head_format(fmt: str) -> str:
-    return fmt if fmt in DENSE_BYTES else HEAD_FORMAT
 
 
 def _router_format(fmt: str) -> str:
@@ -365,7 +361,7 @@ def measured_decode_ops(spec: ModelSpec, fmt: str, kv: KVFormat, context: int, b
     # what the fused step reads again every step (an MoE's experts over a few steps): a model near the last-level
     # cache's size streams faster than the DRAM rate its weights were timed at
     speedup = rates.stream_speedup(spec.projection_params() * bytes_per_weight(fmt) + kv_bytes
-                                   + spec.table_params * bytes_per_weight(_head_format(fmt)))
+                                   + spec.table_params * bytes_per_weight(head_format(fmt)))
 
     def weights(g: LinearGroup, rows: int = batch, flops_rows: float = batch) -> Op:
         nbytes = g.params * bytes_per_weight(g.fmt)
@@ -393,7 +389,7 @@ def measured_decode_ops(spec: ModelSpec, fmt: str, kv: KVFormat, context: int, b
         expert.measured_s += fixed
         expert.overhead_s += fixed
         ops.append(expert)
-    ops.append(weights(LinearGroup("lm_head", _head_format(fmt), spec.table_params, spec.vocab, spec.hidden, 1)))
+    ops.append(weights(LinearGroup("lm_head", head_format(fmt), spec.table_params, spec.vocab, spec.hidden, 1)))
     if batch == 1:
         overhead = rates.fixed_s(fmt, "step_s", rates.step_overhead_s) + spec.layers * rates.fixed_s(
             fmt, "layer_s", rates.layer_overhead_s)
@@ -437,7 +433,7 @@ def measured_prefill_ops(spec: ModelSpec, fmt: str, tokens: int, rates: ThreadRa
     elements = tokens * (spec.layers * spec.hidden + ffn)
     ops.append(_measured("element-wise (norms, RoPE, SiLU)", 0, 0,
                          elements * rates.elementwise_s.get(act, 0.0), rates))
-    head = _head_format(fmt)
+    head = head_format(fmt)
     ops.append(_measured("lm_head (last token)", 2 * spec.table_params, spec.table_params * bytes_per_weight(head),
                          rates.linear_s(head, 1, spec.table_params, spec.vocab, spec.hidden, 1), rates))
     ops.append(Op("dispatch", 0, 0, 0, 0, rates.prefill_overhead_s + spec.layers * rates.prefill_layer_s))

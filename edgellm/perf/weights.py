@@ -6,7 +6,6 @@ from edgellm.errors import InvalidRequestError
 from edgellm.layouts import QuantFormatError, WeightFormat
 
 DENSE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-HEAD_FORMAT = "q8_0"  # the loader runs a quantized model's head from a Q8_0 copy (quant.linear.quantize_lm_head)
 STORE_DTYPE_BYTES = 2  # `edgellm quantize` keeps the unquantized tensors (embeddings, norms) in bf16
 
 
@@ -18,6 +17,12 @@ def bytes_per_weight(fmt: str) -> float:
         return WeightFormat.gguf(fmt).bits_per_weight / 8
     except QuantFormatError as e:
         raise InvalidRequestError(f"{e}, or fp32, bf16, fp16") from None
+
+
+def head_format(fmt: str) -> str:
+    """The format of the output projection the loader runs beside projections in `fmt` (quant.linear.quantize_lm_head):
+    a dense model's own, else Q8_0, or Q4_0 under 2-bit formats (WeightFormat.head)."""
+    return fmt if fmt in DENSE_BYTES else WeightFormat.gguf(fmt).head
 
 
 def check_format(fmt: str) -> str:

@@ -49,7 +49,7 @@ from edgellm.perf.costmodel import (
 )
 from edgellm.perf.hardware import cpu_model_name, measure_gemm
 from edgellm.perf.profile import DeviceProfile, ThreadRates
-from edgellm.perf.weights import DENSE_BYTES, HEAD_FORMAT, bytes_per_weight
+from edgellm.perf.weights import DENSE_BYTES, bytes_per_weight, head_format
 from edgellm.plan.measure import CacheFlush, Engine, WeightFlush, best_seconds, build_random, checkpoint, config_of
 
 CALIBRATION_SHAPE = dict(hidden_size=1024, num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=4,
@@ -286,7 +286,8 @@ def calibrate(threads: list[int], formats: tuple[str, ...] = FORMATS,
         raise ValueError("calibration needs fp32 and bf16 among its formats")
     start = time.perf_counter()
     flush = CacheFlush() if evict else (lambda: None)
-    order = sorted(formats, key=lambda f: (f != "fp32", f != "bf16", f != HEAD_FORMAT))  # heads' formats first
+    heads = {head_format(f) for f in formats}
+    order = sorted(formats, key=lambda f: (f != "fp32", f != "bf16", f not in heads))  # heads' formats first
     with tempfile.TemporaryDirectory(prefix="edgellm-calibrate-", dir=work) as tmp:
         tmp = Path(tmp)
         disk = measure_disk_gbs(tmp)
@@ -392,7 +393,7 @@ def _rates(t: int, formats: list[str], roofs: dict, attention: list[dict],
         rates = _with(rates, fixed={k: dict(v) for k, v in fixed.items()})
         if fmt == "fp32":
             rates = _with(rates, step_overhead_s=fixed[fmt]["step_s"], layer_overhead_s=layer0)
-        head = fmt if fmt in DENSE_BYTES else HEAD_FORMAT
+        head = head_format(fmt)
         rows, rhs = [], []
         for name in ("wide", "narrow"):
             spec = samples[name, fmt].spec

@@ -164,19 +164,23 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.fmt.name}, dtype={self.dtype}"
 
 
-def quantize_lm_head(model: nn.Module, fmt: str | WeightFormat = "q8_0") -> bool:
-    """Run the output projection from a Q8_0 copy when the decoder's projections are quantized, as llama.cpp does.
+def quantize_lm_head(model: nn.Module, fmt: str | WeightFormat | None = None) -> bool:
+    """Run the output projection quantized when the decoder's projections are: in `fmt`, or else in the format their
+    own format names (WeightFormat.head; Q8_0 where they differ).
 
     Kept in float it is the largest single read of a quantized model's decode step (vocab × hidden × 4 bytes in
     fp32: 134 MB per token for a 32K vocabulary at width 1024). The embedding keeps its float table for lookups,
     so a tied head stops sharing it. Returns whether the head was replaced."""
     head = getattr(model, "lm_head", None)
-    fmt = WeightFormat.parse(fmt)
-    if not isinstance(head, nn.Linear) or head.in_features % fmt.group \
-            or not any(isinstance(m, QuantizedLinear) for m in model.modules()):
+    if not isinstance(head, nn.Linear) or not any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        return False
+    heads = {m.fmt.head for m in model.modules() if isinstance(m, QuantizedLinear)}
+    fmt = WeightFormat.parse(fmt or (heads.pop() if len(heads) == 1 else "q8_0"))
+    if head.in_features % fmt.group:
         return False
     model.lm_head = QuantizedLinear.from_linear(head, fmt)
     model.lm_head.prepare()
+    model.lm_head.lut_due = False  # one row per prefill: Q4_0's int8 GEMV, not a table-lookup copy of the head
     return True
 
 
