@@ -172,9 +172,9 @@ def quantize_lm_head(model: nn.Module, fmt: str | WeightFormat | None = None) ->
     fp32: 134 MB per token for a 32K vocabulary at width 1024). The embedding keeps its float table for lookups,
     so a tied head stops sharing it. Returns whether the head was replaced."""
     head = getattr(model, "lm_head", None)
-    if not isinstance(head, nn.Linear) or not any(isinstance(m, QuantizedLinear) for m in model.modules()):
-        return False
     heads = {m.fmt.head for m in model.modules() if isinstance(m, QuantizedLinear)}
+    if not isinstance(head, nn.Linear) or not heads:
+        return False
     fmt = WeightFormat.parse(fmt or (heads.pop() if len(heads) == 1 else "q8_0"))
     if head.in_features % fmt.group:
         return False
