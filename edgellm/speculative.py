@@ -142,7 +142,7 @@ class DraftModelProposer:
             if draft:
                 logits = self._run(draft[-1:])
             if self.generator is None:
-                draft.append(int(logits.argmax()))
+                draft.append(int(logits.float().argmax()))
                 continue
             p = filter_logits(logits.float() / self.params.temperature, self.params.top_k, self.params.top_p,
                               self.params.min_p).softmax(-1)

@@ -8,6 +8,7 @@ import transformers
 
 from edgellm import load
 from edgellm.kv.prompt_cache import PromptCache
+from edgellm.models.rope import RotaryEmbedding
 from edgellm.runner import prefill_tokens
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -126,3 +127,16 @@ def test_bf16_fused_projections_are_not_stored_twice(checkpoint):
     ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.allclose(model(ids).float(), ref(ids).logits.float(), atol=3e-2)
+
+
+@pytest.mark.parametrize("scaling", [None, LLAMA3_ROPE, {"rope_type": "linear", "factor": 2.0},
+                                     {"rope_type": "dynamic", "factor": 2.0},
+                                     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}])
+def test_decode_step_rotation_is_the_tables_row(scaling):
+    """The fused decode step's one-position cos/sin (`cos_sin_at`) are `cos_sin`'s, bit for bit, incl. past the
+    trained context (dynamic NTK stretches there)."""
+    rope = RotaryEmbedding(64, 10000.0, 48, scaling)
+    for pos in (0, 1, 31, 47, 300, 70000):
+        cos, sin = rope.cos_sin(torch.tensor([[pos]]), torch.float32)
+        at = rope.cos_sin_at(pos)
+        assert torch.equal(at[0], cos.reshape(-1)) and torch.equal(at[1], sin.reshape(-1))

@@ -145,7 +145,9 @@ def measure(model, tokenizer, ids_list: list[list[int]], mode: str, threads: int
     totals = {"ref_tokens": 0, "ref_s": 0.0, "spec_tokens": 0, "spec_s": 0.0, "drafted": 0, "accepted": 0,
               "verify_steps": 0}
     identical = True
-    timed(model, tokenizer, ids_list[0], 8, **spec)  # warm-up: native kernels, the draft's first run
+    # warm-up (native kernels, the draft's first run) on its own Speculation: cold step times would skew what the
+    # row's adaptive length starts from
+    timed(model, tokenizer, ids_list[0], 8, **{**spec, "speculate": Speculation(mode, args.k, adaptive=not args.fixed)})
     for ids in ids_list:
         plain, plain_s, _ = timed(model, tokenizer, ids, args.max_tokens, **reference)
         fast, fast_s, stats = timed(model, tokenizer, ids, args.max_tokens, **spec)

@@ -354,8 +354,7 @@ def decode_step(model: Any, tokens: torch.Tensor, cache: list, tap: torch.Tensor
         if packed is None:
             return None
     h = model.model.embed_tokens(tokens).reshape(-1).float()
-    cos, sin = model.rope.cos_sin(torch.tensor([[pos]]), torch.float32)
-    cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
+    cos, sin = model.rope.cos_sin_at(pos)
     if paged:
         logits = _paged_forward(fused.plan, h, cos, sin, cache, pos, tables, tap)
     elif dense:

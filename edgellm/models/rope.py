@@ -32,6 +32,7 @@ class RotaryEmbedding:
         self.kind = rope_kind(rope_scaling)
         self.inv_freq = self._inv_freq(base)
         self.attention_scaling = 1.0  # YaRN scales cos/sin (so q·k) by its mscale
+        self._twice: torch.Tensor | None = None  # inv_freq twice over (cos_sin_at), made on first use
         if self.kind == "linear":
             self.inv_freq = self.inv_freq / float(self.scaling["factor"])
         elif self.kind == "llama3":
@@ -103,6 +104,19 @@ class RotaryEmbedding:
         if self.attention_scaling != 1.0:
             return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def cos_sin_at(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos/sin (head_dim,) at one position: `cos_sin`'s values in a third of its ops (a decode step's
+        rotation, where ~9 small tensor ops cost more than the arithmetic)."""
+        if self.kind == "dynamic":
+            cos, sin = self.cos_sin(torch.tensor([[pos]]), torch.float32)
+            return cos.reshape(-1), sin.reshape(-1)
+        if self._twice is None:
+            self._twice = torch.cat((self.inv_freq, self.inv_freq)).to(torch.float32)
+        emb = self._twice * float(pos)
+        if self.attention_scaling != 1.0:
+            return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
