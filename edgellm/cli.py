@@ -187,6 +187,8 @@ def _speculation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", default=None, metavar="DIR",
                    help="a smaller model sharing the model's tokenizer drafts the tokens (implies --spec-mode draft)")
     p.add_argument("--spec-fixed", action="store_true", help="always draft K tokens (no adaptive draft length)")
+    p.add_argument("--draft-p-min", type=float, default=0.0, metavar="P",  # speculative.P_MIN
+                   help="draft and kvpred: stop drafting at a guess the draft gives less than this probability")
 
 
 def _speculation(args: argparse.Namespace, model, tokenizer):
@@ -197,7 +199,7 @@ def _speculation(args: argparse.Namespace, model, tokenizer):
         return 0, None
     if args.draft_model and mode != "draft":
         raise InvalidRequestError(f"--draft-model drafts in --spec-mode draft, not {mode}; drop one of them")
-    spec = Speculation(mode, args.speculate or 4, adaptive=not args.spec_fixed).validate()
+    spec = Speculation(mode, args.speculate or 4, adaptive=not args.spec_fixed, p_min=args.draft_p_min).validate()
     if mode == "kvpred" and not args.kv_predictor:
         raise InvalidRequestError("--spec-mode kvpred drafts with the KV predictor's aux model; give --kv-predictor")
     if mode != "draft":

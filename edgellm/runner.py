@@ -162,7 +162,7 @@ def speculative_step(model: nn.Module, seq: Sequence) -> list[StepOutput]:
     drafted, accepted = seq.drafted, seq.accepted
     start = time.perf_counter()
     outputs = speculative_decode(model, seq, spec.proposer, k) if k else decode(model, [seq])
-    spec.record(seq.drafted - drafted, seq.accepted - accepted, time.perf_counter() - start)
+    spec.record(k, seq.drafted - drafted, seq.accepted - accepted, time.perf_counter() - start)
     return outputs
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from edgellm.tokenizer import Tokenizer
 
 MODES = ("ngram", "draft", "kvpred")
+P_MIN = 0.0  # a draft model's default least probability for a drafted token (`DraftModelProposer`)
 
 
 class Proposer(Protocol):
@@ -96,13 +97,16 @@ class DraftModelProposer:
     temperature and filters, seeded from the request's seed, and leave those distributions in `probs`. Over KV
     Prediction's aux, the predictor fills `cache` with the prompt as it predicts (`runner.prefill`), so drafting
     costs no prefill of its own.
+    Drafting stops at the first guess the draft gives less than `p_min` probability (llama.cpp's --draft-p-min):
+    an unsure guess is likely rejected and costs a draft step and a checked position.
     """
 
     WINDOW = 32
 
     def __init__(self, model: nn.Module, capacity: int, sampling: SamplingParams | None = None,
-                 window: int = WINDOW) -> None:
+                 window: int = WINDOW, p_min: float = 0.0) -> None:
         self.model = model
+        self.p_min = p_min
         self.cache = PromptCache(model, capacity)
         self.window = window
         self.start = 0  # the context position of the cache's first token
@@ -142,10 +146,15 @@ class DraftModelProposer:
             if draft:
                 logits = self._run(draft[-1:])
             if self.generator is None:
-                draft.append(int(logits.float().argmax()))
+                scores = logits.float()
+                if self.p_min and float(scores.softmax(-1).max()) < self.p_min:
+                    break
+                draft.append(int(scores.argmax()))
                 continue
             p = filter_logits(logits.float() / self.params.temperature, self.params.top_k, self.params.top_p,
                               self.params.min_p).softmax(-1)
+            if float(p.max()) < self.p_min:
+                break
             draft.append(int(torch.multinomial(p, 1, generator=self.generator)))
             probs.append(p)
         self.probs = torch.stack(probs) if probs else None
@@ -172,12 +181,14 @@ class Measured:
 @dataclass
 class Speculation:
     """How a request speculates: the proposer (`mode`), the longest draft `k`, and whether `DraftLength` adapts
-    the length to what pays on this machine (a fixed length always drafts up to `k`). `measured` holds what the
-    requests given this object measured (step times, acceptance), which later ones start from."""
+    the length to what pays on this machine (a fixed length always drafts up to `k`); a draft model (or aux) stops
+    drafting at a guess it gives less than `p_min` probability. `measured` holds what the requests given this
+    object measured (step times, acceptance), which later ones start from."""
 
     mode: str = "ngram"
     k: int = 8
     adaptive: bool = True
+    p_min: float = P_MIN
     measured: Measured = field(default_factory=Measured, repr=False, compare=False)
 
     def validate(self) -> Speculation:
@@ -185,6 +196,9 @@ class Speculation:
             raise InvalidRequestError(f"speculative mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not 1 <= self.k <= 64:
             raise InvalidRequestError(f"speculative k (the longest draft) must be from 1 to 64, got {self.k}")
+        if not 0 <= self.p_min < 1:
+            raise InvalidRequestError(f"speculative p_min (the least probability a drafted token needs) must be in "
+                                      f"[0, 1), got {self.p_min}")
         return self
 
 
@@ -275,16 +289,21 @@ class DraftLength:
     def _switch_off(self) -> None:
         self.on, self.idle, self.gains = False, 0, []
 
-    def record(self, drafted: int, kept: int, seconds: float) -> None:
-        """One step: `drafted` guesses checked (0: a plain step), `kept` of them accepted, in `seconds`."""
-        old = self.seconds.get(drafted)
-        self.seconds[drafted] = seconds if old is None else 0.7 * old + 0.3 * seconds
-        if not drafted or 0 not in self.seconds:
+    def record(self, drafted: int, kept: int, seconds: float, empty: bool = False) -> None:
+        """One step: `drafted` guesses checked (0: a plain step), `kept` of them accepted, in `seconds`. `empty`: a
+        draft was asked for and the draft model gave none (unsure of its first guess): a plain step plus the
+        drafting, booked as a check that gained nothing, not as a plain step's time."""
+        if not empty:
+            old = self.seconds.get(drafted)
+            self.seconds[drafted] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        if not (drafted or empty) or 0 not in self.seconds:
             return
         m = self.measured
-        m.kept = self.decay * m.kept + kept
-        m.missed = self.decay * m.missed + (kept < drafted)
-        gain = (kept + 1) * self.seconds[0] - self.seconds[drafted]  # what this check's tokens cost plain, less its own
+        if drafted:
+            m.kept = self.decay * m.kept + kept
+            m.missed = self.decay * m.missed + (kept < drafted)
+        # what this check's tokens cost plain, less its own
+        gain = (kept + 1) * self.seconds[0] - (seconds if empty else self.seconds[drafted])
         if not self.on:  # a probe: on again if it paid, else the next one comes later
             self.on = gain > 0
             self.gains = [gain] if self.on else []
@@ -318,11 +337,14 @@ class Speculator:
     def choose(self) -> int:
         return self.k if self.length is None else self.length.choose()
 
-    def record(self, drafted: int, kept: int, seconds: float) -> None:
-        """A step as `DraftLength` should see it: without the proposer's catch-up after a stretch off."""
+    def record(self, asked: int, drafted: int, kept: int, seconds: float) -> None:
+        """A step as `DraftLength` should see it: without the proposer's catch-up after a stretch off, and a draft
+        model's empty draft (`asked` > 0, `drafted` 0) as what it is: drafting that gave nothing to check. (Prompt
+        lookup finds no match for free: that step is a plain one.)"""
         resync, self.proposer.resync_seconds = self.proposer.resync_seconds, 0.0
         if self.length is not None:
-            self.length.record(drafted, kept, seconds - resync)
+            empty = bool(asked) and not drafted and isinstance(self.proposer, DraftModelProposer)
+            self.length.record(drafted, kept, seconds - resync, empty)
 
 
 def make_speculator(speculate: int | Speculation, sampling: SamplingParams | None, capacity: int,
@@ -344,10 +366,10 @@ def make_speculator(speculate: int | Speculation, sampling: SamplingParams | Non
     if spec.mode == "draft":
         if draft_model is None:
             raise InvalidRequestError("speculative mode 'draft' needs a draft model (--draft-model DIR)")
-        return Speculator(DraftModelProposer(draft_model, capacity, sampling), spec.k, spec.adaptive,
-                          measured=spec.measured)
+        return Speculator(DraftModelProposer(draft_model, capacity, sampling, p_min=spec.p_min), spec.k,
+                          spec.adaptive, measured=spec.measured)
     if kv_predictor is None:
         raise InvalidRequestError("speculative mode 'kvpred' drafts with a KV predictor's aux model; give one "
                                   "(--kv-predictor DIR)")
-    return Speculator(DraftModelProposer(kv_predictor.aux, capacity, sampling), spec.k, spec.adaptive,
-                      drafts_with_aux=True, measured=spec.measured)
+    return Speculator(DraftModelProposer(kv_predictor.aux, capacity, sampling, p_min=spec.p_min), spec.k,
+                      spec.adaptive, drafts_with_aux=True, measured=spec.measured)

@@ -49,7 +49,7 @@ def test_speculating_and_plain_requests_share_the_engine_with_plain_output(serve
 
     monkeypatch.setattr(runner, "speculative_step", counted)
     kinds = [{}, {"speculative": {"mode": "draft", "k": 3}}, {"speculative": {"mode": "ngram", "adaptive": False}},
-             {"speculative": False}]
+             {"speculative": {"mode": "draft", "k": 4, "p_min": 0.004}}, {"speculative": False}]
     jobs = [(i, kind) for i in range(len(prompts)) for kind in kinds]
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(lambda job: complete(server, prompts[job[0]], **job[1]), jobs))
@@ -58,7 +58,7 @@ def test_speculating_and_plain_requests_share_the_engine_with_plain_output(serve
     assert sum(drafted) > 0
 
 
-@pytest.mark.parametrize("value", [{"mode": "kvpred"}, {"mode": "tree"}, {"k": 0}, {"k": 65}, True])
+@pytest.mark.parametrize("value", [{"mode": "kvpred"}, {"mode": "tree"}, {"k": 0}, {"k": 65}, {"p_min": 1.0}, True])
 def test_bad_speculative_field_is_a_400_naming_it(server, value):
     answer = complete(server, "hello", speculative=value)
     assert answer.status_code == 400 and "speculative" in answer.json()["error"]["message"]

@@ -71,6 +71,46 @@ def test_greedy_draft_model_speculation_matches_plain_decoding(engine, draft, kv
     assert all(layer.offset == len(cache.tokens) for layer in cache.layers)
 
 
+def test_draft_model_stops_at_an_unsure_guess(engine, draft):
+    """With p_min, drafting stops before the first guess whose probability under the draft (a full forward pass of
+    the draft over the context, the reference) is below p_min; greedy output stays plain decoding's."""
+    model, tok = engine
+    ids = tok.encode(PROMPT)
+
+    def proposer(p_min: float = 0.0) -> DraftModelProposer:
+        made = DraftModelProposer(draft, 256, p_min=p_min)
+        made.prefill(ids)  # as `Speculator.begin` does: the draft conditions on the whole prompt
+        return made
+
+    guesses = proposer().propose(ids, 6)
+    with torch.no_grad():
+        probs = draft(torch.tensor([ids + guesses[:-1]]))[0, len(ids) - 1:].softmax(-1).max(-1).values.tolist()
+    # the cut with the widest margin: guess `stop` less sure than every earlier one, p_min between them
+    stop = max(range(1, len(probs)), key=lambda i: min(probs[:i]) / probs[i])
+    p_min = (min(probs[:stop]) + probs[stop]) / 2
+    assert min(probs[:stop]) / probs[stop] > 1.05  # far from a tie that rounding could flip
+    assert proposer(p_min).propose(ids, 6) == guesses[:stop]
+    assert proposer(0.999).propose(ids, 6) == []
+
+    plain = generate(model, tok, PROMPT, 40)
+    fast = generate(model, tok, PROMPT, 40, speculate=Speculation("draft", 5, adaptive=False, p_min=p_min),
+                    draft_model=draft)
+    assert fast.tokens == plain.tokens
+    assert fast.stats["drafted_tokens"] < 5 * fast.stats["verify_steps"]  # some drafts cut short
+    with pytest.raises(InvalidRequestError, match="p_min"):
+        Speculation("draft", p_min=1.0).validate()
+
+
+def test_an_empty_draft_is_booked_as_a_check_that_gained_nothing():
+    """A draft model unsure of its first guess drafts nothing: that step's time (a plain step plus drafting) is
+    not taken for a plain step's, and steps like it count towards turning drafting off."""
+    length = DraftLength(4, patience=3)
+    length.record(0, 0, 1.0)
+    for _ in range(3):
+        length.record(0, 0, 1.4, empty=True)
+    assert length.seconds == {0: 1.0} and not length.on
+
+
 def test_draft_cache_follows_the_accepted_tokens(engine, draft):
     model, tok = engine
     ids = tok.encode(PROMPT)

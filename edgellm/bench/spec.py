@@ -28,7 +28,7 @@ from edgellm.generate import generate
 from edgellm.kernels.native import cpu_flags
 from edgellm.loader import load
 from edgellm.perf.hardware import cpu_model_name
-from edgellm.speculative import MODES, Speculation, check_draft_model
+from edgellm.speculative import MODES, P_MIN, Speculation, check_draft_model
 from edgellm.train.corpus import load_corpus
 
 TASKS = ("code", "edit", "chat")
@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--k", type=int, default=8, help="longest draft")
     p.add_argument("--fixed", action="store_true", help="always draft k tokens (no adaptive draft length)")
+    p.add_argument("--p-min", type=float, default=P_MIN,
+                   help="draft and kvpred: stop drafting at a guess the draft gives less than this probability")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="PNG of the speedups")
 
@@ -126,7 +128,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {"benchmark": "spec",
               "settings": {"model": str(args.model or "built-in"), "draft_model": args.draft_model,
                            "kv_predictor": args.kv_predictor, "dtype": args.dtype, "examples": args.examples,
-                           "max_tokens": args.max_tokens, "k": args.k, "adaptive": not args.fixed},
+                           "max_tokens": args.max_tokens, "k": args.k, "adaptive": not args.fixed,
+                           "p_min": args.p_min},
               "hardware": {"cpu": cpu_model_name(), "cpu_flags": cpu_flags(), "logical_cpus": os.cpu_count(),
                            "load_average_before": load_before, "load_average_after": os.getloadavg()},
               "rows": rows,
@@ -141,13 +144,16 @@ def measure(model, tokenizer, ids_list: list[list[int]], mode: str, threads: int
             args: argparse.Namespace, draft, predictor) -> dict[str, Any]:
     """One (threads, task, mode) row: reference and speculative runs alternated on each prompt."""
     reference = {"kv_predictor": predictor} if mode == "kvpred" else {}
-    spec = {**reference, "speculate": Speculation(mode, args.k, adaptive=not args.fixed), "draft_model": draft}
+    def speculation() -> Speculation:
+        return Speculation(mode, args.k, adaptive=not args.fixed, p_min=args.p_min).validate()
+
+    spec = {**reference, "speculate": speculation(), "draft_model": draft}
     totals = {"ref_tokens": 0, "ref_s": 0.0, "spec_tokens": 0, "spec_s": 0.0, "drafted": 0, "accepted": 0,
               "verify_steps": 0}
     identical = True
     # warm-up (native kernels, the draft's first run) on its own Speculation: cold step times would skew what the
     # row's adaptive length starts from
-    timed(model, tokenizer, ids_list[0], 8, **{**spec, "speculate": Speculation(mode, args.k, adaptive=not args.fixed)})
+    timed(model, tokenizer, ids_list[0], 8, **{**spec, "speculate": speculation()})
     for ids in ids_list:
         plain, plain_s, _ = timed(model, tokenizer, ids, args.max_tokens, **reference)
         fast, fast_s, stats = timed(model, tokenizer, ids, args.max_tokens, **spec)

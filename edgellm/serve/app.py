@@ -338,9 +338,9 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
             raise p.ServeError(str(e), param="grammar") from e
 
     @cache
-    def shared_speculation(mode: str, k: int, adaptive: bool) -> Speculation:
+    def shared_speculation(mode: str, k: int, adaptive: bool, p_min: float) -> Speculation:
         """One Speculation per setting: its requests share the step times they measure."""
-        return Speculation(mode, k, adaptive)
+        return Speculation(mode, k, adaptive, p_min)
 
     def agent_adapter(agent: str, adapter: str | None) -> str | None:
         """The adapter an agent's request runs under: the one its memory was made with (400 when another is named).
@@ -376,7 +376,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, store: AgentStore, *, max
         if body.kv_prediction and kv_predictor is None:
             raise p.ServeError("kv_prediction needs a server started with --kv-predictor", param="kv_prediction")
         spec = speculation if body.speculative is None else (
-            shared_speculation(body.speculative.mode, body.speculative.k, body.speculative.adaptive)
+            shared_speculation(body.speculative.mode, body.speculative.k, body.speculative.adaptive,
+                               body.speculative.p_min)
             if body.speculative else None)
         if spec is not None and {"draft": draft_model, "kvpred": kv_predictor}.get(spec.mode, model) is None:
             raise p.ServeError(f"speculative mode {spec.mode!r} needs a server started with "

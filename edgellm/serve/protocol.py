@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from edgellm.errors import EdgeLLMError
 from edgellm.sampling import TokenLogprob
+from edgellm.speculative import P_MIN
 
 
 class ServeError(EdgeLLMError):
@@ -91,6 +92,7 @@ class SpeculativeField(_Body):
     mode: Literal["ngram", "draft", "kvpred"] = "ngram"
     k: int = Field(default=8, ge=1, le=64)  # the longest draft
     adaptive: bool = True  # the draft length follows what pays, 0 (off) included
+    p_min: float = Field(default=P_MIN, ge=0, lt=1)  # draft/kvpred: stop drafting at a guess less likely than this
 
 
 class SamplingFields(_Body):
