@@ -92,8 +92,9 @@ PRESETS: dict[str, Recipe] = {
                       steps=1500, lr=1e-3, warmup_steps=50),
     # The base model for KV Prediction benchmarks: 51M params, 12 layers, sharing the built-in model's tokenizer
     # (pass --tokenizer edgellm/assets/default-model) so the built-in and `small` models can serve as its aux.
-    # 12.3M tokens (4 epochs of the stdlib): 87 s on one H200, ~3 h on a 2-core CPU. A base trained on fewer
-    # tokens than its predictors' aux models see is no upper bound: at 1 epoch the fine-tuned aux beat it.
+    # 12.3M tokens (4 epochs of the stdlib): 87 s on one H200, ~12 h on one Zen 4 core (28 s a step). A base
+    # trained on fewer tokens than its predictors' aux models see is no upper bound: at 1 epoch the fine-tuned aux
+    # beat it.
     "base": Recipe("base", hidden_size=512, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4,
                    intermediate_size=2048, vocab_size=8192, max_position_embeddings=2048, seq_len=1024, batch=8,
                    steps=1500, lr=8e-4, warmup_steps=50),
