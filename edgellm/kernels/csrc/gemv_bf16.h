@@ -23,6 +23,18 @@
 
 namespace bf16 {
 
+// An empty asm that claims to change v: the compiler must hold v in a register, so a value loaded once is not
+// re-read from memory by every instruction that uses it (GCC folds x's loads into each FMA at some block shapes,
+// e.g. 4 x 4: 32 loads for 24 FMAs, half the speed of the 3 x 5 block).
+template <typename V>
+inline void keep_in_register(V& v) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 
 constexpr int64_t kLanes = 16;
@@ -40,7 +52,11 @@ inline void split_pairs(__m512i w, vfloat& even, vfloat& odd) {
 }
 // Prefetch never faults, so running past the end of the weight is harmless.
 inline void prefetch(const uint16_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
-inline void load_pairs(const uint16_t* p, vfloat& even, vfloat& odd) { split_pairs(_mm512_loadu_si512(p), even, odd); }
+inline void load_pairs(const uint16_t* p, vfloat& even, vfloat& odd) {
+  __m512i w = _mm512_loadu_si512(p);
+  keep_in_register(w);  // one load, not one per split
+  split_pairs(w, even, odd);
+}
 // Masked so the tail never reads past the row (the bytes beyond may be NaN patterns or unmapped).
 inline void load_pairs_tail(const uint16_t* p, int64_t n, vfloat& even, vfloat& odd) {
   split_pairs(_mm512_maskz_loadu_epi16(_cvtu32_mask32((1u << n) - 1u), p), even, odd);
@@ -138,7 +154,8 @@ inline void dot_block(const float* x, int64_t xs, const uint16_t* w, int64_t K, 
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const vfloat xe = vload(x + r * xs + k), xo = vload(x + r * xs + k + kLanes);
+      vfloat xe = vload(x + r * xs + k), xo = vload(x + r * xs + k + kLanes);
+      keep_in_register(xe), keep_in_register(xo);
 #pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) acc[r][j] = vfma(wo[j], xo, vfma(we[j], xe, acc[r][j]));
     }

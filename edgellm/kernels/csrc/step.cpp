@@ -196,9 +196,9 @@ struct Proj {
       for (int64_t g = 0; g < nrows; g += bf16::kGroupRows)
         bf16::gemv_group(std::min(bf16::kGroupRows, nrows - g), packed_rows.data() + g * kpad, kpad, w, nullptr,
                          y + g * N, N, K, n0, n1);
-    } else {
-      for (int64_t t = 0; t < nrows; ++t)
-        for (int64_t n = n0; n < n1; ++n) y[t * N + n] = simd::dot(xs + t * K, weight.data_ptr<float>() + n * K, K);
+    } else {  // each weight row once from memory, then from L1 for the other rows of x
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t t = 0; t < nrows; ++t) y[t * N + n] = simd::dot(xs + t * K, weight.data_ptr<float>() + n * K, K);
     }
     if (bias.defined())
       for (int64_t t = 0; t < nrows; ++t)
