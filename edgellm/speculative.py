@@ -104,7 +104,7 @@ class DraftModelProposer:
     WINDOW = 32
 
     def __init__(self, model: nn.Module, capacity: int, sampling: SamplingParams | None = None,
-                 window: int = WINDOW, p_min: float = 0.0) -> None:
+                 window: int = WINDOW, p_min: float = P_MIN) -> None:
         self.model = model
         self.p_min = p_min
         self.cache = PromptCache(model, capacity)
