@@ -101,7 +101,7 @@ class DraftModelProposer:
     an unsure guess is likely rejected and costs a draft step and a checked position.
     """
 
-    WINDOW = 32
+    WINDOW = 16  # fused.MANY_MAX: a catch-up runs as one fused pass (32 tokens went op at a time, ~4 plain steps)
 
     def __init__(self, model: nn.Module, capacity: int, sampling: SamplingParams | None = None,
                  window: int = WINDOW, p_min: float = P_MIN) -> None:
@@ -289,10 +289,12 @@ class DraftLength:
     def _switch_off(self) -> None:
         self.on, self.idle, self.gains = False, 0, []
 
-    def record(self, drafted: int, kept: int, seconds: float, empty: bool = False) -> None:
+    def record(self, drafted: int, kept: int, seconds: float, empty: bool = False, resync: float = 0.0) -> None:
         """One step: `drafted` guesses checked (0: a plain step), `kept` of them accepted, in `seconds`. `empty`: a
         draft was asked for and the draft model gave none (unsure of its first guess): a plain step plus the
-        drafting, booked as a check that gained nothing, not as a plain step's time."""
+        drafting, booked as a check that gained nothing, not as a plain step's time. `resync`: the draft's
+        catch-up before this check (left out of `seconds`, so step times by length stay comparable), charged to
+        the check's gain: a probe after a long stretch off pays for it."""
         if not empty:
             old = self.seconds.get(drafted)
             self.seconds[drafted] = seconds if old is None else 0.7 * old + 0.3 * seconds
@@ -303,7 +305,7 @@ class DraftLength:
             m.kept = self.decay * m.kept + kept
             m.missed = self.decay * m.missed + (kept < drafted)
         # what this check's tokens cost plain, less its own
-        gain = (kept + 1) * self.seconds[0] - (seconds if empty else self.seconds[drafted])
+        gain = (kept + 1) * self.seconds[0] - (seconds if empty else self.seconds[drafted]) - resync
         if not self.on:  # a probe: on again if it paid, else the next one comes later
             self.on = gain > 0
             self.gains = [gain] if self.on else []
@@ -344,7 +346,7 @@ class Speculator:
         resync, self.proposer.resync_seconds = self.proposer.resync_seconds, 0.0
         if self.length is not None:
             empty = bool(asked) and not drafted and isinstance(self.proposer, DraftModelProposer)
-            self.length.record(drafted, kept, seconds - resync, empty)
+            self.length.record(drafted, kept, seconds - resync, empty, resync)
 
 
 def make_speculator(speculate: int | Speculation, sampling: SamplingParams | None, capacity: int,

@@ -289,6 +289,24 @@ def test_draft_length_probe_that_pays_turns_speculation_on_again():
     assert length.on and picks[-10:].count(0) <= 1 and max(picks) > DraftLength.PROBE_K
 
 
+def test_a_probe_pays_for_the_drafts_catch_up():
+    """A probe after a stretch off first catches the draft up on the context: a check that would pay on its own
+    but not with that catch-up leaves speculation off, the next probe further away."""
+    def probed(resync: float) -> tuple[DraftLength, int]:
+        length = DraftLength(4, probe=4)
+        drive(length, 30, kept=lambda k: 0)
+        assert not length.on
+        while not (k := length.choose()):
+            length.record(0, 0, 1.0)
+        before = length.interval
+        length.record(k, k, 1.0 + 0.3 * k, resync=resync)  # every draft kept
+        return length, before
+
+    assert probed(0.0)[0].on
+    costly, before = probed(10.0)
+    assert not costly.on and costly.interval == min(2 * before, 16 * costly.probe)
+
+
 def test_a_later_request_starts_from_what_earlier_ones_measured():
     shared = Measured()
     drive(DraftLength(4, measured=shared), 40, kept=lambda k: 0)
